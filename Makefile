@@ -1,0 +1,46 @@
+# The README's commands.  `make demo` and `make test` set up .venv first on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned in the same pip command as everything else: an unpinned torch pulls a
+# multi-GB CUDA build (see docs/operations.md).
+PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q
+
+# Tests never touch the network: hub loaders are forced offline.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DVC_NO_ANALYTICS := 1
+export TOKENIZERS_PARALLELISM := false
+export SPO_DATA_DIR
+
+.PHONY: setup demo test test-fast bench clean-outputs
+
+setup: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -c constraints.txt -e ".[dev]"
+	touch $@
+
+## Run the pipeline (as far as it exists) with `dvc repro`.
+## Offline machines: make demo SPO_DATA_DIR=../shared/data
+demo: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc metrics show
+
+## The whole test suite, as CI runs it.
+test: setup
+	$(OFFLINE) PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -n 2 -q
+
+## Unit tests only (no whole-stage or dvc runs).
+test-fast: setup
+	$(OFFLINE) PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -m "not slow"
+
+## Benchmarks; figures go to bench/results/ and are copied by hand into docs/benchmarks.md.
+bench: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/bench_keywords.py
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/bench_stages.py
+
+clean-outputs:
+	rm -rf data/prepared data/validated data/keywords data/degrees data/quarantine reports metrics

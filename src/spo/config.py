@@ -1,0 +1,221 @@
+"""Typed configuration: one pydantic model per stage, loaded from ``params.yaml``.
+
+``params.yaml`` is at once the DVC params file and the only config surface: DVC tracks the
+section each stage reads, the CLI loads the same file, and KFP components receive the same
+model serialised as JSON.  Unknown keys are rejected (a typo must not silently fall back to a
+default), and ``--set section.key=value`` overrides are parsed as YAML scalars so that
+``--set keywords.workers=1`` yields an int.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DATA_DIR_ENV = "SPO_DATA_DIR"
+SPLITS = ("train", "eval", "test")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class HubSource(_Section):
+    """Where a dataset lives on the Hugging Face hub (used only when no local folder is set)."""
+
+    path: str = Field(description="Hub dataset id, e.g. Anthropic/hh-rlhf.")
+    name: str | None = Field(default=None, description="Dataset config name, if any.")
+    data_dir: str | None = Field(default=None, description="Sub-folder inside the hub repo.")
+    revision: str | None = Field(default=None, description="Commit or tag; pin it for lineage.")
+    splits: dict[str, str] = Field(
+        default_factory=lambda: {"train": "train", "test": "test"},
+        description="Our source split name -> hub split name.",
+    )
+
+
+def _default_hub() -> dict[str, HubSource]:
+    return {
+        "hh": HubSource(path="Anthropic/hh-rlhf"),
+        "tldr": HubSource(
+            path="openai/summarize_from_feedback",
+            name="comparisons",
+            splits={"train": "train", "test": "validation"},
+        ),
+    }
+
+
+class DataConfig(_Section):
+    dataset: Literal["hh", "tldr"] = Field(default="hh", description="Which preference data set.")
+    local_dir: str | None = Field(
+        default=None,
+        description=f"Folder holding hh/ and tldr/ JSONL(.gz) files; ${DATA_DIR_ENV} overrides it. "
+        "Unset (and no env var): load from the hub.",
+    )
+    hub: dict[str, HubSource] = Field(default_factory=_default_hub)
+    max_rows_per_split: int | None = Field(
+        default=None, ge=1, description="Read at most this many rows of each source split (smoke runs)."
+    )
+
+    def resolved_local_dir(self) -> Path | None:
+        """The environment wins over params so one params.yaml serves online and offline machines."""
+        env = os.environ.get(DATA_DIR_ENV, "").strip()
+        chosen = env or self.local_dir
+        return Path(chosen).expanduser() if chosen else None
+
+
+class SplitConfig(_Section):
+    mode: Literal["source", "hash"] = Field(
+        default="source",
+        description="source: keep the data set's test split as test and carve eval out of train; "
+        "hash: pool every row and assign whole groups by hash.",
+    )
+    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Only used in hash mode.")
+    salt: str = Field(default="spo-split-v1", description="Changing it reshuffles the split.")
+
+
+class PrepareConfig(_Section):
+    out_dir: str = "data/prepared"
+    quarantine_file: str = "data/quarantine/prepare.jsonl"
+    hh_divergence: Literal["quarantine", "keep"] = Field(
+        default="quarantine",
+        description="HH rows whose chosen/rejected dialogues differ before the final turn: "
+        "quarantine them, or keep them with the rejected context recorded in `divergence`.",
+    )
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+
+class ValidateConfig(_Section):
+    in_dir: str = "data/prepared"
+    out_dir: str = "data/validated"
+    quarantine_file: str = "data/quarantine/validate.jsonl"
+    report_dir: str = "reports/validation"
+    metrics_file: str = "metrics/validate.json"
+    min_response_chars: int = Field(default=1, ge=1, description="After stripping whitespace.")
+    max_response_chars: int = Field(default=20_000, ge=1)
+    min_prompt_chars: int = Field(default=1, ge=1)
+    max_prompt_chars: int = Field(default=100_000, ge=1)
+    max_bad_fraction: float = Field(
+        default=0.05, ge=0.0, le=1.0,
+        description="Fail the stage when more than this fraction of input rows is quarantined "
+        "(prepare and validate together).",
+    )
+
+
+class RakeOptions(_Section):
+    min_length: int = Field(default=1, ge=1, description="Fewest words in a phrase.")
+    max_length: int = Field(default=100_000, ge=1, description="Most words in a phrase.")
+
+
+class YakeOptions(_Section):
+    max_ngram: int = Field(default=3, ge=1)
+    dedup_lim: float = Field(default=0.9, gt=0.0, le=1.0)
+    window_size: int = Field(default=1, ge=1)
+    top: int = Field(default=50, ge=1, description="YAKE returns at most this many phrases.")
+
+
+class PositionRankOptions(_Section):
+    window: int = Field(default=10, ge=2, description="Co-occurrence window in candidate words.")
+    damping: float = Field(default=0.85, gt=0.0, lt=1.0)
+    max_words: int = Field(default=3, ge=1, description="Longest candidate phrase.")
+
+
+class RandomOptions(_Section):
+    match: Literal["rake"] = Field(
+        default="rake", description="Match the phrase count and total length of this method."
+    )
+    max_words: int = Field(default=3, ge=1, description="Longest random span, in words.")
+
+
+class KeywordsConfig(_Section):
+    in_dir: str = "data/validated"
+    out_dir: str = "data/keywords"
+    metrics_file: str = "metrics/keywords.json"
+    method: Literal["rake", "yake", "positionrank", "random"] = "rake"
+    stopwords: str = Field(
+        default="english",
+        description="A language of the PyPI `stopwords` package, or a path to a file with one word a line.",
+    )
+    max_phrases: int | None = Field(default=None, ge=1, description="Keep at most this many (None: all).")
+    workers: int = Field(default=0, ge=0, description="Processes; 0 means one per CPU core.")
+    chunk_size: int = Field(default=64, ge=1, description="Rows per task sent to a worker.")
+    rake: RakeOptions = Field(default_factory=RakeOptions)
+    yake: YakeOptions = Field(default_factory=YakeOptions)
+    positionrank: PositionRankOptions = Field(default_factory=PositionRankOptions)
+    random: RandomOptions = Field(default_factory=RandomOptions)
+
+
+class DegreesConfig(_Section):
+    in_dir: str = "data/validated"
+    keywords_dir: str = "data/keywords"
+    out_dir: str = "data/degrees"
+    metrics_file: str = "metrics/degrees.json"
+    n_levels: int = Field(default=4, ge=2, description="N: level 0 is the response, N-1 removes all key content.")
+
+    @field_validator("n_levels")
+    @classmethod
+    def _small_enough(cls, value: int) -> int:
+        if value > 32:
+            raise ValueError("n_levels above 32 makes levels indistinguishable on real responses")
+        return value
+
+
+class SpoConfig(_Section):
+    seed: int = Field(default=0, description="Seeds every random choice of every stage.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    keywords: KeywordsConfig = Field(default_factory=KeywordsConfig)
+    degrees: DegreesConfig = Field(default_factory=DegreesConfig)
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    def section_hash(self, *names: str) -> str:
+        """A short hash of the sections a stage reads, for provenance records."""
+        dumped = self.model_dump(mode="json", by_alias=True)
+        payload = {name: dumped[name] for name in ("seed", *names)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be turned into an SpoConfig."""
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> SpoConfig:
+    """Read params.yaml (a missing default file means all defaults) and apply overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        params_path = Path(path)
+        if params_path.exists():
+            loaded = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{params_path}: top level must be a mapping of sections")
+            tree = loaded
+        elif str(path) != "params.yaml":
+            raise ConfigError(f"{params_path}: params file not found")
+    for assignment in overrides or []:
+        _apply_override(tree, assignment)
+    try:
+        return SpoConfig.model_validate(tree)
+    except ValidationError as err:
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{path}: invalid params:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,137 @@
+"""File helpers shared by every stage: JSONL in and out, atomic writes, provenance records.
+
+Writes go to a temporary file that is renamed into place, so an interrupted stage never
+leaves a half-written artifact that DVC or the next stage would take for a finished one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any
+
+PROVENANCE_FILE = "provenance.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_TRACKED_PACKAGES = ("spo-pipeline", "great-expectations", "rake-nltk", "yake", "networkx", "datasets", "pydantic")
+
+
+class InputError(ValueError):
+    """Bad input that stops a stage; the message names the file, line and field."""
+
+
+def open_text(path: Path) -> IO[str]:
+    """Open .jsonl or .jsonl.gz for reading.
+
+    ``surrogateescape`` keeps invalid UTF-8 bytes as lone surrogates instead of failing the
+    whole file, so the row can be quarantined with its reason by validation.
+    """
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="\n")
+    return open(path, encoding="utf-8", errors="surrogateescape", newline="\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file this project wrote; a bad line here is a bug, so it raises."""
+    path = Path(path)
+    rows = []
+    with open_text(path) as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+def dumps(row: Any) -> str:
+    """One JSON line; ASCII-escaped so lone surrogates from bad bytes survive the round trip."""
+    return json.dumps(row, ensure_ascii=True, separators=(",", ":"))
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as handle:
+            yield handle
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
+    count = 0
+    with atomic_open(path) as handle:
+        for row in rows:
+            handle.write(dumps(row))
+            handle.write("\n")
+            count += 1
+    return count
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    with atomic_open(path) as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True, ensure_ascii=False)
+        handle.write("\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_sha256(path: str | Path) -> dict[str, str]:
+    """sha256 of every file under a folder (or of a single file), keyed by relative path."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: file_sha256(path)}
+    return {
+        str(p.relative_to(path)): file_sha256(p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != PROVENANCE_FILE
+    }
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_provenance(out_dir: str | Path, *, stage: str, config_hash: str, inputs: dict[str, Any]) -> None:
+    """Record how an output was made, without timestamps so the record is reproducible.
+
+    DVC hashes output folders; a wall-clock time in here would make every rerun look like a
+    change and needlessly invalidate everything downstream.
+    """
+    write_json(
+        Path(out_dir) / PROVENANCE_FILE,
+        {
+            "stage": stage,
+            "config_hash": config_hash,
+            "inputs": inputs,
+            "packages": package_versions(),
+        },
+    )
