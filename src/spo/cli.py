@@ -9,14 +9,13 @@ import sys
 
 from spo import __version__
 from spo.config import ConfigError, load_config
+from spo.errors import StageFailed
 from spo.io import InputError
 from spo.stages import STAGES, load_stage
 
 log = logging.getLogger("spo")
 
-
-class StageFailed(RuntimeError):
-    """A stage ran but its result is not acceptable (e.g. too many quarantined rows)."""
+__all__ = ["StageFailed", "main"]  # StageFailed is re-exported for callers that imported it from here
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,205 @@
+"""Stage ``validate``: prepared rows -> validated rows + quarantine + JSON/HTML report + metrics.
+
+The Great Expectations suite (``spo.data.expectations``) runs once over the rows of all splits.
+Each row that fails any expectation goes to the quarantine file with *all* its reasons and the
+full prepared row; every other row goes to ``{out_dir}/{split}.jsonl`` unchanged and in input
+order, so every input row ends up in exactly one place.
+
+The stage fails (``StageFailed``, after writing every output) only when the rows lost by
+prepare and validate together exceed ``max_bad_fraction`` of the rows prepare read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from spo.config import SPLITS, SpoConfig
+from spo.errors import StageFailed
+from spo.io import InputError, read_jsonl, write_json, write_jsonl, write_provenance, tree_sha256
+
+log = logging.getLogger("spo.validate")
+EXAMPLES_PER_CHECK = 5
+
+
+def _read_inputs(in_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    if not in_dir.is_dir():
+        raise InputError(f"{in_dir}: input folder not found (run `spo prepare` first, or set validate.in_dir)")
+    rows: list[dict[str, Any]] = []
+    file_splits: list[str] = []
+    for split in SPLITS:
+        path = in_dir / f"{split}.jsonl"
+        if not path.is_file():
+            raise InputError(f"{path}: split file not found (prepare writes train, eval and test)")
+        for line_no, row in enumerate(read_jsonl(path), start=1):
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+            file_splits.append(split)
+    return rows, file_splits
+
+
+def _printable(value: Any) -> str | None:
+    """An id for the reports, which are written as UTF-8: a lone surrogate cannot be."""
+    if value is None:
+        return None
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def _prepare_counts(cfg: SpoConfig, in_dir: Path, rows_in: int) -> tuple[int, int]:
+    """(rows read by prepare, rows prepare quarantined); checks prepare's summary adds up."""
+    quarantined = _count_lines(Path(cfg.prepare.quarantine_file))
+    merged = 0  # repeated pairs prepare folded into one row: used, not bad
+    summary_path = in_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        try:
+            read, prepared, dropped = summary["rows_read"], summary["rows_prepared"], summary["rows_quarantined"]
+        except (KeyError, TypeError):
+            raise InputError(f"{summary_path}: not a prepare summary (needs rows_read, rows_prepared, rows_quarantined)") from None
+        merged = summary.get("rows_merged", 0)
+        if read != prepared + merged + dropped:
+            raise RuntimeError(
+                f"{summary_path}: rows_read {read} != rows_prepared {prepared} + rows_merged {merged} "
+                f"+ rows_quarantined {dropped}"
+            )
+        if prepared != rows_in or dropped != quarantined:
+            log.warning(
+                "%s says %d prepared / %d quarantined, but %s holds %d rows and %s %d: "
+                "the prepared folder or quarantine changed after prepare ran; counting what is there",
+                summary_path, prepared, dropped, in_dir, rows_in, cfg.prepare.quarantine_file, quarantined,
+            )
+    return rows_in + merged + quarantined, quarantined
+
+
+def run(cfg: SpoConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    params = cfg.validate_
+    in_dir, out_dir, report_dir = Path(params.in_dir), Path(params.out_dir), Path(params.report_dir)
+    rows, file_splits = _read_inputs(in_dir)
+    rows_read_prepare, rows_quarantined_prepare = _prepare_counts(cfg, in_dir, len(rows))
+
+    gx_log = logging.getLogger("great_expectations")
+    gx_log.setLevel(logging.WARNING)  # GX logs hundreds of INFO lines on import; keep ours readable
+    import great_expectations as gx  # ~5 s; only this stage pays for it
+
+    # GX pins this one logger to INFO ("Created temporary directory ... for ephemeral docs site").
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
+
+    imported = time.perf_counter()
+
+    from spo.data.expectations import SUITE_NAME, build_checks, build_frame, run_suite
+    from spo.data.validation_report import write_html_report
+
+    frame = build_frame(rows)
+    checks = build_checks(params, frame, rows)
+    outcomes = run_suite(frame, checks)
+    del frame
+    suite_done = time.perf_counter()
+
+    reasons: dict[int, list[dict[str, str]]] = {}
+    for outcome in outcomes:
+        check = outcome.check
+        for pos in outcome.failed:
+            reasons.setdefault(pos, []).append(
+                {"check": check.type, "field": check.field, "reason": check.describe(rows[pos])}
+            )
+
+    valid: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    quarantine: list[dict[str, Any]] = []
+    for pos, (row, split) in enumerate(zip(rows, file_splits)):
+        if pos in reasons:
+            quarantine.append(
+                {"id": row.get("id"), "split": split, "origin": row.get("origin"), "line": row.get("line"),
+                 "reasons": reasons[pos], "row": row}
+            )
+        else:
+            valid[split].append(row)
+    rows_valid = sum(len(v) for v in valid.values())
+    if len(rows) != rows_valid + len(quarantine):
+        raise RuntimeError(f"validate lost rows: {len(rows)} in != {rows_valid} valid + {len(quarantine)} quarantined")
+
+    bad = rows_quarantined_prepare + len(quarantine)
+    bad_fraction = bad / rows_read_prepare if rows_read_prepare else 0.0
+    failed = bad_fraction > params.max_bad_fraction
+    check_failures = {o.check.name: len(o.failed) for o in outcomes}
+    totals = {
+        "rows_read_prepare": rows_read_prepare,
+        "rows_quarantined_prepare": rows_quarantined_prepare,
+        "rows_in": len(rows),
+        "rows_valid": rows_valid,
+        "rows_quarantined_validate": len(quarantine),
+        "bad_fraction": round(bad_fraction, 6),
+        "max_bad_fraction": params.max_bad_fraction,
+        "failed": failed,
+        "valid_per_split": {split: len(valid[split]) for split in SPLITS},
+    }
+    report = {
+        "suite": SUITE_NAME,
+        "great_expectations_version": gx.__version__,
+        "quarantine_file": params.quarantine_file,
+        "totals": totals,
+        "expectations_failed": sum(1 for o in outcomes if not o.success),
+        "expectations": [
+            {
+                "check": o.check.name,
+                "title": o.check.title,
+                "type": o.check.type,
+                "column": o.check.column,
+                "field": o.check.field,
+                "condition": o.check.condition,
+                "success": o.success,
+                "evaluated": o.evaluated,
+                "note": o.note,
+                "element_count": o.element_count,
+                "unexpected_count": o.unexpected_count,
+                "rows_quarantined": len(o.failed),
+                "examples": [
+                    {"id": _printable(rows[p].get("id")), "split": file_splits[p], "reason": o.check.describe(rows[p])}
+                    for p in o.failed[:EXAMPLES_PER_CHECK]
+                ],
+            }
+            for o in outcomes
+        ],
+    }
+
+    for split in SPLITS:
+        write_jsonl(out_dir / f"{split}.jsonl", valid[split])
+    write_jsonl(params.quarantine_file, quarantine)
+    write_provenance(out_dir, stage="validate", config_hash=cfg.section_hash("validate"), inputs=tree_sha256(in_dir))
+    write_json(report_dir / "validation.json", report)
+    write_html_report(report_dir / "validation.html", report)
+    write_json(params.metrics_file, {**totals, "check_failures": check_failures})
+
+    seconds = time.perf_counter() - started
+    log.debug(
+        "validate timings: read+import %.2f s, suite %.2f s, write %.2f s",
+        imported - started, suite_done - imported, time.perf_counter() - suite_done,
+    )
+    log.info(
+        "validate: read %d rows from %s, wrote %s valid to %s, quarantined %d to %s "
+        "(+%d by prepare, bad fraction %.4f) (%.1f s)",
+        len(rows), in_dir, " / ".join(f"{len(valid[s])} {s}" for s in SPLITS), out_dir,
+        len(quarantine), params.quarantine_file, rows_quarantined_prepare, bad_fraction, seconds,
+    )
+    if failed:
+        worst = Counter({k: v for k, v in check_failures.items() if v}).most_common(3)
+        raise StageFailed(
+            f"validate: {bad} of {rows_read_prepare} rows are bad (bad fraction {bad_fraction:.4f} > "
+            f"max_bad_fraction {params.max_bad_fraction}): {rows_quarantined_prepare} quarantined by prepare "
+            f"({cfg.prepare.quarantine_file}) and {len(quarantine)} by validate ({params.quarantine_file}). "
+            f"Most failed checks: {', '.join(f'{name} ({n} rows)' for name, n in worst) or 'none'}. "
+            f"See the report {report_dir / 'validation.html'}; fix the data or raise validate.max_bad_fraction."
+        )
+    return {**totals, "check_failures": check_failures, "seconds": round(seconds, 3)}
