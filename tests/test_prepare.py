@@ -213,3 +213,16 @@ def test_tldr_prepare_groups_by_post(tmp_path: Path, shared_data: Path) -> None:
             assert row["prompt"].startswith("SUBREDDIT: r/") and row["original"]["info"]["id"]
             posts[row["original"]["info"]["id"]].add(split)
     assert all(len(s) == 1 for s in posts.values())
+
+
+def test_repeated_tldr_pairs_are_merged_not_lost(tmp_path: Path, shared_data: Path) -> None:
+    """TL;DR pairs labelled by several workers share a content id: one row lists the others."""
+    summary = prepare.run(tmp_config(tmp_path, shared_data, dataset="tldr"))
+    prepared, quarantined = _outputs(tmp_path)
+    rows = [r for v in prepared.values() for r in v]
+    assert summary["rows_merged"] > 0
+    assert summary["rows_read"] == len(rows) + summary["rows_merged"] + len(quarantined)
+    assert len({r["id"] for r in rows}) == len(rows)
+    merged = [m for r in rows for m in r.get("merged", [])]
+    assert len(merged) == summary["rows_merged"]
+    assert all(m["original"]["worker"] and m["line"] >= 1 for m in merged)
