@@ -1,0 +1,117 @@
+"""Key-phrase extraction over many rows, in-process or on a fork pool started once.
+
+Each worker builds its extractor once (pool initializer) and turns a chunk of
+``(id, chosen, rejected)`` rows into finished JSON lines plus small per-response statistics,
+so the parent only writes strings.  Results come back in input order; with the random
+method the draw depends only on (seed, text), so the output is the same for any worker count.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from spo.io import dumps
+from spo.keywords import get_extractor
+from spo.keywords.base import Extractor, KeyPhrase
+
+Row = tuple[Any, str, str]  # (id, chosen, rejected)
+# per response: (number of phrases, characters covered by the union of spans, text length)
+Stat = tuple[int, int, int]
+
+_WORKER: tuple[str, Extractor] | None = None
+
+
+def covered_chars(phrases: Sequence[KeyPhrase]) -> int:
+    spans = sorted(s for kp in phrases for s in kp.spans)
+    total = 0
+    cur_s = cur_e = -1
+    for s, e in spans:
+        if s > cur_e:
+            total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        elif e > cur_e:
+            cur_e = e
+    return total + (cur_e - cur_s)
+
+
+def _phrase_json(phrases: Sequence[KeyPhrase]) -> list[dict[str, Any]]:
+    return [{"phrase": kp.phrase, "score": kp.score, "spans": [[s, e] for s, e in kp.spans]} for kp in phrases]
+
+
+def process_rows(method: str, extractor: Extractor, rows: Sequence[Row]) -> tuple[list[str], list[Stat]]:
+    lines: list[str] = []
+    stats: list[Stat] = []
+    extract = extractor.extract
+    for row_id, chosen, rejected in rows:
+        kp_c = extract(chosen)
+        kp_r = extract(rejected)
+        lines.append(dumps({"id": row_id, "method": method, "chosen": _phrase_json(kp_c), "rejected": _phrase_json(kp_r)}))
+        stats.append((len(kp_c), covered_chars(kp_c), len(chosen)))
+        stats.append((len(kp_r), covered_chars(kp_r), len(rejected)))
+    return lines, stats
+
+
+def _init_worker(method: str, options: dict[str, Any]) -> None:
+    global _WORKER
+    _WORKER = (method, get_extractor(method, **options))
+
+
+def _work(rows: Sequence[Row]) -> tuple[list[str], list[Stat]]:
+    assert _WORKER is not None, "worker not initialised"
+    method, extractor = _WORKER
+    return process_rows(method, extractor, rows)
+
+
+def resolve_workers(workers: int) -> int:
+    return workers if workers > 0 else (os.cpu_count() or 1)
+
+
+class KeywordRunner:
+    """Runs one extractor over rows; ``workers > 1`` starts a fork pool once, at construction."""
+
+    def __init__(self, method: str, options: dict[str, Any], workers: int = 1, chunk_size: int = 64) -> None:
+        self.method = method
+        self.options = dict(options)
+        self.workers = resolve_workers(workers)
+        self.chunk_size = max(1, chunk_size)
+        self._pool = None
+        self._extractor: Extractor | None = None
+        if self.workers > 1:
+            ctx = mp.get_context("fork")
+            self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(method, self.options))
+        else:
+            self._extractor = get_extractor(method, **self.options)
+
+    def run(
+        self, rows: Sequence[Row], progress: Callable[[int], Any] | None = None
+    ) -> Iterator[tuple[list[str], list[Stat]]]:
+        """Yield (json lines, stats) chunk by chunk, in input order."""
+        chunks = [rows[i : i + self.chunk_size] for i in range(0, len(rows), self.chunk_size)]
+        if self._pool is None:
+            assert self._extractor is not None
+            results: Iterator = (process_rows(self.method, self._extractor, c) for c in chunks)
+        else:
+            results = self._pool.imap(_work, chunks)
+        for chunk, result in zip(chunks, results):
+            if progress is not None:
+                progress(len(chunk))
+            yield result
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> KeywordRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None and exc[0] is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+        self.close()

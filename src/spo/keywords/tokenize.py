@@ -1,0 +1,142 @@
+"""One offline tokenisation shared by every extractor: word/punctuation tokens with offsets.
+
+The regex needs no downloaded data (no punkt): a token is a word (``\\w+`` with inner
+apostrophes, ASCII or typographic, kept, so ``don't`` and ``don\u2019t`` meet the stop-word
+list's ``don't``), or a run of punctuation.  Every non-space character belongs to some token,
+so two consecutive tokens are separated by whitespace or by nothing at all.  A newline is a
+sentence break for candidate phrases (``brk`` flag on the next token) but, being whitespace,
+not for finding occurrences: a phrase split by a line break is still an occurrence.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+# group 1: word, group 2: punctuation run, group 3: newline (acts as a sentence break)
+WORD_RE = re.compile(r"\w+(?:['\u2019]\w+)*|[^\w\s]+")
+SENTENCE_RE = re.compile(r"(?<=[.!?])\s+|\n+")
+_SPAN = re.Match.span
+
+WORD, PUNCT = 1, 2
+
+
+def word_tokenize(text: str) -> list[str]:
+    """Words and punctuation runs (the word tokenizer handed to rake-nltk)."""
+    return WORD_RE.findall(text)
+
+
+def sentence_tokenize(text: str) -> list[str]:
+    """Regex sentence split at end punctuation followed by space, and at newlines."""
+    return [s for s in SENTENCE_RE.split(text) if s and not s.isspace()]
+
+
+def is_word(tok: str) -> bool:
+    """A word token (``\\w`` first character) rather than a punctuation run."""
+    c = tok[0]
+    return c.isalnum() or c == "_"
+
+
+class Tokens:
+    """The tokens of one text: lowercased forms, line ranges, and (lazily) character offsets.
+
+    ``low`` holds the lowercased tokens; ``lines`` the ``(first, end)`` token ranges of the
+    text's lines (a newline is a sentence break for candidate phrases); ``kind``, ``brk`` and
+    ``offsets`` are computed on first use.  The text is lowercased once and tokenised with
+    ``findall``; offsets come from one ``finditer`` pass, only when spans are asked for.
+    """
+
+    __slots__ = ("text", "low", "lines", "_src", "_offsets", "_kind", "_brk")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        src = text.lower()
+        lower_each = len(src) != len(text)  # a few characters lowercase to two (U+0130)
+        if lower_each:
+            src = text
+        self._src = src
+        findall = WORD_RE.findall
+        if "\n" in src:
+            low: list[str] = []
+            lines: list[tuple[int, int]] = []
+            for line in src.split("\n"):
+                if line:
+                    toks = findall(line)
+                    if toks:
+                        first = len(low)
+                        low.extend(toks)
+                        lines.append((first, len(low)))
+        else:
+            low = findall(src)
+            lines = [(0, len(low))] if low else []
+        if lower_each:
+            low = [tok.lower() for tok in low]
+        self.low = low
+        self.lines = lines
+        self._offsets: list[tuple[int, int]] | None = None
+        self._kind: list[int] | None = None
+        self._brk: list[bool] | None = None
+
+    def __len__(self) -> int:
+        return len(self.low)
+
+    @property
+    def offsets(self) -> list[tuple[int, int]]:
+        """(start, end) character offsets of every token."""
+        if self._offsets is None:
+            self._offsets = list(map(_SPAN, WORD_RE.finditer(self._src)))
+        return self._offsets
+
+    @property
+    def kind(self) -> list[int]:
+        """WORD or PUNCT per token."""
+        if self._kind is None:
+            self._kind = [WORD if is_word(tok) else PUNCT for tok in self.low]
+        return self._kind
+
+    @property
+    def brk(self) -> list[bool]:
+        """True for a token that starts a line after the first."""
+        if self._brk is None:
+            brk = [False] * len(self.low)
+            for first, _ in self.lines[1:]:
+                brk[first] = True
+            self._brk = brk
+        return self._brk
+
+    def find(self, seq: Sequence[str]) -> list[int]:
+        """Start positions of every non-overlapping occurrence of the token sequence ``seq``.
+
+        Line breaks are whitespace here: a phrase split over two lines is an occurrence.
+        """
+        low = self.low
+        first = seq[0]
+        k = len(seq)
+        want = list(seq)
+        index = low.index
+        found: list[int] = []
+        pos = 0
+        try:
+            while True:
+                pos = index(first, pos)
+                if k == 1 or low[pos : pos + k] == want:
+                    found.append(pos)
+                    pos += k
+                else:
+                    pos += 1
+        except ValueError:
+            return found
+
+    def spans(self, positions: list[int], k: int) -> list[tuple[int, int]]:
+        offsets = self.offsets
+        return [(offsets[p][0], offsets[p + k - 1][1]) for p in positions]
+
+    def render(self, pos: int, k: int) -> str:
+        """The lowercased tokens pos..pos+k-1, joined by one space where the text has whitespace."""
+        low, offsets = self.low, self.offsets
+        parts = [low[pos]]
+        for i in range(pos + 1, pos + k):
+            if offsets[i][0] > offsets[i - 1][1]:
+                parts.append(" ")
+            parts.append(low[i])
+        return "".join(parts)
