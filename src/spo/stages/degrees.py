@@ -1,0 +1,187 @@
+"""Stage ``degrees``: validated rows + ranked key phrases -> N nested degree variants per response.
+
+Reads ``{in_dir}/{split}.jsonl`` and ``{keywords_dir}/{split}.jsonl`` (one keywords line per row,
+same order) for every split present, writes ``{out_dir}/{split}.jsonl`` with, per row and side,
+the levels, labels, removed character spans, phrases removed, phrase count, the ``distinct``
+flag and the removed fraction per level; a provenance record; DVC metrics at
+``degrees.metrics_file`` and a box plot of the removed fraction per level beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from spo.config import SPLITS, SpoConfig
+from spo.degrees import TOKEN_RE, build_degree_variants
+from spo.io import InputError, read_jsonl, tree_sha256, write_json, write_jsonl, write_provenance
+
+log = logging.getLogger("spo.degrees")
+SIDES = ("chosen", "rejected")
+PLOT_NAME = "degrees_removed_fraction.png"
+
+
+def _phrases(entry: dict[str, Any], side: str, where: str) -> list[str]:
+    """The ranked phrases of one side, de-duplicated case-insensitively (best rank kept)."""
+    items = entry.get(side)
+    if not isinstance(items, list):
+        raise InputError(f"{where}: field {side!r} must be a list of phrases")
+    out: list[str] = []
+    seen: set[tuple[str, ...]] = set()
+    for item in items:
+        phrase = item.get("phrase") if isinstance(item, dict) else item
+        if not isinstance(phrase, str):
+            raise InputError(f"{where}: {side} phrase {item!r} has no string 'phrase'")
+        key = tuple(t.casefold() for t in TOKEN_RE.findall(phrase))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(phrase)
+    return out
+
+
+def _check_alignment(rows_path: Path, rows: list[dict], kw_path: Path, keywords: list[dict]) -> None:
+    for line, (row, entry) in enumerate(zip(rows, keywords), start=1):
+        if row.get("id") is None or row.get("id") != entry.get("id"):
+            raise InputError(
+                f"{kw_path}:{line} does not match {rows_path}:{line}: "
+                f"keywords id {entry.get('id')!r} != row id {row.get('id')!r}"
+            )
+    if len(rows) != len(keywords):
+        line = min(len(rows), len(keywords)) + 1
+        row_id = rows[line - 1].get("id") if len(rows) >= line else "<missing>"
+        kw_id = keywords[line - 1].get("id") if len(keywords) >= line else "<missing>"
+        raise InputError(
+            f"{kw_path} has {len(keywords)} lines but {rows_path} has {len(rows)} rows: "
+            f"at line {line} keywords id {kw_id!r}, row id {row_id!r}"
+        )
+
+
+def _summary_stats(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return 0.0, 0.0
+    return math.fsum(values) / len(values), float(statistics.median(values))
+
+
+def run(cfg: SpoConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    dc = cfg.degrees
+    in_dir, kw_dir, out_dir = Path(dc.in_dir), Path(dc.keywords_dir), Path(dc.out_dir)
+    n_levels = dc.n_levels
+
+    inputs: dict[str, tuple[Path, list[dict], Path, list[dict]]] = {}
+    for split in SPLITS:
+        rows_path = in_dir / f"{split}.jsonl"
+        if not rows_path.is_file():
+            continue
+        kw_path = kw_dir / f"{split}.jsonl"
+        if not kw_path.is_file():
+            raise InputError(f"{kw_path}: missing keywords file for {rows_path}")
+        rows, keywords = read_jsonl(rows_path), read_jsonl(kw_path)
+        _check_alignment(rows_path, rows, kw_path, keywords)
+        inputs[split] = (rows_path, rows, kw_path, keywords)
+    if not inputs:
+        raise InputError(f"{in_dir}: no split file ({', '.join(f'{s}.jsonl' for s in SPLITS)}) found")
+
+    fractions: list[list[float]] = [[] for _ in range(n_levels)]
+    removed_counts: list[list[int]] = [[] for _ in range(n_levels)]
+    not_distinct = dict.fromkeys(SIDES, 0)
+    per_split: dict[str, int] = {}
+
+    def variants(split: str):
+        rows_path, rows, kw_path, keywords = inputs[split]
+        for line, (row, entry) in enumerate(
+            tqdm(list(zip(rows, keywords)), desc=f"degrees {split}", unit=" rows", leave=False, disable=None),
+            start=1,
+        ):
+            out: dict[str, Any] = {"id": row["id"], "n_levels": n_levels}
+            for side in SIDES:
+                text = row.get(side)
+                if not isinstance(text, str):
+                    raise InputError(f"{rows_path}:{line}: field {side!r} must be a string")
+                phrases = _phrases(entry, side, f"{kw_path}:{line}")
+                dv = build_degree_variants(text, phrases, n_levels)
+                out[side] = dv.to_json()
+                if not dv.distinct:
+                    not_distinct[side] += 1
+                for k in range(n_levels):
+                    fractions[k].append(dv.removed_fraction[k])
+                    removed_counts[k].append(dv.phrases_removed[k])
+            yield out
+
+    for split in inputs:
+        per_split[split] = write_jsonl(out_dir / f"{split}.jsonl", variants(split))
+    write_provenance(
+        out_dir,
+        stage="degrees",
+        config_hash=cfg.section_hash("degrees"),
+        inputs={"rows": tree_sha256(in_dir), "keywords": tree_sha256(kw_dir)},
+    )
+
+    rows_total = sum(per_split.values())
+    metrics: dict[str, Any] = {
+        "n_levels": n_levels,
+        "rows": rows_total,
+        "responses": 2 * rows_total,
+        "splits": per_split,
+        "responses_not_distinct": {
+            **{side: {"count": not_distinct[side], "fraction": not_distinct[side] / rows_total if rows_total else 0.0}
+               for side in SIDES},
+            "total": {
+                "count": sum(not_distinct.values()),
+                "fraction": sum(not_distinct.values()) / (2 * rows_total) if rows_total else 0.0,
+            },
+        },
+    }
+    for k in range(n_levels):
+        mean, median = _summary_stats(fractions[k])
+        counts = removed_counts[k]
+        metrics[f"level_{k}"] = {
+            "removed_fraction_mean": mean,
+            "removed_fraction_median": median,
+            "phrases_removed_mean": math.fsum(counts) / len(counts) if counts else 0.0,
+        }
+    metrics_path = Path(dc.metrics_file)
+    write_json(metrics_path, metrics)
+    plot_path = metrics_path.parent / PLOT_NAME
+    _plot(fractions, plot_path)
+
+    seconds = time.perf_counter() - started
+    log.info(
+        "degrees: read %d rows (%s) from %s and keywords from %s, wrote %d x %d levels to %s, "
+        "%d of %d responses not distinct, metrics %s (%.1f s)",
+        rows_total, " / ".join(f"{n} {s}" for s, n in per_split.items()), in_dir, kw_dir,
+        2 * rows_total, n_levels, out_dir, metrics["responses_not_distinct"]["total"]["count"],
+        2 * rows_total, metrics_path, seconds,
+    )
+    return {**metrics, "plot": str(plot_path), "seconds": round(seconds, 3)}
+
+
+def _plot(fractions: list[list[float]], path: Path) -> None:
+    """Box plot of the removed fraction per level (a report, not a dependency of anything)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(1.2 * len(fractions) + 2, 3.5))
+    try:
+        ax.boxplot([f if f else [0.0] for f in fractions], showfliers=False)
+        ax.set_xticks(range(1, len(fractions) + 1), [str(k) for k in range(len(fractions))])
+        ax.set_xlabel("degree level")
+        ax.set_ylabel("fraction of characters removed")
+        ax.set_ylim(0, 1)
+        ax.set_title("Removed fraction per level (chosen and rejected)")
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)

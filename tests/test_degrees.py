@@ -1,0 +1,337 @@
+"""Degree variants (spo.degrees) and the ``degrees`` stage."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spo.degrees import TOKEN_RE, build_degree_variants, build_levels, phrases_at_level, words
+from spo.io import InputError
+
+from conftest import tmp_config
+
+BUTTERFLIES = (
+    " About 150 species of butterflies live in Oregon, with about 100 species are moths, and about 20 "
+    "species are common here year-round, and another 10 species are seen here year-round. I suggest you "
+    "keep an eye out for skippers, gossamer wings, and red admirals."
+)
+# rake-nltk 1.0.6, 174 English stop words, regex sentence/word tokenizers: 19 ranked phrases,
+# 17 once "year" and "round" repeats are dropped (see test_worked_example_rake_derivation)
+BUTTERFLY_PHRASES = [
+    "another 10 species", "20 species", "150 species", "100 species", "red admirals", "gossamer wings",
+    "butterflies live", "year", "suggest", "skippers", "seen", "round", "oregon", "moths", "keep", "eye",
+    "common",
+]
+# the spec's levels 1..3, with the debris it shows uncleaned
+SPEC_LEVELS = [
+    "About of butterflies live in Oregon, with about are moths, and about are common here year-round, and "
+    "are seen here year-round. I suggest you keep an eye out for skippers, , and .",
+    "About of in Oregon, with about are moths, and about are common here -, and are here -. I you keep an "
+    "eye out for , , and .",
+    "About of in , with about are , and about are here -, and are here -. I you an out for , , and .",
+]
+
+
+def tokens(text: str) -> list[str]:
+    return [t.casefold() for t in TOKEN_RE.findall(text)]
+
+
+def is_subsequence(small: list[str], big: list[str]) -> bool:
+    it = iter(big)
+    return all(any(x == y for y in it) for x in small)
+
+
+def contains(seq: list[str], sub: list[str]) -> bool:
+    k = len(sub)
+    return any(seq[i : i + k] == sub for i in range(len(seq) - k + 1))
+
+
+# --- worked example -------------------------------------------------------------------------
+
+
+def test_worked_example_rake_derivation() -> None:
+    stopwords = pytest.importorskip("stopwords")
+    rake_nltk = pytest.importorskip("rake_nltk")
+    rake = rake_nltk.Rake(
+        stopwords=set(stopwords.get_stopwords("english")) - {""},
+        sentence_tokenizer=lambda t: [s for s in re.split(r"(?<=[.!?])\s+", t) if s],
+        word_tokenizer=lambda s: re.findall(r"\w+|[^\w\s]+", s),
+    )
+    rake.extract_keywords_from_text(BUTTERFLIES.strip())
+    ranked = rake.get_ranked_phrases()
+    assert len(ranked) == 19
+    assert ranked[:10] == [
+        "another 10 species", "20 species", "150 species", "100 species", "red admirals", "gossamer wings",
+        "butterflies live", "year", "year", "suggest",
+    ]
+    seen: set[str] = set()
+    distinct = [p for p in ranked if not (p.lower() in seen or seen.add(p.lower()))]
+    assert distinct == BUTTERFLY_PHRASES
+
+
+def test_worked_example_levels() -> None:
+    dv = build_degree_variants(BUTTERFLIES, BUTTERFLY_PHRASES, 4)
+    assert dv.levels[0] is BUTTERFLIES or dv.levels[0] == BUTTERFLIES
+    assert dv.phrases_removed == [0, 6, 12, 17]
+    assert dv.labels == [0, 1, 2, 3]
+    assert dv.n_phrases == 17
+    assert dv.distinct
+    for k in (1, 2, 3):
+        assert words(dv.levels[k]) == words(SPEC_LEVELS[k - 1])
+    assert dv.levels[1] == (
+        " About of butterflies live in Oregon, with about are moths, and about are common here year-round, "
+        "and are seen here year-round. I suggest you keep an eye out for skippers, and."
+    )
+    assert dv.levels[2] == (
+        " About of in Oregon, with about are moths, and about are common here, and are here. "
+        "I you keep an eye out for, and."
+    )
+    assert dv.levels[3] == " About of in, with about are, and about are here, and are here. I you an out for, and."
+    # level 1 removes the six top phrases' occurrences, nothing else
+    removed = "".join(BUTTERFLIES[s:e] + "|" for s, e in dv.removed_spans[1])
+    assert removed == "150 species|100 species|20 species|another 10 species|gossamer wings|red admirals|"
+    assert dv.removed_fraction[0] == 0.0
+    assert dv.removed_fraction[1] == pytest.approx(sum(e - s for s, e in dv.removed_spans[1]) / len(BUTTERFLIES))
+    assert dv.removed_fraction == sorted(dv.removed_fraction)
+
+
+# --- unit cases -----------------------------------------------------------------------------
+
+
+def test_n_levels_below_two_is_an_error() -> None:
+    for n in (-1, 0, 1):
+        with pytest.raises(ValueError):
+            build_levels("text", ["text"], n)
+
+
+def test_phrases_at_level_is_integer_ceil() -> None:
+    assert [phrases_at_level(k, 17, 4) for k in range(4)] == [0, 6, 12, 17]
+    assert [phrases_at_level(k, 1, 4) for k in range(4)] == [0, 1, 1, 1]
+    assert [phrases_at_level(k, 0, 3) for k in range(3)] == [0, 0, 0]
+    # no float error: 3 * 10 / 30 is exactly 1
+    assert phrases_at_level(3, 10, 31) == 1
+
+
+def test_matching_is_case_insensitive_on_word_boundaries_across_whitespace() -> None:
+    assert build_levels("Look: Red\nadmirals fly.", ["red admirals"], 2)[1] == "Look: fly."
+    assert build_levels("The party was art.", ["art"], 2)[1] == "The party was."
+    assert build_levels("ART and Art and art", ["art"], 2)[1] == "and and"
+
+
+def test_debris_cleaning() -> None:
+    assert build_levels("skippers, gossamer wings, and red admirals.", ["gossamer wings", "red admirals"], 2)[1] == (
+        "skippers, and."
+    )
+    assert build_levels("Red, blue, green.", ["red"], 2)[1] == "blue, green."
+    assert build_levels("one two three", ["two"], 2)[1] == "one three"
+    assert build_levels("here year-round, and", ["year", "round"], 2)[1] == "here, and"
+    assert build_levels("a (red admirals) b", ["red admirals"], 2)[1] == "a b"
+    assert build_levels("A. B. C.", ["b"], 2)[1] == "A. C."
+    assert build_levels("List:\n- red\n- blue\n\nEnd", ["red"], 2)[1] == "List:\n- blue\n\nEnd"
+    assert build_levels("List:\n- red\n- blue\n\nEnd", ["red", "blue"], 2)[1] == "List:\n\nEnd"
+    # text away from removal points stays as it was, double spaces included
+    assert build_levels("Keep  this , odd text. Drop me.", ["drop"], 2)[1] == "Keep  this , odd text. me."
+
+
+def test_leading_space_is_kept_and_ends_are_stripped() -> None:
+    assert build_levels(" About 150 species.", ["about"], 2)[1] == " 150 species."
+    assert build_levels(" About 150 species.", ["species"], 2)[1] == " About 150."
+    assert build_levels("About 150 species.\n", ["species"], 2)[1] == "About 150."
+    assert build_levels(" all", ["all"], 2)[1] == ""
+
+
+def test_level_removing_nothing_is_the_text_unchanged() -> None:
+    text = "  Odd   spacing ,here .\n\n\n\nand more  "
+    dv = build_degree_variants(text, ["absent phrase"], 3)
+    assert dv.levels == [text, text, text]
+    assert not dv.distinct
+    assert dv.removed_spans == [[], [], []]
+    dv = build_degree_variants(text, [], 4)
+    assert dv.levels == [text] * 4 and dv.phrases_removed == [0, 0, 0, 0]
+
+
+def test_too_few_phrases_are_not_distinct() -> None:
+    dv = build_degree_variants("red admirals and skippers", ["skippers"], 4)
+    assert dv.phrases_removed == [0, 1, 1, 1]
+    assert dv.levels == ["red admirals and skippers", "red admirals and", "red admirals and", "red admirals and"]
+    assert not dv.distinct
+
+
+def test_occurrences_made_by_removal_are_removed_too() -> None:
+    assert build_levels("a c b", ["c", "a b"], 2) == ["a c b", ""]
+    # and levels stay nested when a later level removes more
+    levels = build_levels("x a c b y", ["c", "a b", "b"], 4)
+    for k in range(3):
+        assert is_subsequence(words(levels[k + 1]), words(levels[k]))
+
+
+# --- properties -----------------------------------------------------------------------------
+
+WORDS = ["red", "Red", "admirals", "art", "party", "a", "b", "year", "round", "café", "Straße", "日本", "x_y", "10"]
+SEPS = [" ", "  ", ", ", ". ", "-", "\n", "\n\n\n", " (", ") ", "; ", "! ", "\t", "' ", " — ", "…"]
+
+
+@st.composite
+def text_and_phrases(draw):
+    n = draw(st.integers(0, 25))
+    parts = []
+    for _ in range(n):
+        parts.append(draw(st.sampled_from(WORDS) | st.text(st.characters(categories=("L", "N")), min_size=1, max_size=4)))
+        parts.append(draw(st.sampled_from(SEPS) | st.text(st.characters(categories=("P", "S", "Z")), max_size=3)))
+    text = draw(st.sampled_from(["", " "])) + "".join(parts)
+    toks = TOKEN_RE.findall(text)
+    from_text = st.nothing()
+    if toks:
+        from_text = st.integers(0, len(toks) - 1).flatmap(
+            lambda i: st.integers(1, 3).map(lambda k: " ".join(toks[i : i + k]))
+        )
+    phrase = from_text | st.sampled_from(WORDS + ["absent", "red admirals", "year-round", "", "  "])
+    phrases = draw(st.lists(phrase, max_size=12))
+    if phrases and draw(st.booleans()):
+        phrases = phrases + [phrases[0].upper()]  # a duplicate
+    return text, phrases
+
+
+@settings(max_examples=int(__import__("os").environ.get("DEGREES_EXAMPLES", "400")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text_and_phrases(), st.integers(2, 8))
+def test_level_properties(data, n_levels) -> None:
+    text, phrases = data
+    dv = build_degree_variants(text, phrases, n_levels)
+    levels = dv.levels
+    assert len(levels) == n_levels == len(dv.labels) == len(dv.removed_spans) == len(dv.removed_fraction)
+    assert levels[0] == text
+    assert dv.labels == list(range(n_levels))
+    assert dv.distinct == (len(set(levels)) == n_levels)
+    for k in range(n_levels):
+        m = math.ceil(k * len(phrases) / (n_levels - 1)) if len(phrases) < 10**6 else None
+        assert dv.phrases_removed[k] == m == phrases_at_level(k, len(phrases), n_levels)
+        assert 0.0 <= dv.removed_fraction[k] <= 1.0
+        spans = dv.removed_spans[k]
+        assert all(s < e for s, e in spans) and all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
+        if not spans:
+            assert levels[k] == text
+        if k + 1 < n_levels:
+            assert is_subsequence(words(levels[k + 1]), words(levels[k]))
+            assert set(dv.removed_spans[k]) <= set(dv.removed_spans[k + 1]) or all(
+                any(s2 <= s and e <= e2 for s2, e2 in dv.removed_spans[k + 1]) for s, e in spans
+            )
+            assert dv.removed_fraction[k] <= dv.removed_fraction[k + 1]
+        # the words of a level are the words of the text outside the removed spans
+        kept = [m.group() for m in re.finditer(r"\w+", text) if not any(s <= m.start() < e for s, e in spans)]
+        assert words(levels[k]) == kept
+        level_tokens = tokens(levels[k])
+        for phrase in phrases[: dv.phrases_removed[k]]:
+            seq = tokens(phrase)
+            if seq and all(re.fullmatch(r"\w+", t) for t in seq):
+                assert not contains(level_tokens, seq), (phrase, levels[k])
+        if k >= 1 and spans:
+            assert levels[k] == levels[k].strip() or (text.startswith(" ") and levels[k][1:] == levels[k].strip())
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+
+def _write(path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def _kw(phrases):
+    return [{"phrase": p, "score": 1.0, "spans": []} for p in phrases]
+
+
+def _stage_inputs(tmp_path):
+    rows = {
+        "train": [
+            {"id": "r1", "prompt": "\n\nHuman: butterflies?\n\nAssistant:", "chosen": BUTTERFLIES,
+             "rejected": " I don't know."},
+            {"id": "r2", "prompt": "p", "chosen": "Red admirals, skippers and moths.", "rejected": "No idea."},
+        ],
+        "test": [{"id": "t1", "prompt": "p", "chosen": "One two three four.", "rejected": "Five six."}],
+    }
+    keywords = {
+        "train": [
+            {"id": "r1", "method": "rake", "chosen": _kw(BUTTERFLY_PHRASES), "rejected": _kw(["know"])},
+            {"id": "r2", "method": "rake", "chosen": _kw(["red admirals", "skippers", "moths", "Moths"]),
+             "rejected": _kw([])},
+        ],
+        "test": [{"id": "t1", "method": "rake", "chosen": _kw(["one", "two", "three"]), "rejected": _kw(["six"])}],
+    }
+    for split in rows:
+        _write(tmp_path / "data" / "validated" / f"{split}.jsonl", rows[split])
+        _write(tmp_path / "data" / "keywords" / f"{split}.jsonl", keywords[split])
+    return rows, keywords
+
+
+def test_stage_writes_variants_metrics_and_plot(tmp_path) -> None:
+    from spo.stages import degrees as stage
+
+    rows, _ = _stage_inputs(tmp_path)
+    cfg = tmp_config(tmp_path, None)
+    summary = stage.run(cfg)
+
+    out = {s: [json.loads(line) for line in (tmp_path / "data" / "degrees" / f"{s}.jsonl").open()] for s in rows}
+    assert not (tmp_path / "data" / "degrees" / "eval.jsonl").exists()
+    assert [r["id"] for r in out["train"]] == ["r1", "r2"]
+    r1 = out["train"][0]
+    assert r1["n_levels"] == 4
+    assert r1["chosen"]["levels"] == build_levels(BUTTERFLIES, BUTTERFLY_PHRASES, 4)
+    assert set(r1["chosen"]) == {
+        "levels", "labels", "removed_spans", "phrases_removed", "n_phrases", "distinct", "removed_fraction"
+    }
+    assert r1["rejected"]["phrases_removed"] == [0, 1, 1, 1] and not r1["rejected"]["distinct"]
+    # the duplicate "Moths" is dropped before levels are built
+    assert out["train"][1]["chosen"]["n_phrases"] == 3
+    assert out["train"][1]["chosen"]["levels"][1:] == ["skippers and moths.", "and moths.", "and."]
+
+    metrics = json.loads((tmp_path / "metrics" / "degrees.json").read_text())
+    responses = [r[side] for split in out.values() for r in split for side in ("chosen", "rejected")]
+    assert metrics["rows"] == 3 and metrics["responses"] == 6 == len(responses)
+    assert metrics["splits"] == {"train": 2, "test": 1}
+    nd = metrics["responses_not_distinct"]
+    for side in ("chosen", "rejected"):
+        side_resp = [r[side] for split in out.values() for r in split]
+        assert nd[side]["count"] == sum(not r["distinct"] for r in side_resp)
+        assert nd[side]["fraction"] == pytest.approx(nd[side]["count"] / 3)
+    assert nd["total"]["count"] == nd["chosen"]["count"] + nd["rejected"]["count"] == 3
+    for k in range(4):
+        level = metrics[f"level_{k}"]
+        fractions = [r["removed_fraction"][k] for r in responses]
+        assert level["removed_fraction_mean"] == pytest.approx(sum(fractions) / 6)
+        assert level["removed_fraction_median"] == pytest.approx(statistics.median(fractions))
+        assert level["phrases_removed_mean"] == pytest.approx(sum(r["phrases_removed"][k] for r in responses) / 6)
+    assert metrics["level_0"]["removed_fraction_mean"] == 0.0
+    assert summary["rows"] == 3
+    assert (tmp_path / "metrics" / "degrees_removed_fraction.png").read_bytes()[:4] == b"\x89PNG"
+    prov = json.loads((tmp_path / "data" / "degrees" / "provenance.json").read_text())
+    assert prov["stage"] == "degrees" and set(prov["inputs"]) == {"rows", "keywords"}
+    assert set(prov["inputs"]["keywords"]) == {"train.jsonl", "test.jsonl"}
+
+
+def test_stage_refuses_keywords_that_do_not_match_rows(tmp_path) -> None:
+    from spo.stages import degrees as stage
+
+    _, keywords = _stage_inputs(tmp_path)
+    cfg = tmp_config(tmp_path, None)
+    kw_file = tmp_path / "data" / "keywords" / "train.jsonl"
+    _write(kw_file, [keywords["train"][1], keywords["train"][0]])
+    with pytest.raises(InputError) as err:
+        stage.run(cfg)
+    message = str(err.value)
+    assert "keywords/train.jsonl:1" in message and "validated/train.jsonl:1" in message
+    assert "'r2'" in message and "'r1'" in message
+    assert not (tmp_path / "data" / "degrees" / "train.jsonl").exists()
+
+    _write(kw_file, keywords["train"][:1])
+    with pytest.raises(InputError, match=r"at line 2 keywords id '<missing>', row id 'r2'"):
+        stage.run(cfg)
+
+    kw_file.unlink()
+    with pytest.raises(InputError, match="missing keywords file"):
+        stage.run(cfg)
