@@ -1,0 +1,92 @@
+"""The four data stages end to end: through the CLI, and through `dvc repro` (twice)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from spo.io import read_jsonl
+
+pytestmark = pytest.mark.slow
+STAGES = ("prepare", "validate", "keywords", "degrees")
+
+
+def _env(data_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["SPO_DATA_DIR"] = str(data_dir)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _project_copy(tmp_path: Path) -> Path:
+    """A throwaway checkout: the pipeline definition, params and the code DVC hashes as deps."""
+    work = tmp_path / "project"
+    work.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, work / name)
+    shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (work / ".dvc").mkdir()
+    shutil.copy(REPO / ".dvc" / "config", work / ".dvc" / "config")
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    return work
+
+
+def _count(path: Path) -> int:
+    return len(read_jsonl(path)) if path.exists() else 0
+
+
+def test_four_stages_through_the_cli_on_a_200_row_slice(tmp_path: Path, hh_slice: Path) -> None:
+    work = _project_copy(tmp_path)
+    for stage in STAGES:
+        result = subprocess.run(["spo", stage], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
+        assert result.returncode == 0, f"spo {stage} failed:\n{result.stderr}"
+        assert f"{stage}:" in result.stderr, "each stage ends with a one-line summary"
+
+    quarantined_prepare = _count(work / "data/quarantine/prepare.jsonl")
+    quarantined_validate = _count(work / "data/quarantine/validate.jsonl")
+    prepared = sum(_count(work / "data/prepared" / f"{s}.jsonl") for s in ("train", "eval", "test"))
+    assert prepared + quarantined_prepare == 200
+    validated_ids = []
+    for split in ("train", "eval", "test"):
+        rows = read_jsonl(work / "data/validated" / f"{split}.jsonl")
+        keywords = read_jsonl(work / "data/keywords" / f"{split}.jsonl")
+        degrees = read_jsonl(work / "data/degrees" / f"{split}.jsonl")
+        assert [r["id"] for r in rows] == [k["id"] for k in keywords] == [d["id"] for d in degrees]
+        for row, kw, deg in zip(rows, keywords, degrees):
+            for side in ("chosen", "rejected"):
+                assert all(row[side][s:e].lower() == p["phrase"].lower() or " " in p["phrase"] for p in kw[side] for s, e in p["spans"])
+                levels = deg[side]["levels"]
+                assert len(levels) == 4 and levels[0] == row[side]
+        validated_ids += [r["id"] for r in rows]
+    assert len(validated_ids) + quarantined_validate == prepared
+    for metrics in ("validate", "keywords", "degrees"):
+        assert (work / "metrics" / f"{metrics}.json").is_file()
+    assert (work / "reports/validation/validation.html").is_file()
+
+
+def test_dvc_repro_twice_skips_every_stage_and_a_param_reruns_only_downstream(tmp_path: Path, hh_slice: Path) -> None:
+    work = _project_copy(tmp_path)
+    dvc = [sys.executable, "-m", "dvc"]
+    first = subprocess.run([*dvc, "repro"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+
+    second = subprocess.run([*dvc, "repro"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Running stage" not in second.stdout
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in second.stdout
+
+    params = (work / "params.yaml").read_text().replace("n_levels: 4 ", "n_levels: 3 ")
+    (work / "params.yaml").write_text(params)
+    third = subprocess.run([*dvc, "repro"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert [s for s in STAGES if f"Running stage '{s}'" in third.stdout] == ["degrees"]
+    assert read_jsonl(work / "data/degrees/train.jsonl")[0]["n_levels"] == 3
