@@ -20,7 +20,7 @@ setup: $(BIN)/.installed
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -c constraints.txt -e ".[dev]"
+	$(PIP_INSTALL) -c constraints.txt "torch==2.13.0" -e ".[dev]"
 	touch $@
 
 ## Run the pipeline (as far as it exists) with `dvc repro`.

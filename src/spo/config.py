@@ -166,6 +166,117 @@ class DegreesConfig(_Section):
         return value
 
 
+class TinyModelConfig(_Section):
+    """The offline ``tiny`` base model: a BPE tokenizer trained on our text and a random Llama."""
+
+    vocab_size: int = Field(default=4096, ge=300, description="BPE vocabulary, special tokens included.")
+    hidden_size: int = Field(default=256, ge=16)
+    intermediate_size: int = Field(default=688, ge=16)
+    num_hidden_layers: int = Field(default=4, ge=1)
+    num_attention_heads: int = Field(default=4, ge=1)
+    num_key_value_heads: int = Field(default=4, ge=1)
+    max_position_embeddings: int = Field(default=1024, ge=64)
+    tokenizer_max_rows: int | None = Field(default=None, ge=1, description="Train the tokenizer on at most this many rows.")
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(default="tiny", description="A hub id, a local path, or `tiny` (built offline).")
+    revision: str | None = Field(default=None, description="Hub revision to pin.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(default="float32", description="Weights dtype.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+
+class BaseModelConfig(_Section):
+    text_dir: str = Field(default="data/validated", description="Rows whose train split trains the tiny tokenizer.")
+    out_dir: str = "models/base"
+
+
+class LoraConfig(_Section):
+    enabled: bool = Field(default=False, description="LoRA adapters (peft) instead of full fine-tuning.")
+    r: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class OptimConfig(_Section):
+    learning_rate: float = Field(default=5e-4, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    warmup_steps: int = Field(default=10, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    batch_size: int = Field(default=8, ge=1, description="Pairs per optimizer step, summed over all processes.")
+    micro_batch_size: int = Field(default=8, ge=1, description="Pairs per forward pass per process (memory bound).")
+    epochs: float = Field(default=1.0, gt=0.0)
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+
+
+class SftConfig(_Section):
+    rows_dir: str = "data/validated"
+    base_dir: str = "models/base"
+    out_dir: str = "models/sft"
+    metrics_file: str = "metrics/sft.json"
+    max_length: int = Field(default=512, ge=16, description="Prompt + response tokens; prompts are cut from the left.")
+    max_prompt_length: int = Field(default=384, ge=8)
+    eval_steps: int = Field(default=50, ge=1)
+    eval_rows: int = Field(default=200, ge=1, description="Eval-split rows used for the eval loss.")
+    sample_prompts: int = Field(default=2, ge=0, description="Greedy samples shown in the log after training.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1e-3, epochs=2.0))
+
+
+class DegreeLossConfig(_Section):
+    """The SPO degree classifier (docs/method.md)."""
+
+    enabled: bool = Field(default=True, description="Add the SPO degree loss to the alignment loss.")
+    mode: Literal["reencode", "drop"] = Field(
+        default="reencode",
+        description="reencode: encode prompt + each variant; drop: reuse the alignment pass, drop removed tokens.",
+    )
+    heads: Literal["two", "shared"] = Field(default="two", description="One head per response side, or one shared.")
+    positional_encoding: bool = Field(default=True, description="Sinusoidal position-in-original-response features.")
+    hidden_size: int = Field(default=256, ge=1)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    levels_per_step: int | None = Field(
+        default=None, ge=1, description="Sample this many levels per response per step (level 0 always in); None: all."
+    )
+    lambda_w: float = Field(default=0.1, ge=0.0)
+    lambda_l: float = Field(default=0.1, ge=0.0)
+
+
+class TrainConfig(_Section):
+    rows_dir: str = "data/validated"
+    degrees_dir: str = "data/degrees"
+    sft_dir: str = "models/sft"
+    out_dir: str = "models/policy/dpo_spo"
+    metrics_file: str = Field(
+        default="metrics/train.json", description="DVC metrics file (one per variant, e.g. metrics/train_dpo_spo.json)."
+    )
+    loss: Literal["dpo", "ipo", "kto"] = "dpo"
+    beta: float = Field(default=0.1, gt=0.0)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5, description="DPO only (conservative DPO).")
+    desirable_weight: float = Field(default=1.0, gt=0.0, description="KTO lambda_D.")
+    undesirable_weight: float = Field(default=1.0, gt=0.0, description="KTO lambda_U.")
+    spo: DegreeLossConfig = Field(default_factory=DegreeLossConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1e-4))
+    max_length: int = Field(default=512, ge=16, description="Prompt + response tokens.")
+    max_prompt_length: int = Field(default=384, ge=8, description="Prompts longer than this keep their end.")
+    group_by_length: bool = Field(default=True, description="Batch pairs of similar length: less padding.")
+    precompute_reference: bool = Field(default=True, description="Reference log-probs once, saved and reused.")
+    reference_logps_file: str | None = Field(default=None, description="Reuse this file (default: <sft_dir>/reference_logps/...).")
+    eval_steps: int = Field(default=50, ge=1)
+    eval_rows: int = Field(default=200, ge=1)
+    save_steps: int = Field(default=50, ge=1)
+    logging_steps: int = Field(default=5, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    resume: bool = Field(default=True, description="Continue from the last checkpoint in out_dir if there is one.")
+    nan_policy: Literal["raise", "skip"] = Field(default="raise", description="On a non-finite loss: stop, or skip the step and log it.")
+
+
 class SpoConfig(_Section):
     seed: int = Field(default=0, description="Seeds every random choice of every stage.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -173,6 +284,10 @@ class SpoConfig(_Section):
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     keywords: KeywordsConfig = Field(default_factory=KeywordsConfig)
     degrees: DegreesConfig = Field(default_factory=DegreesConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

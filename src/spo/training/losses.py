@@ -1,0 +1,133 @@
+"""Per-example alignment losses (DPO, IPO, KTO) and the SPO degree loss.
+
+Every function takes per-example tensors and returns per-example losses, so the trainer decides
+how to reduce (mean over the batch, masking of skipped rows, distributed averaging). The formulas
+follow /work/shared/spo-method.md ("Alignment losses", "Degree loss"). Rewards are always
+β·(log π_θ − log π_ref), detached: they are metrics, never a path for gradients. Reference
+log-probs are detached on entry: π_ref is fixed (with LoRA it is the same network with adapters
+off), so even if a caller forgot ``torch.no_grad`` no gradient may reach it through the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["dpo_loss", "ipo_loss", "kto_loss", "degree_loss"]
+
+
+def _rewards(policy: Tensor, reference: Tensor, beta: float) -> Tensor:
+    """β·(policy − reference), detached: a logging metric that must not feed the backward pass."""
+    return (beta * (policy - reference)).detach()
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO (Rafailov et al.), with conservative label smoothing ε.
+
+    h = β·((π_c − r_c) − (π_r − r_r)); loss = −(1−ε)·logσ(h) − ε·logσ(−h).
+    ``F.logsigmoid`` keeps it finite for large |h| (log(sigmoid(h)) underflows to −inf).
+    Inputs are summed response log-probs, shape [B]. Returns (losses [B], chosen_rewards [B],
+    rejected_rewards [B]).
+    """
+    reference_chosen_logps, reference_rejected_logps = reference_chosen_logps.detach(), reference_rejected_logps.detach()
+    logits = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    h = beta * logits
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    return (
+        losses,
+        _rewards(policy_chosen_logps, reference_chosen_logps, beta),
+        _rewards(policy_rejected_logps, reference_rejected_logps, beta),
+    )
+
+
+def ipo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    beta: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """IPO (Azar et al., Eq. 17): (logits − 1/(2β))², logits = (π_c − r_c) − (π_r − r_r).
+
+    The regression target 1/(2β) applies to the *unscaled* log-ratio gap (= h/β), as in TRL's
+    ``ipo`` loss type and the DPO reference repo. This function is agnostic to normalisation: it
+    uses whatever log-probs it is given. Note TRL length-normalises for IPO (average per-token
+    log-probs), because summed log-probs make the squared loss grow with response length; pass
+    averages here to match TRL. Returns (losses [B], chosen_rewards [B], rejected_rewards [B]).
+    """
+    reference_chosen_logps, reference_rejected_logps = reference_chosen_logps.detach(), reference_rejected_logps.detach()
+    logits = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    losses = (logits - 1.0 / (2.0 * beta)) ** 2
+    return (
+        losses,
+        _rewards(policy_chosen_logps, reference_chosen_logps, beta),
+        _rewards(policy_rejected_logps, reference_rejected_logps, beta),
+    )
+
+
+def kto_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    policy_kl_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    reference_kl_logps: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    *,
+    kl: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """KTO (Ethayarajh et al.) on paired data: y_w is desirable, y_l undesirable.
+
+    z0 = clamp(mean(policy_kl_logps − reference_kl_logps), min=0).detach(): the batch estimate of
+    KL(π_θ‖π_ref) from mismatched (x, y) pairs. It is a reference point, not a training target,
+    hence detached; clamped because a KL is non-negative. In distributed training the mean must
+    be over the global batch: compute it (all-reduce) in the caller and pass it as ``kl``, in
+    which case ``policy_kl_logps``/``reference_kl_logps`` are ignored (``kl`` is still clamped and
+    detached here).
+
+    chosen losses   = 1 − σ(β·((π_c − r_c) − z0))
+    rejected losses = 1 − σ(β·(z0 − (π_r − r_r)))
+
+    Returns (losses [2B], chosen_rewards [B], rejected_rewards [B], kl scalar). Layout of
+    ``losses``: the first B entries are desirable_weight·chosen losses, the next B are
+    undesirable_weight·rejected losses, row i and row B+i from the same pair. The trainer
+    takes their mean (as TRL does over a mixed desirable/undesirable batch).
+    """
+    if kl is None:
+        kl = (policy_kl_logps - reference_kl_logps).mean()
+    z0 = kl.clamp(min=0).detach()
+    reference_chosen_logps, reference_rejected_logps = reference_chosen_logps.detach(), reference_rejected_logps.detach()
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    chosen_losses = 1.0 - torch.sigmoid(beta * (chosen_logratios - z0))
+    rejected_losses = 1.0 - torch.sigmoid(beta * (z0 - rejected_logratios))
+    losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses), dim=0)
+    return (
+        losses,
+        _rewards(policy_chosen_logps, reference_chosen_logps, beta),
+        _rewards(policy_rejected_logps, reference_rejected_logps, beta),
+        z0,
+    )
+
+
+def degree_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of a degree head over its variants (logits [M, N], labels [M] int64).
+
+    Labels of −100 are ignored (e.g. responses excluded because their levels are not distinct).
+    If nothing is left (all ignored, or M == 0) the result is ``logits.sum() * 0``: a zero that
+    stays attached to the graph, because ``F.cross_entropy`` would return NaN (0/0 mean), and a
+    detached constant would break ``backward()`` / make DDP see unused head parameters.
+    """
+    if labels.numel() == 0 or bool((labels == -100).all()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels.long(), ignore_index=-100)
