@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,50 @@ class KeyPhrase:
 
     def to_json(self) -> dict:
         return {"phrase": self.phrase, "score": self.score, "spans": [list(s) for s in self.spans]}
+
+
+# json's own C string encoder: the bytes ``spo.io.dumps`` (ensure_ascii=True) writes for a str
+json_str = json.encoder.encode_basestring_ascii
+_float_repr = float.__repr__
+
+# (phrase, score, spans): what the JSON serialisation needs of a key phrase
+PhraseTuple = tuple[str, float, Sequence[tuple[int, int]]]
+
+
+def phrases_json(items: Iterable[PhraseTuple]) -> str:
+    """The JSON array of ``{"phrase", "score", "spans"}`` objects, as ``spo.io.dumps`` writes it.
+
+    Why hand-written: in the ``keywords`` stage, building one dict per phrase and handing it to
+    ``json.dumps`` cost half as much again as the extraction itself.  Here only the phrase text
+    goes through json's C string encoder; scores are written as json writes a finite float
+    (``float.__repr__``; anything else falls back to ``json.dumps``) and spans as ``[s,e]``
+    pairs of ints, so the bytes are the same as ``dumps([kp.to_json() for kp in ...])``.
+    """
+    enc, frepr = json_str, _float_repr
+    parts = [
+        f'{{"phrase":{enc(phrase)},"score":'
+        f"{frepr(score) if type(score) is float and math.isfinite(score) else _json_number(score)}"
+        f',"spans":[{",".join([f"[{s},{e}]" for s, e in spans])}]}}'
+        for phrase, score, spans in items
+    ]
+    return "[" + ",".join(parts) + "]"
+
+
+def _json_number(value: object) -> str:
+    return json.dumps(value, allow_nan=True)
+
+
+def covered_chars(span_lists: Iterable[Sequence[tuple[int, int]]]) -> int:
+    """Characters covered by the union of all the spans (phrases' spans may overlap)."""
+    total = 0
+    cur_s = cur_e = -1
+    for s, e in sorted(chain.from_iterable(span_lists)):
+        if s > cur_e:
+            total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        elif e > cur_e:
+            cur_e = e
+    return total + (cur_e - cur_s)
 
 
 def load_stopwords(spec: StopwordsSpec = "english") -> frozenset[str]:
@@ -82,6 +129,16 @@ class Extractor:
 
     def extract_tokens(self, toks: Tokens) -> list[KeyPhrase]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def extract_json(self, text: str) -> tuple[str, int, int]:
+        """``extract(text)`` as the stage writes it: (JSON array, number of phrases, covered chars).
+
+        Extractors may override this with a path that skips the KeyPhrase objects; the JSON must
+        stay byte-identical to ``phrases_json`` of ``extract(text)``.
+        """
+        phrases = self.extract(text)
+        items = [(kp.phrase, kp.score, kp.spans) for kp in phrases]
+        return phrases_json(items), len(items), covered_chars([kp.spans for kp in phrases])
 
     def finalize(self, toks: Tokens, ranked: Iterable[tuple]) -> list[KeyPhrase]:
         """Turn ranked ``(score, token sequence[, phrase text])`` tuples into KeyPhrases.

@@ -11,14 +11,13 @@ treats a multi-character punctuation run such as ``...`` or ``."`` as a word).
 from __future__ import annotations
 
 import string
-
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from rake_nltk import Rake
 from rake_nltk.rake import Metric
 
 from spo.config import RakeOptions
-from spo.keywords.base import Extractor, KeyPhrase, StopwordsSpec
+from spo.keywords.base import Extractor, KeyPhrase, StopwordsSpec, covered_chars, phrases_json
 from spo.keywords.tokenize import Tokens, sentence_tokenize, word_tokenize
 
 
@@ -26,6 +25,11 @@ class _TokenRake(Rake):
     """rake-nltk's Rake fed with phrases built from our tokens."""
 
     def rank_tokens(self, toks: Tokens) -> list[tuple[float, str, tuple[str, ...]]]:
+        """Distinct candidate phrases as (score, text, words), best first, in rake-nltk's order.
+
+        Unlike ``extract_keywords_from_text`` this does not fill ``rank_list`` or
+        ``ranked_phrases`` (nothing reads them here).
+        """
         stop = self.stopwords
         lo, hi = self.min_length, self.max_length
         low = toks.low
@@ -50,43 +54,45 @@ class _TokenRake(Rake):
         if not phrases:
             return []
         self._build_frequency_dist(phrases)
-        self._build_word_co_occurance_graph(phrases)
-        self._build_ranklist(phrases)
-        return self.ranked_tokens
+        counts = Counter(phrases)
+        self._build_word_co_occurance_graph(counts)
+        return self._rank_distinct(counts)
 
-    def _build_word_co_occurance_graph(self, phrase_list: list[tuple[str, ...]]) -> None:
+    def _build_word_co_occurance_graph(self, counts: Counter[tuple[str, ...]]) -> None:  # type: ignore[override]
         """rake-nltk's word degrees without materialising the co-occurrence graph.
 
         rake-nltk adds 1 to graph[w][c] for every ordered pair (w, c) of word occurrences in
         a phrase and sums each row, so deg(w) = sum over w's occurrences of the phrase's
-        length: the same integers, in O(words) instead of O(words^2) with nested defaultdicts.
+        length: the same integers, in O(words) instead of O(words^2) with nested defaultdicts,
+        and once per distinct phrase (times its count) rather than once per occurrence.
         """
         degree: dict[str, int] = defaultdict(int)
-        for phrase in phrase_list:
-            n = len(phrase)
+        for phrase, count in counts.items():
+            n = len(phrase) * count
             for word in phrase:
                 degree[word] += n
         self.degree = degree
 
-    def _build_ranklist(self, phrase_list: list[tuple[str, ...]]) -> None:
-        """rake-nltk's ranking (same scores, same order); also keeps each phrase's tokens."""
+    def _rank_distinct(self, counts: Counter[tuple[str, ...]]) -> list[tuple[float, str, tuple[str, ...]]]:
+        """rake-nltk's ranking (same scores, same order), one entry per distinct phrase.
+
+        rake-nltk ranks every occurrence; repeats have equal (score, text) so they would only
+        sit next to each other in the sorted list, and are dropped before scoring instead.
+        """
         if self.metric != Metric.DEGREE_TO_FREQUENCY_RATIO:
-            super()._build_ranklist(phrase_list)
-            self.ranked_tokens = [(score, phrase, tuple(phrase.split(" "))) for score, phrase in self.rank_list]
-            return
+            self._build_ranklist(list(counts))
+            return [(score, phrase, tuple(phrase.split(" "))) for score, phrase in self.rank_list]
         degree, freq = self.degree, self.frequency_dist
         word_score = {w: 1.0 * degree[w] / f for w, f in freq.items()}
         ranked = []
-        for phrase in phrase_list:
+        for phrase in counts:
             rank = 0.0
             for word in phrase:
                 rank += word_score[word]
             ranked.append((rank, " ".join(phrase), phrase))
-        # (score, text) decides the order, as in rake-nltk; equal texts have equal tuples
+        # (score, text) decides the order, as in rake-nltk; the text determines the words
         ranked.sort(reverse=True)
-        self.ranked_tokens = ranked
-        self.rank_list = [(score, text) for score, text, _ in ranked]
-        self.ranked_phrases = [text for _, text, _ in ranked]
+        return ranked
 
 
 def make_rake(stopwords: frozenset[str], options: RakeOptions, cls: type[Rake] = Rake) -> Rake:
@@ -118,43 +124,51 @@ class RakeExtractor(Extractor):
         self._rake = make_rake(self.stopwords, self.options, _TokenRake)
 
     def extract_tokens(self, toks: Tokens) -> list[KeyPhrase]:
+        return [KeyPhrase(text, score, spans) for text, score, spans in self._located(toks)]
+
+    def extract_json(self, text: str) -> tuple[str, int, int]:
+        """The stage's fast path: serialise (text, score, spans) without KeyPhrase objects."""
+        if not text or text.isspace():
+            return "[]", 0, 0
+        located = self._located(Tokens(text))
+        return phrases_json(located), len(located), covered_chars([spans for _, _, spans in located])
+
+    def _located(self, toks: Tokens) -> list[tuple[str, float, list[tuple[int, int]]]]:
+        """Ranked (text, score, spans), at most ``max_phrases``: Base.finalize, specialised.
+
+        Every ranked phrase occurs in the text and repeats are already merged, so no seen set
+        is needed.  Occurrences are found from each word's positions (one pass over the tokens)
+        instead of a ``list.index`` scan per phrase: single-word phrases, the common case, are
+        a look-up; longer ones compare the tokens at their first word's positions, left to
+        right without overlaps.  Line breaks are whitespace here, as in ``Tokens.find``.
+        """
         ranked = self._rake.rank_tokens(toks)
         if not ranked:
             return []
-        # Base.finalize, specialised: repeats are adjacent (same phrase, same score), and every
-        # ranked phrase occurs in the text, so no look-ups of the seen set are needed.
+        if self.max_phrases is not None:
+            ranked = ranked[: self.max_phrases]
         low = toks.low
-        index = low.index
+        where: dict[str, list[int]] = {}
+        for i, tok in enumerate(low):
+            if tok in where:
+                where[tok].append(i)
+            else:
+                where[tok] = [i]
         offsets = toks.offsets
-        limit = self.max_phrases
-        out: list[KeyPhrase] = []
-        previous = None
+        at = offsets.__getitem__
+        out: list[tuple[str, float, list[tuple[int, int]]]] = []
+        append = out.append
         for score, text, seq in ranked:
-            if text == previous:
-                continue
-            previous = text
-            first = seq[0]
+            positions = where[seq[0]]
             k = len(seq)
+            if k == 1:
+                append((text, score, list(map(at, positions))))
+                continue
             spans = []
-            pos = 0
-            try:
-                if k == 1:
-                    while True:
-                        pos = index(first, pos)
-                        spans.append(offsets[pos])
-                        pos += 1
-                else:
-                    want = list(seq)
-                    while True:
-                        pos = index(first, pos)
-                        if low[pos : pos + k] == want:
-                            spans.append((offsets[pos][0], offsets[pos + k - 1][1]))
-                            pos += k
-                        else:
-                            pos += 1
-            except (ValueError, IndexError):
-                pass
-            out.append(KeyPhrase(text, score, spans))
-            if limit is not None and len(out) >= limit:
-                break
+            free = 0
+            for pos in positions:
+                if pos >= free and tuple(low[pos : pos + k]) == seq:
+                    spans.append((offsets[pos][0], offsets[pos + k - 1][1]))
+                    free = pos + k
+            append((text, score, spans))
         return out
