@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-STAGES = ("prepare", "validate", "keywords", "degrees")
+STAGES = ("prepare", "validate", "keywords", "degrees", "base_model", "sft", "train")
 
 
 def load_stage(name: str) -> ModuleType:

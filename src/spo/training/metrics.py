@@ -1,0 +1,188 @@
+"""Training metrics: sums reduced across processes, written to metrics.jsonl and TensorBoard.
+
+Every process accumulates the same fixed set of named sums (so one all-reduce of one tensor
+reduces them all); ratios are taken after the reduction, so they are global, not averages of
+per-process ratios.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("spo.train")
+
+SIDE_KEYS = ("w", "l")  # w: chosen (preferred) variants, l: rejected
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+class Accumulator:
+    """Named float sums + per-side N x N degree confusion counts."""
+
+    def __init__(self, n_levels: int) -> None:
+        self.n_levels = max(n_levels, 1)
+        self.names = [
+            "loss", "loss_align", "loss_degree_w", "loss_degree_l", "kl", "micro_batches",
+            "pairs", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy",
+            "excluded_w", "excluded_l", "tokens", "nonfinite_steps",
+        ]
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64)
+        self.confusion = torch.zeros((2, self.n_levels, self.n_levels), dtype=torch.float64)
+
+    def add(self, name: str, value: float | torch.Tensor) -> None:
+        self.sums[self.index[name]] += float(value)
+
+    def add_confusion(self, side: int, labels: torch.Tensor, preds: torch.Tensor) -> None:
+        if labels.numel():
+            flat = (labels.cpu() * self.n_levels + preds.cpu()).long()
+            counts = torch.bincount(flat, minlength=self.n_levels**2).double()
+            self.confusion[side] += counts.view(self.n_levels, self.n_levels)
+
+    def reduced(self, accelerator: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        packed = torch.cat((self.sums, self.confusion.flatten())).to(accelerator.device)
+        if accelerator.num_processes > 1:
+            packed = accelerator.reduce(packed, reduction="sum")
+        packed = packed.cpu()
+        n = len(self.names)
+        return packed[:n], packed[n:].view(2, self.n_levels, self.n_levels)
+
+    def summarise(self, accelerator: Any, degree_sides: tuple[bool, bool]) -> tuple[dict[str, float], torch.Tensor]:
+        sums, confusion = self.reduced(accelerator)
+        s = {name: float(sums[i]) for i, name in enumerate(self.names)}
+        mb = max(s["micro_batches"], 1.0)
+        pairs = max(s["pairs"], 1.0)
+        out: dict[str, float] = {
+            "loss": s["loss"] / mb,
+            "loss_align": s["loss_align"] / mb,
+            "loss_degree_w": s["loss_degree_w"] / mb,
+            "loss_degree_l": s["loss_degree_l"] / mb,
+            "rewards/chosen": s["reward_chosen"] / pairs,
+            "rewards/rejected": s["reward_rejected"] / pairs,
+            "rewards/margin": s["reward_margin"] / pairs,
+            "rewards/accuracy": s["reward_accuracy"] / pairs,
+            "excluded_w": s["excluded_w"],
+            "excluded_l": s["excluded_l"],
+            "pairs": s["pairs"],
+            "tokens": s["tokens"],
+            "nonfinite_steps": s["nonfinite_steps"],
+        }
+        if s["kl"]:
+            out["kl"] = s["kl"] / mb
+        for side, key in enumerate(SIDE_KEYS):
+            if not degree_sides[side]:
+                continue
+            conf = confusion[side]
+            total = float(conf.sum())
+            out[f"degree/accuracy_{key}"] = float(conf.trace()) / total if total else float("nan")
+            for k in range(self.n_levels):
+                row = float(conf[k].sum())
+                out[f"degree/accuracy_{key}/level_{k}"] = float(conf[k, k]) / row if row else float("nan")
+        return out, confusion
+
+
+def _clean(value: float) -> float | None:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsWriter:
+    """metrics.jsonl (one object per logged step, with "step" and "split") + TensorBoard."""
+
+    def __init__(self, out_dir: Path | None, enabled: bool) -> None:
+        self.enabled = enabled and out_dir is not None
+        self.path = out_dir / "metrics.jsonl" if out_dir is not None else None
+        self.out_dir = out_dir
+        self.tb: Any = None  # opened on the first write (after a fresh start cleared old logs)
+
+    def _open_tb(self) -> None:
+        if self.tb is not None or self.out_dir is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+            self.tb = False
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines a killed run logged after its last checkpoint."""
+        if not self.enabled or self.path is None or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "split": split, **{k: _clean(v) for k, v in values.items()}}
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._open_tb()
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.tb:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(f"{split}/{key}", value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        self.tb = None
+
+
+def save_confusion(confusion: torch.Tensor, degree_sides: tuple[bool, bool], out_dir: Path) -> dict[str, Any]:
+    """degree_confusion.json + degree_confusion.png (rows: true level, columns: predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spo.io import write_json
+
+    names = {"w": "chosen (head_w)", "l": "rejected (head_l)"}
+    payload = {key: confusion[i].long().tolist() for i, key in enumerate(SIDE_KEYS) if degree_sides[i]}
+    write_json(out_dir / "degree_confusion.json", payload)
+    sides = [i for i in range(2) if degree_sides[i]]
+    if not sides:
+        return payload
+    fig, axes = plt.subplots(1, len(sides), figsize=(4.2 * len(sides), 3.8), squeeze=False)
+    try:
+        for ax, i in zip(axes[0], sides):
+            conf = confusion[i].numpy()
+            n = conf.shape[0]
+            ax.imshow(conf, cmap="Blues")
+            for r in range(n):
+                for c in range(n):
+                    ax.text(c, r, f"{int(conf[r, c])}", ha="center", va="center", fontsize=8)
+            ax.set_xticks(range(n))
+            ax.set_yticks(range(n))
+            ax.set_xlabel("predicted level")
+            ax.set_ylabel("true level")
+            ax.set_title(names[SIDE_KEYS[i]])
+        fig.tight_layout()
+        tmp = out_dir / ".degree_confusion.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(out_dir / "degree_confusion.png")
+    finally:
+        plt.close(fig)
+    return payload
