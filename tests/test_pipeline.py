@@ -71,14 +71,15 @@ def test_four_stages_through_the_cli_on_a_200_row_slice(tmp_path: Path, hh_slice
 
 
 def test_dvc_repro_twice_skips_every_stage_and_a_param_reruns_only_downstream(tmp_path: Path, hh_slice: Path) -> None:
+    """The data half (`dvc repro degrees`); the model stages have their own tests."""
     work = _project_copy(tmp_path)
     dvc = [sys.executable, "-m", "dvc"]
-    first = subprocess.run([*dvc, "repro"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
+    first = subprocess.run([*dvc, "repro", "degrees"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
     assert first.returncode == 0, first.stdout + first.stderr
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
 
-    second = subprocess.run([*dvc, "repro"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
+    second = subprocess.run([*dvc, "repro", "degrees"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "Running stage" not in second.stdout
     for stage in STAGES:
@@ -86,7 +87,7 @@ def test_dvc_repro_twice_skips_every_stage_and_a_param_reruns_only_downstream(tm
 
     params = (work / "params.yaml").read_text().replace("n_levels: 4 ", "n_levels: 3 ")
     (work / "params.yaml").write_text(params)
-    third = subprocess.run([*dvc, "repro"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
+    third = subprocess.run([*dvc, "repro", "degrees"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
     assert third.returncode == 0, third.stdout + third.stderr
     assert [s for s in STAGES if f"Running stage '{s}'" in third.stdout] == ["degrees"]
     assert read_jsonl(work / "data/degrees/train.jsonl")[0]["n_levels"] == 3

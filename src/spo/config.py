@@ -219,13 +219,13 @@ class SftConfig(_Section):
     base_dir: str = "models/base"
     out_dir: str = "models/sft"
     metrics_file: str = "metrics/sft.json"
-    max_length: int = Field(default=512, ge=16, description="Prompt + response tokens; prompts are cut from the left.")
-    max_prompt_length: int = Field(default=384, ge=8)
-    eval_steps: int = Field(default=50, ge=1)
-    eval_rows: int = Field(default=200, ge=1, description="Eval-split rows used for the eval loss.")
+    max_length: int = Field(default=256, ge=16, description="Prompt + response tokens; prompts are cut from the left.")
+    max_prompt_length: int = Field(default=192, ge=8)
+    eval_steps: int = Field(default=25, ge=1)
+    eval_rows: int = Field(default=50, ge=1, description="Eval-split rows used for the eval loss.")
     sample_prompts: int = Field(default=2, ge=0, description="Greedy samples shown in the log after training.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1e-3, epochs=2.0))
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1e-3, epochs=2.0, max_steps=80))
 
 
 class DegreeLossConfig(_Section):
@@ -262,16 +262,16 @@ class TrainConfig(_Section):
     undesirable_weight: float = Field(default=1.0, gt=0.0, description="KTO lambda_U.")
     spo: DegreeLossConfig = Field(default_factory=DegreeLossConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1e-4))
-    max_length: int = Field(default=512, ge=16, description="Prompt + response tokens.")
-    max_prompt_length: int = Field(default=384, ge=8, description="Prompts longer than this keep their end.")
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1e-4, max_steps=20))
+    max_length: int = Field(default=256, ge=16, description="Prompt + response tokens.")
+    max_prompt_length: int = Field(default=192, ge=8, description="Prompts longer than this keep their end.")
     group_by_length: bool = Field(default=True, description="Batch pairs of similar length: less padding.")
-    precompute_reference: bool = Field(default=True, description="Reference log-probs once, saved and reused.")
+    precompute_reference: bool = Field(default=False, description="Reference log-probs once, saved and reused.")
     reference_logps_file: str | None = Field(default=None, description="Reuse this file (default: <sft_dir>/reference_logps/...).")
-    eval_steps: int = Field(default=50, ge=1)
-    eval_rows: int = Field(default=200, ge=1)
-    save_steps: int = Field(default=50, ge=1)
-    logging_steps: int = Field(default=5, ge=1)
+    eval_steps: int = Field(default=10, ge=1)
+    eval_rows: int = Field(default=50, ge=1)
+    save_steps: int = Field(default=10, ge=1)
+    logging_steps: int = Field(default=2, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     resume: bool = Field(default=True, description="Continue from the last checkpoint in out_dir if there is one.")
     nan_policy: Literal["raise", "skip"] = Field(default="raise", description="On a non-finite loss: stop, or skip the step and log it.")
