@@ -42,7 +42,7 @@ def test_stage_writes_everything_and_reuses_reference(workspace: Path, caplog: p
     from spo.stages import train
 
     caplog.set_level(logging.INFO, logger="spo.train")
-    summary = train.run(_cfg(workspace, "dpo_spo"))
+    summary = train.run(_cfg(workspace, "dpo_spo", "train.precompute_reference=true"))
     out = workspace / "models/policy/dpo_spo"
     for name in ("model.safetensors", "tokenizer.json", "degree_heads.safetensors", "metrics.jsonl",
                  "train_summary.json", "provenance.json", "degree_confusion.png"):
@@ -54,7 +54,8 @@ def test_stage_writes_everything_and_reuses_reference(workspace: Path, caplog: p
     assert any(r.message.startswith("train: dpo+spo(reencode) on 64 pairs") for r in caplog.records)
 
     caplog.clear()
-    again = train.run(_cfg(workspace, "ipo", "train.loss=ipo", "train.beta=0.5", "train.spo.enabled=false"))
+    again = train.run(_cfg(workspace, "ipo", "train.loss=ipo", "train.beta=0.5", "train.spo.enabled=false",
+                           "train.precompute_reference=true"))
     assert again["reference_reused"] and again["reference_forwards"] == 0
     assert any("reusing" in r.message for r in caplog.records)
 
