@@ -1,0 +1,169 @@
+"""Stage ``generate``: sample responses to test prompts from each trained model.
+
+For every ``name -> folder`` in ``generate.models`` (a full model or a LoRA adapter on its
+base, read with :func:`~spo.models.loading.load_trained`), the first ``max_prompts`` prompts of
+``{rows_dir}/{split}.jsonl`` are formatted with :func:`~spo.models.formatting.format_prompt`
+(the layout the model was trained on) and answered ``sampling.num_samples`` times by
+:mod:`spo.generation`. Output: ``{out_dir}/{name}.jsonl``, one line per prompt and sample::
+
+    {"id", "prompt", "response", "sample": k, "model": name, "model_path",
+     "settings": {sampling..., "seed", "backend", "max_prompt_length", "batch_size", "stop_strings"},
+     "provenance": {"model_sha256": {weights file: sha256}}}
+
+plus ``provenance.json`` in ``out_dir`` and ``generate.metrics_file`` keyed by model name
+(prompts, samples, generated tokens, tokens/s, seconds, mean response length in characters).
+
+Stop strings: raw prompts (a tokenizer without chat template) of HH dialogues stop at the next
+``"\\n\\nHuman:"`` turn marker; with a chat template the end-of-turn token is eos, which stops
+generation by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from spo.config import SpoConfig
+from spo.io import InputError, file_sha256, read_jsonl, tree_sha256, write_json, write_jsonl, write_provenance
+
+log = logging.getLogger("spo.generate")
+
+HH_STOP = "\n\nHuman:"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def _prompts(rows_dir: Path, split: str, max_prompts: int | None) -> tuple[list[dict[str, Any]], Path]:
+    path = rows_dir / f"{split}.jsonl"
+    if not path.is_file():
+        raise InputError(f"{path}: {split} split not found (run prepare and validate first)")
+    rows = read_jsonl(path)
+    if max_prompts is not None:
+        rows = rows[:max_prompts]
+    for line_no, row in enumerate(rows, start=1):
+        for name in ("prompt", "source"):
+            if not isinstance(row.get(name), str):
+                raise InputError(f"{path}:{line_no}: field {name!r} is missing or not a string")
+    if not rows:
+        raise InputError(f"{path}: no prompts to generate from")
+    return rows, path
+
+
+def weights_sha256(folder: str | Path) -> dict[str, str]:
+    """sha256 of each weights file of a model folder; for a LoRA adapter, its base's too."""
+    from spo.models.loading import adapter_base
+
+    folder = Path(folder)
+    out = {
+        str(p): file_sha256(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)
+    }
+    base = adapter_base(folder)
+    if base is not None:
+        base_path = Path(base) if Path(base).exists() else folder / base
+        if base_path.is_dir():
+            out.update(weights_sha256(base_path))
+        else:
+            out[f"base:{base}"] = "hub"  # weights resolved from the hub cache, not hashed here
+    return out
+
+
+def stop_strings_for(tokenizer: Any, sources: set[str]) -> list[str]:
+    from spo.models.formatting import has_chat_template
+
+    if not has_chat_template(tokenizer) and "hh" in sources:
+        return [HH_STOP]
+    return []
+
+
+def run(cfg: SpoConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from spo.generation import generate_texts, generate_texts_vllm, import_vllm
+    from spo.models.formatting import format_prompt
+    from spo.models.loading import adapter_base, load_tokenizer, load_trained
+
+    gen = cfg.generate
+    if not gen.models:
+        raise InputError("generate.models is empty: name at least one model folder")
+    missing = {name: path for name, path in gen.models.items() if not Path(path).is_dir()}
+    if missing:
+        listed = ", ".join(f"{name} -> {path}" for name, path in missing.items())
+        raise InputError(f"generate.models: model folder not found: {listed} (train it first, or fix the path)")
+    if gen.backend == "vllm":
+        import_vllm()  # fail before loading anything when vllm is missing
+
+    rows, rows_file = _prompts(Path(gen.rows_dir), gen.split, gen.max_prompts)
+    out_dir = Path(gen.out_dir)
+    settings = gen.sampling.model_dump(mode="json") | {
+        "seed": cfg.seed, "backend": gen.backend, "max_prompt_length": gen.max_prompt_length,
+        "batch_size": gen.batch_size,
+    }
+    metrics: dict[str, Any] = {}
+    inputs: dict[str, Any] = {"prompts": tree_sha256(rows_file)}
+    for name, path in gen.models.items():
+        model_started = time.perf_counter()
+        tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
+        prompts = [format_prompt(tokenizer, row["prompt"], row["source"]) for row in rows]
+        stops = stop_strings_for(tokenizer, {row["source"] for row in rows})
+        if gen.backend == "vllm":
+            result = generate_texts_vllm(
+                path, tokenizer, prompts, gen.sampling, seed=cfg.seed, max_prompt_length=gen.max_prompt_length,
+                stop_strings=stops, dtype=cfg.model.dtype, adapter_base=adapter_base(path),
+            )
+        else:
+            model = load_trained(path, cfg.model)
+            model.eval()
+            with torch.no_grad():
+                result = generate_texts(
+                    model, tokenizer, prompts, gen.sampling, batch_size=gen.batch_size, seed=cfg.seed,
+                    max_prompt_length=gen.max_prompt_length, stop_strings=stops, desc=f"generate {name}",
+                )
+            del model
+        shas = weights_sha256(path)
+        model_settings = settings | {"stop_strings": stops}
+        lines = [
+            {
+                "id": row.get("id"),
+                "prompt": row["prompt"],
+                "response": text,
+                "sample": k,
+                "model": name,
+                "model_path": str(path),
+                "settings": model_settings,
+                "provenance": {"model_sha256": shas},
+            }
+            for row, texts in zip(rows, result.texts)
+            for k, text in enumerate(texts)
+        ]
+        write_jsonl(out_dir / f"{name}.jsonl", lines)
+        n_samples = len(lines)
+        lengths = [len(line["response"]) for line in lines]
+        metrics[name] = {
+            "prompts": len(rows),
+            "samples": n_samples,
+            "generated_tokens": result.generated_tokens,
+            "tokens_per_second": round(result.tokens_per_second, 2) if result.tokens_per_second else None,
+            "generate_seconds": round(result.seconds, 3),
+            "seconds": round(time.perf_counter() - model_started, 3),
+            "mean_response_chars": sum(lengths) / n_samples if n_samples else 0.0,
+            "mean_response_tokens": result.generated_tokens / n_samples if n_samples else 0.0,
+            "empty_responses": sum(1 for n in lengths if n == 0),
+        }
+        inputs[name] = shas
+        log.info(
+            "generate %s: %d prompts x %d samples, %d tokens in %.1fs (%.0f tok/s, %s), %s -> %s",
+            name, len(rows), gen.sampling.num_samples, result.generated_tokens, result.seconds,
+            result.tokens_per_second or 0.0, gen.backend, path, out_dir / f"{name}.jsonl",
+        )
+    write_json(gen.metrics_file, metrics)
+    write_provenance(out_dir, stage="generate", config_hash=cfg.section_hash("model", "generate"), inputs=inputs)
+    return {
+        "models": list(gen.models), "prompts": len(rows), "out_dir": str(out_dir),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
