@@ -1,0 +1,189 @@
+"""Stage ``reward_model``: train the local judge, a Bradley-Terry reward model on the SFT backbone.
+
+Trains on the pairs of ``reward_model.split`` (the eval split), which must share no row id and
+no prompt ``group`` with train.jsonl (the policy's pairs) or test.jsonl (the prompts the judge
+will grade); a violation is an InputError.  A deterministic ``held_out_fraction`` of those
+pairs (by hash of the group, else the id) is kept aside to measure the judge's own pair
+accuracy before and after training.  A plain torch loop (see docs/reward_judge.md for why).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from spo.config import SpoConfig
+from spo.io import InputError, read_jsonl, tree_sha256, write_json, write_provenance
+
+log = logging.getLogger("spo.reward_model")
+
+HOLD_OUT_SALT = "spo-reward-heldout-v1"
+_FIELDS = ("id", "prompt", "chosen", "rejected", "source")
+
+
+def _read(folder: Path, split: str, fields: tuple[str, ...]) -> tuple[list[dict[str, Any]], Path]:
+    path = folder / f"{split}.jsonl"
+    if not path.is_file():
+        raise InputError(f"{path}: {split} split not found (run prepare and validate first)")
+    rows = read_jsonl(path)
+    for line_no, row in enumerate(rows, start=1):
+        for field in fields:
+            if not isinstance(row.get(field), str):
+                raise InputError(f"{path}:{line_no}: field {field!r} is missing or not a string")
+    return rows, path
+
+
+def check_disjoint(rows: list[dict[str, Any]], rows_path: Path, others: dict[str, list[dict[str, Any]]]) -> None:
+    """InputError when a row id or prompt group of ``rows`` occurs in any of ``others``."""
+    for name, other in others.items():
+        ids = {r.get("id") for r in other} - {None}
+        groups = {r.get("group") for r in other} - {None}
+        for line_no, row in enumerate(rows, start=1):
+            if row["id"] in ids:
+                raise InputError(f"{rows_path}:{line_no}: row id {row['id']!r} also occurs in {name}; the reward model's pairs must be disjoint from it")
+            if row.get("group") is not None and row["group"] in groups:
+                raise InputError(f"{rows_path}:{line_no}: prompt group {row['group']!r} also occurs in {name}; the reward model's pairs must be disjoint from it")
+
+
+def is_held_out(row: dict[str, Any], fraction: float) -> bool:
+    """Deterministic: a hash of the row's group (its id when it has none), so one prompt's pairs stay together."""
+    key = str(row.get("group") or row["id"])
+    value = int(hashlib.sha256(f"{HOLD_OUT_SALT}:{key}".encode()).hexdigest()[:12], 16) / 16**12
+    return value < fraction
+
+
+def run(cfg: SpoConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from transformers import get_linear_schedule_with_warmup, set_seed
+
+    from spo.judging.reward import RewardModel, encode, pair_accuracy, score_sequences, collate
+    from spo.models.loading import adapter_base, apply_lora, load_tokenizer, load_trained
+
+    rm, optim = cfg.reward_model, cfg.reward_model.optim
+    if rm.max_prompt_length >= rm.max_length:
+        raise InputError(f"reward_model.max_prompt_length ({rm.max_prompt_length}) must be below max_length ({rm.max_length})")
+    if optim.batch_size % optim.micro_batch_size:
+        raise InputError(f"reward_model.optim.batch_size ({optim.batch_size}) must be a multiple of micro_batch_size ({optim.micro_batch_size})")
+    set_seed(cfg.seed, deterministic=False)
+
+    rows_dir, sft_dir, out_dir = Path(rm.rows_dir), Path(rm.sft_dir), Path(rm.out_dir)
+    rows, rows_path = _read(rows_dir, rm.split, _FIELDS)
+    others = {f"{s}.jsonl": _read(rows_dir, s, ())[0] for s in ("train", "test") if s != rm.split}
+    check_disjoint(rows, rows_path, others)
+    held = [r for r in rows if is_held_out(r, rm.held_out_fraction)]
+    train = [r for r in rows if not is_held_out(r, rm.held_out_fraction)]
+    if not held or not train:
+        raise InputError(f"{rows_path}: {len(rows)} pairs give {len(train)} train and {len(held)} held-out pairs; both must be non-empty")
+
+    tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
+    # Full fine-tuning trains the SFT weights; LoRA puts fresh adapters on the (merged) SFT model.
+    lm = load_trained(sft_dir, cfg.model, trainable=True, merge=True)
+    if rm.lora.enabled:
+        lm = apply_lora(lm, rm.lora)
+    model = RewardModel(lm, seed=cfg.seed)
+    model.value_head.requires_grad_(True)
+    model.max_length, model.max_prompt_length = rm.max_length, rm.max_prompt_length
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def tokenize(subset: list[dict[str, Any]], side: str) -> list[list[int]]:
+        return [
+            encode(tokenizer, r["prompt"], r[side], r["source"], max_prompt_length=rm.max_prompt_length, max_length=rm.max_length)
+            for r in tqdm(subset, desc=f"reward tokenize {side}", unit=" rows", leave=False, disable=None)
+        ]
+
+    train_c, train_r = tokenize(train, "chosen"), tokenize(train, "rejected")
+    held_c, held_r = tokenize(held, "chosen"), tokenize(held, "rejected")
+    pad_id = tokenizer.pad_token_id
+
+    def held_accuracy() -> float:
+        scores = score_sequences(model, held_c + held_r, pad_id, batch_size=optim.micro_batch_size * 2)
+        return pair_accuracy(scores[: len(held_c)], scores[len(held_c):])
+
+    acc_before = held_accuracy()
+
+    accum = optim.batch_size // optim.micro_batch_size
+    steps_per_epoch = math.ceil(len(train) / optim.batch_size)
+    total_steps = max(1, math.ceil(optim.epochs * steps_per_epoch))
+    if optim.max_steps is not None:
+        total_steps = min(total_steps, optim.max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(optim.warmup_steps, total_steps), total_steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def batches():  # micro-batches of pair indices, reshuffled each epoch, forever
+        while True:
+            order = torch.randperm(len(train), generator=generator).tolist()
+            for start in range(0, len(order), optim.micro_batch_size):
+                yield order[start : start + optim.micro_batch_size]
+
+    stream = batches()
+    losses: list[float] = []
+    model.train()
+    train_started = time.perf_counter()
+    bar = tqdm(total=total_steps, desc="reward_model", unit=" steps", leave=False, disable=None)
+    for _step in range(total_steps):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(accum):
+            idx = next(stream)
+            ids, mask = collate([train_c[i] for i in idx] + [train_r[i] for i in idx], pad_id, device)
+            rewards = model.score(ids, mask)
+            loss = -torch.nn.functional.logsigmoid(rewards[: len(idx)] - rewards[len(idx):]).mean()
+            if not torch.isfinite(loss):
+                raise InputError(f"reward_model: loss is {loss.item()} at step {_step + 1}; lower reward_model.optim.learning_rate")
+            (loss / accum).backward()
+            step_loss += loss.item() / accum
+        torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.3f}")
+    bar.close()
+    train_seconds = time.perf_counter() - train_started
+
+    acc_after = held_accuracy()
+    if rm.lora.enabled and adapter_base(sft_dir) is not None:
+        # The adapter would record the SFT adapter's *base* as its base (the SFT weights were
+        # merged in memory), so it could not be loaded correctly: save merged full weights.
+        model.lm = model.lm.merge_and_unload()
+    model.save(out_dir, tokenizer)
+    metrics = {
+        "train_pairs": len(train),
+        "held_out_pairs": len(held),
+        "held_out_accuracy_before": acc_before,
+        "held_out_accuracy_after": acc_after,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "steps": len(losses),
+        "epochs": len(losses) * optim.batch_size / len(train),
+        "trainable_params": n_trainable,
+        "lora": rm.lora.enabled,
+        "train_seconds": round(train_seconds, 2),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(rm.metrics_file, metrics)
+    write_provenance(
+        out_dir, stage="reward_model", config_hash=cfg.section_hash("model", "reward_model"),
+        inputs={rm.split: tree_sha256(rows_path), "sft": tree_sha256(sft_dir)},
+    )
+    log.info(
+        "reward_model: %d train / %d held-out pairs, %d steps (%s, %s trainable params), held-out accuracy %.3f -> %.3f, "
+        "loss %.3f -> %.3f, %s -> %s in %.1fs",
+        len(train), len(held), len(losses), "LoRA" if rm.lora.enabled else "full", f"{n_trainable:,}",
+        acc_before, acc_after, metrics["train_loss_first"] or float("nan"), metrics["train_loss_last"] or float("nan"),
+        rows_path, out_dir, metrics["seconds"],
+    )
+    return metrics | {"out_dir": str(out_dir)}
