@@ -1,0 +1,1 @@
+"""`evaluate` metric modules kept in the repository and loaded by path (never from the hub)."""

@@ -1,0 +1,206 @@
+"""Stage ``judge``: pairwise win rates of generations against each other or the data set's chosen.
+
+For every ``judge.comparisons`` entry (a vs b) the items present on both sides are judged in both
+orders (:mod:`spo.judging.comparisons`), the two verdicts give one outcome per item and the
+statistics of :mod:`spo.judging.statistics` are computed.  Writes, under ``judge.out_dir``:
+
+* ``<name>.jsonl`` — one line per item: id, task, a, b, outcome, score, lengths, both orders'
+  verdicts (winner shown-position, preferred side, raw text, explanation, cached), judge_id,
+  prompt_version;
+* ``winrates.json`` — per comparison: win_rate (ties = half), ci_low/ci_high (95% bootstrap),
+  tie_rate, invalid, not_judged, n, position_consistency, lc_win_rate, lengths, rouge (TL;DR),
+  judge_id, prompt_version;
+* ``winrates.png`` — bar chart of the win rates with the 95% intervals and a 50% line;
+* ``provenance.json``;
+
+and the same per-comparison record (keyed by comparison name) as DVC metrics at
+``judge.metrics_file``.  If the judge's budget ran out, every file is still written, with the
+items not judged marked ``not_judged``, and a WARNING says how many.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from spo.config import SpoConfig
+from spo.io import InputError, file_sha256, write_json, write_jsonl, write_provenance
+from spo.judging.base import BudgetExhausted, Judge, Verdict
+from spo.judging.comparisons import DATASET_SIDES, build_comparison, load_rows, needed_ids, requests_for
+from spo.judging.statistics import (
+    SCORE,
+    format_summary,
+    load_rouge,
+    outcome,
+    preferred_side,
+    rouge_scores,
+    summarize,
+)
+
+log = logging.getLogger("spo.judge")
+WINRATES_JSON = "winrates.json"
+WINRATES_PNG = "winrates.png"
+
+
+def make_judge(cfg: SpoConfig) -> tuple[Judge, Any]:
+    """The configured judge and something to close afterwards (the OpenAI cache) or None.
+
+    Tests replace this function to inject a fake judge.
+    """
+    jc = cfg.judge
+    if jc.backend == "openai":
+        from spo.judging.cache import JudgeCache
+        from spo.judging.openai_judge import OpenAIJudge
+
+        cache = JudgeCache(jc.cache_file)
+        return OpenAIJudge(jc.openai, jc.prompt_version, cache), cache
+    if jc.backend == "reward":
+        from spo.judging.reward import RewardJudge
+
+        if not Path(jc.reward_model_dir).is_dir():
+            raise InputError(f"{jc.reward_model_dir}: reward model folder not found (run the reward_model stage)")
+        return RewardJudge(jc.reward_model_dir, cfg.model), None
+    raise InputError(f"unknown judge backend {jc.backend!r}")
+
+
+def _verdict_json(verdict: Verdict | None, order: str) -> dict[str, Any] | None:
+    if verdict is None:
+        return None
+    return {
+        "winner": verdict.winner,
+        "prefers": preferred_side(verdict, order),
+        "raw": verdict.raw,
+        "explanation": verdict.explanation,
+        "cached": verdict.cached,
+        "prompt_tokens": verdict.prompt_tokens,
+        "completion_tokens": verdict.completion_tokens,
+    }
+
+
+def _judge(judge: Judge, requests: list, name: str) -> list[Verdict | None]:
+    try:
+        verdicts = list(judge.judge_many(requests, progress=True))
+    except BudgetExhausted as err:  # the contract returns None entries, but stay safe if a judge raises
+        log.warning("%s: judge budget exhausted before any verdict was returned: %s", name, err)
+        return [None] * len(requests)
+    if len(verdicts) != len(requests):
+        raise RuntimeError(f"{name}: judge returned {len(verdicts)} verdicts for {len(requests)} requests")
+    return verdicts
+
+
+def run(cfg: SpoConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    jc = cfg.judge
+    out_dir = Path(jc.out_dir)
+    if not jc.comparisons:
+        raise InputError("judge.comparisons is empty: nothing to judge")
+    names = [c.name for c in jc.comparisons]
+    if len(set(names)) != len(names):
+        raise InputError(f"judge.comparisons has duplicate names: {names}")
+
+    rows, row_files = load_rows(jc.rows_dir, needed_ids(jc.comparisons, jc))
+    built = [build_comparison(c, jc, rows, cfg.data.dataset) for c in jc.comparisons]
+    judge, closer = make_judge(cfg)
+    judge_id = judge.judge_id
+    prompt_version = jc.prompt_version if jc.backend == "openai" else None
+    rouge_metric = None
+    results: dict[str, Any] = {}
+    not_judged_total = 0
+    try:
+        for comp in built:
+            verdicts = _judge(judge, requests_for(comp.items), comp.name) if comp.items else []
+            lines, outcomes, len_a, len_b = [], [], [], []
+            for i, item in enumerate(comp.items):
+                v_ab, v_ba = verdicts[2 * i], verdicts[2 * i + 1]
+                result = outcome(v_ab, v_ba)
+                outcomes.append(result)
+                len_a.append(len(item.response_a))
+                len_b.append(len(item.response_b))
+                lines.append({
+                    "id": item.id, "task": item.task, "a": comp.a, "b": comp.b,
+                    "outcome": result, "score": SCORE.get(result),
+                    "chars_a": len(item.response_a), "chars_b": len(item.response_b),
+                    "ab": _verdict_json(v_ab, "ab"), "ba": _verdict_json(v_ba, "ba"),
+                    "judge_id": judge_id, "prompt_version": prompt_version,
+                })
+            write_jsonl(out_dir / f"{comp.name}.jsonl", lines)
+            stats = summarize(outcomes, len_a, len_b, jc.bootstrap_samples, cfg.seed)
+            stats.update({
+                "a": comp.a, "b": comp.b, "only_a": comp.only_a, "only_b": comp.only_b,
+                "judge_id": judge_id, "prompt_version": prompt_version,
+                "cached_verdicts": sum(1 for v in verdicts if v is not None and v.cached),
+                "prompt_tokens": sum(v.prompt_tokens for v in verdicts if v is not None),
+                "completion_tokens": sum(v.completion_tokens for v in verdicts if v is not None),
+            })
+            if "tldr" in comp.sources:
+                if rouge_metric is None:
+                    rouge_metric = load_rouge()
+                stats["rouge"] = {}
+                for side_name, attr in ((comp.a, "response_a"), (comp.b, "response_b")):
+                    if side_name == "chosen":
+                        continue  # the reference itself
+                    scored = [it for it in comp.items if it.source == "tldr" and it.reference is not None]
+                    stats["rouge"][side_name] = rouge_scores(
+                        [getattr(it, attr) for it in scored], [it.reference for it in scored], rouge_metric
+                    )
+            results[comp.name] = stats
+            not_judged_total += stats["not_judged"]
+            log.info("%s", format_summary(comp.name, stats))
+            if stats["not_judged"]:
+                log.warning(
+                    "%s: the judge's budget ran out; %d of %d items not judged (partial results written)",
+                    comp.name, stats["not_judged"], stats["items"],
+                )
+    finally:
+        if closer is not None:
+            closer.close()
+
+    write_json(out_dir / WINRATES_JSON, results)
+    write_json(Path(jc.metrics_file), results)
+    _plot(results, out_dir / WINRATES_PNG, judge_id)
+    inputs: dict[str, Any] = {"rows": {str(p): file_sha256(p) for p in row_files}}
+    for comp in built:
+        for side, path in comp.files.items():
+            if side not in DATASET_SIDES:
+                inputs.setdefault("generations", {})[path] = file_sha256(path)
+    inputs["judge_id"] = judge_id
+    inputs["prompt_version"] = prompt_version
+    write_provenance(out_dir, stage="judge", config_hash=cfg.section_hash("judge"), inputs=inputs)
+    if not_judged_total:
+        log.warning("judge: budget stopped the run; %d items in total were not judged", not_judged_total)
+    seconds = time.perf_counter() - started
+    log.info("judge: %d comparisons with %s, wrote %s and %s (%.1f s)",
+             len(results), judge_id, out_dir, jc.metrics_file, seconds)
+    return {"comparisons": results, "not_judged": not_judged_total, "plot": str(out_dir / WINRATES_PNG),
+            "seconds": round(seconds, 3)}
+
+
+def _plot(results: dict[str, Any], path: Path, judge_id: str) -> None:
+    """Win rate per comparison with its 95% bootstrap interval and a 50% reference line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    rates = [100 * (results[n]["win_rate"] if results[n]["win_rate"] is not None else float("nan")) for n in names]
+    low = [r - 100 * results[n]["ci_low"] if results[n]["ci_low"] is not None else 0.0 for r, n in zip(rates, names)]
+    high = [100 * results[n]["ci_high"] - r if results[n]["ci_high"] is not None else 0.0 for r, n in zip(rates, names)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2.5, 4))
+    try:
+        ax.bar(range(len(names)), rates, yerr=[low, high], capsize=6, color="tab:blue", alpha=0.8)
+        ax.axhline(50, color="black", linestyle="--", linewidth=1, label="50%")
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("win rate of a, % (ties = half)")
+        ax.set_title(f"Win rates, 95% bootstrap CI — {judge_id}", fontsize=9)
+        ax.legend(loc="upper right")
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)

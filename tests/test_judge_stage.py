@@ -1,0 +1,168 @@
+"""The ``judge`` stage end to end with a fake judge on hand-written rows and generation files."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from spo.config import ComparisonConfig, SpoConfig
+from spo.io import read_jsonl, write_jsonl
+from spo.judging.base import Judge, JudgeRequest, Verdict
+from spo.judging.comparisons import build_comparison, load_rows, requests_for
+from spo.stages import judge as judge_stage
+
+WINRATE_FIELDS = {
+    "win_rate", "ci_low", "ci_high", "tie_rate", "invalid", "not_judged", "n", "position_consistency",
+    "lc_win_rate", "lengths", "judge_id", "prompt_version",
+}
+
+
+class LongerWins:
+    """Prefers the longer response; 'garbage' responses make it answer unparseably; stops after `budget`."""
+
+    judge_id = "fake:longer"
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = budget
+        self.calls = 0
+        self.seen: list[JudgeRequest] = []
+
+    def judge_many(self, requests: Sequence[JudgeRequest], progress: bool = True) -> list[Verdict | None]:
+        out: list[Verdict | None] = []
+        for request in requests:
+            self.seen.append(request)
+            if self.budget is not None and self.calls >= self.budget:
+                out.append(None)
+                continue
+            self.calls += 1
+            if "garbage" in request.response_a + request.response_b:
+                out.append(Verdict(None, "I cannot decide", None))
+            else:
+                winner = "A" if len(request.response_a) >= len(request.response_b) else "B"
+                out.append(Verdict(winner, f"[[{winner}]]", "longer is better", prompt_tokens=10, completion_tokens=2))
+        return out
+
+
+@pytest.fixture()
+def workspace(tmp_path: Path) -> Path:
+    rows = [
+        {"id": f"h{i}", "source": "hh", "split": "test", "prompt": f"\n\nHuman: question {i}?\n\nAssistant:",
+         "chosen": " a fine answer", "rejected": " no"} for i in range(6)
+    ] + [
+        {"id": f"t{i}", "source": "tldr", "split": "test", "prompt": f"POST: a story number {i}\nTL;DR:",
+         "chosen": " the cat sat on the mat", "rejected": " dog"} for i in range(4)
+    ]
+    write_jsonl(tmp_path / "data/validated/test.jsonl", rows)
+    gens = tmp_path / "outputs/generations"
+    long = [{"id": r["id"], "prompt": r["prompt"], "response": " a much longer and detailed answer here", "sample": 0,
+             "model": "dpo_spo"} for r in rows]
+    long[9]["response"] = " the cat sat on the mat"  # identical to the reference: ROUGE 1 on this item
+    long[0]["response"] = " garbage"  # invalid verdicts for h0
+    extra = {"id": "zz", "prompt": "\n\nHuman: orphan\n\nAssistant:", "response": " x", "sample": 0, "model": "dpo_spo"}
+    second_sample = {**long[1], "sample": 1, "response": " IGNORED"}
+    write_jsonl(gens / "dpo_spo.jsonl", [*long, extra, second_sample])
+    short = [{"id": r["id"], "prompt": r["prompt"], "response": " ok", "sample": 0, "model": "sft"} for r in rows[:5]]
+    write_jsonl(gens / "sft.jsonl", short)
+    return tmp_path
+
+
+def _cfg(root: Path) -> SpoConfig:
+    cfg = SpoConfig()
+    jc = cfg.judge
+    jc.rows_dir = str(root / "data/validated")
+    jc.generations_dir = str(root / "outputs/generations")
+    jc.out_dir = str(root / "outputs/judgments")
+    jc.metrics_file = str(root / "metrics/judge.json")
+    jc.bootstrap_samples = 200
+    jc.comparisons = [
+        ComparisonConfig(name="dpo_spo_vs_chosen", a="dpo_spo", b="chosen"),
+        ComparisonConfig(name="dpo_spo_vs_sft", a="dpo_spo", b="sft"),
+    ]
+    return cfg
+
+
+def test_fake_judge_satisfies_protocol() -> None:
+    assert isinstance(LongerWins(), Judge)
+
+
+def test_requests_are_built_in_both_orders(workspace: Path) -> None:
+    cfg = _cfg(workspace)
+    rows, _ = load_rows(cfg.judge.rows_dir)
+    comp = build_comparison(cfg.judge.comparisons[0], cfg.judge, rows, "hh")
+    assert [it.id for it in comp.items] == [f"h{i}" for i in range(6)] + [f"t{i}" for i in range(4)]
+    assert comp.only_a == 1 and comp.only_b == 0  # "zz" has no dataset row
+    reqs = requests_for(comp.items)
+    assert len(reqs) == 20
+    assert reqs[2].response_a == reqs[3].response_b == comp.items[1].response_a  # sample 0, not sample 1
+    assert reqs[2].response_b == " a fine answer" and reqs[2].task == "dialogue" and reqs[-1].task == "summarization"
+
+
+def test_stage_end_to_end(workspace: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    fake = LongerWins()
+    monkeypatch.setattr(judge_stage, "make_judge", lambda cfg: (fake, None))
+    caplog.set_level(logging.INFO, logger="spo.judge")
+    summary = judge_stage.run(_cfg(workspace))
+
+    out = workspace / "outputs/judgments"
+    for name in ("dpo_spo_vs_chosen.jsonl", "dpo_spo_vs_sft.jsonl", "winrates.json", "winrates.png", "provenance.json"):
+        assert (out / name).is_file(), name
+    assert (out / "winrates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    winrates = json.loads((out / "winrates.json").read_text())
+    assert json.loads((workspace / "metrics/judge.json").read_text()) == winrates
+    assert set(winrates) == {"dpo_spo_vs_chosen", "dpo_spo_vs_sft"}
+    vs_chosen = winrates["dpo_spo_vs_chosen"]
+    assert WINRATE_FIELDS <= set(vs_chosen)
+    # h0 is garbage -> invalid; t3's generation equals chosen (equal length: A wins both orders -> tie);
+    # every other generation is longer than chosen -> win.
+    assert (vs_chosen["invalid"], vs_chosen["n"], vs_chosen["ties"], vs_chosen["wins"]) == (1, 9, 1, 8)
+    assert vs_chosen["win_rate"] == pytest.approx(8.5 / 9)
+    assert vs_chosen["ci_low"] <= vs_chosen["win_rate"] <= vs_chosen["ci_high"]
+    assert vs_chosen["judge_id"] == "fake:longer" and vs_chosen["not_judged"] == 0
+    # ROUGE over the 4 TL;DR items: t3 copies the reference (1.0), t0-t2 share one long answer.
+    assert set(vs_chosen["rouge"]) == {"dpo_spo"}  # the chosen side is the reference itself
+    assert vs_chosen["rouge"]["dpo_spo"]["rouge1"] == pytest.approx((1.0 + 3 * _r1_long()) / 4)
+    assert "rouge" not in winrates["dpo_spo_vs_sft"]  # HH items only
+    assert vs_chosen["lengths"]["mean_chars_a"] > vs_chosen["lengths"]["mean_chars_b"]
+    vs_sft = winrates["dpo_spo_vs_sft"]
+    assert vs_sft["only_a"] == 6 and vs_sft["n"] == 4 and vs_sft["win_rate"] == 1.0  # h5, t0-t3, zz only in dpo_spo
+
+    lines = read_jsonl(out / "dpo_spo_vs_chosen.jsonl")
+    assert len(lines) == 10
+    first = lines[1]
+    assert {"id", "outcome", "chars_a", "chars_b", "ab", "ba", "judge_id", "prompt_version"} <= set(first)
+    assert first["outcome"] == "win" and first["ab"]["raw"] == "[[A]]" and first["ba"]["prefers"] == "a"
+    assert lines[0]["outcome"] == "invalid"
+    assert any(r.message.startswith("dpo_spo_vs_chosen: win 94.4% [") and "n=9" in r.message for r in caplog.records)
+    assert summary["not_judged"] == 0
+
+
+def _r1_long() -> float:
+    from spo.judging.statistics import rouge_scores
+
+    return rouge_scores([" a much longer and detailed answer here"], [" the cat sat on the mat"])["rouge1"]
+
+
+def test_budget_stop_writes_partial_results(workspace: Path, monkeypatch: pytest.MonkeyPatch,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    fake = LongerWins(budget=7)  # 3 items fully judged, the 4th half-judged
+    monkeypatch.setattr(judge_stage, "make_judge", lambda cfg: (fake, None))
+    caplog.set_level(logging.INFO, logger="spo.judge")
+    judge_stage.run(_cfg(workspace))
+    winrates = json.loads((workspace / "outputs/judgments/winrates.json").read_text())
+    vs_chosen = winrates["dpo_spo_vs_chosen"]
+    assert vs_chosen["not_judged"] == 7 and vs_chosen["invalid"] == 1 and vs_chosen["n"] == 2
+    assert winrates["dpo_spo_vs_sft"]["not_judged"] == 5 and winrates["dpo_spo_vs_sft"]["win_rate"] is None
+    assert (workspace / "outputs/judgments/winrates.png").is_file()
+    warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("not judged" in m and "7 of 10" in m for m in warnings)
+
+
+def test_rows_are_read_only_until_the_needed_ids_are_found(workspace: Path) -> None:
+    rows_dir = workspace / "data/validated"
+    (rows_dir / "train.jsonl").write_text("not json\n")  # would raise if it were read
+    rows, files = load_rows(rows_dir, {"h0", "t3"})
+    assert files == [rows_dir / "test.jsonl"] and "h0" in rows
