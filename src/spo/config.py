@@ -277,6 +277,96 @@ class TrainConfig(_Section):
     nan_policy: Literal["raise", "skip"] = Field(default="raise", description="On a non-finite loss: stop, or skip the step and log it.")
 
 
+class SamplingConfig(_Section):
+    do_sample: bool = Field(default=True, description="False: greedy decoding.")
+    temperature: float = Field(default=0.7, gt=0.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=128, ge=1)
+    num_samples: int = Field(default=1, ge=1, description="Samples per prompt.")
+
+
+class GenerateConfig(_Section):
+    rows_dir: str = Field(default="data/validated", description="Prompts come from the `split` file here.")
+    split: Literal["train", "eval", "test"] = "test"
+    max_prompts: int | None = Field(default=100, ge=1, description="First N prompts of the split (None: all).")
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"sft": "models/sft", "dpo_spo": "models/policy/dpo_spo"},
+        description="Generation name -> model folder (full weights, or a LoRA adapter on its base).",
+    )
+    out_dir: str = "outputs/generations"
+    metrics_file: str = "metrics/generate.json"
+    backend: Literal["transformers", "vllm"] = "transformers"
+    batch_size: int = Field(default=8, ge=1)
+    max_prompt_length: int = Field(default=192, ge=8, description="Longer prompts keep their end.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+class RetryConfig(_Section):
+    max_retries: int = Field(default=5, ge=0, description="Retries on 429, 5xx and timeouts.")
+    initial_backoff: float = Field(default=1.0, ge=0.0, description="Seconds; doubles each retry, with jitter.")
+    max_backoff: float = Field(default=60.0, ge=0.0)
+    timeout: float = Field(default=60.0, gt=0.0, description="Seconds per request.")
+
+
+class BudgetConfig(_Section):
+    max_calls: int | None = Field(default=None, ge=0, description="Stop cleanly after this many API calls.")
+    max_tokens: int | None = Field(default=None, ge=0, description="Stop after this many prompt + completion tokens.")
+    max_cost_usd: float | None = Field(default=None, ge=0.0, description="Stop when the estimated cost reaches this.")
+    usd_per_1k_prompt_tokens: float = Field(default=0.0025, ge=0.0)
+    usd_per_1k_completion_tokens: float = Field(default=0.01, ge=0.0)
+
+
+class OpenAIJudgeConfig(_Section):
+    base_url: str | None = Field(default=None, description="Any OpenAI-compatible endpoint (None: OpenAI).")
+    model: str = Field(default="gpt-4o", description="A GPT-4-class judge model.")
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="Name of the environment variable holding the key.")
+    temperature: float = Field(default=0.0, ge=0.0)
+    max_tokens: int = Field(default=256, ge=1)
+    concurrency: int = Field(default=8, ge=1)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+
+
+class ComparisonConfig(_Section):
+    name: str = Field(description="Output name: outputs/judgments/<name>.jsonl.")
+    a: str = Field(description="A generation name, or `chosen` (the data set's preferred response).")
+    b: str = Field(description="Same, for the other side; the win rate is a's.")
+
+
+class JudgeConfig(_Section):
+    backend: Literal["openai", "reward"] = "reward"
+    rows_dir: str = "data/validated"
+    generations_dir: str = "outputs/generations"
+    out_dir: str = "outputs/judgments"
+    cache_file: str = Field(default="outputs/judge_cache.sqlite", description="Judgments already paid for.")
+    metrics_file: str = "metrics/judge.json"
+    prompt_version: str = Field(default="v1", description="Versioned judge prompts (spo/judging/prompts).")
+    comparisons: list[ComparisonConfig] = Field(
+        default_factory=lambda: [
+            ComparisonConfig(name="dpo_spo_vs_chosen", a="dpo_spo", b="chosen"),
+            ComparisonConfig(name="dpo_spo_vs_sft", a="dpo_spo", b="sft"),
+        ]
+    )
+    bootstrap_samples: int = Field(default=2000, ge=100)
+    openai: OpenAIJudgeConfig = Field(default_factory=OpenAIJudgeConfig)
+    reward_model_dir: str = Field(default="models/reward", description="The local judge (backend: reward).")
+
+
+class RewardModelConfig(_Section):
+    rows_dir: str = "data/validated"
+    split: Literal["eval"] = Field(
+        default="eval", description="Pairs disjoint from the policy's train pairs and the test prompts."
+    )
+    held_out_fraction: float = Field(default=0.2, gt=0.0, lt=1.0, description="Pairs kept for the judge's own accuracy.")
+    sft_dir: str = "models/sft"
+    out_dir: str = "models/reward"
+    metrics_file: str = "metrics/reward_model.json"
+    max_length: int = Field(default=256, ge=16)
+    max_prompt_length: int = Field(default=192, ge=8)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1e-4, epochs=2.0, max_steps=None))
+
+
 class SpoConfig(_Section):
     seed: int = Field(default=0, description="Seeds every random choice of every stage.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -288,6 +378,9 @@ class SpoConfig(_Section):
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
