@@ -84,6 +84,40 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
     return count
 
 
+def check_aligned(
+    rows_path: str | Path, rows: list[dict[str, Any]], other_path: str | Path, other: list[dict[str, Any]],
+    what: str, hint: str = "",
+) -> None:
+    """Per-row side files (keywords, degrees) must follow the rows line by line, by id.
+
+    A mismatch means a stale artifact; joining by position would silently pair a response
+    with another row's phrases, so it stops the stage naming both files, the line and the ids.
+    """
+    for line, (row, entry) in enumerate(zip(rows, other), start=1):
+        if row.get("id") is None or row.get("id") != entry.get("id"):
+            raise InputError(
+                f"{other_path}:{line} does not match {rows_path}:{line}: "
+                f"{what} id {entry.get('id')!r} != row id {row.get('id')!r}{hint}"
+            )
+    if len(rows) != len(other):
+        line = min(len(rows), len(other)) + 1
+        row_id = rows[line - 1].get("id") if len(rows) >= line else "<missing>"
+        other_id = other[line - 1].get("id") if len(other) >= line else "<missing>"
+        raise InputError(
+            f"{other_path} has {len(other)} lines but {rows_path} has {len(rows)} rows: "
+            f"at line {line} {what} id {other_id!r}, row id {row_id!r}"
+        )
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> None:
+    """Save a matplotlib figure atomically (a half-written PNG must never look finished)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    tmp.replace(path)
+
+
 def write_json(path: str | Path, payload: Any) -> None:
     with atomic_open(path) as handle:
         json.dump(payload, handle, indent=2, sort_keys=True, ensure_ascii=False)

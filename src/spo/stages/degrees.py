@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from spo.config import SPLITS, SpoConfig
 from spo.degrees import TOKEN_RE, build_degree_variants
-from spo.io import InputError, read_jsonl, tree_sha256, write_json, write_jsonl, write_provenance
+from spo.io import InputError, check_aligned, read_jsonl, save_figure, tree_sha256, write_json, write_jsonl, write_provenance
 
 log = logging.getLogger("spo.degrees")
 SIDES = ("chosen", "rejected")
@@ -47,20 +47,7 @@ def _phrases(entry: dict[str, Any], side: str, where: str) -> list[str]:
 
 
 def _check_alignment(rows_path: Path, rows: list[dict], kw_path: Path, keywords: list[dict]) -> None:
-    for line, (row, entry) in enumerate(zip(rows, keywords), start=1):
-        if row.get("id") is None or row.get("id") != entry.get("id"):
-            raise InputError(
-                f"{kw_path}:{line} does not match {rows_path}:{line}: "
-                f"keywords id {entry.get('id')!r} != row id {row.get('id')!r}"
-            )
-    if len(rows) != len(keywords):
-        line = min(len(rows), len(keywords)) + 1
-        row_id = rows[line - 1].get("id") if len(rows) >= line else "<missing>"
-        kw_id = keywords[line - 1].get("id") if len(keywords) >= line else "<missing>"
-        raise InputError(
-            f"{kw_path} has {len(keywords)} lines but {rows_path} has {len(rows)} rows: "
-            f"at line {line} keywords id {kw_id!r}, row id {row_id!r}"
-        )
+    check_aligned(rows_path, rows, kw_path, keywords, "keywords")
 
 
 def _summary_stats(values: list[float]) -> tuple[float, float]:
@@ -180,8 +167,6 @@ def _plot(fractions: list[list[float]], path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.set_title("Removed fraction per level (chosen and rejected)")
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(path)
+        save_figure(fig, path)
     finally:
         plt.close(fig)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from spo.config import SpoConfig
-from spo.io import InputError, file_sha256, write_json, write_jsonl, write_provenance
+from spo.io import InputError, file_sha256, save_figure, write_json, write_jsonl, write_provenance
 from spo.judging.base import BudgetExhausted, Judge, Verdict
 from spo.judging.comparisons import DATASET_SIDES, build_comparison, load_rows, needed_ids, requests_for
 from spo.judging.statistics import (
@@ -199,8 +199,6 @@ def _plot(results: dict[str, Any], path: Path, judge_id: str) -> None:
         ax.set_title(f"Win rates, 95% bootstrap CI — {judge_id}", fontsize=9)
         ax.legend(loc="upper right")
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(path)
+        save_figure(fig, path)
     finally:
         plt.close(fig)

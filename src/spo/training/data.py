@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from spo.degrees import WORD_RE
-from spo.io import InputError, read_jsonl
+from spo.io import InputError, check_aligned, read_jsonl
 
 log = logging.getLogger("spo.train")
 
@@ -113,20 +113,7 @@ def load_pairs(rows_path: str | Path, degrees_path: str | Path | None) -> tuple[
 
 
 def check_alignment(rows_path: Path | str, rows: Sequence[dict], degrees_path: Path | str, degrees: Sequence[dict]) -> None:
-    for line, (row, deg) in enumerate(zip(rows, degrees), start=1):
-        if row.get("id") is None or row.get("id") != deg.get("id"):
-            raise InputError(
-                f"{degrees_path}:{line} does not match {rows_path}:{line}: "
-                f"degree id {deg.get('id')!r} != row id {row.get('id')!r} (rebuild with `spo degrees`)"
-            )
-    if len(rows) != len(degrees):
-        line = min(len(rows), len(degrees)) + 1
-        row_id = rows[line - 1].get("id") if len(rows) >= line else "<missing>"
-        deg_id = degrees[line - 1].get("id") if len(degrees) >= line else "<missing>"
-        raise InputError(
-            f"{degrees_path} has {len(degrees)} lines but {rows_path} has {len(rows)} rows: "
-            f"at line {line} degree id {deg_id!r}, row id {row_id!r}"
-        )
+    check_aligned(rows_path, list(rows), degrees_path, list(degrees), "degree", " (rebuild with `spo degrees`)")
     levels = {d.get("n_levels") for d in degrees}
     if len(levels) > 1:
         raise InputError(f"{degrees_path}: lines disagree on n_levels ({sorted(map(str, levels))})")
