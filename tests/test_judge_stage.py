@@ -77,6 +77,7 @@ def _cfg(root: Path) -> SpoConfig:
     jc.generations_dir = str(root / "outputs/generations")
     jc.out_dir = str(root / "outputs/judgments")
     jc.metrics_file = str(root / "metrics/judge.json")
+    jc.cache_file = str(root / "outputs/judge_cache.sqlite")
     jc.bootstrap_samples = 200
     jc.comparisons = [
         ComparisonConfig(name="dpo_spo_vs_chosen", a="dpo_spo", b="chosen"),
@@ -110,6 +111,7 @@ def test_stage_end_to_end(workspace: Path, monkeypatch: pytest.MonkeyPatch, capl
     out = workspace / "outputs/judgments"
     for name in ("dpo_spo_vs_chosen.jsonl", "dpo_spo_vs_sft.jsonl", "winrates.json", "winrates.png", "provenance.json"):
         assert (out / name).is_file(), name
+    assert (workspace / "outputs/judge_cache.sqlite").is_file(), "the persistent DVC output exists for every backend"
     assert (out / "winrates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     winrates = json.loads((out / "winrates.json").read_text())
     assert json.loads((workspace / "metrics/judge.json").read_text()) == winrates

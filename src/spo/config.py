@@ -367,6 +367,18 @@ class RewardModelConfig(_Section):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1e-4, epochs=2.0, max_steps=None))
 
 
+class ReportConfig(_Section):
+    """The final human-readable report (``spo report``): every input is optional."""
+
+    metrics_dir: str = Field(default="metrics", description="The stages' DVC metrics files (<stage>.json).")
+    judgments_dir: str = Field(default="outputs/judgments", description="winrates.png comes from here.")
+    policy_dir: str = Field(default="models/policy", description="One sub-folder per trained policy.")
+    degrees_dir: str = Field(default="data/degrees", description="train.jsonl gives the degree-level examples.")
+    validation_report: str = "reports/validation/validation.json"
+    out_dir: str = Field(default="reports", description="report.md, report.html and the PNG curves.")
+    examples: int = Field(default=3, ge=0, description="Train rows shown with all their degree levels.")
+
+
 class SpoConfig(_Section):
     seed: int = Field(default=0, description="Seeds every random choice of every stage.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -381,6 +393,7 @@ class SpoConfig(_Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

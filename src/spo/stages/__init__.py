@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-STAGES = ("prepare", "validate", "keywords", "degrees", "base_model", "sft", "train", "generate", "reward_model", "judge")
+STAGES = ("prepare", "validate", "keywords", "degrees", "base_model", "sft", "train", "generate", "reward_model", "judge", "report")
 
 
 def load_stage(name: str) -> ModuleType:

@@ -103,6 +103,11 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     rows, row_files = load_rows(jc.rows_dir, needed_ids(jc.comparisons, jc))
     built = [build_comparison(c, jc, rows, cfg.data.dataset) for c in jc.comparisons]
     judge, closer = make_judge(cfg)
+    # The cache is a declared (persistent) DVC output for every backend: make sure it exists
+    # even when the judge (the local reward model) needs no cache.
+    from spo.judging.cache import JudgeCache
+
+    JudgeCache(jc.cache_file).close()
     judge_id = judge.judge_id
     prompt_version = jc.prompt_version if jc.backend == "openai" else None
     rouge_metric = None

@@ -1,0 +1,627 @@
+"""The final report: one Markdown file and one self-contained HTML file from a finished run.
+
+The report is built as a small list of blocks (:class:`Doc`) that render both to Markdown
+and to HTML, so the two always hold the same content and no Markdown library is needed.
+Every input is optional: a missing or unreadable file gives a "not run" line, never an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spo.config import SpoConfig
+
+log = logging.getLogger("spo.report")
+
+NOT_RUN = "not run"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+TEXT_CHARS = 300
+PROVENANCE_FILE = "provenance.json"
+
+
+# --------------------------------------------------------------------------- document model
+@dataclass
+class Doc:
+    """Blocks: ("h", level, text), ("p", text), ("table", headers, rows), ("img", alt, file),
+    ("list", items), ("details", summary, lang, text)."""
+
+    blocks: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def not_run(self, what: str) -> None:
+        self.p(f"_{what}: {NOT_RUN}._")
+
+    def table(self, headers: list[str], rows: list[list[Any]]) -> None:
+        self.blocks.append(("table", headers, [[str(c) for c in row] for row in rows]))
+
+    def img(self, alt: str, file: str) -> None:
+        self.blocks.append(("img", alt, file))
+
+    def items(self, items: list[str]) -> None:
+        self.blocks.append(("list", items))
+
+    def details(self, summary: str, lang: str, text: str) -> None:
+        self.blocks.append(("details", summary, lang, text))
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", " ↵ ")
+
+
+def to_markdown(doc: Doc) -> str:
+    out: list[str] = []
+    for block in doc.blocks:
+        kind = block[0]
+        if kind == "h":
+            out.append(f"{'#' * block[1]} {block[2]}")
+        elif kind == "p":
+            out.append(block[1])
+        elif kind == "table":
+            headers, rows = block[1], block[2]
+            out.append("| " + " | ".join(_md_cell(h) for h in headers) + " |")
+            out.append("|" + "|".join("---" for _ in headers) + "|")
+            out.extend("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows)
+        elif kind == "img":
+            out.append(f"![{block[1]}]({block[2]})")
+        elif kind == "list":
+            out.append("\n".join(f"- {item}" for item in block[1]))
+        elif kind == "details":
+            out.append(f"<details><summary>{block[1]}</summary>\n\n```{block[2]}\n{block[3].rstrip()}\n```\n\n</details>")
+        out.append("")
+    return "\n".join(out)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1,h2,h3{border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f3f3f3} tr:nth-child(even) td{background:#fafafa}
+img{max-width:100%;border:1px solid #eee;margin:.5em 0}
+pre{background:#f6f8fa;padding:.8em;overflow:auto;font-size:.85em}
+em{color:#777}
+"""
+
+
+def _inline_html(text: str) -> str:
+    """Plain text, escaped; a whole ``_..._`` paragraph becomes italics (the "not run" lines)."""
+    if len(text) > 2 and text.startswith("_") and text.endswith("_"):
+        return f"<em>{html.escape(text[1:-1])}</em>"
+    return html.escape(text)
+
+
+def to_html(doc: Doc, image_dir: Path, title: str = "SPO report") -> str:
+    """Self-contained HTML: inline CSS, every image embedded as a base64 data URI."""
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+    ]
+    for block in doc.blocks:
+        kind = block[0]
+        if kind == "h":
+            out.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
+        elif kind == "p":
+            out.append(f"<p>{_inline_html(block[1])}</p>")
+        elif kind == "table":
+            out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in block[1]) + "</tr></thead><tbody>")
+            out.extend("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2])
+            out.append("</tbody></table>")
+        elif kind == "img":
+            path = image_dir / block[2]
+            if path.is_file():
+                data = base64.b64encode(path.read_bytes()).decode("ascii")
+                out.append(f'<img alt="{html.escape(block[1])}" src="data:image/png;base64,{data}">')
+            else:
+                out.append(f"<p><em>{html.escape(block[1])}: image missing</em></p>")
+        elif kind == "list":
+            out.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in block[1]) + "</ul>")
+        elif kind == "details":
+            out.append(f"<details><summary>{html.escape(block[1])}</summary><pre>{html.escape(block[3])}</pre></details>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- reading inputs
+def _load_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("cannot read %s (%s): treated as not run", path, err)
+        return None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                line = line.strip()
+                if line:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(row, dict):
+                        rows.append(row)
+    except OSError:
+        return []
+    return rows
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    number = _num(value)
+    if number is None:
+        return "–" if value is None else str(value)
+    if number == int(number) and abs(number) < 1e12 and isinstance(value, int):
+        return str(int(number))
+    return f"{number:.{digits}f}"
+
+
+def pct(value: Any) -> str:
+    number = _num(value)
+    return "–" if number is None else f"{100 * number:.1f}%"
+
+
+def winrate_cell(record: dict[str, Any]) -> str:
+    """'51.0% [41.0, 61.0] (n=100)' — the paper's cell: win rate, 95% interval, items."""
+    wr, lo, hi = (_num(record.get(k)) for k in ("win_rate", "ci_low", "ci_high"))
+    if wr is None:
+        return "–"
+    interval = f" [{100 * lo:.1f}, {100 * hi:.1f}]" if lo is not None and hi is not None else ""
+    return f"{100 * wr:.1f}%{interval} (n={record.get('n', '?')})"
+
+
+def _truncate(text: str, limit: int = TEXT_CHARS) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _policies(policy_dir: Path) -> list[Path]:
+    if not policy_dir.is_dir():
+        return []
+    return sorted(p for p in policy_dir.iterdir() if p.is_dir() and any(
+        (p / f).is_file() for f in ("metrics.jsonl", "train_summary.json", "degree_confusion.png")))
+
+
+def _degree_levels(record: dict[str, Any], side: str) -> list[int]:
+    prefix = f"degree/accuracy_{side}/level_"
+    return sorted(int(k[len(prefix):]) for k in record if k.startswith(prefix) and k[len(prefix):].isdigit())
+
+
+# --------------------------------------------------------------------------- plots
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training(name: str, lines: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    """Loss parts + reward accuracy over steps, and degree accuracy per level; returns file names."""
+    from spo.io import save_figure
+
+    plt = _plt()
+    train = [r for r in lines if r.get("split") == "train" and _num(r.get("step")) is not None]
+    evals = [r for r in lines if r.get("split") == "eval" and _num(r.get("step")) is not None]
+    if not train and not evals:
+        return []
+    files = []
+    loss_keys = sorted({k for r in train + evals for k in r if k.startswith("loss") and _num(r[k]) is not None})
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, key in enumerate(loss_keys):
+        color = colors[i % len(colors)]
+        for rows, style, split in ((train, "-", "train"), (evals, "--o", "eval")):
+            pts = [(r["step"], r[key]) for r in rows if _num(r.get(key)) is not None]
+            if pts:
+                ax_loss.plot(*zip(*pts), style, color=color, label=f"{key} ({split})", markersize=4)
+    ax_loss.set(title=f"{name}: loss parts", xlabel="step", ylabel="loss")
+    ax_loss.legend(fontsize=7)
+    for rows, style, split in ((train, "-", "train"), (evals, "--o", "eval")):
+        pts = [(r["step"], r["rewards/accuracy"]) for r in rows if _num(r.get("rewards/accuracy")) is not None]
+        if pts:
+            ax_acc.plot(*zip(*pts), style, label=split, markersize=4)
+    ax_acc.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax_acc.set(title=f"{name}: reward accuracy", xlabel="step", ylabel="accuracy", ylim=(0, 1))
+    ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    files.append(f"curves_{name}.png")
+    save_figure(fig, out_dir / files[-1])
+    plt.close(fig)
+
+    levels = sorted({lvl for r in train + evals for s in ("w", "l") for lvl in _degree_levels(r, s)})
+    if levels:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+        for ax, side, label in ((axes[0], "w", "chosen (w)"), (axes[1], "l", "rejected (l)")):
+            for i, lvl in enumerate(levels):
+                key = f"degree/accuracy_{side}/level_{lvl}"
+                color = colors[i % len(colors)]
+                for rows, style, split in ((train, "-", "train"), (evals, "--o", "eval")):
+                    pts = [(r["step"], r[key]) for r in rows if _num(r.get(key)) is not None]
+                    if pts:
+                        ax.plot(*zip(*pts), style, color=color, label=f"level {lvl} ({split})", markersize=4)
+            ax.axhline(1 / len(levels), color="grey", lw=0.8, ls=":")
+            ax.set(title=f"{name}: degree accuracy, {label}", xlabel="step", ylim=(0, 1.02))
+            ax.legend(fontsize=7)
+        axes[0].set_ylabel("accuracy")
+        fig.tight_layout()
+        files.append(f"degree_accuracy_{name}.png")
+        save_figure(fig, out_dir / files[-1])
+        plt.close(fig)
+    return files
+
+
+# --------------------------------------------------------------------------- sections
+class Builder:
+    def __init__(self, cfg: SpoConfig) -> None:
+        self.cfg = cfg
+        rc = cfg.report
+        self.metrics_dir = Path(rc.metrics_dir)
+        self.judgments_dir = Path(rc.judgments_dir)
+        self.policy_dir = Path(rc.policy_dir)
+        self.degrees_dir = Path(rc.degrees_dir)
+        self.validation_report = Path(rc.validation_report)
+        self.out_dir = Path(rc.out_dir)
+        self.doc = Doc()
+        self.sections: dict[str, str] = {}
+        self.images: list[str] = []
+
+    def metric(self, stage: str) -> dict[str, Any] | None:
+        data = _load_json(self.metrics_dir / f"{stage}.json")
+        return data if isinstance(data, dict) else None
+
+    def _status(self, name: str, ran: bool) -> None:
+        self.sections[name] = "ok" if ran else NOT_RUN
+
+    def _copy_image(self, src: Path, name: str) -> str | None:
+        if not src.is_file():
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if src.resolve() != (self.out_dir / name).resolve():
+            shutil.copyfile(src, self.out_dir / name)
+        self.images.append(name)
+        return name
+
+    # -- win rates
+    def winrates(self) -> None:
+        d = self.doc
+        d.h(2, "Win rates")
+        judge = self.metric("judge")
+        if judge is None:
+            judge = _load_json(self.judgments_dir / "winrates.json")
+        records = {k: v for k, v in (judge or {}).items() if isinstance(v, dict) and "win_rate" in v}
+        self._status("winrates", bool(records))
+        if not records:
+            d.not_run("Judge (win rates)")
+            return
+        dataset = self.cfg.data.dataset
+        d.p(f"Win rate of a against b (ties count half), 95% bootstrap interval and judged items, on {dataset}.")
+        rows = []
+        for name, r in records.items():
+            method = f"{r.get('a', '?')} vs {r.get('b', '?')}"
+            rows.append([name, method, winrate_cell(r), pct(r.get("tie_rate")), pct(r.get("lc_win_rate")),
+                         fmt(r.get("position_consistency"), 2), r.get("judge_id") or "–"])
+        d.table(["Comparison", "Method", dataset, "Tie rate", "LC win rate", "Position consistency", "Judge"], rows)
+        if self._copy_image(self.judgments_dir / "winrates.png", "winrates.png"):
+            d.img("win rates", "winrates.png")
+
+    # -- validation
+    def validation(self) -> None:
+        d = self.doc
+        d.h(2, "Data validation")
+        metrics = self.metric("validate")
+        report = _load_json(self.validation_report)
+        report = report if isinstance(report, dict) else None
+        totals = metrics or (report or {}).get("totals")
+        self._status("validation", bool(totals or report))
+        if not totals and not report:
+            d.not_run("Validation")
+            return
+        if totals:
+            quarantined = sum(int(totals.get(k) or 0) for k in ("rows_quarantined_prepare", "rows_quarantined_validate"))
+            d.table(["Rows read (prepare)", "Rows in (validate)", "Valid", "Quarantined", "Bad fraction", "Failed"], [[
+                fmt(totals.get("rows_read_prepare")), fmt(totals.get("rows_in")), fmt(totals.get("rows_valid")),
+                f"{quarantined} (prepare {fmt(totals.get('rows_quarantined_prepare'))}, "
+                f"validate {fmt(totals.get('rows_quarantined_validate'))})",
+                f"{fmt(totals.get('bad_fraction'), 4)} (max {fmt(totals.get('max_bad_fraction'), 3)})",
+                str(totals.get("failed", "–")),
+            ]])
+        failing: list[list[Any]] = []
+        if report:
+            for e in report.get("expectations") or []:
+                if isinstance(e, dict) and not e.get("success", True):
+                    failing.append([e.get("check", "?"), e.get("title", ""), e.get("unexpected_count", 0),
+                                    e.get("rows_quarantined", 0)])
+        elif metrics and isinstance(metrics.get("check_failures"), dict):
+            failing = [[k, "", v, "–"] for k, v in metrics["check_failures"].items() if v]
+        failing.sort(key=lambda r: -(_num(r[2]) or 0))
+        if failing:
+            d.p("Top failing checks:")
+            d.table(["Check", "Description", "Unexpected", "Rows quarantined"], failing[:5])
+        else:
+            d.p("No failing checks.")
+
+    # -- keywords + degrees
+    def keywords(self) -> None:
+        d = self.doc
+        d.h(2, "Keywords")
+        kw = self.metric("keywords")
+        self._status("keywords", kw is not None)
+        if kw is None:
+            d.not_run("Keyword extraction")
+        else:
+            d.table(["Method", "Responses", "Phrases per response (mean)", "Phrases per response (median)",
+                     "Covered char fraction", "Responses without phrases", "Responses/s"], [[
+                kw.get("method", "?"), fmt(kw.get("responses")), fmt(kw.get("phrases_per_response_mean"), 2),
+                fmt(kw.get("phrases_per_response_median"), 1), fmt(kw.get("covered_char_fraction_mean"), 3),
+                fmt(kw.get("responses_without_phrases")), fmt(kw.get("responses_per_second"), 0)]])
+        d.h(2, "Degree levels")
+        deg = self.metric("degrees")
+        self._status("degrees", deg is not None)
+        if deg is None:
+            d.not_run("Degree construction")
+        else:
+            n_levels = int(deg.get("n_levels") or 0)
+            rows = []
+            for lvl in range(n_levels):
+                r = deg.get(f"level_{lvl}") or {}
+                rows.append([lvl, fmt(r.get("phrases_removed_mean"), 2), fmt(r.get("removed_fraction_mean"), 3),
+                             fmt(r.get("removed_fraction_median"), 3)])
+            d.table(["Level", "Phrases removed (mean)", "Removed fraction (mean)", "Removed fraction (median)"], rows)
+            nd = (deg.get("responses_not_distinct") or {}).get("total") or {}
+            if nd:
+                d.p(f"Responses whose levels are not all distinct: {fmt(nd.get('count'))} "
+                    f"({pct(nd.get('fraction'))}) of {fmt(deg.get('responses'))}.")
+        self.degree_examples()
+
+    def degree_examples(self) -> None:
+        d = self.doc
+        n = self.cfg.report.examples
+        if n <= 0:
+            return
+        path = self.degrees_dir / "train.jsonl"
+        examples: list[dict[str, Any]] = []
+        try:
+            with path.open(encoding="utf-8") as handle:
+                for line in handle:
+                    try:
+                        row = json.loads(line)
+                        levels = row["chosen"]["levels"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    if isinstance(levels, list) and len(levels) > 1 and len({str(x) for x in levels}) == len(levels):
+                        examples.append(row)
+                        if len(examples) >= n:
+                            break
+        except OSError:
+            pass
+        d.h(3, "Examples (chosen responses of the first train rows with distinct levels)")
+        if not examples:
+            d.not_run("Degree examples")
+            return
+        for row in examples:
+            chosen = row["chosen"]
+            fractions = chosen.get("removed_fraction") or []
+            d.p(f"Row {row.get('id', '?')}:")
+            d.table(["Level", "Removed fraction", "Text"], [
+                [lvl, fmt(fractions[lvl], 2) if lvl < len(fractions) else "–", _truncate(str(text))]
+                for lvl, text in enumerate(chosen["levels"])])
+
+    # -- training
+    def training(self) -> None:
+        d = self.doc
+        d.h(2, "Training")
+        d.h(3, "SFT")
+        sft = self.metric("sft")
+        self._status("sft", sft is not None)
+        if sft is None:
+            d.not_run("SFT")
+        else:
+            d.table(["Eval loss before", "Eval loss after", "Train loss first", "Train loss last", "Steps", "Tokens/s"], [[
+                fmt(sft.get("eval_loss_before")), fmt(sft.get("eval_loss_after")), fmt(sft.get("train_loss_first")),
+                fmt(sft.get("train_loss_last")), fmt(sft.get("steps")), fmt(sft.get("tokens_per_second"), 0)]])
+        d.h(3, "Policies")
+        policies = _policies(self.policy_dir)
+        self._status("policies", bool(policies))
+        if not policies:
+            d.not_run(f"Policy training (nothing under {self.policy_dir})")
+            return
+        for pdir in policies:
+            self.policy(pdir)
+
+    def policy(self, pdir: Path) -> None:
+        d = self.doc
+        name = pdir.name
+        d.h(4, f"Policy {name}")
+        summary = _load_json(pdir / "train_summary.json")
+        summary = summary if isinstance(summary, dict) else {}
+        lines = _read_jsonl(pdir / "metrics.jsonl")
+        last = {}
+        for split in ("train", "eval"):
+            rows = [r for r in lines if r.get("split") == split]
+            last[split] = rows[-1] if rows else {}
+        if not last["eval"] and isinstance(summary.get("eval"), dict):
+            last["eval"] = summary["eval"]
+        if summary:
+            d.p(f"Loss: {summary.get('loss', '?')}; steps {fmt(summary.get('steps'))}/{fmt(summary.get('total_steps'))}; "
+                f"skipped {fmt(summary.get('skipped_steps'))}; degree mode {summary.get('degree_mode', '–')}; "
+                f"train seconds {fmt(summary.get('train_seconds'), 1)}.")
+        if not last["train"] and not last["eval"]:
+            d.not_run(f"Training metrics of {name}")
+        else:
+            keys = sorted({k for r in last.values() for k in r if k.startswith("loss") and _num(r[k]) is not None})
+            keys += ["rewards/accuracy", "rewards/margin"]
+            rows = []
+            for split in ("train", "eval"):
+                r = last[split]
+                if r:
+                    rows.append([split, fmt(r.get("step", summary.get("steps")))] + [fmt(r.get(k)) for k in keys])
+            d.p("Final values (last logged train step, last evaluation):")
+            d.table(["Split", "Step"] + keys, rows)
+            levels = sorted({lvl for r in last.values() for s in ("w", "l") for lvl in _degree_levels(r, s)})
+            if levels:
+                rows = []
+                for split in ("train", "eval"):
+                    r = last[split]
+                    for side, label in (("w", "chosen"), ("l", "rejected")):
+                        if r and f"degree/accuracy_{side}" in r:
+                            rows.append([split, label, fmt(r.get(f"degree/accuracy_{side}"))]
+                                        + [fmt(r.get(f"degree/accuracy_{side}/level_{lvl}")) for lvl in levels])
+                d.p("Degree accuracy per level:")
+                d.table(["Split", "Side", "All"] + [f"Level {lvl}" for lvl in levels], rows)
+        try:
+            files = plot_training(name, lines, self.out_dir)
+        except Exception as err:  # a plotting problem must not lose the report
+            log.warning("could not plot %s: %s", name, err)
+            files = []
+        self.images.extend(files)
+        for file in files:
+            d.img(file.removesuffix(".png").replace("_", " "), file)
+        if self._copy_image(pdir / "degree_confusion.png", f"degree_confusion_{name}.png"):
+            d.img(f"degree confusion {name}", f"degree_confusion_{name}.png")
+
+    # -- reward judge + generation
+    def judge_and_generation(self) -> None:
+        d = self.doc
+        d.h(2, "Reward judge")
+        rm = self.metric("reward_model")
+        self._status("reward_model", rm is not None)
+        if rm is None:
+            d.not_run("Reward model")
+        else:
+            d.table(["Held-out accuracy before", "Held-out accuracy after", "Held-out pairs", "Train pairs", "Steps"], [[
+                fmt(rm.get("held_out_accuracy_before")), fmt(rm.get("held_out_accuracy_after")),
+                fmt(rm.get("held_out_pairs")), fmt(rm.get("train_pairs")), fmt(rm.get("steps"))]])
+        d.h(2, "Generation")
+        gen = self.metric("generate")
+        gen = {k: v for k, v in (gen or {}).items() if isinstance(v, dict)}
+        self._status("generate", bool(gen))
+        if not gen:
+            d.not_run("Generation")
+        else:
+            d.table(["Model", "Prompts", "Samples", "Generated tokens", "Mean response tokens", "Tokens/s", "Empty"], [
+                [name, fmt(g.get("prompts")), fmt(g.get("samples")), fmt(g.get("generated_tokens")),
+                 fmt(g.get("mean_response_tokens"), 1), fmt(g.get("tokens_per_second"), 1), fmt(g.get("empty_responses"))]
+                for name, g in gen.items()])
+
+    # -- config + provenance
+    def provenance_files(self) -> list[Path]:
+        c = self.cfg
+        dirs = [c.prepare.out_dir, c.validate_.out_dir, c.keywords.out_dir, c.degrees.out_dir, c.base_model.out_dir,
+                c.sft.out_dir, c.reward_model.out_dir, c.generate.out_dir, c.judge.out_dir]
+        dirs += [str(p) for p in _policies(self.policy_dir)]
+        seen, files = set(), []
+        for folder in dirs:
+            path = Path(folder) / PROVENANCE_FILE
+            if path.is_file() and path.resolve() not in seen:
+                seen.add(path.resolve())
+                files.append(path)
+        return files
+
+    def config_and_provenance(self) -> None:
+        d = self.doc
+        d.h(2, "Configuration")
+        dumped = self.cfg.model_dump(mode="json", by_alias=True)
+        d.details("params (resolved)", "yaml", yaml.safe_dump(dumped, sort_keys=False))
+        d.h(2, "Provenance")
+        rows, packages = [], {}
+        for path in self.provenance_files():
+            prov = _load_json(path)
+            if not isinstance(prov, dict):
+                continue
+            for key, digest in _hashes(prov.get("inputs")):
+                rows.append([prov.get("stage", "?"), str(path.parent), key, digest[:16]])
+            for pkg, version in (prov.get("packages") or {}).items():
+                packages.setdefault(pkg, set()).add(str(version))
+        self._status("provenance", bool(rows or packages))
+        if rows:
+            d.p("Input hashes (sha256, first 16 hex digits):")
+            d.table(["Stage", "Output", "Input", "sha256"], rows)
+        else:
+            d.not_run("Provenance records")
+        try:
+            from spo.io import package_versions
+
+            for pkg, version in package_versions().items():
+                packages.setdefault(pkg, set())
+                current = packages[pkg]
+                if version not in current:
+                    current.add(f"{version} (report)" if current else version)
+        except Exception as err:  # pragma: no cover - metadata lookups should not fail the report
+            log.warning("package versions: %s", err)
+        if packages:
+            d.table(["Package", "Version"], [[k, ", ".join(sorted(v))] for k, v in sorted(packages.items())])
+
+    def build(self) -> Doc:
+        d = self.doc
+        d.h(1, f"SPO report — {self.cfg.data.dataset}")
+        d.p(f"Data set: {self.cfg.data.dataset}; base model: {self.cfg.model.name_or_path}; seed {self.cfg.seed}.")
+        self.winrates()
+        self.validation()
+        self.keywords()
+        self.training()
+        self.judge_and_generation()
+        self.config_and_provenance()
+        return d
+
+
+def _hashes(tree: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(name, sha256) pairs from a provenance ``inputs`` tree of any nesting."""
+    out: list[tuple[str, str]] = []
+    if isinstance(tree, dict):
+        if isinstance(tree.get("sha256"), str):
+            return [(str(tree.get("path") or prefix.rstrip("/")), tree["sha256"])]
+        for key, value in tree.items():
+            out += _hashes(value, f"{prefix}{key}/")
+    elif isinstance(tree, str) and len(tree) == 64 and all(c in "0123456789abcdef" for c in tree):
+        out.append((prefix.rstrip("/"), tree))
+    return out
+
+
+def build_report(cfg: SpoConfig) -> dict[str, Any]:
+    builder = Builder(cfg)
+    out_dir = builder.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = builder.build()
+    md_path, html_path = out_dir / REPORT_MD, out_dir / REPORT_HTML
+    tmp = md_path.with_name(f".{REPORT_MD}.tmp")
+    tmp.write_text(to_markdown(doc), encoding="utf-8")
+    tmp.replace(md_path)
+    tmp = html_path.with_name(f".{REPORT_HTML}.tmp")
+    tmp.write_text(to_html(doc, out_dir, title=f"SPO report — {cfg.data.dataset}"), encoding="utf-8")
+    tmp.replace(html_path)
+    return {
+        "report": str(md_path),
+        "html": str(html_path),
+        "images": builder.images,
+        "sections": builder.sections,
+        "not_run": sorted(k for k, v in builder.sections.items() if v == NOT_RUN),
+    }

@@ -1,0 +1,165 @@
+"""`spo report`: numbers come straight from the metrics files, missing inputs read "not run",
+and the HTML is self-contained."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from spo.config import SpoConfig
+from spo.stages import STAGES, load_stage
+
+JUDGE = {
+    "dpo_spo_vs_chosen": {
+        "a": "dpo_spo", "b": "chosen", "cached_verdicts": 0, "ci_high": 0.61, "ci_level": 0.95, "ci_low": 0.41,
+        "invalid": 0, "items": 100, "judge_id": "reward:models/reward",
+        "lc_model": {"intercept": 0.55, "length_diff_sd": 203.6, "slope": 1.14}, "lc_win_rate": 0.6338988127508256,
+        "lengths": {"mean_chars_a": 123.81, "mean_chars_b": 217.8}, "losses": 49, "n": 100, "not_judged": 0,
+        "position_consistency": 1.0, "prompt_version": None, "tie_rate": 0.0, "ties": 0, "win_rate": 0.51, "wins": 51,
+    },
+    "dpo_spo_vs_sft": {
+        "a": "dpo_spo", "b": "sft", "cached_verdicts": 0, "ci_high": 0.6301249999999993, "ci_level": 0.95,
+        "ci_low": 0.445, "invalid": 0, "items": 97, "judge_id": "openai:gpt-4o", "lc_win_rate": 0.4671160999926905,
+        "losses": 42, "n": 97, "not_judged": 3, "position_consistency": 0.92, "prompt_version": "v1",
+        "tie_rate": 0.08, "ties": 8, "win_rate": 0.5463917525773195, "wins": 49,
+    },
+}
+
+
+def _levels(prefix: str, values: list[float]) -> dict[str, float]:
+    return {f"degree/accuracy_{prefix}/level_{i}": v for i, v in enumerate(values)}
+
+
+def _train_line(step: int, split: str) -> dict:
+    row = {"loss": 1.0 - step / 100, "loss_align": 0.69, "loss_degree_w": 1.38, "loss_degree_l": 1.39,
+           "rewards/accuracy": 0.5 + step / 100, "rewards/margin": 0.01, "degree/accuracy_w": 0.4,
+           "degree/accuracy_l": 0.3, "split": split, "step": step, "pairs": 16.0}
+    row.update(_levels("w", [0.8, 0.2, 0.1, 0.5]))
+    row.update(_levels("l", [0.6, 0.1, 0.5, 0.2]))
+    return row
+
+
+def _png(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1, 1))
+    ax.plot([0, 1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=20)
+    plt.close(fig)
+
+
+def _write(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+
+
+def _fake_run(root: Path) -> None:
+    m = root / "metrics"
+    _write(m / "judge.json", JUDGE)
+    _write(m / "validate.json", {"bad_fraction": 0.005, "check_failures": {"not_blank:chosen": 4, "unique_id": 0},
+                                 "failed": False, "max_bad_fraction": 0.05, "rows_in": 4452,
+                                 "rows_quarantined_prepare": 14, "rows_quarantined_validate": 10,
+                                 "rows_read_prepare": 4466, "rows_valid": 4442})
+    _write(m / "keywords.json", {"method": "rake", "phrases_per_response_mean": 11.74, "phrases_per_response_median": 9.0,
+                                 "covered_char_fraction_mean": 0.5, "responses": 8884, "responses_without_phrases": 43})
+    _write(m / "degrees.json", {"n_levels": 4, "responses": 8884, **{
+        f"level_{i}": {"phrases_removed_mean": 4.0 * i, "removed_fraction_mean": 0.15 * i,
+                       "removed_fraction_median": 0.15 * i} for i in range(4)}})
+    _write(m / "sft.json", {"eval_loss_before": 8.3296, "eval_loss_after": 6.2540, "train_loss_first": 8.3,
+                            "train_loss_last": 5.96, "steps": 80, "tokens_per_second": 764.3})
+    _write(m / "reward_model.json", {"held_out_accuracy_before": 0.5319, "held_out_accuracy_after": 0.5957,
+                                     "held_out_pairs": 47, "train_pairs": 153, "steps": 40})
+    _write(m / "generate.json", {"dpo_spo": {"prompts": 100, "samples": 100, "generated_tokens": 4482,
+                                             "mean_response_tokens": 44.82, "tokens_per_second": 178.56,
+                                             "empty_responses": 0}})
+    _write(root / "reports/validation/validation.json", {"expectations": [
+        {"check": "not_blank:chosen", "title": "chosen is not blank", "success": False, "unexpected_count": 4,
+         "rows_quarantined": 4},
+        {"check": "unique_id", "title": "ids are unique", "success": True, "unexpected_count": 0}],
+        "totals": {"rows_in": 4452}})
+    policy = root / "models/policy/dpo_spo"
+    policy.mkdir(parents=True)
+    lines = [_train_line(s, "train") for s in (2, 4, 6, 8, 10)] + [_train_line(s, "eval") for s in (5, 10)]
+    (policy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    _write(policy / "train_summary.json", {"eval": _train_line(10, "eval"), "loss": "dpo", "steps": 10,
+                                            "total_steps": 10, "skipped_steps": 0, "degree_mode": "reencode"})
+    _png(policy / "degree_confusion.png")
+    _png(root / "outputs/judgments/winrates.png")
+    rows = [
+        {"id": "same", "n_levels": 3, "chosen": {"levels": ["a b", "a b", "a"]}},
+        {"id": "r1", "n_levels": 3, "chosen": {"levels": ["The quick brown fox " * 40, "The brown fox", "The fox"],
+                                               "removed_fraction": [0.0, 0.3, 0.6]}},
+        {"id": "r2", "n_levels": 3, "chosen": {"levels": ["one | two", "one |", "|"], "removed_fraction": [0, .5, .9]}},
+    ]
+    (root / "data/degrees").mkdir(parents=True)
+    (root / "data/degrees/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _write(root / "data/prepared/provenance.json", {"stage": "prepare", "config_hash": "x", "inputs": {
+        "files": {"train": {"path": "hh/train.jsonl.gz", "sha256": "ab" * 32}}, "kind": "local"},
+        "packages": {"pydantic": "2.0"}})
+
+
+CELL = re.compile(r"\| (\S+) \| (\S+) vs (\S+) \| ([\d.]+)% \[([\d.]+), ([\d.]+)\] \(n=(\d+)\) \| ([\d.]+)% \| ([\d.]+)% \|")
+
+
+def test_report_numbers_equal_the_judge_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_run(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert STAGES[-1] == "report"
+    summary = load_stage("report").run(SpoConfig())
+    assert summary["not_run"] == []
+    md = (tmp_path / "reports/report.md").read_text()
+    parsed = {m.group(1): m.groups() for m in CELL.finditer(md)}
+    assert set(parsed) == set(JUDGE)
+    for name, (_, a, b, wr, lo, hi, n, tie, lc) in parsed.items():
+        rec = JUDGE[name]
+        assert (a, b) == (rec["a"], rec["b"])
+        assert float(wr) == round(100 * rec["win_rate"], 1)
+        assert float(lo) == round(100 * rec["ci_low"], 1) and float(hi) == round(100 * rec["ci_high"], 1)
+        assert int(n) == rec["n"]
+        assert float(tie) == round(100 * rec["tie_rate"], 1) and float(lc) == round(100 * rec["lc_win_rate"], 1)
+        assert rec["judge_id"] in md
+    assert "| Comparison | Method | hh |" in md
+    # the other sections carry the real values
+    assert "8.330 | 6.254" in md and "0.532 | 0.596" in md and "| rake |" in md and "| 4466 | 4452 | 4442 |" in md
+    assert "not_blank:chosen" in md and "178.6" in md and "abababababababab" in md and "<details>" in md
+    # degree examples: the row with repeated levels is skipped, long text truncated, pipes escaped
+    assert "Row r1" in md and "Row r2" in md and "Row same" not in md
+    assert "…" in md and "one \\| two" in md
+    for image in ("winrates.png", "curves_dpo_spo.png", "degree_accuracy_dpo_spo.png", "degree_confusion_dpo_spo.png"):
+        assert (tmp_path / "reports" / image).is_file()
+        assert f"]({image})" in md
+    page = (tmp_path / "reports/report.html").read_text()
+    assert 'src="http' not in page and "<link" not in page and "<script" not in page
+    assert page.count('src="data:image/png;base64,') == 4
+    assert "51.0% [41.0, 61.0] (n=100)" in page
+
+
+def test_missing_inputs_read_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    summary = load_stage("report").run(SpoConfig())
+    assert set(summary["not_run"]) >= {"winrates", "validation", "keywords", "degrees", "sft", "policies",
+                                       "reward_model", "generate"}
+    md = (tmp_path / "reports/report.md").read_text()
+    assert md.count("not run") >= 8 and "Judge (win rates): not run" in md
+    page = (tmp_path / "reports/report.html").read_text()
+    assert "not run" in page and 'src="http' not in page
+
+
+def test_partial_and_broken_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_run(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics/judge.json").unlink()
+    (tmp_path / "metrics/sft.json").write_text("{not json")
+    (tmp_path / "models/policy/dpo_spo/metrics.jsonl").write_text("garbage\n")
+    summary = load_stage("report").run(SpoConfig())
+    md = (tmp_path / "reports/report.md").read_text()
+    assert "SFT: not run" in md and "Judge (win rates): not run" in md
+    assert "winrates" in summary["not_run"] and "keywords" not in summary["not_run"]
+    assert "| eval | 10 |" in md  # the policy's final eval still comes from train_summary.json
