@@ -290,7 +290,7 @@ class GenerateConfig(_Section):
     split: Literal["train", "eval", "test"] = "test"
     max_prompts: int | None = Field(default=100, ge=1, description="First N prompts of the split (None: all).")
     models: dict[str, str] = Field(
-        default_factory=lambda: {"sft": "models/sft", "dpo_spo": "models/policy/dpo_spo"},
+        default_factory=lambda: {"sft": "models/sft", "dpo": "models/policy/dpo", "dpo_spo": "models/policy/dpo_spo"},
         description="Generation name -> model folder (full weights, or a LoRA adapter on its base).",
     )
     out_dir: str = "outputs/generations"
@@ -343,7 +343,9 @@ class JudgeConfig(_Section):
     prompt_version: str = Field(default="v1", description="Versioned judge prompts (spo/judging/prompts).")
     comparisons: list[ComparisonConfig] = Field(
         default_factory=lambda: [
+            ComparisonConfig(name="dpo_vs_chosen", a="dpo", b="chosen"),
             ComparisonConfig(name="dpo_spo_vs_chosen", a="dpo_spo", b="chosen"),
+            ComparisonConfig(name="dpo_spo_vs_dpo", a="dpo_spo", b="dpo"),
             ComparisonConfig(name="dpo_spo_vs_sft", a="dpo_spo", b="sft"),
         ]
     )
@@ -379,6 +381,17 @@ class ReportConfig(_Section):
     examples: int = Field(default=3, ge=0, description="Train rows shown with all their degree levels.")
 
 
+class VariantConfig(_Section):
+    """One policy the `train` stage trains (a DVC foreach item): the loss, with or without SPO."""
+
+    loss: Literal["dpo", "ipo", "kto"] = "dpo"
+    spo: bool = Field(default=True, description="Add the SPO degree loss.")
+
+
+def _default_variants() -> dict[str, VariantConfig]:
+    return {"dpo": VariantConfig(loss="dpo", spo=False), "dpo_spo": VariantConfig(loss="dpo", spo=True)}
+
+
 class SpoConfig(_Section):
     seed: int = Field(default=0, description="Seeds every random choice of every stage.")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -390,6 +403,10 @@ class SpoConfig(_Section):
     base_model: BaseModelConfig = Field(default_factory=BaseModelConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    variants: dict[str, VariantConfig] = Field(
+        default_factory=_default_variants,
+        description="Policies `dvc repro` trains: name -> loss and SPO on/off; each writes models/policy/<name>.",
+    )
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
