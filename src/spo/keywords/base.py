@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -111,7 +113,7 @@ def load_stopwords(spec: StopwordsSpec = "english") -> frozenset[str]:
     return frozenset(result)
 
 
-class Extractor:
+class Extractor(ABC):
     """Base class: ``extract(text) -> list[KeyPhrase]``, best first, at most ``max_phrases``."""
 
     method: str = ""
@@ -127,8 +129,9 @@ class Extractor:
             return []
         return self.extract_tokens(Tokens(text))
 
-    def extract_tokens(self, toks: Tokens) -> list[KeyPhrase]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def extract_tokens(self, toks: Tokens) -> list[KeyPhrase]:
+        """The method itself, on a text tokenised once (shared by ranking and span finding)."""
 
     def extract_json(self, text: str) -> tuple[str, int, int]:
         """``extract(text)`` as the stage writes it: (JSON array, number of phrases, covered chars).
