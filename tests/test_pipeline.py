@@ -1,7 +1,8 @@
-"""The four data stages end to end: through the CLI, and through `dvc repro` (twice)."""
+"""The pipeline end to end: the data stages through the CLI and `dvc repro` (twice), then every stage."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -91,3 +92,40 @@ def test_dvc_repro_twice_skips_every_stage_and_a_param_reruns_only_downstream(tm
     assert third.returncode == 0, third.stdout + third.stderr
     assert [s for s in STAGES if f"Running stage '{s}'" in third.stdout] == ["degrees"]
     assert read_jsonl(work / "data/degrees/train.jsonl")[0]["n_levels"] == 3
+
+
+def test_whole_pipeline_end_to_end_on_a_slice(tmp_path: Path, hh_slice: Path) -> None:
+    """Every stage of dvc.yaml, data checks to report, with a very small model and step counts."""
+    import yaml
+
+    work = _project_copy(tmp_path)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["model"]["tiny"].update(
+        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    small = {"max_length": 96, "max_prompt_length": 64}
+    params["sft"].update(small, eval_steps=2, eval_rows=8, sample_prompts=1)
+    params["sft"]["optim"].update(max_steps=3, batch_size=4, micro_batch_size=4)
+    params["train"].update(small, eval_steps=1, eval_rows=8, save_steps=1, logging_steps=1)
+    params["train"]["optim"].update(max_steps=2, batch_size=4, micro_batch_size=2)
+    params["train"]["spo"]["hidden_size"] = 16
+    params["generate"].update(max_prompts=6, batch_size=4, max_prompt_length=64)
+    params["generate"]["sampling"]["max_new_tokens"] = 8
+    params["reward_model"].update(small)
+    params["reward_model"]["optim"].update(max_steps=2, batch_size=4, micro_batch_size=4)
+    params["judge"]["bootstrap_samples"] = 100
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    for stage in (*STAGES, "base_model", "sft", "train@dpo", "train@dpo_spo", "generate", "reward_model", "judge", "report"):
+        assert f"Running stage '{stage}'" in result.stdout, stage
+
+    judge = json.loads((work / "metrics/judge.json").read_text())
+    assert set(judge) == {"dpo_vs_chosen", "dpo_spo_vs_chosen", "dpo_spo_vs_dpo", "dpo_spo_vs_sft"}
+    assert all(c["n"] + c["invalid"] + c["not_judged"] == 6 for c in judge.values())
+    report = (work / "reports/report.md").read_text()
+    win = judge["dpo_spo_vs_dpo"]
+    assert f"{100 * win['win_rate']:.1f}% [{100 * win['ci_low']:.1f}, {100 * win['ci_high']:.1f}] (n={win['n']})" in report
+    assert "data:image/png;base64," in (work / "reports/report.html").read_text()
