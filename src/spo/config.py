@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from spo.io import InputError
+
 DATA_DIR_ENV = "SPO_DATA_DIR"
 SPLITS = ("train", "eval", "test")
 
@@ -423,6 +425,16 @@ class SpoConfig(_Section):
 
 class ConfigError(ValueError):
     """A params file or override that cannot be turned into an SpoConfig."""
+
+
+def check_sequence_and_batch(section: str, max_length: int, max_prompt_length: int, optim: OptimConfig) -> None:
+    """Settings each training stage needs to agree before it loads a model (fail in seconds)."""
+    if max_prompt_length >= max_length:
+        raise InputError(f"{section}.max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
+    if optim.batch_size % optim.micro_batch_size:
+        raise InputError(
+            f"{section}.optim.batch_size ({optim.batch_size}) must be a multiple of micro_batch_size ({optim.micro_batch_size})"
+        )
 
 
 def _apply_override(tree: dict[str, Any], assignment: str) -> None:

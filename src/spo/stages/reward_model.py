@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from spo.config import SpoConfig
+from spo.config import SpoConfig, check_sequence_and_batch
 from spo.io import InputError, read_jsonl, tree_sha256, write_json, write_provenance
 
 log = logging.getLogger("spo.reward_model")
@@ -69,10 +69,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     from spo.models.loading import adapter_base, apply_lora, load_tokenizer, load_trained
 
     rm, optim = cfg.reward_model, cfg.reward_model.optim
-    if rm.max_prompt_length >= rm.max_length:
-        raise InputError(f"reward_model.max_prompt_length ({rm.max_prompt_length}) must be below max_length ({rm.max_length})")
-    if optim.batch_size % optim.micro_batch_size:
-        raise InputError(f"reward_model.optim.batch_size ({optim.batch_size}) must be a multiple of micro_batch_size ({optim.micro_batch_size})")
+    check_sequence_and_batch("reward_model", rm.max_length, rm.max_prompt_length, optim)
     set_seed(cfg.seed, deterministic=False)
 
     rows_dir, sft_dir, out_dir = Path(rm.rows_dir), Path(rm.sft_dir), Path(rm.out_dir)

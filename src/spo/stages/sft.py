@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from spo.config import SpoConfig
+from spo.config import SpoConfig, check_sequence_and_batch
 from spo.io import InputError, read_jsonl, tree_sha256, write_json, write_provenance
 
 log = logging.getLogger("spo.sft")
@@ -124,10 +124,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     from spo.models.loading import apply_lora, load_causal_lm, load_tokenizer, save_model
 
     sft, optim = cfg.sft, cfg.sft.optim
-    if sft.max_prompt_length >= sft.max_length:
-        raise InputError(f"sft.max_prompt_length ({sft.max_prompt_length}) must be below sft.max_length ({sft.max_length})")
-    if optim.batch_size % optim.micro_batch_size:
-        raise InputError(f"sft.optim.batch_size ({optim.batch_size}) must be a multiple of micro_batch_size ({optim.micro_batch_size})")
+    check_sequence_and_batch("sft", sft.max_length, sft.max_prompt_length, optim)
     set_seed(cfg.seed, deterministic=False)
 
     rows_dir, base_dir, out_dir = Path(sft.rows_dir), Path(sft.base_dir), Path(sft.out_dir)

@@ -22,6 +22,23 @@ def _rewards(policy: Tensor, reference: Tensor, beta: float) -> Tensor:
     return (beta * (policy - reference)).detach()
 
 
+def _log_ratio_gap(
+    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor, reference_rejected_logps: Tensor, beta: float,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """(π_c − r_c) − (π_r − r_r), shared by DPO and IPO, plus the detached rewards of both sides.
+
+    The reference is detached here so no loss can leak gradient into it.
+    """
+    reference_chosen_logps, reference_rejected_logps = reference_chosen_logps.detach(), reference_rejected_logps.detach()
+    logits = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    rewards = (
+        _rewards(policy_chosen_logps, reference_chosen_logps, beta),
+        _rewards(policy_rejected_logps, reference_rejected_logps, beta),
+    )
+    return logits, rewards
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -37,15 +54,11 @@ def dpo_loss(
     Inputs are summed response log-probs, shape [B]. Returns (losses [B], chosen_rewards [B],
     rejected_rewards [B]).
     """
-    reference_chosen_logps, reference_rejected_logps = reference_chosen_logps.detach(), reference_rejected_logps.detach()
-    logits = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    logits, rewards = _log_ratio_gap(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                     reference_rejected_logps, beta)
     h = beta * logits
     losses = -(1.0 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
-    return (
-        losses,
-        _rewards(policy_chosen_logps, reference_chosen_logps, beta),
-        _rewards(policy_rejected_logps, reference_rejected_logps, beta),
-    )
+    return (losses, *rewards)
 
 
 def ipo_loss(
@@ -63,14 +76,10 @@ def ipo_loss(
     log-probs), because summed log-probs make the squared loss grow with response length; pass
     averages here to match TRL. Returns (losses [B], chosen_rewards [B], rejected_rewards [B]).
     """
-    reference_chosen_logps, reference_rejected_logps = reference_chosen_logps.detach(), reference_rejected_logps.detach()
-    logits = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
+    logits, rewards = _log_ratio_gap(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                     reference_rejected_logps, beta)
     losses = (logits - 1.0 / (2.0 * beta)) ** 2
-    return (
-        losses,
-        _rewards(policy_chosen_logps, reference_chosen_logps, beta),
-        _rewards(policy_rejected_logps, reference_rejected_logps, beta),
-    )
+    return (losses, *rewards)
 
 
 def kto_loss(
