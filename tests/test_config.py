@@ -51,3 +51,45 @@ def test_section_hash_changes_only_with_its_sections() -> None:
     assert base.section_hash("degrees") == other.section_hash("degrees")
     assert base.section_hash("keywords") != other.section_hash("keywords")
     assert base.section_hash("validate") == other.section_hash("validate")
+
+
+def test_generation_and_comparisons_follow_the_variants() -> None:
+    cfg = load_config(REPO / "params.yaml", [  # adds to the params file's dpo and dpo_spo
+        "variants.ipo={loss: ipo, spo: false}",
+        "variants.ipo_spo={loss: ipo, spo: true}",
+        "variants.kto_spo={loss: kto, spo: true}",
+    ])
+    assert cfg.generation_models() == {
+        "sft": "models/sft",
+        **{name: f"models/policy/{name}" for name in ("dpo", "dpo_spo", "ipo", "ipo_spo", "kto_spo")},
+    }
+    pairs = [(c.name, c.a, c.b) for c in cfg.judge_comparisons()]
+    assert pairs == [
+        ("dpo_vs_chosen", "dpo", "chosen"),
+        ("dpo_spo_vs_chosen", "dpo_spo", "chosen"),
+        ("dpo_spo_vs_dpo", "dpo_spo", "dpo"),
+        ("dpo_spo_vs_sft", "dpo_spo", "sft"),
+        ("ipo_vs_chosen", "ipo", "chosen"),
+        ("ipo_spo_vs_chosen", "ipo_spo", "chosen"),
+        ("ipo_spo_vs_ipo", "ipo_spo", "ipo"),
+        ("ipo_spo_vs_sft", "ipo_spo", "sft"),
+        ("kto_spo_vs_chosen", "kto_spo", "chosen"),  # no KTO without SPO to compare with
+        ("kto_spo_vs_sft", "kto_spo", "sft"),
+    ]
+
+
+def test_explicit_comparisons_replace_or_extend_the_automatic_ones() -> None:
+    cfg = load_config(None, [
+        "judge.comparisons=[{name: dpo_spo_vs_sft, a: sft, b: dpo_spo}, {name: sft_vs_chosen, a: sft, b: chosen}]",
+        "generate.models={}",
+    ])
+    pairs = [(c.name, c.a, c.b) for c in cfg.judge_comparisons()]
+    assert pairs == [
+        ("dpo_vs_chosen", "dpo", "chosen"),
+        ("dpo_spo_vs_chosen", "dpo_spo", "chosen"),
+        ("dpo_spo_vs_dpo", "dpo_spo", "dpo"),
+        ("dpo_spo_vs_sft", "sft", "dpo_spo"),  # no sft generated: kept only because it is explicit
+        ("sft_vs_chosen", "sft", "chosen"),
+    ]
+    cfg.judge.auto_comparisons = False
+    assert [c.name for c in cfg.judge_comparisons()] == ["dpo_spo_vs_sft", "sft_vs_chosen"]

@@ -167,6 +167,7 @@ def _stage_config(tmp_path: Path, models: dict[str, Path], *extra: str):
 
 def test_stage_writes_samples_metrics_and_provenance(tmp_path: Path, models: dict[str, Path]) -> None:
     cfg = _stage_config(tmp_path, models)
+    cfg.generate.policies = False
     cfg.generate.models = {"full": str(models["full"]), "lora": str(models["adapter"])}
     assert load_stage("generate") is generate_stage
     summary = generate_stage.run(cfg)
@@ -201,6 +202,7 @@ def test_stage_writes_samples_metrics_and_provenance(tmp_path: Path, models: dic
 
 def test_stage_missing_model_folder(tmp_path: Path, models: dict[str, Path]) -> None:
     cfg = _stage_config(tmp_path, models)
+    cfg.generate.policies = False
     cfg.generate.models = {"full": str(models["full"]), "ghost": str(tmp_path / "models" / "nope")}
     with pytest.raises(InputError, match=r"model folder not found: ghost -> .*nope"):
         generate_stage.run(cfg)
@@ -215,6 +217,7 @@ def test_stage_vllm_backend_missing(tmp_path: Path, models: dict[str, Path]) -> 
     else:  # pragma: no cover - a GPU image
         pytest.skip("vllm is installed")
     cfg = _stage_config(tmp_path, models, "generate.backend=vllm")
+    cfg.generate.policies = False
     cfg.generate.models = {"full": str(models["full"])}
     with pytest.raises(InputError, match="vllm package is not installed"):
         generate_stage.run(cfg)

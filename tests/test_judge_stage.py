@@ -79,6 +79,7 @@ def _cfg(root: Path) -> SpoConfig:
     jc.metrics_file = str(root / "metrics/judge.json")
     jc.cache_file = str(root / "outputs/judge_cache.sqlite")
     jc.bootstrap_samples = 200
+    jc.auto_comparisons = False
     jc.comparisons = [
         ComparisonConfig(name="dpo_spo_vs_chosen", a="dpo_spo", b="chosen"),
         ComparisonConfig(name="dpo_spo_vs_sft", a="dpo_spo", b="sft"),

@@ -292,9 +292,11 @@ class GenerateConfig(_Section):
     split: Literal["train", "eval", "test"] = "test"
     max_prompts: int | None = Field(default=100, ge=1, description="First N prompts of the split (None: all).")
     models: dict[str, str] = Field(
-        default_factory=lambda: {"sft": "models/sft", "dpo": "models/policy/dpo", "dpo_spo": "models/policy/dpo_spo"},
-        description="Generation name -> model folder (full weights, or a LoRA adapter on its base).",
+        default_factory=lambda: {"sft": "models/sft"},
+        description="Generation name -> model folder (full weights, or a LoRA adapter on its base), besides the policies.",
     )
+    policies: bool = Field(default=True, description="Also generate from every policy in `variants` (<policy_dir>/<name>).")
+    policy_dir: str = Field(default="models/policy", description="Where the train stage writes each variant's policy.")
     out_dir: str = "outputs/generations"
     metrics_file: str = "metrics/generate.json"
     backend: Literal["transformers", "vllm"] = "transformers"
@@ -343,13 +345,13 @@ class JudgeConfig(_Section):
     cache_file: str = Field(default="outputs/judge_cache.sqlite", description="Judgments already paid for.")
     metrics_file: str = "metrics/judge.json"
     prompt_version: str = Field(default="v1", description="Versioned judge prompts (spo/judging/prompts).")
+    auto_comparisons: bool = Field(
+        default=True,
+        description="Derive comparisons from `variants`: each policy vs chosen; each SPO policy vs the policy with the "
+        "same loss and no SPO, and vs sft (when generated).",
+    )
     comparisons: list[ComparisonConfig] = Field(
-        default_factory=lambda: [
-            ComparisonConfig(name="dpo_vs_chosen", a="dpo", b="chosen"),
-            ComparisonConfig(name="dpo_spo_vs_chosen", a="dpo_spo", b="chosen"),
-            ComparisonConfig(name="dpo_spo_vs_dpo", a="dpo_spo", b="dpo"),
-            ComparisonConfig(name="dpo_spo_vs_sft", a="dpo_spo", b="sft"),
-        ]
+        default_factory=list, description="More comparisons (one with an automatic comparison's name replaces it)."
     )
     bootstrap_samples: int = Field(default=2000, ge=100)
     openai: OpenAIJudgeConfig = Field(default_factory=OpenAIJudgeConfig)
@@ -415,6 +417,33 @@ class SpoConfig(_Section):
     report: ReportConfig = Field(default_factory=ReportConfig)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    def generation_models(self) -> dict[str, str]:
+        """What `generate` samples from: generate.models, then every variant's policy folder."""
+        models = dict(self.generate.models)
+        if self.generate.policies:
+            for name in self.variants:
+                models.setdefault(name, f"{self.generate.policy_dir.rstrip('/')}/{name}")
+        return models
+
+    def judge_comparisons(self) -> list[ComparisonConfig]:
+        """The automatic comparisons (the paper's table: policy vs chosen, SPO vs its loss without SPO,
+        SPO vs SFT) followed by judge.comparisons; an explicit entry replaces the automatic one it names."""
+        explicit = {c.name: c for c in self.judge.comparisons}
+        auto: list[ComparisonConfig] = []
+        if self.judge.auto_comparisons:
+            generated = self.generation_models()
+            for name, variant in self.variants.items():
+                auto.append(ComparisonConfig(name=f"{name}_vs_chosen", a=name, b="chosen"))
+                if not variant.spo:
+                    continue
+                partner = next((n for n, v in self.variants.items() if v.loss == variant.loss and not v.spo), None)
+                if partner is not None:
+                    auto.append(ComparisonConfig(name=f"{name}_vs_{partner}", a=name, b=partner))
+                if "sft" in generated:
+                    auto.append(ComparisonConfig(name=f"{name}_vs_sft", a=name, b="sft"))
+        merged = [explicit.pop(c.name, c) for c in auto]
+        return merged + list(explicit.values())
 
     def section_hash(self, *names: str) -> str:
         """A short hash of the sections a stage reads, for provenance records."""

@@ -1,6 +1,7 @@
 """Stage ``generate``: sample responses to test prompts from each trained model.
 
-For every ``name -> folder`` in ``generate.models`` (a full model or a LoRA adapter on its
+For every ``name -> folder`` of :meth:`~spo.config.SpoConfig.generation_models` (``generate.models``
+plus, with ``generate.policies``, each policy of ``variants``; a full model or a LoRA adapter on its
 base, read with :func:`~spo.models.loading.load_trained`), the first ``max_prompts`` prompts of
 ``{rows_dir}/{split}.jsonl`` are formatted with :func:`~spo.models.formatting.format_prompt`
 (the layout the model was trained on) and answered ``sampling.num_samples`` times by
@@ -89,12 +90,13 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     from spo.models.loading import adapter_base, load_tokenizer, load_trained
 
     gen = cfg.generate
-    if not gen.models:
-        raise InputError("generate.models is empty: name at least one model folder")
-    missing = {name: path for name, path in gen.models.items() if not Path(path).is_dir()}
+    models = cfg.generation_models()
+    if not models:
+        raise InputError("nothing to generate from: generate.models is empty and no policy in `variants`")
+    missing = {name: path for name, path in models.items() if not Path(path).is_dir()}
     if missing:
         listed = ", ".join(f"{name} -> {path}" for name, path in missing.items())
-        raise InputError(f"generate.models: model folder not found: {listed} (train it first, or fix the path)")
+        raise InputError(f"generate: model folder not found: {listed} (train it first, or fix generate.models / variants)")
     if gen.backend == "vllm":
         import_vllm()  # fail before loading anything when vllm is missing
 
@@ -106,7 +108,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     }
     metrics: dict[str, Any] = {}
     inputs: dict[str, Any] = {"prompts": tree_sha256(rows_file)}
-    for name, path in gen.models.items():
+    for name, path in models.items():
         model_started = time.perf_counter()
         tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
         prompts = [format_prompt(tokenizer, row["prompt"], row["source"]) for row in rows]

@@ -1,6 +1,7 @@
 """Stage ``judge``: pairwise win rates of generations against each other or the data set's chosen.
 
-For every ``judge.comparisons`` entry (a vs b) the items present on both sides are judged in both
+For every comparison (a vs b) of :meth:`~spo.config.SpoConfig.judge_comparisons` (derived from
+``variants``, plus ``judge.comparisons``) the items present on both sides are judged in both
 orders (:mod:`spo.judging.comparisons`), the two verdicts give one outcome per item and the
 statistics of :mod:`spo.judging.statistics` are computed.  Writes, under ``judge.out_dir``:
 
@@ -94,14 +95,15 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     jc = cfg.judge
     out_dir = Path(jc.out_dir)
-    if not jc.comparisons:
-        raise InputError("judge.comparisons is empty: nothing to judge")
-    names = [c.name for c in jc.comparisons]
+    comparisons = cfg.judge_comparisons()
+    if not comparisons:
+        raise InputError("nothing to judge: judge.comparisons is empty and judge.auto_comparisons found no policy")
+    names = [c.name for c in comparisons]
     if len(set(names)) != len(names):
         raise InputError(f"judge.comparisons has duplicate names: {names}")
 
-    rows, row_files = load_rows(jc.rows_dir, needed_ids(jc.comparisons, jc))
-    built = [build_comparison(c, jc, rows, cfg.data.dataset) for c in jc.comparisons]
+    rows, row_files = load_rows(jc.rows_dir, needed_ids(comparisons, jc))
+    built = [build_comparison(c, jc, rows, cfg.data.dataset) for c in comparisons]
     judge, closer = make_judge(cfg)
     # The cache is a declared (persistent) DVC output for every backend: make sure it exists
     # even when the judge (the local reward model) needs no cache.
