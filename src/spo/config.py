@@ -382,6 +382,7 @@ class ReportConfig(_Section):
     degrees_dir: str = Field(default="data/degrees", description="train.jsonl gives the degree-level examples.")
     validation_report: str = "reports/validation/validation.json"
     out_dir: str = Field(default="reports", description="report.md, report.html and the PNG curves.")
+    plots_dir: str = Field(default="plots", description="CSV plot data for `dvc plots` (spo/plots.py).")
     examples: int = Field(default=3, ge=0, description="Train rows shown with all their degree levels.")
 
 

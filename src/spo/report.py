@@ -606,6 +606,18 @@ def _hashes(tree: Any, prefix: str = "") -> list[tuple[str, str]]:
     return out
 
 
+def write_plot_data(cfg: SpoConfig, builder: Builder) -> list[Path]:
+    """The CSV files `dvc plots` draws, from the same inputs the report read."""
+    from spo.plots import policy_plots, win_rate_plot
+
+    plots_dir = Path(cfg.report.plots_dir)
+    written = []
+    for pdir in _policies(builder.policy_dir):
+        written += policy_plots(pdir.name, _read_jsonl(pdir / "metrics.jsonl"), plots_dir)
+    win_rates = win_rate_plot(builder.metric("judge") or {}, plots_dir)
+    return written + ([win_rates] if win_rates else [])
+
+
 def build_report(cfg: SpoConfig) -> dict[str, Any]:
     builder = Builder(cfg)
     out_dir = builder.out_dir
@@ -618,7 +630,9 @@ def build_report(cfg: SpoConfig) -> dict[str, Any]:
     tmp = html_path.with_name(f".{REPORT_HTML}.tmp")
     tmp.write_text(to_html(doc, out_dir, title=f"SPO report — {cfg.data.dataset}"), encoding="utf-8")
     tmp.replace(html_path)
+    plots = write_plot_data(cfg, builder)
     return {
+        "plots": [str(p) for p in plots],
         "report": str(md_path),
         "html": str(html_path),
         "images": builder.images,

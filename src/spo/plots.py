@@ -1,0 +1,81 @@
+"""DVC plot data: the run's curves and win rates as small CSV files for ``dvc plots show/diff``.
+
+A policy's ``metrics.jsonl`` mixes train and eval lines in a format DVC plots cannot read, and
+the win rates live in one nested JSON; the report stage rewrites them here, one file per policy
+in one folder per plot, so the top-level ``plots:`` of dvc.yaml names a folder (whatever the
+variants are) and ``dvc plots diff`` compares experiments file by file::
+
+    plots/loss_parts/<policy>.csv       step, loss, loss_align, loss_degree_w, loss_degree_l  (train)
+    plots/reward_accuracy/<policy>.csv  step, reward_accuracy, reward_margin                  (eval)
+    plots/degree_accuracy/<policy>.csv  level, accuracy_w, accuracy_l    (last eval; SPO policies)
+    plots/win_rates.csv                 comparison, a, b, win_rate, ci_low, ci_high, n, tie_rate
+
+The win rates are drawn with their intervals by the custom template
+``.dvc/plots/win_rate_interval.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+LOSS_PARTS = ("loss", "loss_align", "loss_degree_w", "loss_degree_l")
+WIN_RATE_COLUMNS = ("comparison", "a", "b", "win_rate", "ci_low", "ci_high", "n", "tie_rate")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _write_csv(path: Path, header: tuple[str, ...] | list[str], rows: list[list[Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def policy_plots(name: str, lines: list[dict[str, Any]], plots_dir: Path) -> list[Path]:
+    """The three per-policy files (those with data) from one policy's metrics.jsonl lines."""
+    written: list[Path] = []
+    train = [r for r in lines if r.get("split") == "train" and _finite(r.get("step"))]
+    evals = [r for r in lines if r.get("split") == "eval" and _finite(r.get("step"))]
+    rows = [[r["step"], *(r.get(k) if _finite(r.get(k)) else 0.0 for k in LOSS_PARTS)] for r in train]
+    if rows:
+        written.append(plots_dir / "loss_parts" / f"{name}.csv")
+        _write_csv(written[-1], ("step", *LOSS_PARTS), rows)
+    rows = [[r["step"], r["rewards/accuracy"], r.get("rewards/margin")] for r in evals if _finite(r.get("rewards/accuracy"))]
+    if rows:
+        written.append(plots_dir / "reward_accuracy" / f"{name}.csv")
+        _write_csv(written[-1], ("step", "reward_accuracy", "reward_margin"), rows)
+    last = evals[-1] if evals else (train[-1] if train else {})
+    levels = sorted(
+        int(key.rsplit("_", 1)[1]) for key in last
+        if key.startswith(("degree/accuracy_w/level_", "degree/accuracy_l/level_")) and key.rsplit("_", 1)[1].isdigit()
+    )
+    rows = []
+    for level in dict.fromkeys(levels):
+        cells = [last.get(f"degree/accuracy_{side}/level_{level}") for side in ("w", "l")]
+        rows.append([level, *(c if _finite(c) else "" for c in cells)])
+    if rows:
+        written.append(plots_dir / "degree_accuracy" / f"{name}.csv")
+        _write_csv(written[-1], ("level", "accuracy_w", "accuracy_l"), rows)
+    return written
+
+
+def win_rate_plot(judge_metrics: dict[str, Any], plots_dir: Path) -> Path | None:
+    """plots/win_rates.csv from metrics/judge.json (comparisons with a win rate only)."""
+    rows = [
+        [name, r.get("a", ""), r.get("b", ""), r["win_rate"], r.get("ci_low"), r.get("ci_high"), r.get("n"), r.get("tie_rate")]
+        for name, r in judge_metrics.items()
+        if isinstance(r, dict) and _finite(r.get("win_rate"))
+    ]
+    if not rows:
+        return None
+    path = plots_dir / "win_rates.csv"
+    _write_csv(path, WIN_RATE_COLUMNS, rows)
+    return path
