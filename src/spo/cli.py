@@ -34,7 +34,53 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved configuration as YAML")
     show.add_argument("-p", "--params", default="params.yaml")
     show.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _exp_parser(sub)
     return parser
+
+
+def _exp_parser(sub: argparse._SubParsersAction) -> None:
+    exp = sub.add_parser("exp", help="the method's experiments as `dvc exp run` presets (experiments.yaml)")
+    exp.add_argument("--presets", default="experiments.yaml", help="presets file (default: experiments.yaml)")
+    exp.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    actions = exp.add_subparsers(dest="exp_command", required=True, metavar="action")
+    actions.add_parser("list", help="list the presets and their runs")
+    run = actions.add_parser("run", help="run (or queue) every run of a preset with `dvc exp run`")
+    run.add_argument("preset")
+    run.add_argument("--only", action="append", default=[], metavar="RUN", help="only this run (repeatable)")
+    run.add_argument("-S", "--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                     help="an override added to every run, e.g. -S train.optim.max_steps=200")
+    run.add_argument("-p", "--params", default="params.yaml")
+    run.add_argument("--queue", action="store_true", help="queue the runs; start them with `dvc queue start`")
+    run.add_argument("-f", "--force", action="store_true", help="rerun every stage / overwrite same-named experiments")
+    run.add_argument("--dry-run", action="store_true", help="check the overrides and print the commands only")
+    summary = actions.add_parser("summary", help="`dvc exp show` as reports/experiments.{md,html,json,png}")
+    summary.add_argument("-o", "--out-dir", default="reports")
+    summary.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only HEAD")
+
+
+def _exp(args: argparse.Namespace) -> int:
+    from spo import experiments
+
+    presets = experiments.load_presets(args.presets)
+    if args.exp_command == "list":
+        for name, preset in presets.items():
+            print(f"{name}: {preset.description}")
+            for run, overrides in preset.runs.items():
+                print(f"  {name}-{run}: {' '.join(overrides) or '(params.yaml as it is)'}")
+        return 0
+    if args.exp_command == "run":
+        results = experiments.run_preset(
+            args.preset, presets, params=args.params, only=args.only, extra=args.extra,
+            queue=args.queue, force=args.force, dry_run=args.dry_run,
+        )
+        if args.dry_run:
+            for result in results:
+                print(" ".join(repr(c) if " " in c else c for c in result["command"]))
+        return 1 if any(r["returncode"] for r in results) else 0
+    rows = experiments.parse_exp_show(experiments.exp_show(args.all_commits))
+    written = experiments.write_summary(rows, args.out_dir)
+    print(written["md"])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command == "exp":
+            return _exp(args)
         cfg = load_config(args.params, args.overrides)
         if args.command == "config":
             import yaml

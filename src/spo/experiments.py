@@ -1,0 +1,277 @@
+"""The method's experiments as ``dvc exp run`` commands (presets in experiments.yaml), and a
+summary of ``dvc exp show`` across them.
+
+DVC already records, compares and queues experiments; what it lacks is the list of *which*
+runs make each experiment of the paper, and a view of their win rates with intervals side by
+side.  A preset is a named set of runs, each a list of ``dvc exp run -S`` overrides; every
+override is checked against :class:`~spo.config.SpoConfig` before DVC spends any time, so a
+typo fails in a second instead of after the data stages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spo.config import ConfigError, load_config
+from spo.io import InputError
+
+log = logging.getLogger("spo.exp")
+
+PRESETS_FILE = "experiments.yaml"
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class Preset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    description: str = Field(description="What the experiment asks.")
+    runs: dict[str, list[str]] = Field(description="Run name -> `dvc exp run -S` overrides.")
+
+
+class PresetFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    presets: dict[str, Preset]
+
+
+def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, Preset]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: presets file not found")
+    try:
+        presets = PresetFile.model_validate(yaml.safe_load(path.read_text(encoding="utf-8"))).presets
+    except ValidationError as err:
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{path}: invalid presets:\n  " + "\n  ".join(lines)) from None
+    for name, preset in presets.items():
+        for run in preset.runs:
+            full = f"{name}-{run}"
+            if not _RUN_NAME.match(full) or ".." in full or full.endswith(".lock"):
+                raise ConfigError(f"{path}: presets.{name}.runs.{run}: {full!r} is not a valid experiment name")
+    return presets
+
+
+def spo_override(dvc_override: str) -> str:
+    """A ``dvc exp run -S`` (Hydra) override as ``spo -S`` takes it: ``+key=``/``++key=`` add a key."""
+    if dvc_override.startswith("~"):
+        raise ConfigError(f"override {dvc_override!r}: deleting a param is not supported in presets")
+    return dvc_override.lstrip("+")
+
+
+def check_run(params: str | Path, overrides: list[str]) -> None:
+    """Fail now, not after the data stages, on an override the config rejects."""
+    load_config(params, [spo_override(o) for o in overrides])
+
+
+def dvc_command(preset: str, run: str, overrides: list[str], *, queue: bool = False, force: bool = False) -> list[str]:
+    cmd = ["dvc", "exp", "run", "-n", f"{preset}-{run}"]
+    if queue:
+        cmd.append("--queue")
+    if force:
+        cmd.append("--force")
+    for override in overrides:
+        cmd += ["-S", override]
+    return cmd
+
+
+def run_preset(
+    name: str,
+    presets: dict[str, Preset],
+    *,
+    params: str | Path = "params.yaml",
+    only: list[str] | None = None,
+    extra: list[str] | None = None,
+    queue: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+) -> list[dict[str, Any]]:
+    """Run (or queue) every run of a preset in turn, each from the params.yaml it started with
+    (`dvc exp run` leaves the workspace with its experiment's params applied)."""
+    if name not in presets:
+        raise ConfigError(f"no preset {name!r}; presets: {', '.join(presets)}")
+    runs = presets[name].runs
+    unknown = sorted(set(only or []) - set(runs))
+    if unknown:
+        raise ConfigError(f"preset {name!r} has no run {unknown}; runs: {', '.join(runs)}")
+    selected = {run: [*overrides, *(extra or [])] for run, overrides in runs.items() if not only or run in only}
+    for run, overrides in selected.items():
+        try:
+            check_run(params, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"preset {name}, run {run}: {err}") from None
+
+    params_path = Path(params)
+    original = params_path.read_bytes()
+    results: list[dict[str, Any]] = []
+    finished = False
+    try:
+        for run, overrides in selected.items():
+            params_path.write_bytes(original)  # each run starts from the same params, not the last run's
+            cmd = dvc_command(name, run, overrides, queue=queue, force=force)
+            log.info("%s", " ".join(cmd))
+            if dry_run:
+                results.append({"run": run, "command": cmd, "returncode": None, "seconds": 0.0})
+                continue
+            started = time.perf_counter()
+            returncode = subprocess.run(cmd).returncode
+            results.append({"run": run, "command": cmd, "returncode": returncode,
+                            "seconds": round(time.perf_counter() - started, 1)})
+        finished = True
+    finally:
+        # As `dvc exp run` does, a completed series leaves the last experiment applied (params and
+        # outputs agree); anything else gets the user's params.yaml back.
+        if queue or dry_run or not finished or any(r["returncode"] for r in results):
+            params_path.write_bytes(original)
+    failed = [r["run"] for r in results if r["returncode"]]
+    verb = "would run" if dry_run else ("queued" if queue else "ran")
+    log.info("exp %s: %s %d run(s)%s", name, verb, len(results), f", failed: {', '.join(failed)}" if failed else "")
+    return results
+
+
+# --------------------------------------------------------------------------- summary
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree and prefix != "variants.":
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if prefix == "variants.":  # one column: the policies trained, e.g. "dpo, dpo_spo, ipo"
+        return {"variants": ", ".join(tree) if isinstance(tree, dict) else str(tree)}
+    return {prefix.rstrip("."): json.dumps(tree) if isinstance(tree, (list, dict)) else tree}
+
+
+def _row(name: str, rev: str, data: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not data:
+        return None
+    params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
+    metrics = {path: entry.get("data") for path, entry in (data.get("metrics") or {}).items() if entry.get("data")}
+    judge = metrics.get("metrics/judge.json") or {}
+    win_rates = {k: v for k, v in judge.items() if isinstance(v, dict) and isinstance(v.get("win_rate"), (int, float))}
+    training = {}
+    for path, values in metrics.items():
+        match = re.fullmatch(r"metrics/train_(.+)\.json", path)
+        if match and isinstance(values.get("eval"), dict):
+            training[match.group(1)] = values["eval"]
+    return {"name": name, "rev": rev[:7], "params": _flatten(params), "win_rates": win_rates, "training": training}
+
+
+def parse_exp_show(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of ``dvc exp show --json``: baselines, their experiments oldest first, then the
+    workspace if it differs from all of them; rows without judge metrics are dropped."""
+    rows: list[dict[str, Any]] = []
+    workspace = None
+    for entry in entries:
+        if entry.get("rev") == "workspace":
+            workspace = _row("workspace", "workspace", entry.get("data"))
+            continue
+        rows.append(_row(entry.get("name") or entry.get("rev", "")[:7], entry.get("rev", ""), entry.get("data")))
+        for exp in reversed(entry.get("experiments") or []):
+            revs = exp.get("revs") or []
+            if revs:
+                rows.append(_row(exp.get("name") or revs[0].get("name") or revs[0]["rev"][:7], revs[0]["rev"], revs[0].get("data")))
+    if workspace is not None and not any(
+        r and (r["params"], r["win_rates"]) == (workspace["params"], workspace["win_rates"]) for r in rows
+    ):
+        rows.append(workspace)
+    return [r for r in rows if r and r["win_rates"]]
+
+
+def varying_params(rows: list[dict[str, Any]]) -> list[str]:
+    keys = sorted({k for r in rows for k in r["params"]})
+    return [k for k in keys if len({json.dumps(r["params"].get(k), sort_keys=True) for r in rows}) > 1]
+
+
+def _cell(record: dict[str, Any] | None) -> str:
+    from spo.report import winrate_cell
+
+    return winrate_cell(record) if record else "–"
+
+
+def summary_doc(rows: list[dict[str, Any]]) -> Any:
+    from spo.report import Doc, fmt
+
+    doc = Doc()
+    doc.h(1, "SPO experiments")
+    doc.p("One row per DVC experiment (`dvc exp show`); the params that differ between rows, then each "
+          "comparison's win rate of a against b with its 95% bootstrap interval and judged items.")
+    if not rows:
+        doc.p("No experiment with judge metrics yet: run `spo exp run <preset>` (see `spo exp list`).")
+        return doc
+    params = varying_params(rows)
+    comparisons = list(dict.fromkeys(c for r in rows for c in r["win_rates"]))
+    doc.h(2, "Win rates")
+    doc.table(["Experiment", *params, *comparisons],
+              [[r["name"], *(str(r["params"].get(k, "–")) for k in params), *(_cell(r["win_rates"].get(c)) for c in comparisons)]
+               for r in rows])
+    doc.img("win rates per experiment", "experiments.png")
+    doc.h(2, "Policies at their last evaluation")
+    keys = ["rewards/accuracy", "rewards/margin", "degree/accuracy_w", "degree/accuracy_l"]
+    doc.table(["Experiment", "Policy", *keys],
+              [[r["name"], policy, *(fmt(ev.get(k)) for k in keys)] for r in rows for policy, ev in r["training"].items()])
+    return doc
+
+
+def plot_summary(rows: list[dict[str, Any]], path: Path) -> bool:
+    """One panel per comparison: each experiment's win rate with its interval, 50% marked."""
+    comparisons = list(dict.fromkeys(c for r in rows for c in r["win_rates"]))
+    if not comparisons:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spo.io import save_figure
+
+    cols = min(len(comparisons), 3)
+    nrows = math.ceil(len(comparisons) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 0.45 * len(rows) * nrows + 1.6), squeeze=False)
+    for ax, comp in zip(axes.flat, comparisons):
+        pts = [(i, r["win_rates"][comp]) for i, r in enumerate(rows) if comp in r["win_rates"]]
+        for i, rec in pts:
+            lo, hi = rec.get("ci_low", rec["win_rate"]), rec.get("ci_high", rec["win_rate"])
+            ax.errorbar(rec["win_rate"], i, xerr=[[rec["win_rate"] - lo], [hi - rec["win_rate"]]], fmt="o", capsize=3)
+        ax.axvline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set(title=comp, xlim=(0, 1), yticks=range(len(rows)), xlabel="win rate")
+        ax.set_yticklabels([r["name"] for r in rows], fontsize=8)
+        ax.invert_yaxis()
+    for ax in list(axes.flat)[len(comparisons):]:
+        ax.axis("off")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+def exp_show(all_commits: bool = False) -> list[dict[str, Any]]:
+    cmd = ["dvc", "exp", "show", "--json", *(["--all-commits"] if all_commits else [])]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        raise InputError(f"{' '.join(cmd)} failed:\n{result.stderr.strip()}")
+    return json.loads(result.stdout)
+
+
+def write_summary(rows: list[dict[str, Any]], out_dir: str | Path = "reports") -> dict[str, str]:
+    """reports/experiments.{json,md,html,png}: the experiments side by side."""
+    from spo.io import write_json
+    from spo.report import to_html, to_markdown
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_summary(rows, out_dir / "experiments.png")
+    doc = summary_doc(rows)
+    write_json(out_dir / "experiments.json", rows)
+    (out_dir / "experiments.md").write_text(to_markdown(doc), encoding="utf-8")
+    (out_dir / "experiments.html").write_text(to_html(doc, out_dir, title="SPO experiments"), encoding="utf-8")
+    log.info("exp summary: %d experiments -> %s", len(rows), out_dir / "experiments.md")
+    return {k: str(out_dir / f"experiments.{k}") for k in ("json", "md", "html", "png")}

@@ -1,0 +1,113 @@
+"""`spo exp`: the presets are valid against the real config, runs go through `dvc exp run` and
+leave params.yaml as it was, and the summary carries `dvc exp show`'s numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from spo import experiments
+from spo.cli import main
+from spo.config import ConfigError
+
+ALL_EXPERIMENTS = {"spo_on_off", "loss_x_spo", "extractor", "n_levels", "lambda", "heads", "positional_encoding",
+                   "degree_mode", "dataset"}
+
+
+def test_every_preset_run_is_a_valid_config_of_the_repo_params() -> None:
+    presets = experiments.load_presets(REPO / "experiments.yaml")
+    assert set(presets) == ALL_EXPERIMENTS
+    assert set(presets["extractor"].runs) == {"rake", "yake", "positionrank", "random"}
+    for name, preset in presets.items():
+        for run, overrides in preset.runs.items():
+            experiments.check_run(REPO / "params.yaml", overrides)  # raises on a typo or a bad value
+    six = experiments.load_config(REPO / "params.yaml", [experiments.spo_override(o) for o in presets["loss_x_spo"].runs["hh"]])
+    assert {(v.loss, v.spo) for v in six.variants.values()} == {(l, s) for l in ("dpo", "ipo", "kto") for s in (False, True)}
+
+
+def test_a_typo_in_a_preset_fails_before_dvc_runs(tmp_path: Path) -> None:
+    presets_file = tmp_path / "experiments.yaml"
+    presets_file.write_text("presets:\n  bad:\n    description: x\n    runs:\n      one: [keywords.methd=yake]\n")
+    presets = experiments.load_presets(presets_file)
+    with pytest.raises(ConfigError, match="keywords.methd"):
+        experiments.run_preset("bad", presets, params=REPO / "params.yaml")
+    presets_file.write_text("presets:\n  bad:\n    description: x\n    runs:\n      'a..b': []\n")
+    with pytest.raises(ConfigError, match="not a valid experiment name"):
+        experiments.load_presets(presets_file)
+
+
+# -- against real DVC, in a scratch project whose one stage writes judge-like metrics from params
+STAGE = textwrap.dedent("""
+    import json, pathlib, yaml
+    p = yaml.safe_load(open("params.yaml"))
+    rate = {"rake": 0.55, "yake": 0.6, "random": 0.45}[p["keywords"]["method"]]
+    pathlib.Path("metrics").mkdir(exist_ok=True)
+    judge = {f"{v}_vs_chosen": {"a": v, "b": "chosen", "win_rate": rate, "ci_low": rate - 0.1,
+             "ci_high": rate + 0.1, "n": 100, "tie_rate": 0.0} for v in p["variants"]}
+    json.dump(judge, open("metrics/judge.json", "w"))
+    for v in p["variants"]:
+        json.dump({"eval": {"rewards/accuracy": rate}}, open(f"metrics/train_{v}.json", "w"))
+""")
+
+
+@pytest.fixture
+def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    work = tmp_path / "proj"
+    work.mkdir()
+    (work / "params.yaml").write_text("# the knobs\nkeywords:\n  method: rake   # extractor\nvariants:\n  dpo_spo: {loss: dpo, spo: true}\n")
+    (work / "stage.py").write_text(STAGE)
+    (work / "dvc.yaml").write_text(textwrap.dedent("""
+        stages:
+          judge:
+            cmd: python stage.py
+            deps: [stage.py]
+            params: [keywords, variants]
+            metrics:
+              - metrics/judge.json: {cache: false}
+              - metrics/train_dpo_spo.json: {cache: false}
+    """))
+    (work / "experiments.yaml").write_text(textwrap.dedent("""
+        presets:
+          extractor:
+            description: which phrases
+            runs:
+              yake: [keywords.method=yake]
+              random: [keywords.method=random, '++variants.ipo={loss: ipo, spo: false}']
+    """))
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"],
+                [sys.executable, "-m", "dvc", "init", "-q"], [sys.executable, "-m", "dvc", "repro", "-q"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        subprocess.run(cmd, check=True, capture_output=True)
+    return work
+
+
+def test_preset_runs_are_dvc_experiments_and_the_summary_shows_them(scratch: Path) -> None:
+    assert main(["exp", "run", "extractor"]) == 0
+    params_after = (scratch / "params.yaml").read_text()
+    assert "method: random # extractor" in params_after and "# the knobs" in params_after, "the last run is applied"
+    assert "ipo" in params_after and "yake" not in params_after, "each run starts from the original params"
+
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout)
+    rows = experiments.parse_exp_show(shown)
+    assert [r["name"] for r in rows][1:] == ["extractor-yake", "extractor-random"]  # the workspace is the last one
+    assert [r["win_rates"]["dpo_spo_vs_chosen"]["win_rate"] for r in rows] == [0.55, 0.6, 0.45]
+    assert "ipo_vs_chosen" in rows[2]["win_rates"] and "ipo_vs_chosen" not in rows[1]["win_rates"]
+    assert experiments.varying_params(rows) == ["keywords.method", "variants"]
+
+    assert main(["exp", "summary", "-o", "out"]) == 0
+    md = (scratch / "out/experiments.md").read_text()
+    assert "| extractor-yake | yake | dpo_spo | 60.0% [50.0, 70.0] (n=100) |" in md
+    assert "| extractor-random | random | dpo_spo, ipo | 45.0% [35.0, 55.0] (n=100) | 45.0% [35.0, 55.0] (n=100) |" in md
+    assert "| extractor-yake | dpo_spo | 0.600 |" in md  # the policy's last evaluation
+    assert (scratch / "out/experiments.png").stat().st_size > 1000
+    assert "data:image/png;base64," in (scratch / "out/experiments.html").read_text()
+    assert json.loads((scratch / "out/experiments.json").read_text())[1]["params"]["keywords.method"] == "yake"
