@@ -61,14 +61,14 @@ STAGE = textwrap.dedent("""
 def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     work = tmp_path / "proj"
     work.mkdir()
-    (work / "params.yaml").write_text("# the knobs\nkeywords:\n  method: rake   # extractor\nvariants:\n  dpo_spo: {loss: dpo, spo: true}\n")
+    (work / "params.yaml").write_text("# the knobs\ndata:\n  dataset: hh\nkeywords:\n  method: rake   # extractor\nvariants:\n  dpo_spo: {loss: dpo, spo: true}\n")
     (work / "stage.py").write_text(STAGE)
     (work / "dvc.yaml").write_text(textwrap.dedent("""
         stages:
           judge:
             cmd: python stage.py
             deps: [stage.py]
-            params: [keywords, variants]
+            params: [data, keywords, variants]
             metrics:
               - metrics/judge.json: {cache: false}
               - metrics/train_dpo_spo.json: {cache: false}
@@ -107,7 +107,9 @@ def test_preset_runs_are_dvc_experiments_and_the_summary_shows_them(scratch: Pat
     md = (scratch / "out/experiments.md").read_text()
     assert "| extractor-yake | yake | dpo_spo | 60.0% [50.0, 70.0] (n=100) |" in md
     assert "| extractor-random | random | dpo_spo, ipo | 45.0% [35.0, 55.0] (n=100) | 45.0% [35.0, 55.0] (n=100) |" in md
-    assert "| extractor-yake | dpo_spo | 0.600 |" in md  # the policy's last evaluation
+    assert "| extractor-yake | dpo_spo | 0.600 |" in md
+    assert "| Method | hh |" in md  # the paper's layout: the latest run for each method and data set
+    assert "| dpo_spo | 45.0% [35.0, 55.0] (n=100) |" in md and "| ipo | 45.0% [35.0, 55.0] (n=100) |" in md  # the policy's last evaluation
     assert (scratch / "out/experiments.png").stat().st_size > 1000
     assert "data:image/png;base64," in (scratch / "out/experiments.html").read_text()
     assert json.loads((scratch / "out/experiments.json").read_text())[1]["params"]["keywords.method"] == "yake"

@@ -197,6 +197,22 @@ def _cell(record: dict[str, Any] | None) -> str:
     return winrate_cell(record) if record else "–"
 
 
+def paper_table(rows: list[dict[str, Any]], prefix: str = "loss_x_spo-") -> tuple[list[str], list[list[str]]]:
+    """The paper's layout: policy (method) x data set, each cell the policy's win rate against the
+    data set's chosen response.  Taken from the `loss_x_spo` runs when there are any, else from
+    every row; a later experiment for the same method and data set replaces an earlier one."""
+    chosen = [r for r in rows if r["name"].startswith(prefix)] or rows
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    datasets: list[str] = []
+    for row in chosen:
+        dataset = str(row["params"].get("data.dataset", "?"))
+        datasets += [dataset] if dataset not in datasets else []
+        for record in row["win_rates"].values():
+            if record.get("b") == "chosen":
+                cells.setdefault(str(record.get("a")), {})[dataset] = record
+    return datasets, [[method, *(_cell(by_set.get(d)) for d in datasets)] for method, by_set in cells.items()]
+
+
 def summary_doc(rows: list[dict[str, Any]]) -> Any:
     from spo.report import Doc, fmt
 
@@ -214,6 +230,11 @@ def summary_doc(rows: list[dict[str, Any]]) -> Any:
               [[r["name"], *(str(r["params"].get(k, "–")) for k in params), *(_cell(r["win_rates"].get(c)) for c in comparisons)]
                for r in rows])
     doc.img("win rates per experiment", "experiments.png")
+    datasets, table = paper_table(rows)
+    doc.h(2, "Method x data set")
+    doc.p("Win rate against the data set's chosen response (as in the paper's tables), from the `loss_x_spo` "
+          "experiments when they have been run, otherwise from every experiment (the latest one wins).")
+    doc.table(["Method", *datasets], table)
     doc.h(2, "Policies at their last evaluation")
     keys = ["rewards/accuracy", "rewards/margin", "degree/accuracy_w", "degree/accuracy_l"]
     doc.table(["Experiment", "Policy", *keys],
