@@ -209,3 +209,27 @@ def test_stepwise_calls_equal_one_call(tmp_path: Path) -> None:
     a, b = state_of(once.unwrapped_lm()), state_of(steps.unwrapped_lm())
     assert all(torch.equal(a[key], b[key]) for key in a)
     assert [r["step"] for r in read_metrics(tmp_path / "b") if r["split"] == "train"] == [1, 2, 3]
+
+
+def test_checkpoints_of_other_data_or_weights_are_not_resumed(tmp_path: Path) -> None:
+    """`dvc repro` keeps the policy folder (persist: true): after the degree data or the starting
+    weights changed, its old checkpoints must start a fresh run, not finish the old one."""
+    cfg = dict(optim={"max_steps": 2}, save_steps=1, resume=True)
+    done = _trainer(train_cfg(**cfg), out_dir=tmp_path / "p")
+    done.train()
+    assert _trainer(train_cfg(**cfg), out_dir=tmp_path / "p").train()["start_step"] >= 1  # same run: resumed
+
+    rows, degs = hh_pairs()
+    other = [dict(d, chosen=dict(d["chosen"], levels=[d["chosen"]["levels"][0]] * len(d["chosen"]["levels"])))
+             for d in degs[:N_TRAIN]]  # other key phrases: other degree variants, same rows and ids
+    tok, model = tiny_model()
+    rerun = PreferenceTrainer.from_rows(model, tok, train_cfg(**cfg), rows[:N_TRAIN], other,
+                                        seed=0, out_dir=tmp_path / "p", progress=False)
+    assert rerun.train()["start_step"] == 0
+
+    tok, model = tiny_model()
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)  # another SFT model
+    rerun = PreferenceTrainer.from_rows(model, tok, train_cfg(**cfg), rows[:N_TRAIN], degs[:N_TRAIN],
+                                        seed=0, out_dir=tmp_path / "p", progress=False)
+    assert rerun.train()["start_step"] == 0

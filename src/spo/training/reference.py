@@ -60,14 +60,28 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def examples_fingerprint(splits: dict[str, Sequence[Any]]) -> str:
+def _update_ints(digest: Any, values: Sequence[int]) -> None:
+    digest.update(len(values).to_bytes(4, "little"))
+    digest.update(b"".join(int(i).to_bytes(4, "little", signed=True) for i in values))
+
+
+def examples_fingerprint(splits: dict[str, Sequence[Any]], with_degrees: bool = False) -> str:
+    """sha256 over the token ids of tokenised pairs; ``with_degrees`` adds every degree variant
+    (ids, positions, kept tokens) — what identifies a training run's data for resumption."""
     digest = hashlib.sha256()
     for split in sorted(splits):
         digest.update(split.encode())
         for ex in splits[split]:
             for ids in (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids, ex.kl_ids):
-                digest.update(len(ids).to_bytes(4, "little"))
-                digest.update(b"".join(int(i).to_bytes(4, "little", signed=True) for i in ids))
+                _update_ints(digest, ids)
+            if not with_degrees:
+                continue
+            for side in sorted(ex.degrees):
+                degrees = ex.degrees[side]
+                digest.update(f"{side}:{degrees.n_levels}".encode())
+                for rows in (degrees.variant_ids, degrees.variant_pos, degrees.keep):
+                    for row in rows:
+                        _update_ints(digest, [int(v) for v in row])
     return digest.hexdigest()
 
 

@@ -39,6 +39,7 @@ from spo.training.metrics import Accumulator, MetricsWriter, peak_memory_mb, sav
 from spo.training.reference import (
     Reference,
     cache_key,
+    examples_fingerprint,
     load_table,
     precompute,
     save_table,
@@ -254,7 +255,7 @@ class PreferenceTrainer:
             tokenizer.pad_token_id, self.degree_mode, spo.levels_per_step, seed,
         )
         self.state = TrainerState(n_levels)
-        self.state.config_hash = self._config_hash()
+        self.state.config_hash = self._config_hash(reference_fingerprint or weights_fingerprint(model))
 
         # reference
         self.reference = self._setup_reference(reference_cache, reference_fingerprint)
@@ -311,11 +312,17 @@ class PreferenceTrainer:
             evals, _ = tokenize_pairs(fill(eval_rows)[: cfg.eval_rows], eval_degrees, tokenizer, where="eval rows", **common)
         return cls(model, tokenizer, cfg, train, evals, **kwargs)
 
-    def _config_hash(self) -> str:
+    def _config_hash(self, weights: str) -> str:
+        """What a checkpoint must share with this run to be resumed: the training config, the
+        seed, the starting weights and every token of the training data, degree variants
+        included (a rerun after `keywords` or `sft` changed must not resume the old run)."""
         skip = {"resume", "logging_steps", "eval_steps", "save_steps", "keep_checkpoints", "out_dir", "metrics_file"}
         dumped = {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in skip}
-        payload = json.dumps({"cfg": dumped, "seed": self.seed, "n": len(self.train_examples),
-                              "ids": [e.id for e in self.train_examples]}, sort_keys=True)
+        payload = json.dumps({
+            "cfg": dumped, "seed": self.seed, "weights": weights, "dtype": str(next(self.module.lm.parameters()).dtype),
+            "ids": [e.id for e in self.train_examples],
+            "data": examples_fingerprint({"train": self.train_examples}, with_degrees=True),
+        }, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def _setup_reference(self, cache: str | Path | None, fingerprint: str | None) -> Reference:
