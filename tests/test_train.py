@@ -112,7 +112,8 @@ TRAIN_KEYS = {
 
 def test_metrics_checkpoints_and_final_files(tmp_path: Path) -> None:
     out = tmp_path / "policy"
-    cfg = train_cfg(optim={"max_steps": 4}, save_steps=2, keep_checkpoints=1, eval_steps=2, logging_steps=2)
+    cfg = train_cfg(optim={"max_steps": 4}, save_steps=2, keep_checkpoints=1, eval_steps=2, logging_steps=2,
+                    keep_checkpoints_at_end=True)
     tr = _trainer(cfg, out_dir=out, evals=True)
     summary = tr.train()
     records = read_metrics(out)
@@ -214,10 +215,10 @@ def test_stepwise_calls_equal_one_call(tmp_path: Path) -> None:
 def test_checkpoints_of_other_data_or_weights_are_not_resumed(tmp_path: Path) -> None:
     """`dvc repro` keeps the policy folder (persist: true): after the degree data or the starting
     weights changed, its old checkpoints must start a fresh run, not finish the old one."""
-    cfg = dict(optim={"max_steps": 2}, save_steps=1, resume=True)
-    done = _trainer(train_cfg(**cfg), out_dir=tmp_path / "p")
-    done.train()
-    assert _trainer(train_cfg(**cfg), out_dir=tmp_path / "p").train()["start_step"] >= 1  # same run: resumed
+    cfg = dict(optim={"max_steps": 3}, save_steps=1, resume=True)
+    killed = _trainer(train_cfg(**cfg), out_dir=tmp_path / "p")
+    killed.train(stop_after=2)
+    assert _trainer(train_cfg(**cfg), out_dir=tmp_path / "p").train(stop_after=2)["start_step"] == 2  # same run
 
     rows, degs = hh_pairs()
     other = [dict(d, chosen=dict(d["chosen"], levels=[d["chosen"]["levels"][0]] * len(d["chosen"]["levels"])))
@@ -225,7 +226,7 @@ def test_checkpoints_of_other_data_or_weights_are_not_resumed(tmp_path: Path) ->
     tok, model = tiny_model()
     rerun = PreferenceTrainer.from_rows(model, tok, train_cfg(**cfg), rows[:N_TRAIN], other,
                                         seed=0, out_dir=tmp_path / "p", progress=False)
-    assert rerun.train()["start_step"] == 0
+    assert rerun.train(stop_after=2)["start_step"] == 0
 
     tok, model = tiny_model()
     with torch.no_grad():
@@ -233,3 +234,14 @@ def test_checkpoints_of_other_data_or_weights_are_not_resumed(tmp_path: Path) ->
     rerun = PreferenceTrainer.from_rows(model, tok, train_cfg(**cfg), rows[:N_TRAIN], degs[:N_TRAIN],
                                         seed=0, out_dir=tmp_path / "p", progress=False)
     assert rerun.train()["start_step"] == 0
+    assert not (tmp_path / "p" / "checkpoints").exists(), "a finished run keeps its model, not its optimizer state"
+
+
+def test_resume_drops_lines_after_the_checkpoint_and_a_line_cut_by_the_kill(tmp_path: Path) -> None:
+    from spo.training.metrics import MetricsWriter
+
+    log_file = tmp_path / "metrics.jsonl"
+    log_file.write_text("".join(json.dumps({"step": s, "split": "train", "loss": 1.0}) + "\n" for s in (1, 2, 3))
+                        + '{"step": 4, "spl')
+    MetricsWriter(tmp_path, enabled=True).truncate_after(2)
+    assert [json.loads(line)["step"] for line in log_file.read_text().splitlines()] == [1, 2]

@@ -275,6 +275,9 @@ class TrainConfig(_Section):
     save_steps: int = Field(default=10, ge=1)
     logging_steps: int = Field(default=2, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
+    keep_checkpoints_at_end: bool = Field(
+        default=False, description="Keep the checkpoints (optimizer state included) once training has finished."
+    )
     resume: bool = Field(default=True, description="Continue from the last checkpoint in out_dir if there is one.")
     nan_policy: Literal["raise", "skip"] = Field(default="raise", description="On a non-finite loss: stop, or skip the step and log it.")
 

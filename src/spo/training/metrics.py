@@ -126,8 +126,16 @@ class MetricsWriter:
         """On resume: drop lines a killed run logged after its last checkpoint."""
         if not self.enabled or self.path is None or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut off by the kill itself
+                continue
+        tmp = self.path.with_name(f".{self.path.name}.tmp")  # a kill during the rewrite loses nothing
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:

@@ -316,7 +316,8 @@ class PreferenceTrainer:
         """What a checkpoint must share with this run to be resumed: the training config, the
         seed, the starting weights and every token of the training data, degree variants
         included (a rerun after `keywords` or `sft` changed must not resume the old run)."""
-        skip = {"resume", "logging_steps", "eval_steps", "save_steps", "keep_checkpoints", "out_dir", "metrics_file"}
+        skip = {"resume", "logging_steps", "eval_steps", "save_steps", "keep_checkpoints", "keep_checkpoints_at_end",
+                "out_dir", "metrics_file"}
         dumped = {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in skip}
         payload = json.dumps({
             "cfg": dumped, "seed": self.seed, "weights": weights, "dtype": str(next(self.module.lm.parameters()).dtype),
@@ -651,6 +652,8 @@ class PreferenceTrainer:
         if self.degree_active and final_eval and hasattr(self, "last_eval_confusion"):
             save_confusion(self.last_eval_confusion, self.sides, self.out_dir)
             out["confusion"] = str(self.out_dir / "degree_confusion.png")
+        if not self.cfg.keep_checkpoints_at_end:  # only a crash needs them; the final model is saved
+            shutil.rmtree(self.out_dir / CHECKPOINTS, ignore_errors=True)
         return out
 
     def unwrapped_lm(self) -> nn.Module:
