@@ -35,6 +35,7 @@ def _project_copy(tmp_path: Path) -> Path:
     shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (work / ".dvc").mkdir()
     shutil.copy(REPO / ".dvc" / "config", work / ".dvc" / "config")
+    shutil.copytree(REPO / ".dvc" / "plots", work / ".dvc" / "plots")  # the custom plot templates
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     return work
 

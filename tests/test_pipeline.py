@@ -3,39 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from pipeline_helpers import _env, _project_copy, read_params, shrink_params, write_params
 
 from spo.io import read_jsonl
 
 pytestmark = pytest.mark.slow
 STAGES = ("prepare", "validate", "keywords", "degrees")
-
-
-def _env(data_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["SPO_DATA_DIR"] = str(data_dir)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def _project_copy(tmp_path: Path) -> Path:
-    """A throwaway checkout: the pipeline definition, params and the code DVC hashes as deps."""
-    work = tmp_path / "project"
-    work.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
-        shutil.copy(REPO / name, work / name)
-    shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (work / ".dvc").mkdir()
-    shutil.copy(REPO / ".dvc" / "config", work / ".dvc" / "config")
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-    return work
 
 
 def _count(path: Path) -> int:
@@ -96,26 +74,8 @@ def test_dvc_repro_twice_skips_every_stage_and_a_param_reruns_only_downstream(tm
 
 def test_whole_pipeline_end_to_end_on_a_slice(tmp_path: Path, hh_slice: Path) -> None:
     """Every stage of dvc.yaml, data checks to report, with a very small model and step counts."""
-    import yaml
-
     work = _project_copy(tmp_path)
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["model"]["tiny"].update(
-        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-    )
-    small = {"max_length": 96, "max_prompt_length": 64}
-    params["sft"].update(small, eval_steps=2, eval_rows=8, sample_prompts=1)
-    params["sft"]["optim"].update(max_steps=3, batch_size=4, micro_batch_size=4)
-    params["train"].update(small, eval_steps=1, eval_rows=8, save_steps=1, logging_steps=1)
-    params["train"]["optim"].update(max_steps=2, batch_size=4, micro_batch_size=2)
-    params["train"]["spo"]["hidden_size"] = 16
-    params["generate"].update(max_prompts=6, batch_size=4, max_prompt_length=64)
-    params["generate"]["sampling"]["max_new_tokens"] = 8
-    params["reward_model"].update(small)
-    params["reward_model"]["optim"].update(max_steps=2, batch_size=4, micro_batch_size=4)
-    params["judge"]["bootstrap_samples"] = 100
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(work, shrink_params(read_params(work)))
 
     result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -129,3 +89,24 @@ def test_whole_pipeline_end_to_end_on_a_slice(tmp_path: Path, hh_slice: Path) ->
     win = judge["dpo_spo_vs_dpo"]
     assert f"{100 * win['win_rate']:.1f}% [{100 * win['ci_low']:.1f}, {100 * win['ci_high']:.1f}] (n={win['n']})" in report
     assert "data:image/png;base64," in (work / "reports/report.html").read_text()
+
+    # dvc plots draws every declared plot from the run's files
+    plots = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=work, env=_env(hh_slice),
+                           capture_output=True, text=True)
+    assert plots.returncode == 0, plots.stderr
+    rendered = json.loads(plots.stdout)
+    assert not rendered.get("errors"), rendered["errors"]
+    drawn = set(rendered["data"])
+    for plot in ("plots/loss_parts/dpo.csv", "plots/loss_parts/dpo_spo.csv", "plots/reward_accuracy/dpo_spo.csv",
+                 "plots/degree_accuracy/dpo_spo.csv", "plots/win_rates.csv", "metrics/degrees_removed_fraction.png"):
+        assert any(key.endswith(plot) for key in drawn), plot
+
+    # one training param: the policies and everything downstream of them rerun, nothing upstream
+    params = read_params(work)
+    params["train"]["beta"] = 0.2
+    write_params(work, params)
+    rerun = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
+    ran = {line.split("'")[1] for line in rerun.stdout.splitlines() if line.startswith("Running stage '")}
+    assert ran == {"train@dpo", "train@dpo_spo", "generate", "judge", "report"}
+    assert json.loads((work / "metrics/train_dpo_spo.json").read_text())["steps"] == 2

@@ -25,6 +25,8 @@ JUDGE = {
         "ci_low": 0.445, "invalid": 0, "items": 97, "judge_id": "openai:gpt-4o", "lc_win_rate": 0.4671160999926905,
         "losses": 42, "n": 97, "not_judged": 3, "position_consistency": 0.92, "prompt_version": "v1",
         "tie_rate": 0.08, "ties": 8, "win_rate": 0.5463917525773195, "wins": 49,
+        "rouge": {"dpo_spo": {"rouge1": 0.2512, "rouge2": 0.0731, "rougeL": 0.1802},
+                  "sft": {"rouge1": 0.2399, "rouge2": 0.0655, "rougeL": 0.1713}},
     },
 }
 
@@ -126,6 +128,7 @@ def test_report_numbers_equal_the_judge_metrics(tmp_path: Path, monkeypatch: pyt
         assert float(tie) == round(100 * rec["tie_rate"], 1) and float(lc) == round(100 * rec["lc_win_rate"], 1)
         assert rec["judge_id"] in md
     assert "| Comparison | Method | hh |" in md
+    assert "| dpo_spo | 0.251 | 0.073 | 0.180 |" in md and "| sft | 0.240 | 0.066 | 0.171 |" in md  # ROUGE
     # the other sections carry the real values
     assert "8.330 | 6.254" in md and "0.532 | 0.596" in md and "| rake |" in md and "| 4466 | 4452 | 4442 |" in md
     assert "not_blank:chosen" in md and "178.6" in md and "abababababababab" in md and "<details>" in md

@@ -332,6 +332,15 @@ class Builder:
         d.table(["Comparison", "Method", dataset, "Tie rate", "LC win rate", "Position consistency", "Judge"], rows)
         if self._copy_image(self.judgments_dir / "winrates.png", "winrates.png"):
             d.img("win rates", "winrates.png")
+        rouge: dict[str, dict[str, Any]] = {}
+        for r in records.values():  # summaries: each model's ROUGE against the reference summary
+            for model, scores in (r.get("rouge") or {}).items():
+                if isinstance(scores, dict):
+                    rouge.setdefault(model, scores)
+        if rouge:
+            types = sorted({t for scores in rouge.values() for t in scores})
+            d.p("ROUGE F-measure of each model's summaries against the data set's chosen summary:")
+            d.table(["Model", *types], [[model, *(fmt(scores.get(t)) for t in types)] for model, scores in rouge.items()])
 
     # -- validation
     def validation(self) -> None:
