@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 export SPO_DATA_DIR
 
-.PHONY: setup demo test test-fast bench clean-outputs
+.PHONY: setup demo demo-tldr test test-fast bench clean-outputs
 
 setup: $(BIN)/.installed
 
@@ -23,10 +23,15 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PIP_INSTALL) -c constraints.txt "torch==2.13.0" -e ".[dev]"
 	touch $@
 
-## Run the pipeline (as far as it exists) with `dvc repro`.
+## The whole pipeline on the HH sample with `dvc repro`: data checks to the judged report.
 ## Offline machines: make demo SPO_DATA_DIR=../shared/data
 demo: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc metrics show
+
+## The same demo on TL;DR summaries: a params switch, recorded as the DVC experiment demo-tldr.
+demo-tldr: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc exp run -n demo-tldr -S data.dataset=tldr -S train.beta=0.5
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc metrics show
 
 ## The whole test suite, as CI runs it.
@@ -43,4 +48,4 @@ bench: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/bench_stages.py
 
 clean-outputs:
-	rm -rf data/prepared data/validated data/keywords data/degrees data/quarantine reports metrics
+	rm -rf data models outputs reports metrics plots dvc_plots
