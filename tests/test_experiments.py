@@ -1,5 +1,5 @@
-"""`spo exp`: the presets are valid against the real config, runs go through `dvc exp run` and
-leave params.yaml as it was, and the summary carries `dvc exp show`'s numbers."""
+"""`spo exp`: the presets are valid against the real config, runs go through `dvc exp run` without
+touching the workspace, and the summary carries `dvc exp show`'s numbers."""
 
 from __future__ import annotations
 
@@ -45,12 +45,13 @@ def test_a_typo_in_a_preset_fails_before_dvc_runs(tmp_path: Path) -> None:
 
 # -- against real DVC, in a scratch project whose one stage writes judge-like metrics from params
 STAGE = textwrap.dedent("""
-    import json, pathlib, yaml
+    import json, os, pathlib, yaml
     p = yaml.safe_load(open("params.yaml"))
     rate = {"rake": 0.55, "yake": 0.6, "random": 0.45}[p["keywords"]["method"]]
     pathlib.Path("metrics").mkdir(exist_ok=True)
     judge = {f"{v}_vs_chosen": {"a": v, "b": "chosen", "win_rate": rate, "ci_low": rate - 0.1,
              "ci_high": rate + 0.1, "n": 100, "tie_rate": 0.0} for v in p["variants"]}
+    judge["data_dir"] = os.environ.get("SPO_DATA_DIR")
     json.dump(judge, open("metrics/judge.json", "w"))
     for v in p["variants"]:
         json.dump({"eval": {"rewards/accuracy": rate}}, open(f"metrics/train_{v}.json", "w"))
@@ -90,18 +91,21 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return work
 
 
-def test_preset_runs_are_dvc_experiments_and_the_summary_shows_them(scratch: Path) -> None:
+def test_preset_runs_are_dvc_experiments_and_the_summary_shows_them(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params_before = (scratch / "params.yaml").read_text()
+    monkeypatch.setenv("SPO_DATA_DIR", "shared/data")  # relative to the project, not to DVC's temporary copy
     assert main(["exp", "run", "extractor"]) == 0
-    params_after = (scratch / "params.yaml").read_text()
-    assert "method: random # extractor" in params_after and "# the knobs" in params_after, "the last run is applied"
-    assert "ipo" in params_after and "yake" not in params_after, "each run starts from the original params"
+    assert (scratch / "params.yaml").read_text() == params_before, "runs happen in temporary copies"
+    assert json.loads((scratch / "metrics/judge.json").read_text())["dpo_spo_vs_chosen"]["win_rate"] == 0.55
 
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout)
     rows = experiments.parse_exp_show(shown)
-    assert [r["name"] for r in rows][1:] == ["extractor-yake", "extractor-random"]  # the workspace is the last one
+    assert [r["name"] for r in rows][1:] == ["extractor-yake", "extractor-random"]  # the workspace is the baseline
     assert [r["win_rates"]["dpo_spo_vs_chosen"]["win_rate"] for r in rows] == [0.55, 0.6, 0.45]
     assert "ipo_vs_chosen" in rows[2]["win_rates"] and "ipo_vs_chosen" not in rows[1]["win_rates"]
     assert experiments.varying_params(rows) == ["keywords.method", "variants"]
+    yake = next(e for e in shown[1]["experiments"] if e["name"] == "extractor-yake")["revs"][0]["data"]
+    assert yake["metrics"]["metrics/judge.json"]["data"]["data_dir"] == str(scratch / "shared/data")
 
     assert main(["exp", "summary", "-o", "out"]) == 0
     md = (scratch / "out/experiments.md").read_text()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import subprocess
 import time
@@ -74,9 +75,9 @@ def check_run(params: str | Path, overrides: list[str]) -> None:
 
 
 def dvc_command(preset: str, run: str, overrides: list[str], *, queue: bool = False, force: bool = False) -> list[str]:
-    cmd = ["dvc", "exp", "run", "-n", f"{preset}-{run}"]
-    if queue:
-        cmd.append("--queue")
+    """`dvc exp run` in a temporary copy of the workspace (or queued): a series of runs never
+    edits the user's params.yaml nor leaves one run's outputs behind for the next."""
+    cmd = ["dvc", "exp", "run", "-n", f"{preset}-{run}", "--queue" if queue else "--temp"]
     if force:
         cmd.append("--force")
     for override in overrides:
@@ -95,8 +96,8 @@ def run_preset(
     force: bool = False,
     dry_run: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run (or queue) every run of a preset in turn, each from the params.yaml it started with
-    (`dvc exp run` leaves the workspace with its experiment's params applied)."""
+    """Run (or queue) every run of a preset in turn, each from the committed pipeline plus the
+    workspace's uncommitted changes, in a temporary directory; the workspace is left as it was."""
     if name not in presets:
         raise ConfigError(f"no preset {name!r}; presets: {', '.join(presets)}")
     runs = presets[name].runs
@@ -110,28 +111,20 @@ def run_preset(
         except ConfigError as err:
             raise ConfigError(f"preset {name}, run {run}: {err}") from None
 
-    params_path = Path(params)
-    original = params_path.read_bytes()
+    env = dict(os.environ)
+    if env.get("SPO_DATA_DIR"):  # the runs execute in .dvc/tmp/exps/<run>: a relative path would miss
+        env["SPO_DATA_DIR"] = str(Path(env["SPO_DATA_DIR"]).resolve())
     results: list[dict[str, Any]] = []
-    finished = False
-    try:
-        for run, overrides in selected.items():
-            params_path.write_bytes(original)  # each run starts from the same params, not the last run's
-            cmd = dvc_command(name, run, overrides, queue=queue, force=force)
-            log.info("%s", " ".join(cmd))
-            if dry_run:
-                results.append({"run": run, "command": cmd, "returncode": None, "seconds": 0.0})
-                continue
-            started = time.perf_counter()
-            returncode = subprocess.run(cmd).returncode
-            results.append({"run": run, "command": cmd, "returncode": returncode,
-                            "seconds": round(time.perf_counter() - started, 1)})
-        finished = True
-    finally:
-        # As `dvc exp run` does, a completed series leaves the last experiment applied (params and
-        # outputs agree); anything else gets the user's params.yaml back.
-        if queue or dry_run or not finished or any(r["returncode"] for r in results):
-            params_path.write_bytes(original)
+    for run, overrides in selected.items():
+        cmd = dvc_command(name, run, overrides, queue=queue, force=force)
+        log.info("%s", " ".join(cmd))
+        if dry_run:
+            results.append({"run": run, "command": cmd, "returncode": None, "seconds": 0.0})
+            continue
+        started = time.perf_counter()
+        returncode = subprocess.run(cmd, env=env).returncode
+        results.append({"run": run, "command": cmd, "returncode": returncode,
+                        "seconds": round(time.perf_counter() - started, 1)})
     failed = [r["run"] for r in results if r["returncode"]]
     verb = "would run" if dry_run else ("queued" if queue else "ran")
     log.info("exp %s: %s %d run(s)%s", name, verb, len(results), f", failed: {', '.join(failed)}" if failed else "")
