@@ -277,7 +277,7 @@ def exp_show(all_commits: bool = False) -> list[dict[str, Any]]:
 
 def write_summary(rows: list[dict[str, Any]], out_dir: str | Path = "reports") -> dict[str, str]:
     """reports/experiments.{json,md,html,png}: the experiments side by side."""
-    from spo.io import write_json
+    from spo.io import atomic_open, write_json
     from spo.report import to_html, to_markdown
 
     out_dir = Path(out_dir)
@@ -285,7 +285,8 @@ def write_summary(rows: list[dict[str, Any]], out_dir: str | Path = "reports") -
     plot_summary(rows, out_dir / "experiments.png")
     doc = summary_doc(rows)
     write_json(out_dir / "experiments.json", rows)
-    (out_dir / "experiments.md").write_text(to_markdown(doc), encoding="utf-8")
-    (out_dir / "experiments.html").write_text(to_html(doc, out_dir, title="SPO experiments"), encoding="utf-8")
+    for name, text in (("experiments.md", to_markdown(doc)), ("experiments.html", to_html(doc, out_dir, title="SPO experiments"))):
+        with atomic_open(out_dir / name) as handle:
+            handle.write(text)
     log.info("exp summary: %d experiments -> %s", len(rows), out_dir / "experiments.md")
     return {k: str(out_dir / f"experiments.{k}") for k in ("json", "md", "html", "png")}

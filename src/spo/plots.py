@@ -21,6 +21,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from spo.io import atomic_open
+
 LOSS_PARTS = ("loss", "loss_align", "loss_degree_w", "loss_degree_l")
 WIN_RATE_COLUMNS = ("comparison", "a", "b", "win_rate", "ci_low", "ci_high", "n", "tie_rate")
 
@@ -30,13 +32,10 @@ def _finite(value: Any) -> bool:
 
 
 def _write_csv(path: Path, header: tuple[str, ...] | list[str], rows: list[list[Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
+    with atomic_open(path) as handle:
+        writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
-    tmp.replace(path)
 
 
 def policy_plots(name: str, lines: list[dict[str, Any]], plots_dir: Path) -> list[Path]:

@@ -133,9 +133,10 @@ class MetricsWriter:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):  # a line cut off by the kill itself
                 continue
-        tmp = self.path.with_name(f".{self.path.name}.tmp")  # a kill during the rewrite loses nothing
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        from spo.io import atomic_open
+
+        with atomic_open(self.path) as handle:  # a kill during the rewrite loses nothing
+            handle.write("".join(line + "\n" for line in kept))
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
