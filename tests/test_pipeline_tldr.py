@@ -40,11 +40,14 @@ def test_the_tldr_pipeline_end_to_end_on_a_slice(tmp_path: Path, tldr_slice: Pat
     work = small_project(tmp_path)
     params = read_params(work)
     params["data"]["dataset"] = "tldr"
+    # IPO and KTO selected in params, as the loss x SPO experiment does: trained, generated, judged
+    params["variants"].update(ipo_spo={"loss": "ipo", "spo": True}, kto={"loss": "kto", "spo": False})
     write_params(work, params)
     cfg = load_config(work / "params.yaml")
     assert cfg.data.dataset == "tldr"
     comparisons = {c.name: c for c in cfg.judge_comparisons()}
     assert {f"{name}_vs_chosen" for name in cfg.variants} <= set(comparisons)
+    assert {"dpo_spo_vs_dpo", "ipo_spo_vs_sft", "kto_vs_chosen"} <= set(comparisons)
 
     result = subprocess.run([*DVC, "repro"], cwd=work, env=_env(tldr_slice), capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -52,6 +55,9 @@ def test_the_tldr_pipeline_end_to_end_on_a_slice(tmp_path: Path, tldr_slice: Pat
               "generate", "reward_model", "judge", "report")
     ran = re.findall(r"Running stage '([^']+)'", result.stdout)
     assert sorted(ran) == sorted(stages)
+    for name, variant in cfg.variants.items():
+        trained = json.loads((work / f"metrics/train_{name}.json").read_text())
+        assert (trained["loss"], trained["spo"]) == (variant.loss, variant.spo), name
 
     # the rows are TL;DR posts and summaries, read from the slice
     assert f"read {2 * ROWS_PER_SPLIT} tldr rows from {tldr_slice}" in result.stderr

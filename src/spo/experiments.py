@@ -159,15 +159,23 @@ def _row(name: str, rev: str, data: dict[str, Any] | None) -> dict[str, Any] | N
 
 
 def parse_exp_show(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of ``dvc exp show --json``: baselines, their experiments oldest first, then the
-    workspace if it differs from all of them; rows without judge metrics are dropped."""
+    """Rows of ``dvc exp show --json``: each baseline commit (one of several commits with the same
+    params and results) with its experiments oldest first, then the workspace if it differs from
+    all of them; rows without judge metrics are dropped."""
     rows: list[dict[str, Any]] = []
+    baselines: set[str] = set()
     workspace = None
     for entry in entries:
         if entry.get("rev") == "workspace":
             workspace = _row("workspace", "workspace", entry.get("data"))
             continue
-        rows.append(_row(entry.get("name") or entry.get("rev", "")[:7], entry.get("rev", ""), entry.get("data")))
+        baseline = _row(entry.get("name") or entry.get("rev", "")[:7], entry.get("rev", ""), entry.get("data"))
+        if baseline is not None and not any(  # --all-commits: commits that changed no param or result
+            r and r["rev"] in baselines and (r["params"], r["win_rates"]) == (baseline["params"], baseline["win_rates"])
+            for r in rows
+        ):
+            rows.append(baseline)
+            baselines.add(baseline["rev"])
         for exp in reversed(entry.get("experiments") or []):
             revs = exp.get("revs") or []
             if revs:
