@@ -223,7 +223,7 @@ def test_a_second_dvc_repro_fails_on_the_lock_and_the_first_finishes(tmp_path: P
 
         # 2. the first run executes a stage's command: pause the command (the first dvc waits on it)
         deadline = time.monotonic() + 300
-        while not (stage_procs := _stage_processes(first.pid)):
+        while not _stage_processes(first.pid):
             if first.poll() is not None:
                 pytest.fail(f"the first dvc repro ended (rc {first.returncode}) before a stage command was seen\n" + _tail(log))
             if time.monotonic() > deadline:
