@@ -31,6 +31,12 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def degree_levels(record: dict[str, Any], side: str) -> list[int]:
+    """The levels a metrics record has per-level degree accuracy for, on one side (w or l)."""
+    prefix = f"degree/accuracy_{side}/level_"
+    return sorted(int(k[len(prefix):]) for k in record if k.startswith(prefix) and k[len(prefix):].isdigit())
+
+
 def _write_csv(path: Path, header: tuple[str, ...] | list[str], rows: list[list[Any]]) -> None:
     with atomic_open(path) as handle:
         writer = csv.writer(handle, lineterminator="\n")
@@ -52,12 +58,8 @@ def policy_plots(name: str, lines: list[dict[str, Any]], plots_dir: Path) -> lis
         written.append(plots_dir / "reward_accuracy" / f"{name}.csv")
         _write_csv(written[-1], ("step", "reward_accuracy", "reward_margin"), rows)
     last = evals[-1] if evals else (train[-1] if train else {})
-    levels = sorted(
-        int(key.rsplit("_", 1)[1]) for key in last
-        if key.startswith(("degree/accuracy_w/level_", "degree/accuracy_l/level_")) and key.rsplit("_", 1)[1].isdigit()
-    )
     rows = []
-    for level in dict.fromkeys(levels):
+    for level in sorted({lvl for side in ("w", "l") for lvl in degree_levels(last, side)}):
         cells = [last.get(f"degree/accuracy_{side}/level_{level}") for side in ("w", "l")]
         rows.append([level, *(c if _finite(c) else "" for c in cells)])
     if rows:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spo.plots import degree_levels, policy_plots, win_rate_plot
+
 import yaml
 
 from spo.config import SpoConfig
@@ -209,11 +211,6 @@ def _policies(policy_dir: Path) -> list[Path]:
         (p / f).is_file() for f in ("metrics.jsonl", "train_summary.json", "degree_confusion.png")))
 
 
-def _degree_levels(record: dict[str, Any], side: str) -> list[int]:
-    prefix = f"degree/accuracy_{side}/level_"
-    return sorted(int(k[len(prefix):]) for k in record if k.startswith(prefix) and k[len(prefix):].isdigit())
-
-
 # --------------------------------------------------------------------------- plots
 def _plt() -> Any:
     import matplotlib
@@ -257,7 +254,7 @@ def plot_training(name: str, lines: list[dict[str, Any]], out_dir: Path) -> list
     save_figure(fig, out_dir / files[-1])
     plt.close(fig)
 
-    levels = sorted({lvl for r in train + evals for s in ("w", "l") for lvl in _degree_levels(r, s)})
+    levels = sorted({lvl for r in train + evals for s in ("w", "l") for lvl in degree_levels(r, s)})
     if levels:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
         for ax, side, label in ((axes[0], "w", "chosen (w)"), (axes[1], "l", "rejected (l)")):
@@ -292,6 +289,7 @@ class Builder:
         self.out_dir = Path(rc.out_dir)
         self.doc = Doc()
         self.sections: dict[str, str] = {}
+        self.policy_lines: dict[str, list[dict[str, Any]]] = {}
         self.images: list[str] = []
 
     def metric(self, stage: str) -> dict[str, Any] | None:
@@ -473,6 +471,7 @@ class Builder:
         summary = _load_json(pdir / "train_summary.json")
         summary = summary if isinstance(summary, dict) else {}
         lines = _read_jsonl(pdir / "metrics.jsonl")
+        self.policy_lines[name] = lines  # the dvc plots data comes from the same lines
         last = {}
         for split in ("train", "eval"):
             rows = [r for r in lines if r.get("split") == split]
@@ -495,7 +494,7 @@ class Builder:
                     rows.append([split, fmt(r.get("step", summary.get("steps")))] + [fmt(r.get(k)) for k in keys])
             d.p("Final values (last logged train step, last evaluation):")
             d.table(["Split", "Step"] + keys, rows)
-            levels = sorted({lvl for r in last.values() for s in ("w", "l") for lvl in _degree_levels(r, s)})
+            levels = sorted({lvl for r in last.values() for s in ("w", "l") for lvl in degree_levels(r, s)})
             if levels:
                 rows = []
                 for split in ("train", "eval"):
@@ -617,12 +616,10 @@ def _hashes(tree: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 def write_plot_data(cfg: SpoConfig, builder: Builder) -> list[Path]:
     """The CSV files `dvc plots` draws, from the same inputs the report read."""
-    from spo.plots import policy_plots, win_rate_plot
-
     plots_dir = Path(cfg.report.plots_dir)
     written = []
-    for pdir in _policies(builder.policy_dir):
-        written += policy_plots(pdir.name, _read_jsonl(pdir / "metrics.jsonl"), plots_dir)
+    for name, lines in builder.policy_lines.items():
+        written += policy_plots(name, lines, plots_dir)
     win_rates = win_rate_plot(builder.metric("judge") or {}, plots_dir)
     return written + ([win_rates] if win_rates else [])
 
