@@ -11,7 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spo.degrees import TOKEN_RE, build_degree_variants, build_levels, phrases_at_level, words
+from spo.degrees import (
+    TOKEN_RE, build_degree_variants, build_levels, normalise, phrases_at_level, render, render_with_origins, words,
+)
 from spo.io import InputError
 
 from conftest import tmp_config
@@ -52,6 +54,27 @@ def contains(seq: list[str], sub: list[str]) -> bool:
     return any(seq[i : i + k] == sub for i in range(len(seq) - k + 1))
 
 
+def kept_origins(text: str, spans) -> list[int]:
+    """The origins of the non-space characters of a rendering, checked to be their own."""
+    level, origins = render_with_origins(text, spans)
+    assert len(origins) == len(level) and level == render(text, spans)
+    solid = [(c, o) for c, o in zip(level, origins) if not c.isspace()]
+    assert all(0 <= o < len(text) and text[o] == c for c, o in solid), (text, spans, level, origins)
+    assert all(a < b for (_, a), (_, b) in zip(solid, solid[1:])), (text, spans, level, origins)
+    assert all(o == -1 or 0 <= o < len(text) for o in origins)
+    return [o for _, o in solid]
+
+
+def assert_nested(text: str, removed_spans) -> None:
+    """The non-space characters of each level are a subset of the previous level's."""
+    previous = None
+    for spans in removed_spans:
+        kept = set(kept_origins(text, spans))
+        if previous is not None:
+            assert kept <= previous, (text, spans, sorted(kept - previous))
+        previous = kept
+
+
 # --- worked example -------------------------------------------------------------------------
 
 
@@ -88,11 +111,13 @@ def test_worked_example_levels() -> None:
         " About of butterflies live in Oregon, with about are moths, and about are common here year-round, "
         "and are seen here year-round. I suggest you keep an eye out for skippers, and."
     )
+    # a separator after a removal point goes with the removed text: no orphan "for, and."
     assert dv.levels[2] == (
-        " About of in Oregon, with about are moths, and about are common here, and are here. "
-        "I you keep an eye out for, and."
+        " About of in Oregon, with about are moths, and about are common here and are here. "
+        "I you keep an eye out for and."
     )
-    assert dv.levels[3] == " About of in, with about are, and about are here, and are here. I you an out for, and."
+    assert dv.levels[3] == " About of in with about are and about are here and are here. I you an out for and."
+    assert all("for, and." not in level for level in dv.levels[2:])
     # level 1 removes the six top phrases' occurrences, nothing else
     removed = "".join(BUTTERFLIES[s:e] + "|" for s, e in dv.removed_spans[1])
     assert removed == "150 species|100 species|20 species|another 10 species|gossamer wings|red admirals|"
@@ -119,7 +144,10 @@ def test_phrases_at_level_is_integer_ceil() -> None:
 
 
 def test_matching_is_case_insensitive_on_word_boundaries_across_whitespace() -> None:
-    assert build_levels("Look: Red\nadmirals fly.", ["red admirals"], 2)[1] == "Look: fly."
+    # a line break inside an occurrence is not removed (see test_cleaning_keeps_levels_nested)
+    assert build_levels("Look: Red\nadmirals fly.", ["red admirals"], 2)[1] == "Look:\nfly."
+    dv = build_degree_variants("Look: Red\n admirals fly.", ["red admirals"], 2)
+    assert dv.removed_spans[1] == [(6, 9), (11, 19)]
     assert build_levels("The party was art.", ["art"], 2)[1] == "The party was."
     assert build_levels("ART and Art and art", ["art"], 2)[1] == "and and"
 
@@ -130,11 +158,19 @@ def test_debris_cleaning() -> None:
     )
     assert build_levels("Red, blue, green.", ["red"], 2)[1] == "blue, green."
     assert build_levels("one two three", ["two"], 2)[1] == "one three"
-    assert build_levels("here year-round, and", ["year", "round"], 2)[1] == "here, and"
+    assert build_levels("here year-round, and", ["year", "round"], 2)[1] == "here and"
     assert build_levels("a (red admirals) b", ["red admirals"], 2)[1] == "a b"
+    assert build_levels("a (red admirals). b", ["red admirals"], 2)[1] == "a. b"
     assert build_levels("A. B. C.", ["b"], 2)[1] == "A. C."
     assert build_levels("List:\n- red\n- blue\n\nEnd", ["red"], 2)[1] == "List:\n- blue\n\nEnd"
     assert build_levels("List:\n- red\n- blue\n\nEnd", ["red", "blue"], 2)[1] == "List:\n\nEnd"
+    # separators go with the removed text before them; terminals stay
+    assert build_levels("out for skippers, gossamer wings, and red admirals.",
+                        ["skippers", "gossamer wings", "red admirals"], 2)[1] == "out for and."
+    assert build_levels("A, B, C.", ["b"], 2)[1] == "A, C."
+    assert build_levels("A, B; C: D.", ["b", "c"], 2)[1] == "A, D."
+    assert build_levels("A, B. C", ["b"], 2)[1] == "A. C"
+    assert build_levels("Buy A , , red B", ["red"], 2)[1] == "Buy A, B"
     # text away from removal points stays as it was, double spaces included
     assert build_levels("Keep  this , odd text. Drop me.", ["drop"], 2)[1] == "Keep  this , odd text. me."
 
@@ -146,14 +182,29 @@ def test_leading_space_is_kept_and_ends_are_stripped() -> None:
     assert build_levels(" all", ["all"], 2)[1] == ""
 
 
-def test_level_removing_nothing_is_the_text_unchanged() -> None:
+def test_level_removing_nothing_is_the_normalised_text() -> None:
     text = "  Odd   spacing ,here .\n\n\n\nand more  "
+    assert normalise(text) == " Odd   spacing ,here .\n\n\n\nand more"
     dv = build_degree_variants(text, ["absent phrase"], 3)
-    assert dv.levels == [text, text, text]
+    assert dv.levels == [normalise(text)] * 3
     assert not dv.distinct
     assert dv.removed_spans == [[], [], []]
     dv = build_degree_variants(text, [], 4)
-    assert dv.levels == [text] * 4 and dv.phrases_removed == [0, 0, 0, 0]
+    assert dv.levels == [normalise(text)] * 4 and dv.phrases_removed == [0, 0, 0, 0]
+
+
+def test_every_level_has_the_same_end_normalisation() -> None:
+    assert normalise(" About 150 species.\n\n") == " About 150 species."
+    assert normalise("\n  About.\t") == "About."
+    assert normalise("   ") == "" and normalise("") == ""
+    # level 0 goes through the same normalisation: trailing whitespace tells no level apart
+    dv = build_degree_variants(" Red admirals fly.  \n", ["red admirals"], 2)
+    assert dv.levels == [" Red admirals fly.", " fly."]
+    assert dv.removed_spans[1] == [(1, 13)]  # coordinates of the original text
+    for level in dv.levels:
+        assert level == normalise(level) and level == level.rstrip()
+    assert render_with_origins(" Red fly.  \n", []) == (" Red fly.", list(range(9)))
+    assert render_with_origins("\n Red", []) == ("Red", [2, 3, 4])
 
 
 def test_too_few_phrases_are_not_distinct() -> None:
@@ -161,6 +212,83 @@ def test_too_few_phrases_are_not_distinct() -> None:
     assert dv.phrases_removed == [0, 1, 1, 1]
     assert dv.levels == ["red admirals and skippers", "red admirals and", "red admirals and", "red admirals and"]
     assert not dv.distinct
+
+
+def test_render_with_origins_worked_example() -> None:
+    dv = build_degree_variants(BUTTERFLIES, BUTTERFLY_PHRASES, 4)
+    for k in (1, 2, 3):
+        level, origins = render_with_origins(BUTTERFLIES, dv.removed_spans[k])
+        assert level == dv.levels[k] == render(BUTTERFLIES, dv.removed_spans[k])
+        kept_origins(BUTTERFLIES, dv.removed_spans[k])
+        # the final "." after the removed "red admirals" is the original one, not a copy
+        assert level.endswith("and.") and origins[-1] == len(BUTTERFLIES) - 1
+        last_and = BUTTERFLIES.rindex("and")
+        assert origins[-4:-1] == [last_and, last_and + 1, last_and + 2]
+    assert_nested(BUTTERFLIES, dv.removed_spans)
+    # a kept comma carries its own index: level 1's "skippers, and" keeps the comma after skippers
+    level, origins = render_with_origins(BUTTERFLIES, dv.removed_spans[1])
+    comma = level.rindex(", and.")
+    assert origins[comma] == BUTTERFLIES.index("skippers,") + len("skippers")
+    # the space that joins "skippers," to "and" stands for the removed "gossamer wings,": synthesised
+    assert level[comma + 1] == " " and origins[comma + 1] == -1
+
+
+def test_render_with_origins_on_a_prefix() -> None:
+    dv = build_degree_variants(BUTTERFLIES, BUTTERFLY_PHRASES, 4)
+    for cut in (len(BUTTERFLIES), BUTTERFLIES.index(" gossamer"), BUTTERFLIES.index("red admirals") + 5, 20, 1, 0):
+        for spans in dv.removed_spans:
+            clipped = [(s, min(e, cut)) for s, e in spans if s < cut]
+            level, origins = render_with_origins(BUTTERFLIES[:cut], clipped)
+            assert level == normalise(level) and len(origins) == len(level)
+            kept_origins(BUTTERFLIES[:cut], clipped)
+    # a span that ends the text
+    assert render_with_origins("Keep it, red admirals", [(9, 21)]) == ("Keep it", [0, 1, 2, 3, 4, 5, 6])
+
+
+# cases where an earlier version of the cleaning kept at level k+1 a character level k had
+# dropped (found by the property test and the HH-sample check)
+NESTING_CASES = [
+    ("x -y z", ["y", "x"]),
+    ("like \u201cE.T.: the Extra-Terrestrial\u201d, or", ["t", "extra", "terrestrial", "e"]),
+    ("here: https://www.amazon.com/gp/product?ie=UTF8&psc=1",
+     ["https", "www", "amazon", "com", "gp", "product", "ie", "utf8", "psc", "1"]),
+    ("Z A , , red B", ["red", "a"]),
+    ("admirals; red. red admirals", ["red", "red ."]),
+    ("a.,x. b", ["x", "., x"]),
+    ("red red (red) red ", ["red", "red red ("]),
+    ('say "yes)E"E" now', ["e", "yes ) e"]),
+    ("red, red, red red redredred\nred red", ["red red redredred", "red redredred red"]),
+]
+
+
+@pytest.mark.parametrize(("text", "phrases"), NESTING_CASES)
+def test_cleaning_keeps_levels_nested(text, phrases) -> None:
+    for n in (2, 3, 4):
+        assert_nested(text, build_degree_variants(text, phrases, n).removed_spans)
+
+
+def test_cleaning_rules_that_keep_levels_nested() -> None:
+    # a bullet is only a bullet at a line start of the text, not one that removal made
+    assert build_levels("x -y z", ["y", "x"], 3) == ["x -y z", "x z", "z"]
+    assert build_levels("List:\n-red\n-blue", ["red"], 2)[1] == "List:\n-blue"
+    # groups are split at removal points, so one glued across a removed word keeps its kind
+    levels = build_levels("like \u201cE.T.: the Extra-Terrestrial\u201d, or", ["t", "extra", "terrestrial", "e"], 3)
+    assert levels[1:] == ["like \u201cE. the Terrestrial\u201d, or", "like \u201c. the \u201d, or"]
+    # removed punctuation still counts when the kept punctuation around it collapses: the ";"
+    # that "; ." -> "." dropped at level 1 stays dropped when level 2 removes the "." as well
+    assert build_levels("admirals; red. red admirals", ["red", "red ."], 3) == [
+        "admirals; red. red admirals", "admirals. admirals", "admirals admirals"
+    ]
+    assert build_levels("a.,x. b", ["x", "., x"], 3) == ["a.,x. b", "a. b", "a b"]
+    # a bracket goes with its partner: level 1 drops "()", level 2 also removes the "("
+    assert build_levels("a (red admirals) b", ["red admirals", "( red"], 3) == ["a (red admirals) b", "a b", "a b"]
+    # quotes glued around removal points pair up whatever the order: level 1 drops '"E"', so
+    # level 2 (which also removes 'yes)') may not keep one of them
+    assert build_levels('say "yes)E"E" now', ["e", "yes ) e"], 3) == ['say "yes)E"E" now', 'say "yes) now', "say now"]
+    # a line break is never removed, so a line-end comma dropped at level 1 stays dropped
+    text = "red, red, red red redredred\nred red"
+    levels = build_levels(text, ["red red redredred", "red redredred red"], 3)
+    assert levels[1:] == ["red, red\nred red", "red, red\nred"]
 
 
 def test_occurrences_made_by_removal_are_removed_too() -> None:
@@ -199,13 +327,13 @@ def text_and_phrases(draw):
 
 
 @settings(max_examples=int(__import__("os").environ.get("DEGREES_EXAMPLES", "400")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(text_and_phrases(), st.integers(2, 8))
-def test_level_properties(data, n_levels) -> None:
+@given(text_and_phrases(), st.integers(2, 8), st.floats(0, 1))
+def test_level_properties(data, n_levels, cut_at) -> None:
     text, phrases = data
     dv = build_degree_variants(text, phrases, n_levels)
     levels = dv.levels
     assert len(levels) == n_levels == len(dv.labels) == len(dv.removed_spans) == len(dv.removed_fraction)
-    assert levels[0] == text
+    assert levels[0] == normalise(text)
     assert dv.labels == list(range(n_levels))
     assert dv.distinct == (len(set(levels)) == n_levels)
     for k in range(n_levels):
@@ -215,7 +343,13 @@ def test_level_properties(data, n_levels) -> None:
         spans = dv.removed_spans[k]
         assert all(s < e for s, e in spans) and all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
         if not spans:
-            assert levels[k] == text
+            assert levels[k] == normalise(text)
+        # the same rendering and ends for every level; every non-space character is its own
+        assert render_with_origins(text, spans)[0] == levels[k]
+        assert levels[k] == normalise(levels[k]) and levels[k] == levels[k].rstrip()
+        kept_origins(text, spans)
+        cut = round(cut_at * len(text))  # a level rebuilt from a prefix, as the trainer does
+        kept_origins(text[:cut], [(s, min(e, cut)) for s, e in spans if s < cut])
         if k + 1 < n_levels:
             assert is_subsequence(words(levels[k + 1]), words(levels[k]))
             assert set(dv.removed_spans[k]) <= set(dv.removed_spans[k + 1]) or all(
@@ -232,6 +366,7 @@ def test_level_properties(data, n_levels) -> None:
                 assert not contains(level_tokens, seq), (phrase, levels[k])
         if k >= 1 and spans:
             assert levels[k] == levels[k].strip() or (text.startswith(" ") and levels[k][1:] == levels[k].strip())
+    assert_nested(text, dv.removed_spans)
 
 
 # --- the stage ------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Degree variants of a response: N nested levels that remove more and more key content.
 
 Level k in 0..N-1 removes every occurrence of the first ``ceil(k * |K| / (N - 1))`` phrases of
-the ranked list K (``|K|`` taken literally, as given); level 0 is the response unchanged, byte
-for byte.  See docs/degrees.md for the rules in prose.
+the ranked list K (``|K|`` taken literally, as given); level 0 removes nothing.  Every level,
+level 0 included, is rendered by :func:`render_with_origins` and so ends the same way
+(:func:`normalise`): no level can be told from the others by whitespace at its ends.  See
+docs/degrees.md for the rules in prose.
 
 Matching is done on tokens, not regexes: the text is tokenised once with
 ``\\w+|[^\\w\\s]+`` (words and punctuation runs, lowercased with ``casefold``), each phrase the
@@ -12,12 +14,16 @@ whitespace between tokens ("red admirals" matches "Red\\nadmirals").
 
 Removal deletes the union of the occurrence spans and then cleans the *debris* that removal
 leaves, only around the removal points: each maximal run of non-word characters that touches a
-removed span is rewritten (orphan hyphens/slashes/apostrophes glued to the removed text go,
-repeated separators collapse, a space before ``,.;:!?)]}`` goes, a line or text starting with a
-separator loses it, lines emptied by removal disappear, runs of blank lines stop at one).
-Text away from removal points is left exactly as it was, so the cleaning leaves no artefact
-the degree classifier could count.  Cleaning only ever touches non-word characters and never
-glues two words together, so the words of level k+1 are a subsequence of the words of level k.
+removed span is rewritten (orphan hyphens/slashes/apostrophes glued to the removed text go, a
+separator ``,;:`` right after a removal point goes with the removed text, brackets left around
+nothing go, repeated separators collapse, a space before ``,.;:!?)]}`` goes, a line or text
+starting with a separator loses it, lines emptied by removal disappear, runs of blank lines
+stop at one).  Text away from removal points is left exactly as it was, so the cleaning leaves
+no artefact the degree classifier could count.  Cleaning only ever deletes characters or
+rewrites whitespace: every non-space character of a level is a character of the response, in
+order (:func:`render_with_origins` says which), and more removal never brings a deleted
+character back, so the non-space characters of level k+1 are a subset of those of level k and
+its words a subsequence of level k's words.
 
 Removal can bring two kept tokens together into a new occurrence of a phrase the level removes
 ("a c b" with phrases "c" and "a b"); such occurrences are removed too, until none is left, and
@@ -27,12 +33,16 @@ level k+1 starts from everything level k removed, so levels stay nested.
 from __future__ import annotations
 
 import bisect
+import functools
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 TOKEN_RE = re.compile(r"\w+|[^\w\s]+")
+_PUNCT_RE = re.compile(r"[^\w\s]+")
+_WORD_CHAR_RE = re.compile(r"\w")
 WORD_RE = re.compile(r"\w+")
 
 # punctuation that only makes sense glued to a word: dropped when it touches a removed span
@@ -41,9 +51,16 @@ _SEPARATORS = frozenset(",;:")
 _TERMINALS = frozenset(".!?\u2026")
 _NO_SPACE_BEFORE = frozenset(",.;:!?)]}\u2026")
 _OPENERS = frozenset("([{\u201c\u2018")
-_EMPTY_PAIRS = frozenset({"()", "[]", "{}", '""', "''", "\u201c\u201d", "\u2018\u2019", "<>"})
+# opener -> closer of the brackets and quotes that go when they enclose only removed text
+_PAIRS = {"(": ")", "[": "]", "{": "}", '"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "<": ">"}
+_CLOSERS = {c: o for o, c in _PAIRS.items()}
 
 Span = tuple[int, int]
+# punctuation group of a debris region: its characters, their positions in the region, and
+# whether whitespace came before it (a group of no character: removed punctuation that counts)
+Group = tuple[str, list[int], bool]
+# removal point of a debris region: its position there, and the punctuation tokens it removed
+Gap = tuple[int, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,31 @@ def _merge(spans: list[Span]) -> list[Span]:
     return [(s, e) for s, e in merged]
 
 
+def _removal(text: str, spans: Sequence[Span]) -> list[Span]:
+    """The merged ``spans`` less every whitespace run of ``text`` that holds a line break.
+
+    Removal never deletes a line break ("Red\\nadmirals" removed leaves the "\\n"): every level
+    has the lines of the text, so the cleaning's line rules see the same lines at every level
+    and cannot keep at level k+1 what they dropped at level k.
+    """
+    out: list[Span] = []
+    for start, end in _merge(list(spans)):
+        nl = text.find("\n", start, end)
+        while nl >= 0:
+            a = nl
+            while a > start and text[a - 1].isspace():
+                a -= 1
+            if a > start:
+                out.append((start, a))
+            start = nl + 1
+            while start < end and text[start].isspace():
+                start += 1
+            nl = text.find("\n", start, end)
+        if start < end:
+            out.append((start, end))
+    return out
+
+
 class _Text:
     """One text tokenised once, with an index from token to positions."""
 
@@ -108,7 +150,6 @@ class _Text:
         self.index: dict[str, list[int]] = {}
         for i, (_, _, tok) in enumerate(self.tokens):
             self.index.setdefault(tok, []).append(i)
-        self.word_tokens = [(s, e) for s, e, tok in self.tokens if _is_word(tok[0])]
 
     def occurrences(self, seq: Sequence[str]) -> list[Span]:
         """Spans of every occurrence (overlapping ones too) of a token sequence."""
@@ -124,155 +165,382 @@ class _Text:
         return spans
 
 
+def normalise(text: str) -> str:
+    """``text`` stripped at both ends, with one leading space kept when it starts with a space.
+
+    The end normalisation of every level, level 0 included, so that trailing or leading
+    whitespace never tells the levels apart.  HH responses start with a space (" About 150 ...")
+    and keep it, so that prompt + level still reads as a dialogue.
+    """
+    return render_with_origins(text, ())[0]
+
+
 def render(text: str, spans: Sequence[Span]) -> str:
-    """``text`` with the (merged, sorted) ``spans`` deleted and the debris around them cleaned.
+    """The text of :func:`render_with_origins` (one code path, so the two never disagree)."""
+    return render_with_origins(text, spans)[0]
 
-    With no span, ``text`` itself is returned.  Leading and trailing whitespace of the result
-    is stripped, except that one leading space is kept when ``text`` starts with a space (HH
-    responses do: " About 150 ...").
+
+def render_with_origins(text: str, spans: Sequence[Span]) -> tuple[str, list[int]]:
+    """``text`` with ``spans`` deleted, the debris around them cleaned and the ends normalised,
+    and for each character of the result the index in ``text`` of the character it is.
+
+    ``spans`` are ``(start, end)`` character ranges of ``text`` (merged first, and a line break
+    inside one is kept, see :func:`_removal`; they may end at ``len(text)``), e.g. a level's
+    ``removed_spans`` clipped to a prefix of the response.  With no span the result is
+    :func:`normalise` ``(text)``.  An origin of -1 marks whitespace the cleaning synthesised (a
+    space between punctuation groups); a non-space character always carries its own index, and
+    these indices strictly increase, because the cleaning only keeps or deletes the characters
+    of ``text`` and rewrites whitespace.
     """
-    if not spans:
-        return text
+    merged = _removal(text, spans)
     pieces: list[str] = []
-    gaps: list[int] = []
-    pos = 0
-    length = 0
-    for start, end in spans:
-        kept = text[pos:start]
-        pieces.append(kept)
-        length += len(kept)
-        if not gaps or gaps[-1] != length:
-            gaps.append(length)
-        pos = end
-    pieces.append(text[pos:])
-    s = "".join(pieces)
-
-    out: list[str] = []
-    last = 0
+    origins: list[int] = []
+    n = len(text)
+    done = 0
     i = 0
-    while i < len(gaps):
-        g = gaps[i]
-        a = g
-        while a > 0 and not _is_word(s[a - 1]):
-            a -= 1
-        b = g
-        while b < len(s) and not _is_word(s[b]):
-            b += 1
-        local: list[int] = []
-        while i < len(gaps) and gaps[i] <= b:
-            local.append(gaps[i] - a)
-            i += 1
-        out.append(s[last:a])
-        out.append(_clean_region(s[a:b], local, at_start=a == 0, at_end=b == len(s)))
-        last = b
-    out.append(s[last:])
-    result = "".join(out).strip()
-    if result and text.startswith(" "):
-        result = " " + result
-    return result
+    while i < len(merged):
+        a, b, region, kept, crossed, i = _region(text, merged, i, done)
+        pieces.append(text[done:a])
+        origins.extend(range(done, a))
+        cleaned, cleaned_origins = _rewrite(text, region, kept, crossed, at_start=a == 0, at_end=b == n)
+        pieces.append(cleaned)
+        origins.extend(cleaned_origins)
+        done = b
+    pieces.append(text[done:])
+    origins.extend(range(done, n))
+    lead = None
+    if text.startswith(" "):
+        lead = -1 if merged and merged[0][0] == 0 else 0
+    return _trim("".join(pieces), origins, lead)
 
 
-def _groups(part: str, line_start: bool, line_end: str) -> list[str]:
-    """The punctuation groups of one line's share of a debris region, de-duplicated.
+def _trim(text: str, origins: list[int], lead: int | None) -> tuple[str, list[int]]:
+    """Strip both ends; unless ``lead`` is None, prefix one space with origin ``lead``."""
+    body = text.strip()
+    if not body:
+        return "", []
+    start = len(text) - len(text.lstrip())
+    kept = origins[start : start + len(body)]
+    if lead is None:
+        return body, kept
+    return " " + body, [lead, *kept]
 
-    ``line_end`` is the set of separators dropped at the end ("" when the region goes on to a
-    word on the same line).
+
+def _region(text: str, spans: list[Span], i: int, done: int) -> tuple[int, int, str, list[Span], list[Span], int]:
+    """The maximal non-word run of kept text around ``spans[i]``, across the spans it touches.
+
+    Returns the run's start and end in ``text``, its kept characters, the slices of ``text``
+    they come from, the spans it crosses and the index of the first span after it.  ``done`` is
+    where the previous run ended: no span lies between it and ``spans[i]``.
     """
-    out: list[str] = []
-    for g in part.split():
-        if g in _EMPTY_PAIRS:
-            continue
-        chars = set(g)
-        if chars <= _SEPARATORS | _TERMINALS:
-            if chars & _TERMINALS:
-                g = "".join(c for c in g if c in _TERMINALS)
-                if out and set(out[-1]) <= _SEPARATORS:
-                    out[-1] = g  # ", ." -> "."
-                elif (out and out[-1][-1] in _TERMINALS) or (not out and line_start):
-                    continue  # ". ." -> "."; a line does not start with "."
-                else:
-                    out.append(g)
-            else:
-                if (out and out[-1][-1] in _SEPARATORS | _TERMINALS) or (not out and line_start):
-                    continue  # ", ," -> ","; a line does not start with ","
-                out.append(g[0])
-        else:
-            out.append(g)
-    while out and line_end and set(out[-1]) <= set(line_end):
-        out.pop()
-    return out
+    start, end = spans[i]
+    a = start
+    while a > done and not _is_word(text[a - 1]):
+        a -= 1
+    kept = [(a, start)]
+    i += 1
+    n = len(text)
+    while True:
+        stop = spans[i][0] if i < len(spans) else n
+        word = _WORD_CHAR_RE.search(text, end, stop)
+        run_end = word.start() if word else stop
+        kept.append((end, run_end))
+        if word or i == len(spans):
+            return a, run_end, "".join([text[s:e] for s, e in kept]), kept, spans[i - len(kept) + 1 : i], i
+        end = spans[i][1]
+        i += 1
 
 
-def _join(groups: list[str], space_before: bool) -> str:
-    text = ""
-    for g in groups:
-        if text or space_before:
-            if g[0] not in _NO_SPACE_BEFORE:
-                text += " "
-        text += g
-    return text
+def _rewrite(text: str, region: str, kept: list[Span], crossed: list[Span], *, at_start: bool, at_end: bool,
+             ) -> tuple[str, list[int]]:
+    """The cleaned debris region (see :func:`_region`) and the index in ``text`` of each of its
+    characters (-1: synthesised)."""
+    if "\n" not in region and not region.strip():
+        # the common case, words removed between spaces: what _clean_region gives, faster
+        return ("", []) if at_start or at_end else (" ", [-1])
+    gaps: list[Gap] = []
+    offset = 0
+    for (s, e), (start, end) in zip(kept, crossed):
+        offset += e - s
+        gaps.append((offset, tuple(_PUNCT_RE.findall(text, start, end))))
+    cleaned, positions = _clean_region(region, tuple(gaps), at_start=at_start, at_end=at_end)
+    idx = [j for s, e in kept for j in range(s, e)]
+    return cleaned, [idx[p] if p >= 0 else -1 for p in positions]
 
 
-def _clean_region(region: str, gaps: list[int], *, at_start: bool, at_end: bool) -> str:
+def _counts(token: str) -> bool:
+    """Whether removed punctuation still counts when the kept punctuation around it collapses.
+
+    A removed "." still ends its sentence for the "; ." -> "." rule (and a removed "," still
+    stands for its neighbours), so that removing it at a later level does not bring back the
+    ";" an earlier level dropped.
+    """
+    return token[-1] in _TERMINALS or set(token) <= _SEPARATORS | _TERMINALS
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _clean_region(region: str, gaps: tuple[Gap, ...], *, at_start: bool, at_end: bool) -> tuple[str, tuple[int, ...]]:
     """Rewrite one maximal non-word run of the kept text that contains removal points.
 
     ``gaps`` are the removal points inside ``region``; ``at_start``/``at_end`` say that the
-    region begins/ends the text (otherwise a word character is on that side).
+    region begins/ends the text (otherwise a word character is on that side).  Returns the
+    rewritten run and, per character, its position in ``region`` (-1: synthesised whitespace).
+    Cached: the same few runs (" , " around a removed word) make most of the work.
     """
-    keep = [True] * len(region)
-    for g in gaps:
-        j = g - 1
-        while j >= 0 and region[j] in _CONNECTORS:
-            j -= 1
-        # connectors that open a line ("-item", "* item") are list bullets, not debris
-        before = region[: j + 1].rstrip(" \t")
-        if before.endswith("\n") or (not before and at_start):
-            j = g - 1
-        for i in range(j + 1, g):
-            keep[i] = False
-        j = g
-        while j < len(region) and region[j] in _CONNECTORS:
-            keep[j] = False
-            j += 1
-    gap_lines = {region.count("\n", 0, g) for g in gaps}
-    cleaned = "".join(c for c, k in zip(region, keep) if k)
-    parts = cleaned.split("\n")
+    keep = _debris_mask(region, gaps, at_start)
+    newlines = [p for p, c in enumerate(region) if c == "\n"]
+    lines: list[list[int]] = [[] for _ in range(len(newlines) + 1)]
+    line = 0
+    for p, c in enumerate(region):
+        if c == "\n":
+            line += 1
+        elif keep[p]:
+            lines[line].append(p)
+    line_gaps: list[list[Gap]] = [[] for _ in lines]
+    for gap in gaps:
+        line_gaps[bisect.bisect_left(newlines, gap[0])].append(gap)
+    gap_lines = {number for number, on_line in enumerate(line_gaps) if on_line}
     right_word = not at_end
 
-    def tail(groups: list[str], part: str) -> str:
-        # space after the last group when a word follows on the same line
-        if not right_word:
-            return ""
+    if not newlines:
+        groups = _groups(region, lines[0], line_gaps[0], line_start=at_start, line_end=",;:" if at_end else "")
         if not groups:
-            return ""
-        if groups[-1][-1] in _OPENERS and not part[-1:].isspace():
-            return ""
-        return " " if (part[-1:].isspace() or groups[-1][-1] in _NO_SPACE_BEFORE) else ""
-
-    if len(parts) == 1:
-        part = parts[0]
-        groups = _groups(part, line_start=at_start, line_end=",;:" if at_end else "")
-        if not groups:
-            return "" if at_start or at_end else " "
-        return _join(groups, space_before=not at_start) + tail(groups, part)
+            return ("", ()) if at_start or at_end else (" ", (-1,))
+        text, positions = _join(groups, space_before=not at_start)
+        tail = _tail(region, lines[0], groups, right_word)
+        return text + tail, (*positions, *[-1] * len(tail))
 
     # a first (last) line of the text that removal left without words disappears
     first = [] if at_start and 0 in gap_lines else _groups(
-        parts[0], line_start=at_start, line_end=",;:" if at_end else ",;"
+        region, lines[0], line_gaps[0], line_start=at_start, line_end=",;:" if at_end else ",;"
     )
-    lines = [_join(first, space_before=not at_start)]
-    for idx in range(1, len(parts) - 1):
-        if idx in gap_lines:
-            continue  # a line emptied by removal disappears
-        lines.append(_join(_groups(parts[idx], line_start=False, line_end=""), space_before=False)
-                     if parts[idx].strip() else "")
-    last_idx = len(parts) - 1
-    part = parts[-1]
-    groups = [] if at_end and last_idx in gap_lines else _groups(part, line_start=True, line_end=",;:" if at_end else "")
-    indent = "" if last_idx in gap_lines else re.match(r"[ \t]*", part).group()  # type: ignore[union-attr]
-    lines.append(indent + _join(groups, space_before=False) + tail(groups, part))
-    text = "\n".join(line.rstrip(" \t") if n < len(lines) - 1 else line for n, line in enumerate(lines))
-    return re.sub(r"\n{3,}", "\n\n", text)
+    rows = [(0, *_join(first, space_before=not at_start))]
+    for number in range(1, len(lines) - 1):
+        if number not in gap_lines:  # a line emptied by removal disappears
+            groups = _groups(region, lines[number], line_gaps[number], line_start=False, line_end="")
+            rows.append((number, *_join(groups, space_before=False)))
+    last = len(lines) - 1
+    part = lines[last]
+    groups = [] if at_end and last in gap_lines else _groups(
+        region, part, line_gaps[last], line_start=True, line_end=",;:" if at_end else ""
+    )
+    indent = [] if last in gap_lines else list(itertools.takewhile(lambda p: region[p] in " \t", part))
+    text, positions = _join(groups, space_before=False)
+    tail = _tail(region, part, groups, right_word)
+
+    chars: list[str] = []
+    out: list[int] = []
+    for number, row, row_positions in rows:
+        chars.append(row)
+        out.extend(row_positions)
+        chars.append("\n")  # the newline that ended this line
+        out.append(newlines[number])
+    chars.extend([region[p] for p in indent])
+    out.extend(indent)
+    chars.append(text + tail)
+    out.extend(positions + [-1] * len(tail))
+    return _at_most_one_blank_line("".join(chars), out)
+
+
+def _at_most_one_blank_line(text: str, positions: list[int]) -> tuple[str, tuple[int, ...]]:
+    """Runs of 3+ newlines become 2 (the first two are kept)."""
+    chars: list[str] = []
+    out: list[int] = []
+    for c, p in zip(text, positions):
+        if c == "\n" and len(chars) >= 2 and chars[-1] == chars[-2] == "\n":
+            continue
+        chars.append(c)
+        out.append(p)
+    return "".join(chars), tuple(out)
+
+
+def _debris_mask(region: str, gaps: Sequence[Gap], at_start: bool) -> list[bool]:
+    """Which characters of ``region`` survive the character-level rules.
+
+    Deleted characters are transparent to the later rules, so the rules only ever delete more
+    as more is removed (what keeps the levels nested).
+    """
+    keep = [True] * len(region)
+    points = [g for g, _ in gaps]
+    for g in points:
+        _drop_connectors(region, points, g, keep, at_start)
+    while True:  # in rounds, every removal point judged on the same state: order cannot matter
+        doomed = {p for g in points for p in _attached_separators(region, g, keep) + _empty_pair(region, gaps, g, keep)}
+        if not doomed:
+            return keep
+        for p in doomed:
+            keep[p] = False
+
+
+def _drop_connectors(region: str, points: list[int], g: int, keep: list[bool], at_start: bool) -> None:
+    """Delete the connectors glued to removal point ``g`` ("year-round" minus both words)."""
+    j = g - 1
+    while j >= 0 and region[j] in _CONNECTORS:
+        j -= 1
+    if not _opens_line(region, points, j + 1, at_start):
+        for i in range(j + 1, g):
+            keep[i] = False
+    j = g
+    while j < len(region) and region[j] in _CONNECTORS:
+        keep[j] = False
+        j += 1
+
+
+def _opens_line(region: str, points: list[int], pos: int, at_start: bool) -> bool:
+    """Whether ``region[pos]`` opens a line of the original text ("- item", "* item": a bullet).
+
+    Only spaces or tabs, and no removal point, may lie between the line start and ``pos``: a
+    connector that removal brought to a line start is still debris.
+    """
+    nl = region.rfind("\n", 0, pos)
+    if region[nl + 1 : pos].strip(" \t") or (nl < 0 and not at_start):
+        return False
+    return not any(nl < g <= pos for g in points)
+
+
+def _attached_separators(region: str, g: int, keep: list[bool]) -> list[int]:
+    """The kept separators ``,;:`` that follow removal point ``g`` with nothing but whitespace
+    or debris between.
+
+    They belong to the removed text: deleting a list item deletes its trailing comma
+    ("for skippers, gossamer wings, and" minus the items is "for and").  Terminals stay: a
+    sentence keeps its end.
+    """
+    j = g
+    while j < len(region) and (not keep[j] or region[j].isspace()):
+        j += 1
+    found = []
+    while j < len(region) and (not keep[j] or region[j] in _SEPARATORS):
+        if keep[j]:
+            found.append(j)
+        j += 1
+    return found
+
+
+def _empty_pair(region: str, gaps: Sequence[Gap], g: int, keep: list[bool]) -> list[int]:
+    """The kept brackets or quotes glued to removal point ``g`` that enclose nothing but
+    removed text: a pair around it ("(red admirals)" removed), or one whose partner it removed
+    (a ")" after removed "(red admirals", a "(" before removed "red admirals)").
+    """
+    p = g - 1
+    while p >= 0 and not keep[p]:
+        p -= 1
+    q = g
+    while q < len(region) and not keep[q]:
+        q += 1
+    left = region[p] if p >= 0 else ""
+    right = region[q] if q < len(region) else ""
+    if left and _PAIRS.get(left) == right:
+        return [p, q]
+    removed = "".join(t for position, tokens in gaps if p < position <= q for t in tokens)
+    found = []
+    if right in _CLOSERS and _CLOSERS[right] in removed:
+        found.append(q)
+    if left in _PAIRS and _PAIRS[left] in removed:
+        found.append(p)
+    return found
+
+
+def _split_groups(region: str, line: list[int], gaps: list[Gap]) -> list[Group]:
+    """The groups of one line of ``region``: its kept characters ``line`` split at whitespace and
+    at the removal points ``gaps`` of the line, with the removed punctuation that still counts
+    (:func:`_counts`) as groups of no character in between.
+
+    Splitting at removal points keeps every group one punctuation token of the text (less
+    deleted characters), so more removal can shrink a group but never merge two into one of
+    another kind; each group says whether whitespace came before it.
+    """
+    groups: list[Group] = []
+    current: list[int] = []
+    spaced = False  # whitespace since the last group
+    current_spaced = False
+    k = 0
+    for p in line + [len(region)]:
+        if (k < len(gaps) and gaps[k][0] <= p) or p == len(region) or region[p].isspace():
+            if current:
+                groups.append(("".join([region[q] for q in current]), current, current_spaced))
+                current = []
+            while k < len(gaps) and gaps[k][0] <= p:
+                groups.extend((token, [], False) for token in gaps[k][1] if _counts(token))
+                k += 1
+        if p == len(region):
+            break
+        if region[p].isspace():
+            spaced = True
+            continue
+        if not current:
+            current_spaced, spaced = spaced, False
+        current.append(p)
+    return groups
+
+
+def _only(group: Group, chars: frozenset[str]) -> Group:
+    """The group less its characters not in ``chars``."""
+    text, positions, spaced = group
+    kept = [i for i, c in enumerate(text) if c in chars]
+    return "".join([text[i] for i in kept]), [positions[i] for i in kept] if positions else [], spaced
+
+
+def _groups(region: str, line: list[int], gaps: list[Gap], line_start: bool, line_end: str) -> list[Group]:
+    """The punctuation groups of one line's share of a debris region, de-duplicated.
+
+    ``line_end`` is the set of separators dropped at the end ("" when the region goes on to a
+    word on the same line).  The rules only ever drop more as more is removed: of consecutive
+    separators the last is kept (more removal deletes the first ones, never the last), and a
+    separator is dropped after a terminal but not after other punctuation, which more removal
+    may delete.
+    """
+    out: list[Group] = []
+    for g in _split_groups(region, line, gaps):
+        chars = set(g[0])
+        if not chars <= _SEPARATORS | _TERMINALS:
+            out.append(g)
+            continue
+        follows_separator = bool(out) and set(out[-1][0]) <= _SEPARATORS
+        if chars & _TERMINALS:
+            g = _only(g, _TERMINALS)
+            if follows_separator:
+                out[-1] = g  # ", ." -> "."
+            elif (out and out[-1][0][-1] in _TERMINALS) or (not out and line_start):
+                continue  # ". ." -> "."; a line does not start with "."
+            else:
+                out.append(g)
+        else:
+            g = (g[0][0], g[1][:1], g[2])
+            if follows_separator:
+                out[-1] = g  # ", ," -> ","
+            elif (out and out[-1][0][-1] in _TERMINALS) or (not out and line_start):
+                continue  # ". ," -> "."; a line does not start with ","
+            else:
+                out.append(g)
+    while out and line_end and set(out[-1][0]) <= set(line_end):
+        out.pop()
+    return [g for g in out if g[1]]  # counted punctuation of removed text shows nothing
+
+
+def _join(groups: list[Group], space_before: bool) -> tuple[str, list[int]]:
+    """The groups joined by single (synthesised) spaces where whitespace separated them (before
+    the first: where ``space_before``), but none before ``,.;:!?)]}``."""
+    chars: list[str] = []
+    positions: list[int] = []
+    for text, group_positions, spaced in groups:
+        if (spaced if chars else space_before) and text[0] not in _NO_SPACE_BEFORE:
+            chars.append(" ")
+            positions.append(-1)
+        chars.append(text)
+        positions.extend(group_positions)
+    return "".join(chars), positions
+
+
+def _tail(region: str, line: list[int], groups: list[Group], right_word: bool) -> str:
+    """The space after the last group when a word follows on the same line."""
+    if not right_word or not groups:
+        return ""
+    last = groups[-1][0][-1]
+    spaced = bool(line) and region[line[-1]].isspace()
+    if last in _OPENERS and not spaced:
+        return ""
+    return " " if spaced or last in _NO_SPACE_BEFORE else ""
 
 
 def _level_spans(doc: _Text, seqs: list[tuple[str, ...]], base: list[Span]) -> tuple[list[Span], str]:
@@ -280,58 +548,42 @@ def _level_spans(doc: _Text, seqs: list[tuple[str, ...]], base: list[Span]) -> t
     spans = list(base)
     for seq in seqs:
         spans.extend(doc.occurrences(seq))
-    spans = _merge(spans)
+    spans = _removal(doc.text, spans)
     # sequences whose ends are words: an occurrence made by removal can be mapped back.  A
     # one-token sequence cannot be made by removal (kept tokens are never altered), so only
     # multi-token phrases need the re-check.
     closable = [seq for seq in seqs if len(seq) > 1 and _is_word(seq[0][0]) and _is_word(seq[-1][0])]
     while True:
-        level = render(doc.text, spans)
+        level, origins = render_with_origins(doc.text, spans)
         if not closable or not spans:
             return spans, level
-        found = _remaining(doc, spans, level, closable)
+        found = _remaining(level, origins, closable)
         if not found:
             return spans, level
-        spans = _merge(spans + found)
+        spans = _removal(doc.text, spans + found)
 
 
-def _remaining(doc: _Text, spans: list[Span], level: str, seqs: list[tuple[str, ...]]) -> list[Span]:
-    """Original-text spans of occurrences of ``seqs`` that removal created in ``level``."""
-    starts = [s for s, _ in spans]
-    kept_words = []
-    for ws, we in doc.word_tokens:
-        j = bisect.bisect_right(starts, ws) - 1
-        if j < 0 or spans[j][1] <= ws:
-            kept_words.append((ws, we))
-    tokens = _tokenize(level)
-    word_no: list[int] = []
-    n = 0
-    for _, _, tok in tokens:
-        word_no.append(n if _is_word(tok[0]) else -1)
-        n += _is_word(tok[0])
-    if n != len(kept_words):  # cannot happen: cleaning neither glues nor splits words
-        return []
-    index: dict[str, list[int]] = {}
-    for i, (_, _, tok) in enumerate(tokens):
-        index.setdefault(tok, []).append(i)
-    found = []
-    for seq in seqs:
-        k = len(seq)
-        for pos in index.get(seq[0], ()):
-            if pos + k <= len(tokens) and all(tokens[pos + j][2] == seq[j] for j in range(k)):
-                first = kept_words[word_no[pos]]
-                last = kept_words[word_no[pos + k - 1]]
-                found.append((first[0], last[1]))
-    return found
+def _remaining(level: str, origins: list[int], seqs: list[tuple[str, ...]]) -> list[Span]:
+    """Original-text spans of occurrences of ``seqs`` that removal created in ``level``.
+
+    ``seqs`` begin and end with words, and a word of a level is a word of the text character
+    for character, so the origins of an occurrence's first and last characters bound it.
+    """
+    rendered = _Text(level)
+    return [(origins[s], origins[e - 1] + 1) for seq in seqs for s, e in rendered.occurrences(seq)]
 
 
 def build_degree_variants(text: str, phrases: Sequence[str], n_levels: int) -> DegreeVariants:
-    """The ``n_levels`` nested degree variants of ``text`` for the ranked ``phrases``."""
+    """The ``n_levels`` nested degree variants of ``text`` for the ranked ``phrases``.
+
+    Level 0 is :func:`normalise` ``(text)``, the response with only its ends normalised as every
+    level's are; ``removed_spans`` are in the coordinates of ``text`` itself.
+    """
     if not isinstance(n_levels, int) or n_levels < 2:
         raise ValueError(f"n_levels must be an integer >= 2, got {n_levels!r}")
     doc = _Text(text)
     seqs = [tuple(tok for _, _, tok in _tokenize(p)) for p in phrases]
-    levels = [text]
+    levels = [normalise(text)]
     removed: list[list[Span]] = [[]]
     counts = [0]
     fractions = [0.0]
@@ -358,7 +610,7 @@ def build_degree_variants(text: str, phrases: Sequence[str], n_levels: int) -> D
 
 
 def build_levels(text: str, phrases: Sequence[str], n_levels: int) -> list[str]:
-    """The ``n_levels`` strings of :func:`build_degree_variants`; index 0 is ``text``."""
+    """The ``n_levels`` strings of :func:`build_degree_variants`; index 0 is ``normalise(text)``."""
     return build_degree_variants(text, phrases, n_levels).levels
 
 
