@@ -80,7 +80,6 @@ def main() -> None:
 
     from spo.config import SamplingConfig, SpoConfig
     from spo.generation import encode_prompts, generate_texts
-    from spo.models.formatting import format_prompt
 
     torch.set_num_threads(args.threads)
     gen_cfg = SpoConfig().generate
@@ -89,8 +88,8 @@ def main() -> None:
     rows, rows_source = _rows(args.prompts)
     model, tokenizer, model_source = _model(rows)
     n_params = sum(p.numel() for p in model.parameters())
-    prompts = [format_prompt(tokenizer, r["prompt"], r["source"]) for r in rows]
-    prompt_tokens = [len(ids) for ids in encode_prompts(tokenizer, prompts, max_prompt_length)]
+    prompts = encode_prompts(tokenizer, rows, max_prompt_length)  # template head kept, oldest content cut
+    prompt_tokens = [len(p.ids) for p in prompts]
     sampling = SamplingConfig(do_sample=False, max_new_tokens=args.max_new_tokens)
 
     results = []

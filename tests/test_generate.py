@@ -11,7 +11,7 @@ from conftest import tmp_config
 from spo.config import LoraConfig, SamplingConfig, TinyModelConfig
 from spo.generation import VLLM_MISSING, GenerationResult, cut_at_stop, encode_prompts, generate_texts, import_vllm
 from spo.io import InputError, read_jsonl, write_jsonl
-from spo.models.formatting import format_prompt
+from spo.models.formatting import PromptIds, add_special_tokens, format_prompt
 from spo.stages import generate as generate_stage
 from spo.stages import load_stage
 
@@ -73,7 +73,7 @@ def loaded(models: dict[str, Path]) -> tuple:
 
     model = load_trained(models["full"], ModelConfig(attn_implementation="eager"))
     tokenizer = load_tokenizer(models["full"])
-    prompts = [format_prompt(tokenizer, p, s) for p, s in PROMPTS]
+    prompts = encode_prompts(tokenizer, PROMPTS, 192)
     return model, tokenizer, prompts
 
 
@@ -129,14 +129,26 @@ def test_stop_string_stops_and_cuts(loaded: tuple) -> None:
     assert stopped.tokens[0][0] < free.tokens[0][0]  # generation itself stopped early
 
 
-def test_cut_at_stop_and_left_truncation(loaded: tuple) -> None:
+def test_cut_at_stop_and_prompt_truncation(loaded: tuple) -> None:
     _, tokenizer, prompts = loaded
     assert cut_at_stop("a reply\n\nHuman: more", ["\n\nHuman:"]) == "a reply"
     assert cut_at_stop("x END y STOP", ["STOP", "END"]) == "x "
     assert cut_at_stop("plain", []) == "plain"
-    full = encode_prompts(tokenizer, prompts, 10_000)
-    cut = encode_prompts(tokenizer, prompts, 8)
-    assert all(c == f[-8:] for c, f in zip(cut, full))
+    full = encode_prompts(tokenizer, PROMPTS, 10_000)
+    rows = [{"prompt": p, "source": s, "id": "x"} for p, s in PROMPTS]  # data rows work too
+    assert [p.ids for p in encode_prompts(tokenizer, rows, 10_000)] == [p.ids for p in full]
+    for (prompt, source), f in zip(PROMPTS, full):  # the ids of the formatted prompt, as in training
+        assert isinstance(f, PromptIds) and not f.truncated
+        assert f.ids == tokenizer(format_prompt(tokenizer, prompt, source), add_special_tokens=add_special_tokens(tokenizer))["input_ids"]
+    head = tokenizer("<|bos|><|user|>", add_special_tokens=False)["input_ids"]
+    tail = tokenizer("<|end|><|assistant|>", add_special_tokens=False)["input_ids"]
+    cut = encode_prompts(tokenizer, PROMPTS, 8)
+    for c, f in zip(cut, full):  # cut from the left, but the template head and generation prompt stay
+        assert c.truncated == (len(f.ids) > 8) and len(c.ids) <= 8
+        assert c.ids[:2] == head and c.ids[-2:] == tail
+        assert c.ids[2:-2] == f.ids[len(f.ids) - len(c.ids) + 2 : -2] or not c.ids[2:-2]
+    with pytest.raises(TypeError, match="token ids"):
+        generate_texts(None, tokenizer, ["already formatted text"], GREEDY)
 
 
 def test_vllm_missing_is_clear() -> None:
@@ -189,7 +201,7 @@ def test_stage_writes_samples_metrics_and_provenance(tmp_path: Path, models: dic
         shas = line["provenance"]["model_sha256"]
         assert shas and all(len(v) == 64 for v in shas.values())
         m = metrics[name]
-        assert m["prompts"] == 4 and m["samples"] == 8
+        assert m["prompts"] == 4 and m["samples"] == 8 and m["prompts_truncated"] == 0
         assert 0 < m["generated_tokens"] <= 8 * 8
         assert m["tokens_per_second"] > 0 and m["seconds"] > 0
         assert "mean_response_chars" in m

@@ -1,10 +1,14 @@
 """Batched generation: transformers (default) or vLLM (optional, GPU images).
 
-:func:`generate_texts` takes prompts that are already formatted (``format_prompt``) and returns
-``num_samples`` response texts per prompt, without the prompt and without special tokens:
+:func:`generate_texts` takes prompts as token ids and returns ``num_samples`` response texts per
+prompt, without the prompt and without special tokens:
 
-* prompts are encoded with ``add_special_tokens(tokenizer)`` and keep their last
-  ``max_prompt_length`` tokens (the end of a dialogue is what the reply answers);
+* :func:`encode_prompts` turns rows ``(prompt, source)`` into those ids with
+  :func:`spo.models.formatting.encode_prompt`, the layout and truncation SFT and training use: a
+  prompt that fits is ``format_prompt`` encoded with ``add_special_tokens(tokenizer)``; a longer
+  one keeps the chat template's head (bos, system prompt, first role header) and generation
+  prompt and loses dialogue content from the left (the end of a dialogue is what the reply
+  answers); raw prompts keep bos and their last ``max_prompt_length`` tokens;
 * they are sorted by length into batches of ``batch_size`` sequences (a prompt with
   ``num_samples`` samples takes ``num_samples`` of them), so a batch holds prompts of similar
   length and pays little padding; the results come back in the input order;
@@ -25,13 +29,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spo.config import SamplingConfig
 from spo.io import InputError
+from spo.models.formatting import PromptIds
 
 log = logging.getLogger("spo.generation")
 
@@ -74,15 +79,32 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_prompt_length: int) -> list[list[int]]:
-    """Token ids of each formatted prompt, keeping its last ``max_prompt_length`` tokens."""
-    from spo.models.formatting import add_special_tokens
+def encode_prompts(
+    tokenizer: Any, rows: Sequence[Mapping[str, Any] | tuple[str, str]], max_prompt_length: int
+) -> list[PromptIds]:
+    """:func:`~spo.models.formatting.encode_prompt` of each row: a ``{"prompt", "source"}``
+    mapping (a data row) or a ``(prompt, source)`` pair. The raw prompt, not ``format_prompt``'s
+    text: the formatting and the template-aware truncation happen here."""
+    from spo.models.formatting import encode_prompt
 
-    special = add_special_tokens(tokenizer)
     out = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
-        out.append(list(ids[-max_prompt_length:]))
+    for row in rows:
+        if isinstance(row, str):
+            raise TypeError("encode_prompts takes rows (prompt, source), not formatted prompt strings")
+        prompt, source = (row["prompt"], row["source"]) if isinstance(row, Mapping) else row
+        out.append(encode_prompt(tokenizer, prompt, source, max_prompt_length))
+    return out
+
+
+def _prompt_id_lists(prompts: Sequence[Sequence[int] | PromptIds]) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            raise TypeError(
+                "generate_texts takes token ids (spo.generation.encode_prompts(tokenizer, rows, "
+                "max_prompt_length)), not prompt strings"
+            )
+        out.append(list(p.ids if isinstance(p, PromptIds) else p))
     return out
 
 
@@ -112,17 +134,19 @@ def _generated_length(row: list[int], eos_ids: Sequence[int], pad_id: int | None
 def generate_texts(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[Sequence[int] | PromptIds],
     sampling: SamplingConfig,
     *,
     batch_size: int = 8,
     seed: int = 0,
-    max_prompt_length: int = 192,
     stop_strings: Sequence[str] = (),
     progress: bool = True,
     desc: str = "generate",
 ) -> GenerationResult:
-    """``num_samples`` responses per prompt with transformers ``generate`` (see the module doc)."""
+    """``num_samples`` responses per prompt with transformers ``generate`` (see the module doc).
+
+    ``prompts``: token ids per prompt, already truncated (:func:`encode_prompts`).
+    """
     import torch
     from tqdm import tqdm
 
@@ -130,7 +154,7 @@ def generate_texts(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     n = sampling.num_samples
     stop_strings = [s for s in stop_strings if s]
-    encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
+    encoded = _prompt_id_lists(prompts)
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i]), i))
     per_batch = max(1, batch_size // n)
     batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
@@ -206,11 +230,10 @@ def import_vllm() -> Any:
 def generate_texts_vllm(
     model_path: str | Path,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[Sequence[int] | PromptIds],
     sampling: SamplingConfig,
     *,
     seed: int = 0,
-    max_prompt_length: int = 192,
     stop_strings: Sequence[str] = (),
     dtype: str = "auto",
     adapter_base: str | None = None,
@@ -219,8 +242,8 @@ def generate_texts_vllm(
     """Same contract as :func:`generate_texts`, with vLLM (continuous batching, its own KV cache).
 
     ``model_path`` is a full model folder, or a LoRA adapter folder whose base is
-    ``adapter_base`` (served with ``enable_lora``). Prompts go in as token ids, truncated from
-    the left exactly as in the transformers backend. Not tested here (no GPU, no vllm).
+    ``adapter_base`` (served with ``enable_lora``). Prompts go in as the same token ids as in
+    the transformers backend (:func:`encode_prompts`). Not tested here (no GPU, no vllm).
     """
     vllm = import_vllm()
     from vllm import SamplingParams  # type: ignore[import-not-found]
@@ -239,7 +262,7 @@ def generate_texts_vllm(
         seed=seed,
         skip_special_tokens=True,
     )
-    encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
+    encoded = _prompt_id_lists(prompts)
     inputs = [{"prompt_token_ids": ids} for ids in encoded]
     kwargs: dict[str, Any] = {}
     if adapter_base is not None:

@@ -149,13 +149,15 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devic
 
 
 def encode(tokenizer: Any, prompt: str, response: str, source: str, *, max_prompt_length: int, max_length: int) -> list[int]:
-    """``prompt + response`` token ids, formatted and truncated as every training stage does."""
+    """``prompt + response`` token ids, formatted and truncated as every training stage does
+    (:func:`~spo.models.formatting.encode_example`: a long prompt keeps the chat template's head
+    and generation prompt and loses dialogue content from the left)."""
     from spo.models.formatting import encode_example
 
-    prompt_ids, response_ids = encode_example(
+    enc = encode_example(
         tokenizer, prompt, response, source, max_prompt_length=max_prompt_length, max_length=max_length
     )
-    return prompt_ids + response_ids
+    return enc.prompt_ids + enc.response_ids
 
 
 @torch.no_grad()

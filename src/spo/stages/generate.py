@@ -3,16 +3,18 @@
 For every ``name -> folder`` of :meth:`~spo.config.SpoConfig.generation_models` (``generate.models``
 plus, with ``generate.policies``, each policy of ``variants``; a full model or a LoRA adapter on its
 base, read with :func:`~spo.models.loading.load_trained`), the first ``max_prompts`` prompts of
-``{rows_dir}/{split}.jsonl`` are formatted with :func:`~spo.models.formatting.format_prompt`
-(the layout the model was trained on) and answered ``sampling.num_samples`` times by
-:mod:`spo.generation`. Output: ``{out_dir}/{name}.jsonl``, one line per prompt and sample::
+``{rows_dir}/{split}.jsonl`` are formatted and encoded with
+:func:`~spo.models.formatting.encode_prompt` (the layout and truncation the model was trained
+with: a long prompt keeps the chat template's head and generation prompt and loses dialogue
+content from the left) and answered ``sampling.num_samples`` times by :mod:`spo.generation`. Output: ``{out_dir}/{name}.jsonl``, one line per prompt and sample::
 
     {"id", "prompt", "response", "sample": k, "model": name, "model_path",
      "settings": {sampling..., "seed", "backend", "max_prompt_length", "batch_size", "stop_strings"},
      "provenance": {"model_sha256": {weights file: sha256}}}
 
 plus ``provenance.json`` in ``out_dir`` and ``generate.metrics_file`` keyed by model name
-(prompts, samples, generated tokens, tokens/s, seconds, mean response length in characters).
+(prompts, prompts cut to ``max_prompt_length``, samples, generated tokens, tokens/s, seconds,
+mean response length in characters).
 
 Stop strings: raw prompts (a tokenizer without chat template) of HH dialogues stop at the next
 ``"\\n\\nHuman:"`` turn marker; with a chat template the end-of-turn token is eos, which stops
@@ -85,8 +87,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from spo.generation import generate_texts, generate_texts_vllm, import_vllm
-    from spo.models.formatting import format_prompt
+    from spo.generation import encode_prompts, generate_texts, generate_texts_vllm, import_vllm
     from spo.models.loading import adapter_base, load_tokenizer, load_trained
 
     gen = cfg.generate
@@ -111,11 +112,15 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     for name, path in models.items():
         model_started = time.perf_counter()
         tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
-        prompts = [format_prompt(tokenizer, row["prompt"], row["source"]) for row in rows]
+        prompts = encode_prompts(tokenizer, rows, gen.max_prompt_length)
+        prompts_cut = sum(p.truncated for p in prompts)
+        if prompts_cut:
+            log.info("generate %s: %d of %d prompts cut to %d tokens (template head and generation prompt kept)",
+                     name, prompts_cut, len(prompts), gen.max_prompt_length)
         stops = stop_strings_for(tokenizer, {row["source"] for row in rows})
         if gen.backend == "vllm":
             result = generate_texts_vllm(
-                path, tokenizer, prompts, gen.sampling, seed=cfg.seed, max_prompt_length=gen.max_prompt_length,
+                path, tokenizer, prompts, gen.sampling, seed=cfg.seed,
                 stop_strings=stops, dtype=cfg.model.dtype, adapter_base=adapter_base(path),
             )
         else:
@@ -124,7 +129,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
             with torch.no_grad():
                 result = generate_texts(
                     model, tokenizer, prompts, gen.sampling, batch_size=gen.batch_size, seed=cfg.seed,
-                    max_prompt_length=gen.max_prompt_length, stop_strings=stops, desc=f"generate {name}",
+                    stop_strings=stops, desc=f"generate {name}",
                 )
             del model
         shas = weights_sha256(path)
@@ -148,6 +153,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         lengths = [len(line["response"]) for line in lines]
         metrics[name] = {
             "prompts": len(rows),
+            "prompts_truncated": prompts_cut,
             "samples": n_samples,
             "generated_tokens": result.generated_tokens,
             "tokens_per_second": round(result.tokens_per_second, 2) if result.tokens_per_second else None,
