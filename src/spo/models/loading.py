@@ -1,6 +1,8 @@
 """Loading, LoRA-wrapping and saving models and tokenizers.
 
-A model reference is a local folder or a hub id (``org/name``).  A local path that does not
+A model reference is a local folder, a hub id (``org/name``), or a GGUF file: a ``.gguf`` path
+or a packaged name such as ``smollm2-135m-instruct`` (see :mod:`spo.models.gguf`; loaded
+de-quantised, architecture checked before any weight is read).  A local path that does not
 exist and does not look like a hub id, or a hub id that cannot be resolved (offline, private,
 misspelt), is an :class:`~spo.io.InputError` naming it — never a long traceback from deep inside
 transformers.
@@ -30,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from spo.config import LoraConfig, ModelConfig
 from spo.io import InputError
+from spo.models.gguf import load_gguf_model, load_gguf_tokenizer, resolve_gguf
 
 log = logging.getLogger("spo.models")
 
@@ -46,12 +49,19 @@ def is_hub_id(ref: str) -> bool:
 
 
 def resolve_ref(ref: str | Path, what: str = "model") -> tuple[str, bool]:
-    """``(reference, is_local)``: an existing folder, or a plausible hub id; else InputError."""
+    """``(reference, is_local)``: an existing folder, a GGUF file (a ``.gguf`` path or a packaged
+    name, returned as the file's path, its architecture checked), or a plausible hub id; else
+    InputError."""
     text = str(ref)
     path = Path(text).expanduser()
+    gguf = resolve_gguf(text)
+    if gguf is not None:
+        return str(gguf.path), True
     if path.exists():
         if not path.is_dir():
-            raise InputError(f"{path}: {what} path is a file, expected a folder saved with save_pretrained")
+            raise InputError(
+                f"{path}: {what} path is a file, expected a folder saved with save_pretrained (or a .gguf file)"
+            )
         return str(path), True
     if text == "tiny":
         raise InputError(
@@ -87,7 +97,11 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, source: str = "tokenize
 def load_tokenizer(
     path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a folder (or hub id); InputError naming the path when it is missing."""
+    """Load a tokenizer from a folder, a GGUF file or a hub id; InputError naming the path when
+    it is missing."""
+    gguf = resolve_gguf(path)
+    if gguf is not None:
+        return ensure_pad_token(load_gguf_tokenizer(gguf), source=str(gguf.path))
     ref, is_local = resolve_ref(path, "tokenizer")
     tokenizer = _from_pretrained(
         AutoTokenizer.from_pretrained, ref, is_local, "a tokenizer",
@@ -119,8 +133,14 @@ def load_causal_lm(path_or_id: str | Path, model_cfg: ModelConfig, *, trainable:
 
     A ``base_model`` output folder without weights (a hub model resolved but not copied) is
     followed to the reference and revision it records.  ``trainable=False`` returns the model
-    in eval mode with gradients off (reference models, generation).
+    in eval mode with gradients off (reference models, generation).  A GGUF reference is
+    de-quantised into ``model_cfg.dtype`` on every call — the base_model stage converts it once
+    into a folder, which is what later stages load.
     """
+    gguf = resolve_gguf(path_or_id)
+    if gguf is not None:
+        model = load_gguf_model(gguf, dtype=model_cfg.dtype, attn_implementation=model_cfg.attn_implementation)
+        return _set_trainable(model, trainable)
     ref, is_local = resolve_ref(path_or_id)
     pointer = weights_pointer(ref) if is_local else None
     if pointer is not None:
@@ -137,8 +157,11 @@ def load_causal_lm(path_or_id: str | Path, model_cfg: ModelConfig, *, trainable:
 
 
 def _set_trainable(model: Any, trainable: bool) -> Any:
+    """Train mode with every parameter trainable, or eval mode with none. Setting requires_grad
+    explicitly matters: a LoRA model merged into its frozen base has no trainable parameter left."""
     if trainable:
         model.train()
+        model.requires_grad_(True)
     else:
         model.eval()
         model.requires_grad_(False)
@@ -151,11 +174,13 @@ def lora_targets(model: torch.nn.Module, wanted: list[str]) -> list[str]:
     return [name for name in wanted if name in present]
 
 
-def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig) -> Any:
+def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig, seed: int | None = None) -> Any:
     """Wrap ``model`` in peft LoRA adapters (CAUSAL_LM); base weights are frozen.
 
     Only target modules present in the model are used (others are logged); none present is an
-    InputError listing the Linear module names the model has.
+    InputError listing the Linear module names the model has. ``seed``: initialise the adapters
+    from their own generator (the global one untouched), so that the same seed gives the same
+    adapters whatever ran before — and every process of a distributed run the same ones.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -175,7 +200,11 @@ def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    if seed is None:
+        return get_peft_model(model, peft_cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, peft_cfg)
 
 
 def is_peft_model(model: Any) -> bool:
@@ -186,14 +215,18 @@ def is_peft_model(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_model(model: Any, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
-    """Save the adapter (peft model) or the full weights, as safetensors, plus the tokenizer."""
+def save_model(model: Any, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save the adapter (peft model) or the full weights, as safetensors, plus the tokenizer.
+
+    ``state_dict``: the weights to write instead of the model's own (a sharded run's gathered
+    full state; the model then only gives the architecture and config)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_peft_model(model):
-        model.save_pretrained(str(out), safe_serialization=True)
+        model.save_pretrained(str(out), safe_serialization=True, state_dict=state_dict)
     else:
-        model.save_pretrained(str(out))
+        model.save_pretrained(str(out), state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out

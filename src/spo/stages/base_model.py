@@ -10,9 +10,17 @@
   multi-GB weights into the DVC cache would buy nothing the pinned revision does not;
   :func:`spo.models.loading.load_causal_lm` follows the record, so ``models/base`` loads
   the same way in both cases.
+* a GGUF file — a ``.gguf`` path or a packaged name such as ``smollm2-135m-instruct`` (see
+  :mod:`spo.models.gguf`) — **converted once** into an ordinary folder: the weights
+  de-quantised into ``model.dtype`` and saved as safetensors, with ``config.json``,
+  ``generation_config.json`` and the tokenizer (chat template included) read from the file;
+  ``weights.stored`` is true and later stages load ``out_dir`` like any saved model, without
+  touching the GGUF again.  The architecture is checked before anything is loaded.  The
+  record's ``gguf`` entry and the provenance give the file's sha256 and size (and the
+  package name and version when it came from one).
 
 ``base_model.json`` (name, parameter count, model config, tokenizer vocabulary size) is written
-in both cases, with a provenance record.
+in every case, with a provenance record.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from typing import Any
 
 from spo.config import SpoConfig
 from spo.io import InputError, read_jsonl, tree_sha256, write_json, write_provenance
-from spo.models.loading import POINTER_FILE, load_tokenizer, resolve_ref, save_model
+from spo.models.gguf import GgufRef, load_gguf_model, load_gguf_tokenizer, resolve_gguf
+from spo.models.loading import POINTER_FILE, ensure_pad_token, load_tokenizer, resolve_ref, save_model
 
 log = logging.getLogger("spo.base_model")
 
@@ -106,11 +115,39 @@ def _resolve_pretrained(cfg: SpoConfig, out_dir: Path) -> tuple[dict[str, Any], 
     return record, inputs
 
 
+def _convert_gguf(cfg: SpoConfig, out_dir: Path, gguf: GgufRef) -> tuple[dict[str, Any], dict[str, Any]]:
+    source = gguf.provenance()  # sha256 and architecture check, before the expensive load
+    log.info("base_model: converting GGUF %s (%s, %.1f MB, sha256 %s) to %s in %s",
+             gguf.name, source["architecture"], source["size_bytes"] / 1e6, source["sha256"][:12],
+             out_dir, cfg.model.dtype)
+    tokenizer = ensure_pad_token(load_gguf_tokenizer(gguf), source=str(gguf.path))
+    if tokenizer.chat_template is None:
+        log.warning("%s: the GGUF file has no chat template; prompts will be formatted raw", gguf.path)
+    model = load_gguf_model(gguf, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
+    for config in (model.config, model.generation_config):  # a file without a padding token id
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tokenizer.pad_token_id
+    save_model(model, tokenizer, out_dir)
+    record = {
+        "name": cfg.model.name_or_path,
+        "params": sum(p.numel() for p in model.parameters()),
+        "config": model.config.to_diff_dict(),
+        "tokenizer_vocab_size": len(tokenizer),
+        "weights": {"name_or_path": str(out_dir), "revision": None, "stored": True,
+                    "dtype": str(model.dtype).removeprefix("torch.")},
+        "gguf": source,
+    }
+    return record, {"model": source}
+
+
 def run(cfg: SpoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     out_dir = Path(cfg.base_model.out_dir)
+    gguf = resolve_gguf(cfg.model.name_or_path) if cfg.model.name_or_path != "tiny" else None
     if cfg.model.name_or_path == "tiny":
         record, inputs = _build_tiny(cfg, out_dir)
+    elif gguf is not None:
+        record, inputs = _convert_gguf(cfg, out_dir, gguf)
     else:
         record, inputs = _resolve_pretrained(cfg, out_dir)
     write_json(out_dir / POINTER_FILE, record)
