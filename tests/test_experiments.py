@@ -54,7 +54,7 @@ STAGE = textwrap.dedent("""
     judge["data_dir"] = os.environ.get("SPO_DATA_DIR")
     json.dump(judge, open("metrics/judge.json", "w"))
     for v in p["variants"]:
-        json.dump({"eval": {"rewards/accuracy": rate}}, open(f"metrics/train_{v}.json", "w"))
+        json.dump({"eval": {"rewards/accuracies": rate}}, open(f"metrics/train_{v}.json", "w"))
 """)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spo.config import DegreeLossConfig
-from spo.training.heads import DegreeClassifier, DegreeHead, load_classifier, masked_mean, save_classifier, sinusoidal_encoding
+from spo.training.heads import DegreeClassifier, DegreeHead, load_classifier, pooled_mean, save_classifier, sinusoidal_encoding
 
 D, N = 16, 4
 
@@ -21,6 +21,13 @@ def _inputs(b: int = 3, t: int = 7, dtype: torch.dtype = torch.float32) -> tuple
     mask[1, 4:] = False
     positions = torch.arange(t).expand(b, t).clone()
     return hidden, mask, positions
+
+
+def run(clf: DegreeClassifier, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, side: str) -> torch.Tensor:
+    """The classifier on dense [B, T] inputs, flattened as the trainer passes them: the selected
+    tokens' features, their sample index and their positions."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    return clf(hidden[rows, cols], rows, positions[rows, cols], hidden.shape[0], side)
 
 
 def test_encoding_shape_and_values() -> None:
@@ -42,12 +49,12 @@ def test_encoding_odd_dim() -> None:
     assert pe[1, 4].item() == pytest.approx(math.sin(9 / 10000 ** (4 / 6)), abs=1e-6)
 
 
-def test_masked_mean_and_empty_rows() -> None:
-    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)
-    mask = torch.tensor([[1, 0, 1], [0, 0, 0]])
-    out = masked_mean(hidden, mask)
+def test_pooled_mean_and_empty_samples() -> None:
+    features = torch.tensor([[0.0, 1.0], [4.0, 5.0], [9.0, 9.0]])
+    out = pooled_mean(features, torch.tensor([0, 0, 2]), 3)
     assert out[0].tolist() == pytest.approx([(0 + 4) / 2, (1 + 5) / 2])
-    assert out[1].tolist() == [0.0, 0.0] and not torch.isnan(out).any()
+    assert out[1].tolist() == [0.0, 0.0] and not torch.isnan(out).any()  # a sample without tokens
+    assert out[2].tolist() == [9.0, 9.0]
 
 
 def test_classifier_shapes_and_empty_mask() -> None:
@@ -55,19 +62,19 @@ def test_classifier_shapes_and_empty_mask() -> None:
     hidden, mask, positions = _inputs()
     mask[2] = False
     for side in ("chosen", "rejected"):
-        logits = clf(hidden, mask, positions, side)
+        logits = run(clf, hidden, mask, positions, side)
         assert logits.shape == (3, N) and logits.dtype == torch.float32
         assert torch.isfinite(logits).all()
     with pytest.raises(ValueError):
-        clf(hidden, mask, positions, "other")
+        run(clf, hidden, mask, positions, "other")
 
 
 def test_bf16_hidden_gives_float32_logits() -> None:
     clf = DegreeClassifier(D, N, DegreeLossConfig()).eval()
     hidden, mask, positions = _inputs(dtype=torch.bfloat16)
-    logits = clf(hidden, mask, positions, "chosen")
+    logits = run(clf, hidden, mask, positions, "chosen")
     assert logits.dtype == torch.float32
-    assert torch.allclose(logits, clf(hidden.float(), mask, positions, "chosen"))
+    assert torch.allclose(logits, run(clf, hidden.float(), mask, positions, "chosen"))
 
 
 def test_shared_vs_two_heads() -> None:
@@ -94,14 +101,14 @@ def test_save_load_round_trip(tmp_path: Path, heads: str) -> None:
     assert back.cfg == cfg and back.n_levels == N and back.hidden_size_of_lm == D
     hidden, mask, positions = _inputs()
     for side in ("chosen", "rejected"):
-        assert torch.equal(clf(hidden, mask, positions, side), back(hidden, mask, positions, side))
+        assert torch.equal(run(clf, hidden, mask, positions, side), run(back, hidden, mask, positions, side))
 
 
 def test_gradients_reach_hidden_states() -> None:
     clf = DegreeClassifier(D, N, DegreeLossConfig()).train()
     hidden, mask, positions = _inputs(dtype=torch.bfloat16)
     hidden.requires_grad_(True)
-    logits = clf(hidden, mask, positions, "rejected")
+    logits = run(clf, hidden, mask, positions, "rejected")
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
     assert hidden.grad is not None and hidden.grad.dtype == torch.bfloat16
     assert hidden.grad[0].abs().sum() > 0
@@ -116,8 +123,8 @@ def test_positional_encoding_on_and_off() -> None:
     shifted[:, 3:] += 5  # a gap: tokens 3.. followed removed content
     torch.manual_seed(0)
     on = DegreeClassifier(D, N, DegreeLossConfig(positional_encoding=True)).eval()
-    assert not torch.allclose(on(hidden, mask, positions, "chosen"), on(hidden, mask, shifted, "chosen"))
+    assert not torch.allclose(run(on, hidden, mask, positions, "chosen"), run(on, hidden, mask, shifted, "chosen"))
     off = DegreeClassifier(D, N, DegreeLossConfig(positional_encoding=False)).eval()
     off.load_state_dict(on.state_dict())
-    assert torch.equal(off(hidden, mask, positions, "chosen"), off(hidden, mask, shifted, "chosen"))
-    assert not torch.allclose(off(hidden, mask, positions, "chosen"), on(hidden, mask, positions, "chosen"))
+    assert torch.equal(run(off, hidden, mask, positions, "chosen"), run(off, hidden, mask, shifted, "chosen"))
+    assert not torch.allclose(run(off, hidden, mask, positions, "chosen"), run(on, hidden, mask, positions, "chosen"))

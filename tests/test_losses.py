@@ -73,8 +73,9 @@ def test_kto_hand_values() -> None:
     pk, rk = _t(-5.0, -7.0), _t(-5.0, -7.0)
     losses, cr, rj, kl = kto_loss(pc, pr, pk, rc, rr, rk, BETA, desirable_weight=2.0, undesirable_weight=3.0)
     assert kl.item() == 0.0
-    # chosen: 1 − σ(ln3) = 1/4, weighted ×2; rejected: 1 − σ(0 − (−ln3)) = 1/4, weighted ×3
-    assert losses.tolist() == pytest.approx([2 * 0.25, 3 * 0.25], rel=1e-9)
+    # chosen: 1 − σ(ln3) = 1/4, weighted ×2; rejected: 1 − σ(0 − (−ln3)) = 1/4, weighted ×3;
+    # the spec's per-pair loss is their sum
+    assert losses.tolist() == pytest.approx([2 * 0.25 + 3 * 0.25], rel=1e-9)
     assert cr.item() == pytest.approx(math.log(3), rel=1e-9)
     assert rj.item() == pytest.approx(-math.log(3), rel=1e-9)
 
@@ -87,9 +88,10 @@ def test_kto_layout_and_positive_z0() -> None:
     losses, _, _, kl = kto_loss(pc, pr, pk, rc, rr, rk, BETA)
     assert kl.item() == pytest.approx(3.0)
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    expected = [1 - sig(BETA * (3 - 3)), 1 - sig(BETA * (0 - 3)), 1 - sig(BETA * (3 - 0)), 1 - sig(BETA * (3 - 2))]
-    assert losses.shape == (4,)  # [chosen_0, chosen_1, rejected_0, rejected_1]
-    assert losses.tolist() == pytest.approx(expected, rel=1e-9)
+    chosen = [1 - sig(BETA * (3 - 3)), 1 - sig(BETA * (0 - 3))]
+    rejected = [1 - sig(BETA * (3 - 0)), 1 - sig(BETA * (3 - 2))]
+    assert losses.shape == (2,)  # one loss per pair: desirable + undesirable term
+    assert losses.tolist() == pytest.approx([c + r for c, r in zip(chosen, rejected)], rel=1e-9)
 
 
 def test_kto_z0_clamped_and_detached() -> None:
@@ -97,7 +99,7 @@ def test_kto_z0_clamped_and_detached() -> None:
     pk, rk = _t(-9.0, -9.0, grad=True), _t(-1.0, -1.0)  # mean KL log-ratio −8 -> clamped to 0
     losses, _, _, kl = kto_loss(pc, pr, pk, rc, rr, rk, BETA)
     assert kl.item() == 0.0 and kl.grad_fn is None and not kl.requires_grad
-    assert losses.tolist() == pytest.approx([0.5, 0.5])
+    assert losses.tolist() == pytest.approx([0.5 + 0.5])
     pk2 = _t(1.0, 1.0, grad=True)  # positive KL: still detached
     losses, _, _, kl = kto_loss(pc, pr, pk2, rc, rr, rk, BETA)
     assert kl.item() == pytest.approx(2.0) and kl.grad_fn is None

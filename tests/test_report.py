@@ -37,7 +37,7 @@ def _levels(prefix: str, values: list[float]) -> dict[str, float]:
 
 def _train_line(step: int, split: str) -> dict:
     row = {"loss": 1.0 - step / 100, "loss_align": 0.69, "loss_degree_w": 1.38, "loss_degree_l": 1.39,
-           "rewards/accuracy": 0.5 + step / 100, "rewards/margin": 0.01, "degree/accuracy_w": 0.4,
+           "rewards/accuracies": 0.5 + step / 100, "rewards/margins": 0.01, "degree/accuracy_w": 0.4,
            "degree/accuracy_l": 0.3, "split": split, "step": step, "pairs": 16.0}
     row.update(_levels("w", [0.8, 0.2, 0.1, 0.5]))
     row.update(_levels("l", [0.6, 0.1, 0.5, 0.2]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,7 @@ def _trainer(cfg, out_dir=None, lora=False, seed=0, evals=False, **kw):
 def _degree_backward(tr: PreferenceTrainer) -> None:
     idx = [0, 1]
     batch = tr.collator([tr.train_examples[i] for i in idx], idx, step=0)
-    out = tr.module(batch.input_ids, batch.attention_mask, batch.labels, 2 * batch.n_pairs,
-                    batch.deg_row, batch.deg_mask, batch.deg_pos, batch.deg_side, tr.sides)
+    out = tr.module(batch, tr.sides)
     loss = sum(degree_loss(out[f"degree_{side}"], batch.deg_label[batch.deg_side == s]) for s, side in enumerate(SIDES))
     loss.backward()
 
@@ -105,9 +105,10 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path: Path, lora: bool
 
 TRAIN_KEYS = {
     "step", "split", "loss", "loss_align", "loss_degree_w", "loss_degree_l", "rewards/chosen", "rewards/rejected",
-    "rewards/margin", "rewards/accuracy", "degree/accuracy_w", "degree/accuracy_l", "degree/accuracy_w/level_0",
-    "degree/accuracy_l/level_3", "excluded_w", "excluded_l", "tokens_per_s", "peak_memory_mb", "lr", "skipped_steps",
-}
+    "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
+    "degree/accuracy_w", "degree/accuracy_l", "degree/accuracy_w/level_0", "degree/accuracy_l/level_3", "excluded_w",
+    "excluded_l", "tokens_per_s", "peak_memory_mb", "learning_rate", "grad_norm", "skipped_steps",
+}  # TRL's names for what TRL logs (rewards/*, logps/*, logits/*, learning_rate, grad_norm)
 
 
 def test_metrics_checkpoints_and_final_files(tmp_path: Path) -> None:
@@ -123,7 +124,7 @@ def test_metrics_checkpoints_and_final_files(tmp_path: Path) -> None:
     for record in train:
         assert TRAIN_KEYS <= record.keys(), TRAIN_KEYS - record.keys()
         assert record["peak_memory_mb"] > 0 and record["tokens_per_s"] > 0
-    assert {"loss", "rewards/accuracy", "degree/accuracy_w/level_2"} <= evals[-1].keys()
+    assert {"loss", "rewards/accuracies", "degree/accuracy_w/level_2"} <= evals[-1].keys()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]  # keep_checkpoints=1
     for name in ("model.safetensors", "config.json", "tokenizer.json", "degree_heads.safetensors",
                  "degree_heads.json", "degree_confusion.png", "degree_confusion.json"):
@@ -221,8 +222,14 @@ def test_checkpoints_of_other_data_or_weights_are_not_resumed(tmp_path: Path) ->
     assert _trainer(train_cfg(**cfg), out_dir=tmp_path / "p").train(stop_after=2)["start_step"] == 2  # same run
 
     rows, degs = hh_pairs()
-    other = [dict(d, chosen=dict(d["chosen"], levels=[d["chosen"]["levels"][0]] * len(d["chosen"]["levels"])))
-             for d in degs[:N_TRAIN]]  # other key phrases: other degree variants, same rows and ids
+    # other key phrases: other degree variants (here: every level removes what level 1 removes), same rows and ids
+    from spo.degrees import render
+
+    def fewer(entry: dict, text: str) -> dict:
+        spans = [[]] + [entry["removed_spans"][1]] * (len(entry["levels"]) - 1)
+        return dict(entry, removed_spans=spans, levels=[render(text, s) for s in spans])
+
+    other = [dict(d, chosen=fewer(d["chosen"], r["chosen"])) for d, r in zip(degs[:N_TRAIN], rows)]
     tok, model = tiny_model()
     rerun = PreferenceTrainer.from_rows(model, tok, train_cfg(**cfg), rows[:N_TRAIN], other,
                                         seed=0, out_dir=tmp_path / "p", progress=False)
@@ -245,3 +252,233 @@ def test_resume_drops_lines_after_the_checkpoint_and_a_line_cut_by_the_kill(tmp_
                         + '{"step": 4, "spl')
     MetricsWriter(tmp_path, enabled=True).truncate_after(2)
     assert [json.loads(line)["step"] for line in log_file.read_text().splitlines()] == [1, 2]
+
+
+# --- the review's defects and the GPU-cluster knobs ------------------------------------------
+
+
+def test_merged_lora_sft_model_is_trainable_and_a_frozen_model_is_refused(tmp_path: Path) -> None:
+    """Defect 4: after merge_and_unload of a LoRA SFT model no LM parameter required grad, and
+    training silently optimised the heads only."""
+    from spo.config import LoraConfig, ModelConfig
+    from spo.io import InputError
+    from spo.models.loading import apply_lora, load_trained, save_model
+
+    tok, model = tiny_model()
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    lora = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+    lora.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    save_model(lora, tok, tmp_path / "sft")
+    merged = load_trained(tmp_path / "sft", ModelConfig(), trainable=True, merge=True)
+    assert all(p.requires_grad for p in merged.parameters())
+    rows, degs = hh_pairs()
+    frozen = load_trained(tmp_path / "sft", ModelConfig(), trainable=False, merge=True)
+    with pytest.raises(InputError, match="no trainable parameter"):
+        PreferenceTrainer.from_rows(frozen, tok, train_cfg(), rows[:8], degs[:8], progress=False)
+
+
+def test_reference_precompute_reads_alignment_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect 5: the reference pre-computation ran the degree variants too (~N x the work)."""
+    from spo.training import forward
+
+    seen: list[int] = []
+    original = forward.SPOModule.forward
+
+    def spy(self, batch, sides=(False, False), adapters=True):  # noqa: ANN001
+        if not adapters:
+            seen.append(int(batch.segment_ids.max()))
+        return original(self, batch, sides, adapters)
+
+    monkeypatch.setattr(forward.SPOModule, "forward", spy)
+    _trainer(train_cfg(precompute_reference=True, spo={"mode": "reencode"}), evals=True)
+    assert seen and max(seen) == 2  # chosen and rejected segments, never a variant
+
+
+def test_kto_per_pair_sum_is_the_spec_and_trl_mean_is_half() -> None:
+    """Defect 7: KTO averaged over the 2B responses (half the spec's per-pair sum)."""
+    pair = _trainer(train_cfg(loss="kto", spo={"enabled": False})).batch_loss([0, 1, 2, 3])
+    response = _trainer(train_cfg(loss="kto", kto_reduction="response", spo={"enabled": False})).batch_loss([0, 1, 2, 3])
+    assert pair["loss_align"] == pytest.approx(2 * response["loss_align"], rel=1e-6)
+    assert pair["kl"] == pytest.approx(response["kl"]) and pair["kl"] >= 0
+
+
+def test_kto_z0_is_the_global_batch_mean_of_mismatched_pairs() -> None:
+    tr = _trainer(train_cfg(loss="kto", spo={"enabled": False}))
+    with torch.no_grad():  # perturb the policy so that log-ratios are not all zero
+        for p in tr.unwrapped_lm().parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = [3, 0, 7, 1]
+    partners = {3: 0, 0: 7, 7: 1, 1: 3}
+    z0 = float(tr.kl_estimate("train", batch, partners, 0))
+    kl = tr.collator.kl([tr.train_examples[i] for i in batch], [tr.train_examples[partners[i]] for i in batch], batch, 96)
+    with torch.no_grad():
+        policy = tr.module(kl)["logps"]
+        reference = tr.reference.logps("train", kl)
+    assert z0 == pytest.approx(float((policy - reference).mean()), rel=1e-5) and z0 != 0.0
+    # two calls over halves of the batch each give the mean of their own half only: the trainer passes the whole
+    half = float(tr.kl_estimate("train", batch[:2], partners, 0))
+    assert half == pytest.approx(float((policy - reference)[:2].mean()), rel=1e-5)
+
+
+def test_dropout_is_off_in_the_policy_by_default_and_on_when_asked() -> None:
+    """Defect 8: dropout in the policy but not in the reference biases the log-ratios."""
+    from spo.config import LoraConfig
+    from spo.models.loading import apply_lora
+
+    def twice(disable: bool) -> tuple[float, float]:
+        rows, degs = hh_pairs()
+        tok, model = tiny_model()
+        model = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.5))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)  # non-zero adapters, so that adapter dropout changes the output
+        tr = PreferenceTrainer.from_rows(model, tok, train_cfg(disable_dropout=disable), rows[:8], degs[:8], progress=False)
+        return tr.batch_loss([0, 1], train_mode=True)["loss_align"], tr.batch_loss([0, 1], train_mode=True)["loss_align"]
+
+    a, b = twice(True)
+    assert a == b
+    a, b = twice(False)
+    assert a != b
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one mixed-precision setting per process: a test that changes it starts and ends clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_keeps_float32_weights_and_fp16_on_cpu_is_refused(fresh_accelerator_state) -> None:
+    from spo.io import InputError
+
+    tr = _trainer(train_cfg(mixed_precision="bf16", optim={"max_steps": 2}))
+    assert tr.accelerator.mixed_precision == "bf16"
+    summary = tr.train()
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 0
+    assert all(p.dtype == torch.float32 for p in tr.unwrapped_lm().parameters())  # master weights stay float32
+    assert all(s.dtype == torch.float32 for group in tr.optimizer.state.values() for s in group.values()
+               if torch.is_tensor(s) and s.ndim)
+    with pytest.raises(InputError, match="mixed_precision fp16 needs a GPU"):
+        _trainer(train_cfg(mixed_precision="fp16"))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(lora: bool) -> None:
+    def grads(checkpointing: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        tr = _trainer(train_cfg(activation_checkpointing=checkpointing), lora=lora)
+        assert tr.module.lm.is_activation_checkpointing == checkpointing
+        tr.module.train()
+        batch = tr.collator([tr.train_examples[i] for i in (0, 1)], [0, 1])
+        out = tr._forward_loss(batch, "train", True, None)
+        out.loss.backward()
+        return float(out.loss.detach()), {n: p.grad.clone() for n, p in tr.module.named_parameters() if p.grad is not None}
+
+    loss_a, a = grads(False)
+    loss_b, b = grads(True)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and a.keys() == b.keys() and a
+    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+
+
+def test_schedules_and_optimizers() -> None:
+    from spo.config import OptimConfig
+    from spo.training.optim import build_optimizer, build_scheduler
+
+    def lrs(**kw) -> list[float]:
+        params = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))]
+        cfg = OptimConfig(learning_rate=1.0, warmup_steps=2, **kw)
+        sched = build_scheduler(build_optimizer(params, cfg), cfg, 10)
+        out = []
+        for _ in range(10):
+            out.append(sched.get_last_lr()[0])
+            sched.optimizer.step()
+            sched.step()
+        return out
+
+    assert lrs(lr_scheduler="linear")[:4] == pytest.approx([0.0, 0.5, 1.0, 0.875])
+    cosine = lrs(lr_scheduler="cosine")
+    assert cosine[2] == pytest.approx(1.0) and cosine[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert lrs(lr_scheduler="constant") == [1.0] * 10
+    assert lrs(lr_scheduler="linear", warmup_ratio=0.5)[4] == pytest.approx(0.8)
+    for name in ("adamw_torch", "sgd", "adafactor"):
+        params = [torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))]
+        opt = build_optimizer(params, OptimConfig(optimizer=name, weight_decay=0.1))
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # no decay on 1-D tensors
+    tr = _trainer(train_cfg(optim={"max_steps": 2, "optimizer": "sgd", "lr_scheduler": "cosine"}))
+    assert tr.train()["steps"] == 2
+
+
+def test_ipo_length_normalised_divides_the_log_ratios_by_the_response_lengths() -> None:
+    from spo.training.losses import ipo_loss
+
+    summed = _trainer(train_cfg(loss="ipo", spo={"enabled": False}))
+    with torch.no_grad():
+        for p in summed.unwrapped_lm().parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    state = state_of(summed.unwrapped_lm())
+    normalised = _trainer(train_cfg(loss="ipo", ipo_length_normalize=True, spo={"enabled": False}))
+    normalised.unwrapped_lm().load_state_dict(state)
+    idx = [0, 1, 2, 3]
+    parts = normalised.batch_loss(idx)
+    n_c = torch.tensor([len(normalised.train_examples[i].chosen_ids) for i in idx], dtype=torch.float32)
+    n_r = torch.tensor([len(normalised.train_examples[i].rejected_ids) for i in idx], dtype=torch.float32)
+    expected, _, _ = ipo_loss(parts["chosen_logps"] / n_c, parts["rejected_logps"] / n_r,
+                              parts["reference_chosen_logps"] / n_c, parts["reference_rejected_logps"] / n_r, 0.1)
+    assert parts["loss_align"] == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert parts["loss_align"] != pytest.approx(summed.batch_loss(idx)["loss_align"], rel=1e-3)
+
+
+def test_bad_settings_are_refused_before_training() -> None:
+    from pydantic import ValidationError
+
+    from spo.io import InputError
+
+    with pytest.raises(ValidationError, match="levels_per_step 1: level 0 is always drawn"):
+        train_cfg(spo={"levels_per_step": 1})
+    with pytest.raises(InputError, match="levels_per_step 5 is above the degree dataset's n_levels 4"):
+        _trainer(train_cfg(spo={"levels_per_step": 5}))
+    with pytest.raises(InputError, match="batch_size must be at least 2"):
+        _trainer(train_cfg(loss="kto", optim={"batch_size": 1, "micro_batch_size": 1}))
+    tok, model = tiny_model()
+    model.config._attn_implementation = "flash_attention_2"
+    rows, degs = hh_pairs()
+    with pytest.raises(InputError, match="attn_implementation 'flash_attention_2'"):
+        PreferenceTrainer.from_rows(model, tok, train_cfg(), rows[:8], degs[:8], progress=False)
+
+
+def test_separate_variant_passes_give_the_joint_pass_loss_and_gradients() -> None:
+    """variant_passes: separate bounds memory by N-independent passes; the step must not change."""
+    def step(mode: str) -> tuple[dict, dict[str, torch.Tensor]]:
+        tr = _trainer(train_cfg(spo={"variant_passes": mode}, optim={"max_steps": 1, "batch_size": 4,
+                                                                      "micro_batch_size": 4}))
+        batches = tr._epoch_batches(0)
+        grads: dict[str, torch.Tensor] = {}
+        passes = tr.collator.variant_passes
+
+        def counted(*args, **kwargs):  # noqa: ANN002, ANN003
+            out = passes(*args, **kwargs)
+            n_passes.append(len(out))
+            return out
+
+        tr.collator.variant_passes = counted  # type: ignore[method-assign]
+        original = tr.optimizer.step
+        tr.optimizer.step = lambda *a, **k: grads.update(  # type: ignore[method-assign]
+            {n: p.grad.clone() for n, p in tr.module.named_parameters() if p.grad is not None})
+        tr._train_step(0, batches)
+        tr.optimizer.step = original  # type: ignore[method-assign]
+        values, _ = tr.state.window.summarise(tr.accelerator, tr.sides)
+        return values, grads
+
+    n_passes: list[int] = []
+    joint, g_joint = step("joint")
+    assert n_passes == []
+    separate, g_separate = step("separate")
+    assert n_passes and n_passes[0] >= 2  # the variants needed more than one pass of their own
+    for key in ("loss", "loss_align", "loss_degree_w", "loss_degree_l", "degree/accuracy_w"):
+        assert separate[key] == pytest.approx(joint[key], rel=1e-5), key
+    assert g_joint.keys() == g_separate.keys() and g_joint
+    assert all(torch.allclose(g_joint[k], g_separate[k], atol=1e-6, rtol=1e-4) for k in g_joint)

@@ -48,7 +48,7 @@ def test_stage_writes_everything_and_reuses_reference(workspace: Path, caplog: p
                  "train_summary.json", "provenance.json", "degree_confusion.png"):
         assert (out / name).is_file(), name
     metrics = json.loads((workspace / "metrics/train_dpo_spo.json").read_text())
-    assert metrics["steps"] == 3 and metrics["spo"] and "rewards/accuracy" in metrics["eval"]
+    assert metrics["steps"] == 3 and metrics["spo"] and "rewards/accuracies" in metrics["eval"]
     assert summary["reference"] == "precomputed" and not summary["reference_reused"]
     assert len(list((workspace / "models/sft/reference_logps").glob("*.pt"))) == 1
     assert any(r.message.startswith("train: dpo+spo(reencode) on 64 pairs") for r in caplog.records)
@@ -83,7 +83,7 @@ def test_stage_bad_inputs(workspace: Path, tmp_path: Path) -> None:
     write_jsonl(rows_dir / "train.jsonl", [{**r, "rejected": r["chosen"]} for r in rows])
     with pytest.raises(InputError, match="no usable pair left"):
         train.run(_cfg(workspace, "x", f"train.rows_dir={rows_dir}", "train.spo.enabled=false"))
-    with pytest.raises(InputError, match="batch_size 6 is not a multiple of micro_batch_size 4"):
+    with pytest.raises(InputError, match=r"train.optim.batch_size \(6\) must be a multiple of micro_batch_size \(4\)"):
         train.run(_cfg(workspace, "x", "train.optim.batch_size=6", "train.optim.micro_batch_size=4",
                        "train.precompute_reference=false"))
 

@@ -20,9 +20,10 @@ What TRL 1.16 does with plain-string (non-conversational) prompt/chosen/rejected
 Our trainer sees the same token ids when the tokenizer has no chat template (the raw layout of
 ``spo.models.formatting``: raw prompt, response + eos), which the test asserts first, so a
 failure says whether tokenisation or the loss differs. Our ``train.loss=ipo`` uses SUMMED
-log-probs (losses.ipo_loss is normalisation-agnostic and the trainer has no averaging option),
+log-probs by default (losses.ipo_loss is normalisation-agnostic; averaging is `train.ipo_length_normalize`),
 so the IPO comparison feeds our ``ipo_loss`` the trainer's per-pair log-probs divided by the
-response lengths, and separately checks the trainer's own (summed) IPO number.
+response lengths, separately checks the trainer's own (summed) IPO number, and checks that
+``train.ipo_length_normalize: true`` gives TRL's number.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def trl_step0(setup: dict, loss_type: str, tmp_path: Path) -> dict:
             "logps_chosen_mean": metrics["logps/chosen"][-1], "logps_rejected_mean": metrics["logps/rejected"][-1]}
 
 
-def ours_step0(setup: dict, loss: str) -> tuple[dict, object]:
+def ours_step0(setup: dict, loss: str, **options: object) -> tuple[dict, object]:
     """Our trainer's loss parts on the same pairs, before any optimizer step.
 
     The trainer takes its reference from the model it is built on (precomputed log-probs of the
@@ -125,7 +126,7 @@ def ours_step0(setup: dict, loss: str) -> tuple[dict, object]:
     from spo.training.trainer import PreferenceTrainer
 
     cfg = TrainConfig(loss=loss, beta=BETA, spo=DegreeLossConfig(enabled=False), max_length=512, max_prompt_length=384,
-                      group_by_length=False, precompute_reference=True,
+                      group_by_length=False, precompute_reference=True, **options,
                       optim=OptimConfig(batch_size=N_PAIRS, micro_batch_size=N_PAIRS, warmup_steps=0))
     trainer = PreferenceTrainer.from_rows(copy.deepcopy(setup["reference"]), setup["tokenizer"], cfg, setup["pairs"],
                                           seed=0, out_dir=None, progress=False)
@@ -173,9 +174,12 @@ def test_ipo_loss_matches_trl_at_step0(setup: dict, tmp_path: Path) -> None:
     n_rejected = torch.tensor([len(e.rejected_ids) for e in examples], dtype=torch.float32)
     pc, pr = parts["chosen_logps"], parts["rejected_logps"]
     rc, rr = parts["reference_chosen_logps"], parts["reference_rejected_logps"]
-    # TRL's IPO = ours on length-averaged log-probs
+    # TRL's IPO = ours on length-averaged log-probs (a loss near 25: compare relatively)
     averaged, _, _ = ipo_loss(pc / n_chosen, pr / n_rejected, rc / n_chosen, rr / n_rejected, BETA)
-    assert float(averaged.mean()) == pytest.approx(trl["loss"], abs=TOL)
-    # the trainer's own train.loss=ipo is the summed form (same formula, unnormalised log-probs)
+    assert float(averaged.mean()) == pytest.approx(trl["loss"], rel=TOL / 10)
+    # the trainer's own train.loss=ipo is the summed form (same formula, unnormalised log-probs) ...
     summed, _, _ = ipo_loss(pc, pr, rc, rr, BETA)
     assert parts["loss_align"] == pytest.approx(float(summed.mean()), rel=1e-6)
+    # ... and train.ipo_length_normalize: true is TRL's
+    normalised, _ = ours_step0(setup, "ipo", ipo_length_normalize=True)
+    assert normalised["loss_align"] == pytest.approx(trl["loss"], rel=TOL / 10)

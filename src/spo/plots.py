@@ -53,7 +53,7 @@ def policy_plots(name: str, lines: list[dict[str, Any]], plots_dir: Path) -> lis
     if rows:
         written.append(plots_dir / "loss_parts" / f"{name}.csv")
         _write_csv(written[-1], ("step", *LOSS_PARTS), rows)
-    rows = [[r["step"], r["rewards/accuracy"], r.get("rewards/margin")] for r in evals if _finite(r.get("rewards/accuracy"))]
+    rows = [[r["step"], r["rewards/accuracies"], r.get("rewards/margins")] for r in evals if _finite(r.get("rewards/accuracies"))]
     if rows:
         written.append(plots_dir / "reward_accuracy" / f"{name}.csv")
         _write_csv(written[-1], ("step", "reward_accuracy", "reward_margin"), rows)

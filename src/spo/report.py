@@ -243,7 +243,7 @@ def plot_training(name: str, lines: list[dict[str, Any]], out_dir: Path) -> list
     ax_loss.set(title=f"{name}: loss parts", xlabel="step", ylabel="loss")
     ax_loss.legend(fontsize=7)
     for rows, style, split in ((train, "-", "train"), (evals, "--o", "eval")):
-        pts = [(r["step"], r["rewards/accuracy"]) for r in rows if _num(r.get("rewards/accuracy")) is not None]
+        pts = [(r["step"], r["rewards/accuracies"]) for r in rows if _num(r.get("rewards/accuracies")) is not None]
         if pts:
             ax_acc.plot(*zip(*pts), style, label=split, markersize=4)
     ax_acc.axhline(0.5, color="grey", lw=0.8, ls=":")
@@ -486,7 +486,7 @@ class Builder:
             d.not_run(f"Training metrics of {name}")
         else:
             keys = sorted({k for r in last.values() for k in r if k.startswith("loss") and _num(r[k]) is not None})
-            keys += ["rewards/accuracy", "rewards/margin"]
+            keys += ["rewards/accuracies", "rewards/margins"]
             rows = []
             for split in ("train", "eval"):
                 r = last[split]

@@ -63,10 +63,12 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
-    from transformers import get_linear_schedule_with_warmup, set_seed
+    from transformers import set_seed
 
-    from spo.judging.reward import RewardModel, encode, pair_accuracy, score_sequences, collate
+    from spo.judging.reward import RewardModel, pair_accuracy, score_sequences, collate
+    from spo.models.formatting import encode_example
     from spo.models.loading import adapter_base, apply_lora, load_tokenizer, load_trained
+    from spo.training.optim import build_optimizer, build_scheduler
 
     rm, optim = cfg.reward_model, cfg.reward_model.optim
     check_sequence_and_batch("reward_model", rm.max_length, rm.max_prompt_length, optim)
@@ -85,7 +87,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     # Full fine-tuning trains the SFT weights; LoRA puts fresh adapters on the (merged) SFT model.
     lm = load_trained(sft_dir, cfg.model, trainable=True, merge=True)
     if rm.lora.enabled:
-        lm = apply_lora(lm, rm.lora)
+        lm = apply_lora(lm, rm.lora, seed=cfg.seed)
     model = RewardModel(lm, seed=cfg.seed)
     model.value_head.requires_grad_(True)
     model.max_length, model.max_prompt_length = rm.max_length, rm.max_prompt_length
@@ -93,14 +95,25 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     model.to(device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
+    prompts_cut = 0
+
     def tokenize(subset: list[dict[str, Any]], side: str) -> list[list[int]]:
-        return [
-            encode(tokenizer, r["prompt"], r[side], r["source"], max_prompt_length=rm.max_prompt_length, max_length=rm.max_length)
-            for r in tqdm(subset, desc=f"reward tokenize {side}", unit=" rows", leave=False, disable=None)
-        ]
+        """As :func:`spo.judging.reward.encode` (the judge scores the same ids), counting cut prompts."""
+        nonlocal prompts_cut
+        out = []
+        for r in tqdm(subset, desc=f"reward tokenize {side}", unit=" rows", leave=False, disable=None):
+            enc = encode_example(tokenizer, r["prompt"], r[side], r["source"],
+                                 max_prompt_length=rm.max_prompt_length, max_length=rm.max_length)
+            if enc.prompt_truncated and side == "chosen":  # once per pair
+                prompts_cut += 1
+            out.append(enc.prompt_ids + enc.response_ids)
+        return out
 
     train_c, train_r = tokenize(train, "chosen"), tokenize(train, "rejected")
     held_c, held_r = tokenize(held, "chosen"), tokenize(held, "rejected")
+    if prompts_cut:
+        log.info("reward_model: %d of %d prompts cut to %d tokens (template head and generation prompt kept)",
+                 prompts_cut, len(rows), rm.max_prompt_length)
     pad_id = tokenizer.pad_token_id
 
     def held_accuracy() -> float:
@@ -115,8 +128,8 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     if optim.max_steps is not None:
         total_steps = min(total_steps, optim.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=optim.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(optim.warmup_steps, total_steps), total_steps)
+    optimizer = build_optimizer(params, optim)
+    scheduler = build_scheduler(optimizer, optim, total_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
 
     def batches():  # micro-batches of pair indices, reshuffled each epoch, forever
@@ -160,6 +173,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     metrics = {
         "train_pairs": len(train),
         "held_out_pairs": len(held),
+        "prompts_truncated": prompts_cut,
         "held_out_accuracy_before": acc_before,
         "held_out_accuracy_after": acc_after,
         "train_loss_first": losses[0] if losses else None,

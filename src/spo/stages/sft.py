@@ -1,9 +1,10 @@
 """Stage ``sft``: supervised fine-tuning on prompt + chosen of the train split.
 
 Rows are formatted with :mod:`spo.models.formatting` (the same layout preference training and
-generation use) and tokenized here: the prompt keeps its last ``max_prompt_length`` tokens, the
-sequence is then cut to ``max_length``, and the loss covers response tokens only (prompt labels
-are -100).  The pre-tokenized ``input_ids``/``labels`` rows go to TRL's ``SFTTrainer``, which
+generation use) and tokenized here: a prompt longer than ``max_prompt_length`` is cut by
+:func:`~spo.models.formatting.encode_prompt` (the chat template's head and generation prompt are
+kept, dialogue content is cut from the left), the response is then cut to fit ``max_length``,
+and the loss covers response tokens only (prompt labels are -100).  The pre-tokenized ``input_ids``/``labels`` rows go to TRL's ``SFTTrainer``, which
 uses the labels as they are (docs/models.md says why TRL and why pre-tokenized).
 
 Full fine-tuning or LoRA per ``sft.lora``; the output folder holds the full model or the
@@ -43,18 +44,26 @@ def _rows(folder: Path, split: str) -> tuple[list[dict[str, Any]], Path]:
     return rows, path
 
 
-def tokenize_rows(tokenizer: Any, rows: list[dict[str, Any]], max_prompt_length: int, max_length: int, desc: str) -> list[dict[str, list[int]]]:
-    """``input_ids`` + ``labels`` (-100 on the prompt) for each row's prompt + chosen."""
+def tokenize_rows(
+    tokenizer: Any, rows: list[dict[str, Any]], max_prompt_length: int, max_length: int, desc: str
+) -> tuple[list[dict[str, list[int]]], int]:
+    """``input_ids`` + ``labels`` (-100 on the prompt) for each row's prompt + chosen, and how
+    many prompts were cut to ``max_prompt_length``."""
     from spo.models.formatting import encode_example
 
     examples = []
+    truncated = 0
     for row in tqdm(rows, desc=f"sft tokenize {desc}", unit=" rows", leave=False, disable=None):
-        prompt_ids, response_ids = encode_example(
+        enc = encode_example(
             tokenizer, row["prompt"], row["chosen"], row["source"],
             max_prompt_length=max_prompt_length, max_length=max_length,
         )
-        examples.append({"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids})
-    return examples
+        truncated += enc.prompt_truncated
+        examples.append({"input_ids": enc.prompt_ids + enc.response_ids, "labels": [-100] * len(enc.prompt_ids) + enc.response_ids})
+    if truncated:
+        log.info("sft %s: %d of %d prompts cut to %d tokens (template head and generation prompt kept)",
+                 desc, truncated, len(rows), max_prompt_length)
+    return examples, truncated
 
 
 def _progress_callback() -> Any:
@@ -94,13 +103,12 @@ def _progress_callback() -> Any:
 def _samples(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_prompt_length: int) -> list[dict[str, str]]:
     import torch
 
-    from spo.models.formatting import add_special_tokens, format_prompt
+    from spo.models.formatting import encode_prompt
 
     model.eval()
     out = []
     for row in rows:
-        text = format_prompt(tokenizer, row["prompt"], row["source"])
-        ids = tokenizer(text, add_special_tokens=add_special_tokens(tokenizer))["input_ids"][-max_prompt_length:]
+        ids = encode_prompt(tokenizer, row["prompt"], row["source"], max_prompt_length).ids
         input_ids = torch.tensor([ids], device=model.device)
         with torch.no_grad():
             generated = model.generate(
@@ -138,11 +146,11 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     tokenizer.padding_side = "right"
     model = load_causal_lm(str(base_dir), cfg.model, trainable=True)
     if sft.lora.enabled:
-        model = apply_lora(model, sft.lora)
+        model = apply_lora(model, sft.lora, seed=cfg.seed)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    train_examples = tokenize_rows(tokenizer, train_rows, sft.max_prompt_length, sft.max_length, "train")
-    eval_examples = tokenize_rows(tokenizer, eval_rows, sft.max_prompt_length, sft.max_length, "eval")
+    train_examples, train_prompts_cut = tokenize_rows(tokenizer, train_rows, sft.max_prompt_length, sft.max_length, "train")
+    eval_examples, _ = tokenize_rows(tokenizer, eval_rows, sft.max_prompt_length, sft.max_length, "eval")
     response_tokens = sum(sum(1 for t in ex["labels"] if t != -100) for ex in train_examples)
     if response_tokens == 0:
         raise InputError(f"{train_file}: no response tokens left after truncation; raise sft.max_length")
@@ -157,12 +165,16 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         per_device_eval_batch_size=optim.micro_batch_size,
         gradient_accumulation_steps=optim.batch_size // optim.micro_batch_size,
         learning_rate=optim.learning_rate,
+        optim=optim.optimizer,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_epsilon=optim.adam_epsilon,
         weight_decay=optim.weight_decay,
-        warmup_steps=optim.warmup_steps,
+        warmup_steps=optim.warmup_ratio if optim.warmup_ratio is not None else optim.warmup_steps,  # < 1: a ratio
         max_grad_norm=optim.max_grad_norm,
         num_train_epochs=optim.epochs,
         max_steps=optim.max_steps or -1,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=optim.lr_scheduler,
         eval_strategy="steps",
         eval_steps=sft.eval_steps,
         logging_steps=1,
@@ -215,6 +227,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         "epochs": trainer.state.epoch,
         "train_rows": len(train_examples),
         "eval_rows": len(eval_examples),
+        "train_prompts_truncated": train_prompts_cut,
         "trainable_params": n_trainable,
         "lora": sft.lora.enabled,
         "tokens_seen": tokens_seen,

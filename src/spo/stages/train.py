@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spo.config import SpoConfig
+from spo.config import SpoConfig, check_sequence_and_batch
 from spo.io import InputError, tree_sha256, write_json, write_provenance
 
 log = logging.getLogger("spo.train")
@@ -37,6 +37,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
 
     tc = cfg.train
     rows_dir, degrees_dir, sft_dir, out_dir = Path(tc.rows_dir), Path(tc.degrees_dir), Path(tc.sft_dir), Path(tc.out_dir)
+    check_settings(cfg)
     if not sft_dir.is_dir():
         raise InputError(f"{sft_dir}: SFT model folder not found (run `spo sft` first, or set train.sft_dir)")
     mode = _degree_mode(cfg)
@@ -50,15 +51,17 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         eval_deg = eval_deg[: tc.eval_rows] if eval_deg is not None else None
     if not train_rows:
         raise InputError(f"{rows_dir / 'train.jsonl'}: no training rows")
+    if mode and train_deg and tc.spo.levels_per_step is not None and tc.spo.levels_per_step > int(train_deg[0]["n_levels"]):
+        raise InputError(f"train.spo.levels_per_step {tc.spo.levels_per_step} is above the n_levels "
+                         f"{train_deg[0]['n_levels']} of {degrees_dir / 'train.jsonl'}")
 
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
     tokenizer.padding_side = "right"
     model = load_trained(sft_dir, cfg.model, trainable=True, merge=True)
     if tc.lora.enabled:
-        model = apply_lora(model, tc.lora)
+        model = apply_lora(model, tc.lora, seed=cfg.seed)
 
-    common = dict(max_length=tc.max_length, max_prompt_length=tc.max_prompt_length, degree_mode=mode,
-                  with_kl=tc.loss == "kto")
+    common = dict(max_length=tc.max_length, max_prompt_length=tc.max_prompt_length, degree_mode=mode)
     train_ex, train_stats = tokenize_pairs(train_rows, train_deg, tokenizer, where=str(rows_dir / "train.jsonl"), **common)
     eval_ex = None
     if eval_rows:
@@ -78,7 +81,8 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         last_train = _last_metrics(out_dir / "metrics.jsonl", "train")
         metrics = {
             "loss": tc.loss, "spo": mode is not None, "steps": summary["steps"], "pairs": len(train_ex),
-            "excluded_responses": train_stats.not_distinct, "skipped_steps": summary["skipped_steps"],
+            "excluded_responses": train_stats.excluded, "excluded_after_truncation": train_stats.not_distinct_tokens,
+            "skipped_steps": summary["skipped_steps"],
             "train": last_train, "eval": summary.get("eval", {}),
             "train_seconds": summary["train_seconds"],
         }
@@ -96,9 +100,26 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         "train: %s%s on %d pairs (%d eval) from %s with %s, %d steps in %.1f s -> %s (loss %s, reward acc %s)",
         tc.loss, "+spo(" + mode + ")" if mode else "", len(train_ex), len(eval_ex or []), rows_dir, sft_dir,
         summary["steps"], seconds, out_dir, _fmt(summary.get("eval", {}).get("loss")),
-        _fmt(summary.get("eval", {}).get("rewards/accuracy")),
+        _fmt(summary.get("eval", {}).get("rewards/accuracies")),
     )
     return summary
+
+
+def check_settings(cfg: SpoConfig) -> None:
+    """Settings that must agree before any data or model is loaded (each error names the option)."""
+    import torch
+
+    from spo.training.forward import MASK_IMPLEMENTATIONS
+    from spo.training.trainer import check_precision
+
+    tc = cfg.train
+    check_sequence_and_batch("train", tc.max_length, tc.max_prompt_length, tc.optim)
+    if tc.loss == "kto" and tc.optim.batch_size < 2:
+        raise InputError("train.optim.batch_size must be at least 2 for KTO (its KL estimate uses mismatched pairs of a batch)")
+    if cfg.model.attn_implementation not in MASK_IMPLEMENTATIONS:
+        raise InputError(f"model.attn_implementation {cfg.model.attn_implementation!r}: training packs each pair into one "
+                         f"row with a 4-D attention mask, which needs one of {list(MASK_IMPLEMENTATIONS)}")
+    check_precision(tc, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _fmt(value: Any) -> str:

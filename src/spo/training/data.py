@@ -1,36 +1,48 @@
-"""Preference pairs as token ids: alignment sequences, SPO degree variants, batching.
+"""Preference pairs as token ids, and the packed micro-batches the trainer runs.
 
-One :class:`PairExample` per (prompt, chosen, rejected) row, tokenised once before training:
+Tokenisation, once before training — one :class:`PairExample` per (prompt, chosen, rejected):
 
-* prompt ids: ``format_prompt`` encoded without special tokens, with the tokenizer's own bos
-  prepended when the layout lets the tokenizer add it (raw layout; a chat template writes bos
-  itself, see ``spo.models.formatting``) — so bos is never added twice;
-* response ids: ``format_response`` (end-of-turn marker included), never with special tokens;
-* truncation: the prompt keeps its END (``max_prompt_length``; a leading bos is kept), then
-  each response is cut at the right so prompt + response <= ``max_length``.
+* prompt: :func:`spo.models.formatting.encode_prompt` — a chat template's head (bos, system
+  prompt, first role header) and its generation prompt are always kept; a long prompt loses
+  dialogue content from the left;
+* responses: the ids of ``format_response`` (end-of-turn marker included), cut at the right so
+  that prompt + response <= ``max_length``. A cut response also loses trailing whitespace-only
+  tokens, so it ends in content, as every degree variant does.
 
-Degree variants per response (only when the SPO loss is active):
+Degree variants, only when the SPO loss is on, built from the response **as cut** (a level may
+never hold text past level 0's end, nor an end marker level 0 lost):
 
-* ``reencode`` mode: for each level k >= 1 the ids of ``format_response(level_k)`` (cut to the
-  same budget) and, per variant token, its position within the ORIGINAL response's tokens.
-  The words of a level are a subsequence of the original's words (spo.degrees), so variant
-  words are aligned greedily to original words; variant characters map to original characters,
-  and those to original token indices through the offset mappings. Non-word characters map to
-  the original character right after the previous aligned word.
-* ``drop`` mode: per level k the mask of original response tokens that survive: a token is
-  dropped when its character span overlaps a removed span of level k (spans are in the raw
-  response's characters; ``response_offset`` shifts them into the formatted text). Tokens
-  outside the raw text (the end-of-turn marker) always survive.
+* ``reencode``: level k >= 1 is re-rendered from the cut response with the level's removed
+  spans clipped to the cut (:func:`spo.degrees.render_with_origins`, the same rendering and
+  normalisation as the degrees stage), encoded, and followed by exactly the end-marker tokens
+  level 0 kept. Each token carries its OWN position in the original response: the original
+  token holding its first non-space character (characters the cleaning synthesised have no
+  position and take the next token's). A position that the previous level does not have is
+  moved to the next one it has, so each level's positions are a subset of the previous
+  level's (nested, by construction).
+* ``drop``: level k's mask over the cut original tokens: a token is dropped when its characters
+  overlap a removed span of level k; the end marker is always kept.
 
-A response whose levels are not all distinct is flagged (``distinct=False``): the degree loss
-skips it (counted as ``excluded``), the alignment loss uses it.
+A response whose levels are not all distinct — in the degree dataset, or as tokens once cut
+(``not_distinct_tokens``) — is excluded from the degree loss and counted; the alignment loss
+still uses it.
+
+Packing, per micro-batch (:class:`PairCollator`): each pair is ONE run of tokens,
+``[prompt | chosen | rejected | variants of chosen | variants of rejected]``, and whole pairs
+are packed first-fit decreasing into rows no longer than the longest pair (short pairs share a
+row instead of being padded to the longest). Each response segment attends to its pair's
+prompt and to its own earlier tokens only (a 4-D mask built from ``segment_ids`` and
+``context_ids``, :func:`attention_mask_4d`), and its position ids restart where its prompt
+ends, so every segment is computed exactly as in a ``prompt + segment`` row of its own — but
+the prompt is encoded once per pair instead of once per row, and there is no padding between
+segments or pairs. Scored tokens (the alignment log-probs) and degree-feature tokens are
+addressed by flat indices into the ``[rows x length]`` hidden states.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,14 +50,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from spo.degrees import WORD_RE
 from spo.io import InputError, check_aligned, read_jsonl
 
 log = logging.getLogger("spo.train")
 
 SIDES = ("chosen", "rejected")
-IGNORE = -100
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,10 +69,10 @@ class SideDegrees:
 
     n_levels: int
     distinct: bool
-    # reencode: index k-1 holds level k (k >= 1)
+    # reencode: index k-1 holds level k (k >= 1): its ids and each token's original position
     variant_ids: list[list[int]] = field(default_factory=list)
     variant_pos: list[list[int]] = field(default_factory=list)
-    # drop: index k holds level k's keep mask over the (truncated) original response tokens
+    # drop: index k holds level k's keep mask over the (cut) original response tokens
     keep: list[list[bool]] = field(default_factory=list)
 
 
@@ -71,12 +82,16 @@ class PairExample:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
-    kl_ids: list[int] = field(default_factory=list)  # KTO: the next pair's chosen response, cut to fit
     degrees: dict[str, SideDegrees] = field(default_factory=dict)  # "chosen"/"rejected"; empty without SPO
 
     @property
     def length(self) -> int:
-        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+        """Tokens of the pair's packed row with every degree variant (the length batches are grouped by)."""
+        variants = sum(len(v) for sd in self.degrees.values() for v in sd.variant_ids)
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids) + variants
+
+    def response(self, side: str) -> list[int]:
+        return self.chosen_ids if side == "chosen" else self.rejected_ids
 
 
 @dataclass
@@ -84,12 +99,16 @@ class TokenizeStats:
     pairs: int = 0
     prompts_truncated: int = 0
     responses_truncated: int = 0
-    variants_truncated: int = 0
     dropped_empty: int = 0
-    not_distinct: int = 0
+    not_distinct: int = 0  # responses whose levels are not distinct in the degree dataset
+    not_distinct_tokens: int = 0  # distinct as text, not as tokens once cut to max_length
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+    @property
+    def excluded(self) -> int:
+        return self.not_distinct + self.not_distinct_tokens
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,101 +139,155 @@ def check_alignment(rows_path: Path | str, rows: Sequence[dict], degrees_path: P
 
 
 # --------------------------------------------------------------------------------------------
-# tokenisation helpers
-
-
-def _bos_prefix(tokenizer: Any) -> list[int]:
-    """The ids the tokenizer itself puts in front of text (its bos), or [] when it adds none."""
-    from spo.models.formatting import add_special_tokens
-
-    if not add_special_tokens(tokenizer):
-        return []
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    if len(full) > len(plain) and full[-len(plain):] == plain:
-        return list(full[: len(full) - len(plain)])
-    return []
+# one response, encoded
 
 
 @dataclass
 class _Encoded:
+    """``format_response(raw)`` as tokens, with what maps them back to the raw response."""
+
+    text: str  # the formatted response
     ids: list[int]
-    offsets: list[tuple[int, int]]  # in the formatted text
+    starts: list[int]  # token start characters in the formatted text
+    ends: list[int]
     offset: int  # leading raw characters format_response dropped
     body_len: int  # formatted characters that come from the raw response (the rest is the end marker)
 
+    def kept(self, budget: int) -> int:
+        """How many tokens a cut to ``budget`` keeps: trailing whitespace-only body tokens go too."""
+        n = min(len(self.ids), budget)
+        if n < len(self.ids):
+            while n > 1 and self.starts[n - 1] < self.body_len and self.text[self.starts[n - 1]: self.ends[n - 1]].isspace():
+                n -= 1
+        return n
+
+    def body_tokens(self, n: int) -> int:
+        """How many of the first ``n`` tokens carry response text (the rest is the end marker)."""
+        return sum(1 for s in self.starts[:n] if s < self.body_len)
+
+    def token_at(self, fmt_char: int) -> int:
+        return max(0, bisect.bisect_right(self.starts, fmt_char) - 1)
+
+
+def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[int], list[int]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    return list(enc["input_ids"]), [s for s, _ in offsets], [e for _, e in offsets]
+
 
 def _encode_response(tokenizer: Any, response: str) -> _Encoded:
-    from spo.models.formatting import format_response, response_offset
+    from spo.models.formatting import format_body, format_response, response_offset
 
     text = format_response(tokenizer, response)
-    off = response_offset(response, tokenizer)
-    body = os.path.commonprefix([text, response[off:]])
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return _Encoded(list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], off, len(body))
+    ids, starts, ends = _encode(tokenizer, text)
+    return _Encoded(text, ids, starts, ends, response_offset(response, tokenizer), len(format_body(tokenizer, response)))
 
 
-def _token_at(starts: list[int], char: int) -> int:
-    return max(0, bisect.bisect_right(starts, char) - 1)
+def _clip(spans: Sequence[Sequence[int]], cut: int) -> list[tuple[int, int]]:
+    return [(int(s), min(int(e), cut)) for s, e in spans if int(s) < cut]
 
 
-def _variant_positions(orig: str, orig_enc: _Encoded, variant: str, var_enc: _Encoded) -> list[int]:
-    """Per variant token, the index of the original response token it comes from."""
-    o_words = [(m.start(), m.end(), m.group()) for m in WORD_RE.finditer(orig)]
-    v_words = [(m.start(), m.end(), m.group()) for m in WORD_RE.finditer(variant)]
-    aligned: list[tuple[int, int, int]] = []  # (v_start, v_end, o_start)
-    j = 0
-    for vs, ve, w in v_words:
-        while j < len(o_words) and o_words[j][2] != w:
-            j += 1
-        if j == len(o_words):
-            break  # not a subsequence (should not happen): the rest maps past the last word
-        aligned.append((vs, ve, o_words[j][0]))
-        j += 1
-    v_starts = [a[0] for a in aligned]
+def _reencode_levels(tokenizer: Any, raw: str, enc: _Encoded, n_keep: int, entry: dict, where: str,
+                     ) -> tuple[list[list[int]], list[list[int]]]:
+    """Ids and original positions of levels 1.. of a response cut to its first ``n_keep`` tokens.
 
-    def raw_map(vc: int) -> int:
-        i = bisect.bisect_right(v_starts, vc) - 1
-        if i >= 0 and vc < aligned[i][1]:
-            return aligned[i][2] + (vc - aligned[i][0])
-        if i >= 0:  # after word i: the character after its original end
-            vs, ve, os_ = aligned[i]
-            return os_ + (ve - vs) + (vc - ve)
-        return min(vc, aligned[0][2]) if aligned else vc
+    An uncut response's levels must re-render to the degree dataset's own texts: anything else
+    means the dataset was built from other responses or by another version (InputError).
+    """
+    from spo.degrees import render_with_origins
+    from spo.models.formatting import body_strip
 
-    o_starts = [s for s, _ in orig_enc.offsets]
-    n_orig = len(orig_enc.ids)
-    positions: list[int] = []
-    last = 0
-    for s, e in var_enc.offsets:
-        if s >= var_enc.body_len:  # end-of-turn marker: same distance into the original's marker
-            fmt_char = orig_enc.body_len + (s - var_enc.body_len)
-        else:
-            raw = s + var_enc.offset
-            seg = variant[raw: e + var_enc.offset]
-            m = WORD_RE.search(seg)
-            if m:
-                raw += m.start()
-            fmt_char = raw_map(raw) - orig_enc.offset
-        pos = min(max(_token_at(o_starts, fmt_char), last), max(n_orig - 1, 0))
-        positions.append(pos)
-        last = pos
-    return positions
+    n_body = enc.body_tokens(n_keep)
+    n_variants = len(entry["removed_spans"]) - 1
+    if n_body == 0:  # nothing of the response fits: every level is the same (and excluded)
+        return [enc.ids[:n_keep]] * n_variants, [list(range(n_keep))] * n_variants
+    marker = enc.ids[n_body:n_keep]  # the end-marker tokens level 0 kept (all, some or none)
+    marker_pos = list(range(n_body, n_keep))
+    cut = min(enc.ends[n_body - 1], enc.body_len) + enc.offset  # in raw characters
+    whole = cut >= enc.body_len + enc.offset
+    allowed = list(range(n_keep))  # level 0's positions
+    all_ids: list[list[int]] = []
+    all_pos: list[list[int]] = []
+    for k, spans in enumerate(entry["removed_spans"][1:], start=1):
+        text, origins = render_with_origins(raw[:cut], _clip(spans, cut))
+        if whole and text != entry["levels"][k]:
+            raise InputError(f"{where}: levels[{k}] is not what its removed_spans give for this row's response "
+                             "(the degree dataset was built from other rows or by another version: rebuild it with "
+                             "`spo degrees`)")
+        text, origins = body_strip(tokenizer, text, origins)
+        ids, starts, ends = _encode(tokenizer, text)
+        ids, starts, ends = ids[:n_body], starts[:n_body], ends[:n_body]
+        pos = _own_positions(text, origins, starts, ends, enc)
+        pos = _nested(pos, allowed)
+        all_ids.append(ids + marker)
+        all_pos.append(pos + marker_pos)
+        allowed = sorted(set(all_pos[-1]))
+    return all_ids, all_pos
 
 
-def _keep_mask(enc: _Encoded, spans: Sequence[Sequence[int]], n_tokens: int) -> list[bool]:
-    spans = sorted((int(s) - enc.offset, int(e) - enc.offset) for s, e in spans)
-    starts = [s for s, _ in spans]
-    keep = []
-    for s, e in enc.offsets[:n_tokens]:
-        e = min(e, enc.body_len)
-        if s >= e:
-            keep.append(True)
-            continue
-        # spans are disjoint and sorted: check the last span starting before e
-        i = bisect.bisect_left(starts, e) - 1
-        keep.append(not (i >= 0 and spans[i][1] > s))
-    return keep
+def _own_positions(text: str, origins: list[int], starts: list[int], ends: list[int], enc: _Encoded) -> list[int]:
+    """Per token, the original token holding its first non-space character (see the module doc)."""
+    out: list[int | None] = []
+    for s, e in zip(starts, ends):
+        found = None
+        for i in range(s, e):
+            if origins[i] >= 0 and not text[i].isspace():
+                found = origins[i]
+                break
+        if found is None:
+            found = next((origins[i] for i in range(s, e) if origins[i] >= 0), None)
+        out.append(None if found is None else enc.token_at(found - enc.offset))
+    nxt = out[-1] if out and out[-1] is not None else None
+    for i in range(len(out) - 1, -1, -1):  # synthesised-only tokens take the next token's position
+        if out[i] is None:
+            out[i] = nxt if nxt is not None else 0
+        nxt = out[i]
+    return [int(p) for p in out]  # type: ignore[arg-type]
+
+
+def _nested(positions: list[int], allowed: list[int]) -> list[int]:
+    """Each position, or the next one ``allowed`` (sorted) holds — the last when there is none."""
+    out = []
+    for p in positions:
+        i = bisect.bisect_left(allowed, p)
+        out.append(allowed[min(i, len(allowed) - 1)])
+    return out
+
+
+def _keep_masks(enc: _Encoded, n_keep: int, removed: Sequence[Sequence[Sequence[int]]]) -> list[list[bool]]:
+    masks = []
+    for spans in removed:
+        fmt = sorted((int(s) - enc.offset, int(e) - enc.offset) for s, e in spans)
+        starts = [s for s, _ in fmt]
+        keep = []
+        for s, e in zip(enc.starts[:n_keep], enc.ends[:n_keep]):
+            e = min(e, enc.body_len)
+            if s >= e:  # the end marker (outside the raw text) always survives
+                keep.append(True)
+                continue
+            i = bisect.bisect_left(starts, e) - 1  # spans are disjoint and sorted: the last starting before e
+            keep.append(not (i >= 0 and fmt[i][1] > s))
+        masks.append(keep)
+    return masks
+
+
+def _side_degrees(tokenizer: Any, raw: str, enc: _Encoded, n_keep: int, entry: dict, n_levels: int, mode: str,
+                  stats: TokenizeStats, where: str) -> SideDegrees:
+    sd = SideDegrees(n_levels=n_levels, distinct=bool(entry["distinct"]))
+    if not sd.distinct:
+        stats.not_distinct += 1
+        return sd
+    removed = entry["removed_spans"]
+    if mode == "reencode":
+        sd.variant_ids, sd.variant_pos = _reencode_levels(tokenizer, raw, enc, n_keep, entry, where)
+        levels = [enc.ids[:n_keep], *sd.variant_ids]
+    else:
+        sd.keep = _keep_masks(enc, n_keep, removed)
+        levels = sd.keep
+    if len({tuple(level) for level in levels}) < n_levels:
+        stats.not_distinct_tokens += 1
+        return SideDegrees(n_levels=n_levels, distinct=False)
+    return sd
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +302,6 @@ def tokenize_pairs(
     max_length: int,
     max_prompt_length: int,
     degree_mode: str | None = None,
-    with_kl: bool = False,
     where: str = "rows",
 ) -> tuple[list[PairExample], TokenizeStats]:
     """Tokenise rows (and degree lines when ``degree_mode`` is "reencode"/"drop").
@@ -237,68 +309,48 @@ def tokenize_pairs(
     Pairs with an empty response after truncation, or whose two responses are the same tokens,
     carry no preference signal: they are dropped and counted (a WARNING says how many).
     """
-    from spo.models.formatting import format_prompt
+    from spo.models.formatting import encode_prompt
 
     if max_prompt_length >= max_length:
         raise InputError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
     if degree_mode is not None and degrees is None:
         raise InputError(f"{where}: the degree loss is on but no degree dataset was given")
-    if degree_mode is not None and not getattr(tokenizer, "is_fast", False):
-        raise InputError("the degree loss needs a fast tokenizer (offset mappings)")
-    bos = _bos_prefix(tokenizer)
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError("training needs a fast tokenizer (offset mappings)")
     stats = TokenizeStats()
     examples: list[PairExample] = []
     for line, row in enumerate(rows, start=1):
-        prompt_text = format_prompt(tokenizer, row["prompt"], row.get("source", "hh"))
-        prompt_ids = bos + list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-        if len(prompt_ids) > max_prompt_length:
-            stats.prompts_truncated += 1
-            keep_head = prompt_ids[: len(bos)] if bos and len(bos) < max_prompt_length else []
-            prompt_ids = keep_head + prompt_ids[len(prompt_ids) - (max_prompt_length - len(keep_head)):]
-        budget = max_length - len(prompt_ids)
+        prompt = encode_prompt(tokenizer, row["prompt"], row.get("source", "hh"), max_prompt_length)
+        stats.prompts_truncated += prompt.truncated
+        budget = max_length - len(prompt.ids)
         encoded: dict[str, _Encoded] = {}
-        ids: dict[str, list[int]] = {}
+        kept: dict[str, int] = {}
         for side in SIDES:
             enc = _encode_response(tokenizer, row[side])
-            encoded[side] = enc
-            if len(enc.ids) > budget:
-                stats.responses_truncated += 1
-            ids[side] = enc.ids[:budget]
+            encoded[side], kept[side] = enc, enc.kept(budget)
+            stats.responses_truncated += kept[side] < len(enc.ids)
+        ids = {side: encoded[side].ids[: kept[side]] for side in SIDES}
         if not ids["chosen"] or not ids["rejected"] or ids["chosen"] == ids["rejected"]:
             stats.dropped_empty += 1
             continue
-        ex = PairExample(str(row.get("id", line)), prompt_ids, ids["chosen"], ids["rejected"])
+        ex = PairExample(str(row.get("id", line)), prompt.ids, ids["chosen"], ids["rejected"])
         if degree_mode is not None:
-            deg = degrees[line - 1]
+            deg = degrees[line - 1]  # type: ignore[index]
+            n = int(deg["n_levels"])
             for side in SIDES:
-                d = deg[side]
-                n = int(deg["n_levels"])
-                sd = SideDegrees(n_levels=n, distinct=bool(d["distinct"]))
-                if not sd.distinct:
-                    stats.not_distinct += 1
-                elif degree_mode == "reencode":
-                    orig = row[side]
-                    for k in range(1, n):
-                        venc = _encode_response(tokenizer, d["levels"][k])
-                        if len(venc.ids) > budget:
-                            stats.variants_truncated += 1
-                        pos = _variant_positions(orig, encoded[side], d["levels"][k], venc)
-                        sd.variant_ids.append(venc.ids[:budget])
-                        sd.variant_pos.append(pos[:budget])
-                else:
-                    sd.keep = [_keep_mask(encoded[side], d["removed_spans"][k], len(ids[side])) for k in range(n)]
-                ex.degrees[side] = sd
+                ex.degrees[side] = _side_degrees(tokenizer, row[side], encoded[side], kept[side], deg[side], n,
+                                                 degree_mode, stats, f"{where}:{line}: degree {side}")
         examples.append(ex)
-    if with_kl and examples:
-        for i, ex in enumerate(examples):
-            other = examples[(i + 1) % len(examples)]
-            ex.kl_ids = other.chosen_ids[: max_length - len(ex.prompt_ids)]
     stats.pairs = len(examples)
     if stats.prompts_truncated or stats.responses_truncated:
         log.info(
-            "%s: %d prompts cut to %d tokens (end kept), %d responses cut to fit max_length %d",
+            "%s: %d prompts cut to %d tokens (template head kept, oldest dialogue content dropped), "
+            "%d responses cut to fit max_length %d",
             where, stats.prompts_truncated, max_prompt_length, stats.responses_truncated, max_length,
         )
+    if stats.not_distinct_tokens:
+        log.info("%s: %d responses excluded from the degree loss because their levels are no longer distinct "
+                 "once cut to max_length", where, stats.not_distinct_tokens)
     if stats.dropped_empty:
         log.warning("%s: %d pairs dropped (a response empty after truncation, or both responses the same tokens)",
                     where, stats.dropped_empty)
@@ -311,8 +363,7 @@ def tokenize_pairs(
 # batch order
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, micro_batch_size: int, seed: int, epoch: int,
-                  group_by_length: bool) -> list[list[int]]:
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
     """The global batches (lists of example indices) of one epoch; deterministic for (seed, epoch).
 
     The incomplete last batch is dropped (every process must run the same number of steps).
@@ -334,6 +385,14 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, micro_batch_size: int
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def kl_partners(batch: Sequence[int]) -> dict[int, int]:
+    """KTO's mismatched pairs: each pair of a batch is matched with the next pair's response (cyclic).
+
+    A batch of one pair has no mismatched pair; the config check refuses KTO with batch_size 1.
+    """
+    return {i: batch[(j + 1) % len(batch)] for j, i in enumerate(batch)}
+
+
 def sample_levels(n_levels: int, m: int | None, seed: int, step: int, index: int, side: str) -> list[int]:
     """The levels used for one response at one step: all, or level 0 + (m-1) drawn uniformly.
 
@@ -347,140 +406,290 @@ def sample_levels(n_levels: int, m: int | None, seed: int, step: int, index: int
 
 
 # --------------------------------------------------------------------------------------------
-# collation
+# packing
 
 
 @dataclass
-class Batch:
-    """One padded micro-batch. Rows: b chosen, b rejected, then the reencode variants.
+class PackedBatch:
+    """One micro-batch, packed (see the module docstring).
 
-    ``labels`` is -100 on prompt, padding and variant rows (only the 2b alignment rows have
-    log-probs). ``deg_*`` describe the degree-classifier inputs: ``deg_row`` indexes rows of the
-    forward, ``deg_mask``/``deg_pos`` select tokens and their original positions.
+    ``segment_ids``: a row's segments (each pair's prompt and responses), -1 padding;
+    ``context_ids``: the segment a token may see besides its own (its pair's prompt). ``score_*`` address
+    the tokens whose log-probs are summed into the ``n_scored`` sequences (chosen 0..b-1, then
+    rejected b..2b-1; or the b KL responses): ``score_index`` is the flat ``row * length + pos``
+    of the hidden state that PREDICTS the token (the previous position of its segment, the last
+    prompt token for the first one), ``score_target`` the token id, ``score_seq`` its sequence.
+    ``deg_*`` describe the degree classifier's inputs: ``deg_index`` (flat, as above) of every
+    feature token, ``deg_sample`` its sample (0..M-1) and ``deg_pos`` its own position in the
+    original response; per sample its level ``deg_label`` and side ``deg_side`` (0 chosen).
     """
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
+    input_ids: Tensor
+    position_ids: Tensor
+    segment_ids: Tensor
+    context_ids: Tensor
+    score_index: Tensor
+    score_target: Tensor
+    score_seq: Tensor
+    n_scored: int
     n_pairs: int
-    deg_row: torch.Tensor
-    deg_mask: torch.Tensor
-    deg_pos: torch.Tensor
-    deg_label: torch.Tensor
-    deg_side: torch.Tensor  # 0 chosen, 1 rejected
-    excluded: list[int]  # [chosen, rejected] responses excluded from the degree loss
     indices: list[int]
-    kl_input_ids: torch.Tensor | None = None
-    kl_attention_mask: torch.Tensor | None = None
-    kl_labels: torch.Tensor | None = None
+    deg_index: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    deg_sample: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    deg_pos: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    deg_label: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    deg_side: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    excluded: list[int] = field(default_factory=lambda: [0, 0])  # [chosen, rejected] responses without degree loss
 
-    def to(self, device: torch.device) -> Batch:
+    def to(self, device: torch.device) -> PackedBatch:
         for name, value in list(self.__dict__.items()):
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device))
+            if isinstance(value, Tensor):
+                setattr(self, name, value.to(device, non_blocking=True))
         return self
 
     @property
     def n_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        """Real (non-padding) tokens in the forward."""
+        return int((self.segment_ids >= 0).sum())
+
+    def score_counts(self) -> Tensor:
+        """Scored tokens per sequence [n_scored] (response lengths)."""
+        return torch.bincount(self.score_seq, minlength=self.n_scored)
 
 
-def _pad(seqs: list[list[int]], value: int, width: int) -> torch.Tensor:
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
+def attention_mask_4d(segment_ids: Tensor, context_ids: Tensor, float_dtype: torch.dtype | None = None) -> Tensor:
+    """[R, L, L] -> [R, 1, L, L] mask of a packed batch: a token sees, up to itself, the tokens of
+    its own segment and of its context (a response: its pair's prompt; a prompt: itself);
+    padding sees only itself (a query with no key would make sdpa return NaN). Boolean (True:
+    attend) for sdpa; with ``float_dtype``, additive (0 / dtype min) as eager attention wants."""
+    seg, ctx = segment_ids, context_ids
+    length = seg.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
+    keys = seg[:, None, :]
+    queries = seg[:, :, None]
+    allowed = causal & ((keys == queries) | (keys == ctx[:, :, None])) & (keys >= 0) & (queries >= 0)
+    allowed |= torch.eye(length, dtype=torch.bool, device=seg.device) & (queries < 0)
+    allowed = allowed[:, None]
+    if float_dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=float_dtype, device=seg.device).masked_fill(~allowed, torch.finfo(float_dtype).min)
+
+
+@dataclass
+class _Placed:
+    """Where one pair landed: its row, the column of its last prompt token, each segment's first column."""
+
+    row: int
+    last_prompt: int
+    starts: list[int]
+
+
+def _pack(pairs: list[tuple[list[int], list[list[int]]]], pad_id: int, multiple: int | None
+          ) -> tuple[Tensor, Tensor, Tensor, Tensor, int, list[_Placed]]:
+    """Pack (prompt, segments) pairs into rows, first-fit decreasing: a row holds whole pairs up to
+    the longest pair's length, so short pairs share a row instead of being padded to the longest.
+
+    Returns input ids, position ids (each segment restarts where its prompt ends), segment ids
+    (unique within a row; -1 padding), context ids (the prompt a token may also see) [R, L], the
+    width and each pair's placement.
+    """
+    lengths = [len(p) + sum(len(x) for x in segs) for p, segs in pairs]
+    capacity = max(lengths)
+    free: list[int] = []  # room left per row
+    row_of = [0] * len(pairs)
+    for j in sorted(range(len(pairs)), key=lambda j: -lengths[j]):
+        row = next((r for r, room in enumerate(free) if room >= lengths[j]), None)
+        if row is None:
+            free.append(capacity)
+            row = len(free) - 1
+        free[row] -= lengths[j]
+        row_of[j] = row
+    ids: list[list[int]] = [[] for _ in free]
+    pos: list[list[int]] = [[] for _ in free]
+    seg: list[list[int]] = [[] for _ in free]
+    ctx: list[list[int]] = [[] for _ in free]
+    next_seg = [0] * len(free)
+    placed = []
+    for j, (prompt, segments) in enumerate(pairs):
+        r = row_of[j]
+        prompt_seg = next_seg[r]
+        next_seg[r] += 1 + len(segments)
+        ids[r] += prompt
+        pos[r] += range(len(prompt))
+        seg[r] += [prompt_seg] * len(prompt)
+        ctx[r] += [prompt_seg] * len(prompt)
+        last_prompt = len(ids[r]) - 1
+        starts = []
+        for k, segment in enumerate(segments, start=1):
+            starts.append(len(ids[r]))
+            ids[r] += segment
+            pos[r] += range(len(prompt), len(prompt) + len(segment))
+            seg[r] += [prompt_seg + k] * len(segment)
+            ctx[r] += [prompt_seg] * len(segment)
+        placed.append(_Placed(r, last_prompt, starts))
+    width = max(len(r) for r in ids)
+    if multiple:
+        width = -(-width // multiple) * multiple
+    shape = (len(ids), width)
+    tensors = [torch.full(shape, fill, dtype=torch.long) for fill in (pad_id, 0, -1, -1)]
+    for r in range(len(ids)):
+        for t, values in zip(tensors, (ids[r], pos[r], seg[r], ctx[r])):
+            t[r, : len(values)] = torch.tensor(values, dtype=torch.long)
+    return (*tensors, width, placed)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """One response segment of a pass: an alignment response (``level`` None, scored) or a variant."""
+
+    pair: int  # index in the micro-batch
+    side: int  # 0 chosen, 1 rejected
+    level: int | None = None
 
 
 class PairCollator:
-    """Pads a list of examples (right padding) into a :class:`Batch`.
+    """Packs examples into :class:`PackedBatch` passes (pairs whole, first-fit decreasing into rows).
 
-    ``degree_mode`` None: no degree rows. ``levels_per_step``/``seed``/``step`` pick the sampled
-    levels (see :func:`sample_levels`); ``all_levels=True`` (eval) uses every level.
+    ``degree_mode`` None: no degree samples. ``levels_per_step``/``seed``/``step`` pick the
+    sampled levels (see :func:`sample_levels`); ``all_levels=True`` (eval) uses every level.
+    ``separate_variants``: the reencode variants are left out of the alignment pass; the trainer
+    asks for them with :meth:`variant_passes` (``train.spo.variant_passes: separate``).
     """
 
     def __init__(self, pad_token_id: int, degree_mode: str | None = None, levels_per_step: int | None = None,
-                 seed: int = 0, pad_to_multiple_of: int | None = None) -> None:
+                 seed: int = 0, pad_to_multiple_of: int | None = None, separate_variants: bool = False) -> None:
         self.pad_token_id = pad_token_id
         self.degree_mode = degree_mode
         self.levels_per_step = levels_per_step
         self.seed = seed
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.separate_variants = separate_variants and degree_mode == "reencode"
 
-    def _width(self, lengths: list[int]) -> int:
-        width = max(lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return width
+    def _levels(self, examples: Sequence[PairExample], indices: Sequence[int], step: int,
+                all_levels: bool) -> list[list[list[int] | None]]:
+        """Per pair and side, the sampled levels, or None: excluded from the degree loss."""
+        m = None if all_levels else self.levels_per_step
+        out: list[list[list[int] | None]] = []
+        for ex, idx in zip(examples, indices):
+            sides: list[list[int] | None] = []
+            for side in SIDES:
+                sd = ex.degrees.get(side)
+                ok = self.degree_mode is not None and sd is not None and sd.distinct
+                sides.append(sample_levels(sd.n_levels, m, self.seed, step, idx, side) if ok else None)  # type: ignore[union-attr]
+            out.append(sides)
+        return out
 
     def __call__(self, examples: Sequence[PairExample], indices: Sequence[int], step: int = 0,
-                 all_levels: bool = False, with_kl: bool = False) -> Batch:
-        b = len(examples)
-        seqs: list[list[int]] = []
-        label_seqs: list[list[int]] = []
-        prompt_lens: list[int] = []
-        for side in SIDES:
-            for ex in examples:
-                resp = ex.chosen_ids if side == "chosen" else ex.rejected_ids
-                seqs.append(ex.prompt_ids + resp)
-                label_seqs.append([IGNORE] * len(ex.prompt_ids) + resp)
-                prompt_lens.append(len(ex.prompt_ids))
-        # degree rows: (row, mask start/end or keep list, positions, label, side)
-        specs: list[tuple[int, int, list[bool] | None, list[int] | None, int, int]] = []
-        excluded = [0, 0]
-        if self.degree_mode is not None:
-            m = None if all_levels else self.levels_per_step
-            for s_i, side in enumerate(SIDES):
-                for j, (ex, idx) in enumerate(zip(examples, indices)):
-                    sd = ex.degrees.get(side)
-                    if sd is None or not sd.distinct:
-                        excluded[s_i] += 1
-                        continue
-                    row0 = s_i * b + j
-                    resp_len = len(seqs[row0]) - len(ex.prompt_ids)
-                    for k in sample_levels(sd.n_levels, m, self.seed, step, idx, side):
-                        if self.degree_mode == "drop":
-                            specs.append((row0, len(ex.prompt_ids), sd.keep[k], list(range(resp_len)), k, s_i))
-                        elif k == 0:
-                            specs.append((row0, len(ex.prompt_ids), None, list(range(resp_len)), 0, s_i))
-                        else:
-                            row = len(seqs)
-                            seqs.append(ex.prompt_ids + sd.variant_ids[k - 1])
-                            label_seqs.append([IGNORE] * len(seqs[-1]))
-                            specs.append((row, len(ex.prompt_ids), None, sd.variant_pos[k - 1], k, s_i))
-        width = self._width([len(s) for s in seqs])
-        input_ids = _pad(seqs, self.pad_token_id, width)
-        attention_mask = _pad([[1] * len(s) for s in seqs], 0, width)
-        labels = _pad(label_seqs, IGNORE, width)
-        M = len(specs)
-        deg_mask = torch.zeros((M, width), dtype=torch.bool)
-        deg_pos = torch.zeros((M, width), dtype=torch.long)
-        for i, (row, start, keep, pos, _, _) in enumerate(specs):
-            n = len(pos)
-            if keep is None:
-                deg_mask[i, start: start + n] = True
-            else:
-                deg_mask[i, start: start + n] = torch.tensor(keep[:n], dtype=torch.bool)
-            deg_pos[i, start: start + n] = torch.tensor(pos, dtype=torch.long)
-        batch = Batch(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            labels=labels,
-            n_pairs=b,
-            deg_row=torch.tensor([s[0] for s in specs], dtype=torch.long),
-            deg_mask=deg_mask,
-            deg_pos=deg_pos,
-            deg_label=torch.tensor([s[4] for s in specs], dtype=torch.long),
-            deg_side=torch.tensor([s[5] for s in specs], dtype=torch.long),
-            excluded=excluded,
-            indices=list(indices),
-        )
-        if with_kl:
-            kl_seqs = [ex.prompt_ids + ex.kl_ids for ex in examples]
-            kl_labels = [[IGNORE] * len(ex.prompt_ids) + ex.kl_ids for ex in examples]
-            w = self._width([len(s) for s in kl_seqs])
-            batch.kl_input_ids = _pad(kl_seqs, self.pad_token_id, w)
-            batch.kl_attention_mask = _pad([[1] * len(s) for s in kl_seqs], 0, w)
-            batch.kl_labels = _pad(kl_labels, IGNORE, w)
+                 all_levels: bool = False, degrees: bool = True) -> PackedBatch:
+        """The alignment pass: ``[prompt | chosen | rejected (| variants)]`` per pair, with every degree
+        sample it can hold; ``degrees=False``: alignment segments only (a reference forward)."""
+        levels = self._levels(examples, indices, step, all_levels) if degrees else [[None, None] for _ in examples]
+        # eval keeps the variants in the pass: without gradients there is no graph to bound
+        with_variants = self.degree_mode == "reencode" and (all_levels or not self.separate_variants)
+        segments = []
+        for j in range(len(examples)):
+            mine = [_Segment(j, 0), _Segment(j, 1)]
+            if with_variants:
+                mine += [_Segment(j, s, k) for s in range(2) for k in levels[j][s] or [] if k > 0]
+            segments.append(mine)
+        batch = self._build(examples, indices, segments, levels)
+        batch.excluded = [sum(lv[s] is None for lv in levels) for s in range(2)] if degrees and self.degree_mode else [0, 0]
         return batch
+
+    def variant_passes(self, examples: Sequence[PairExample], indices: Sequence[int], step: int,
+                       budget: int) -> list[PackedBatch]:
+        """The reencode variants left out of the alignment pass, in passes of at most ``budget``
+        tokens each (prompt copies included; a pass holds one segment at least)."""
+        levels = self._levels(examples, indices, step, False)
+        passes: list[list[list[_Segment]]] = []
+        current: list[list[_Segment]] = [[] for _ in examples]
+        used = 0
+        for j, ex in enumerate(examples):
+            for s, side in enumerate(SIDES):
+                for k in levels[j][s] or []:
+                    if k == 0:
+                        continue
+                    cost = len(ex.degrees[side].variant_ids[k - 1]) + (0 if current[j] else len(ex.prompt_ids))
+                    if used and used + cost > budget:
+                        passes.append(current)
+                        current, used = [[] for _ in examples], 0
+                        cost = len(ex.degrees[side].variant_ids[k - 1]) + len(ex.prompt_ids)
+                    current[j].append(_Segment(j, s, k))
+                    used += cost
+        if used:
+            passes.append(current)
+        return [self._build(examples, indices, segs, levels) for segs in passes]
+
+    def _build(self, examples: Sequence[PairExample], indices: Sequence[int], segments: list[list[_Segment]],
+               levels: list[list[list[int] | None]]) -> PackedBatch:
+        """Pack the pairs that have segments; scored tokens from the alignment segments, degree
+        samples for every (pair, side, level) whose features this pass holds."""
+        b = len(examples)
+        present = [j for j in range(b) if segments[j]]
+
+        def ids(seg: _Segment) -> list[int]:
+            ex = examples[seg.pair]
+            return ex.response(SIDES[seg.side]) if seg.level is None else ex.degrees[SIDES[seg.side]].variant_ids[seg.level - 1]
+
+        input_ids, position_ids, segment_ids, context_ids, width, placed = _pack(
+            [(examples[j].prompt_ids, [ids(seg) for seg in segments[j]]) for j in present],
+            self.pad_token_id, self.pad_to_multiple_of)
+        where: dict[_Segment, tuple[int, int, int]] = {}  # segment -> (row, last prompt column, first column)
+        for p, j in enumerate(present):
+            for seg, start in zip(segments[j], placed[p].starts):
+                where[seg] = (placed[p].row, placed[p].last_prompt, start)
+        scored = [(seg.side * b + seg.pair, *where[seg], ids(seg)) for s in range(2) for j in present
+                  for seg in segments[j] if seg.level is None and seg.side == s]
+        batch = _scored_batch(input_ids, position_ids, segment_ids, context_ids, width, scored,
+                              2 * b if scored else 0, list(indices))
+        samples: list[tuple[int, list[int], list[int], int, int]] = []  # (row, columns, positions, label, side)
+        for s, side in enumerate(SIDES):
+            for j in present:
+                sd = examples[j].degrees.get(side)
+                for k in levels[j][s] or []:
+                    source = _Segment(j, s, None if (k == 0 or self.degree_mode == "drop") else k)
+                    if source not in where:
+                        continue
+                    row, _, start = where[source]
+                    n = len(ids(source))
+                    if self.degree_mode == "drop":
+                        pos = [t for t in range(n) if sd.keep[k][t]]  # type: ignore[union-attr]
+                    else:
+                        pos = list(range(n)) if k == 0 else sd.variant_pos[k - 1]  # type: ignore[union-attr]
+                    cols = [start + t for t in range(n)] if self.degree_mode == "reencode" else [start + t for t in pos]
+                    samples.append((row, cols, pos, k, s))
+        if samples:
+            batch.deg_index = torch.tensor([r * width + c for r, cols, *_ in samples for c in cols], dtype=torch.long)
+            batch.deg_sample = torch.tensor([m for m, (_, cols, *_) in enumerate(samples) for _ in cols], dtype=torch.long)
+            batch.deg_pos = torch.tensor([p for _, _, pos, *_ in samples for p in pos], dtype=torch.long)
+            batch.deg_label = torch.tensor([smp[3] for smp in samples], dtype=torch.long)
+            batch.deg_side = torch.tensor([smp[4] for smp in samples], dtype=torch.long)
+        return batch
+
+    def kl(self, examples: Sequence[PairExample], partners: Sequence[PairExample], indices: Sequence[int],
+           max_length: int) -> PackedBatch:
+        """KTO's mismatched rows: prompt i + the chosen response of its partner, cut to ``max_length``."""
+        responses = [other.chosen_ids[: max_length - len(ex.prompt_ids)] for ex, other in zip(examples, partners)]
+        input_ids, position_ids, segment_ids, context_ids, width, placed = _pack(
+            [(ex.prompt_ids, [r]) for ex, r in zip(examples, responses)], self.pad_token_id, self.pad_to_multiple_of)
+        scored = [(j, placed[j].row, placed[j].last_prompt, placed[j].starts[0], r) for j, r in enumerate(responses)]
+        return _scored_batch(input_ids, position_ids, segment_ids, context_ids, width, scored, len(examples), list(indices))
+
+
+def _scored_batch(input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor, context_ids: Tensor, width: int,
+                  scored: list[tuple[int, int, int, int, list[int]]], n_scored: int, indices: list[int]) -> PackedBatch:
+    """The batch with its scored tokens: (sequence, row, last prompt column, first column, ids) each."""
+    index: list[int] = []
+    target: list[int] = []
+    seq: list[int] = []
+    for s, row, last_prompt, start, ids in scored:
+        base = row * width
+        index.append(base + last_prompt)  # the last prompt token predicts the first response token
+        index.extend(base + start + t for t in range(len(ids) - 1))
+        target.extend(ids)
+        seq.extend([s] * len(ids))
+    return PackedBatch(
+        input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids, context_ids=context_ids,
+        score_index=torch.tensor(index, dtype=torch.long), score_target=torch.tensor(target, dtype=torch.long),
+        score_seq=torch.tensor(seq, dtype=torch.long), n_scored=n_scored, n_pairs=len(indices), indices=indices,
+    )

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from spo.config import DegreeLossConfig
 
-__all__ = ["sinusoidal_encoding", "masked_mean", "DegreeHead", "DegreeClassifier", "save_classifier", "load_classifier"]
+__all__ = ["sinusoidal_encoding", "pooled_mean", "DegreeHead", "DegreeClassifier", "save_classifier", "load_classifier"]
 
 WEIGHTS_FILE = "degree_heads.safetensors"
 CONFIG_FILE = "degree_heads.json"
@@ -41,16 +41,17 @@ def sinusoidal_encoding(positions: Tensor, dim: int) -> Tensor:
     return pe[..., :dim]
 
 
-def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Mean of hidden [B, T, d] over positions where mask [B, T] is true → [B, d].
+def pooled_mean(features: Tensor, sample: Tensor, n_samples: int) -> Tensor:
+    """Mean of feature rows [D, d] per sample (``sample`` [D] in 0..n_samples-1) → [n_samples, d].
 
-    A row with an empty mask gives zeros rather than 0/0 = NaN (a variant whose response tokens
-    were all removed or truncated must not poison the batch's loss).
+    A sample with no token gives zeros rather than 0/0 = NaN (a variant whose response tokens
+    were all removed or truncated must not poison the batch's loss). Summing by ``index_add``
+    over the selected tokens only keeps memory proportional to them, not to samples × length.
     """
-    weights = mask.to(hidden.dtype).unsqueeze(-1)
-    total = (hidden * weights).sum(dim=-2)
-    count = weights.sum(dim=-2).clamp(min=1.0)
-    return total / count
+    total = torch.zeros((n_samples, features.shape[-1]), dtype=features.dtype, device=features.device)
+    total = total.index_add(0, sample, features)
+    count = torch.bincount(sample, minlength=n_samples).clamp(min=1).to(features.dtype)
+    return total / count[:, None]
 
 
 class DegreeHead(nn.Module):
@@ -90,18 +91,20 @@ class DegreeClassifier(nn.Module):
             raise ValueError(f"side must be one of {SIDES}, got {side!r}")
         return self.heads["shared" if self.cfg.heads == "shared" else side]  # type: ignore[return-value]
 
-    def forward(self, hidden: Tensor, mask: Tensor, positions: Tensor, side: str) -> Tensor:
-        """hidden [B, T, d] (any dtype), mask [B, T], positions [B, T] (int, within the ORIGINAL response) → float32 [B, N].
+    def forward(self, features: Tensor, sample: Tensor, positions: Tensor, n_samples: int, side: str) -> Tensor:
+        """Logits float32 [n_samples, N] from the LM hidden states of the samples' tokens.
 
-        Runs in float32 with autocast off: hidden states of a bf16 LM are cast up, because the
-        mean over hundreds of tokens and the small heads lose precision in bf16.
+        ``features`` [D, d] (any dtype): the hidden state of every token of every sample;
+        ``sample`` [D]: which sample each belongs to; ``positions`` [D] (int): its position within
+        the ORIGINAL response. Runs in float32 with autocast off: hidden states of a bf16 LM are
+        cast up, because the mean over hundreds of tokens and the small heads lose precision in bf16.
         """
         head = self.head_for(side)
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            features = hidden.float()
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            features = features.float()
             if self.cfg.positional_encoding:
                 features = features + sinusoidal_encoding(positions, features.shape[-1])
-            pooled = masked_mean(features, mask)
+            pooled = pooled_mean(features, sample, n_samples)
             param_dtype = next(head.parameters()).dtype
             return head(pooled.to(param_dtype)).float()
 

@@ -73,8 +73,8 @@ def ipo_loss(
     The regression target 1/(2β) applies to the *unscaled* log-ratio gap (= h/β), as in TRL's
     ``ipo`` loss type and the DPO reference repo. This function is agnostic to normalisation: it
     uses whatever log-probs it is given. Note TRL length-normalises for IPO (average per-token
-    log-probs), because summed log-probs make the squared loss grow with response length; pass
-    averages here to match TRL. Returns (losses [B], chosen_rewards [B], rejected_rewards [B]).
+    log-probs), because summed log-probs make the squared loss grow with response length; the
+    trainer passes averages with ``train.ipo_length_normalize: true``. Returns (losses [B], chosen_rewards [B], rejected_rewards [B]).
     """
     logits, rewards = _log_ratio_gap(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                                      reference_rejected_logps, beta)
@@ -99,18 +99,17 @@ def kto_loss(
 
     z0 = clamp(mean(policy_kl_logps − reference_kl_logps), min=0).detach(): the batch estimate of
     KL(π_θ‖π_ref) from mismatched (x, y) pairs. It is a reference point, not a training target,
-    hence detached; clamped because a KL is non-negative. In distributed training the mean must
-    be over the global batch: compute it (all-reduce) in the caller and pass it as ``kl``, in
-    which case ``policy_kl_logps``/``reference_kl_logps`` are ignored (``kl`` is still clamped and
-    detached here).
+    hence detached; clamped because a KL is non-negative. In training the mean must be over the
+    global batch (all micro-batches, all processes): the trainer computes it once per step and
+    passes it as ``kl``, in which case ``policy_kl_logps``/``reference_kl_logps`` are ignored
+    (``kl`` is still clamped and detached here).
 
-    chosen losses   = 1 − σ(β·((π_c − r_c) − z0))
-    rejected losses = 1 − σ(β·(z0 − (π_r − r_r)))
+    per pair: λ_D·(1 − σ(β·((π_c − r_c) − z0))) + λ_U·(1 − σ(β·(z0 − (π_r − r_r))))
 
-    Returns (losses [2B], chosen_rewards [B], rejected_rewards [B], kl scalar). Layout of
-    ``losses``: the first B entries are desirable_weight·chosen losses, the next B are
-    undesirable_weight·rejected losses, row i and row B+i from the same pair. The trainer
-    takes their mean (as TRL does over a mixed desirable/undesirable batch).
+    — the method spec's per-pair SUM of the desirable and undesirable terms. TRL's convention
+    (the mean over the 2B responses of a mixed batch) is exactly half of it; the trainer offers
+    it as ``train.kto_reduction: response``. Returns (losses [B], chosen_rewards [B],
+    rejected_rewards [B], z0 scalar).
     """
     if kl is None:
         kl = (policy_kl_logps - reference_kl_logps).mean()
@@ -120,7 +119,7 @@ def kto_loss(
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
     chosen_losses = 1.0 - torch.sigmoid(beta * (chosen_logratios - z0))
     rejected_losses = 1.0 - torch.sigmoid(beta * (z0 - rejected_logratios))
-    losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses), dim=0)
+    losses = desirable_weight * chosen_losses + undesirable_weight * rejected_losses
     return (
         losses,
         _rewards(policy_chosen_logps, reference_chosen_logps, beta),
@@ -129,14 +128,19 @@ def kto_loss(
     )
 
 
-def degree_loss(logits: Tensor, labels: Tensor) -> Tensor:
+def degree_loss(logits: Tensor, labels: Tensor, total: int | None = None) -> Tensor:
     """Mean cross-entropy of a degree head over its variants (logits [M, N], labels [M] int64).
 
     Labels of −100 are ignored (e.g. responses excluded because their levels are not distinct).
     If nothing is left (all ignored, or M == 0) the result is ``logits.sum() * 0``: a zero that
     stays attached to the graph, because ``F.cross_entropy`` would return NaN (0/0 mean), and a
     detached constant would break ``backward()`` / make DDP see unused head parameters.
+    ``total``: divide the summed cross-entropy by this many variants instead — the variants of
+    all the passes one mean is spread over (``train.spo.variant_passes: separate``), so that the
+    passes' losses add up to the one mean.
     """
     if labels.numel() == 0 or bool((labels == -100).all()):
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels.long(), ignore_index=-100)
+    if total is None:
+        return F.cross_entropy(logits.float(), labels.long(), ignore_index=-100)
+    return F.cross_entropy(logits.float(), labels.long(), ignore_index=-100, reduction="sum") / max(total, 1)

@@ -38,6 +38,7 @@ class Accumulator:
         self.names = [
             "loss", "loss_align", "loss_degree_w", "loss_degree_l", "kl", "micro_batches",
             "pairs", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy",
+            "logps_chosen", "logps_rejected", "logits_chosen", "logits_rejected", "tokens_chosen", "tokens_rejected",
             "excluded_w", "excluded_l", "tokens", "nonfinite_steps",
         ]
         self.index = {n: i for i, n in enumerate(self.names)}
@@ -69,6 +70,7 @@ class Accumulator:
         s = {name: float(sums[i]) for i, name in enumerate(self.names)}
         mb = max(s["micro_batches"], 1.0)
         pairs = max(s["pairs"], 1.0)
+        # TRL's names (DPOTrainer/KTOTrainer), so dashboards built for TRL read these logs as they are
         out: dict[str, float] = {
             "loss": s["loss"] / mb,
             "loss_align": s["loss_align"] / mb,
@@ -76,8 +78,12 @@ class Accumulator:
             "loss_degree_l": s["loss_degree_l"] / mb,
             "rewards/chosen": s["reward_chosen"] / pairs,
             "rewards/rejected": s["reward_rejected"] / pairs,
-            "rewards/margin": s["reward_margin"] / pairs,
-            "rewards/accuracy": s["reward_accuracy"] / pairs,
+            "rewards/margins": s["reward_margin"] / pairs,
+            "rewards/accuracies": s["reward_accuracy"] / pairs,
+            "logps/chosen": s["logps_chosen"] / pairs,
+            "logps/rejected": s["logps_rejected"] / pairs,
+            "logits/chosen": s["logits_chosen"] / max(s["tokens_chosen"], 1.0),
+            "logits/rejected": s["logits_rejected"] / max(s["tokens_rejected"], 1.0),
             "excluded_w": s["excluded_w"],
             "excluded_l": s["excluded_l"],
             "pairs": s["pairs"],

@@ -1,23 +1,25 @@
-"""Reference-model log-probs: LoRA with adapters disabled, a frozen copy, or a precomputed file.
+"""Reference-model log-probs: LoRA with adapters disabled, a frozen copy, or a precomputed table.
 
-* LoRA: the reference is the same network under ``with model.disable_adapter():`` (no copy).
-* Full fine-tuning: a frozen deep copy made once before training (eval mode, no grad).
-* ``precompute_reference``: log-probs for every train and eval pair computed once before
-  training, saved, and reused by later runs whose tokenised pairs and reference weights are the
-  same (any other β, λ, loss or seed); no reference model is then kept in memory.
+* LoRA: the reference is the policy module itself with its adapters disabled (no copy).
+* Full fine-tuning: a frozen copy made once before training (eval mode, no grad; under FSDP it
+  is sharded like the policy).
+* ``precompute_reference``: log-probs of every train and eval pair — and, for KTO, of every
+  mismatched (prompt, response) row the run will use — computed once before training, saved,
+  and reused by later runs whose tokenised pairs and reference weights are the same (any other
+  β, λ, loss or seed); no reference model is then kept in memory. The work is sharded across
+  processes (each computes every world-th micro-batch of the alignment rows only — never the
+  degree variants) and summed into one table that every process holds.
 
-The cache key is the sha256 of the tokenised alignment inputs (prompt, chosen, rejected and
-KTO mismatched-pair ids of every pair, so every tokenisation setting is covered), the
-reference weights' fingerprint and the dtype.
+The cache key is the sha256 of the tokenised alignment inputs (prompt, chosen, rejected of
+every pair, so every tokenisation setting is covered), the KTO partner plan, the reference
+weights' fingerprint and the dtype.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +30,10 @@ from spo.io import InputError
 
 log = logging.getLogger("spo.train")
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
-
-def sequence_logps(logits: Tensor, labels: Tensor) -> Tensor:
-    """Summed log-probs of the label tokens (labels -100 ignored): logits [R, T, V], labels [R, T] -> [R].
-
-    Token t is predicted by position t-1. Computed in float32 with gather − logsumexp (no full
-    log-softmax tensor is kept).
-    """
-    logits = logits[:, :-1, :]
-    target = labels[:, 1:]
-    mask = target != -100
-    safe = target.masked_fill(~mask, 0)
-    logits32 = logits.float()
-    picked = torch.gather(logits32, 2, safe.unsqueeze(-1)).squeeze(-1)
-    token_logps = picked - torch.logsumexp(logits32, dim=-1)
-    return (token_logps * mask).sum(-1)
+# a plan of KTO mismatched rows: split -> epoch (eval: 0) -> {pair index: partner index}
+KlPlan = dict[str, dict[int, dict[int, int]]]
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -72,100 +61,123 @@ def examples_fingerprint(splits: dict[str, Sequence[Any]], with_degrees: bool = 
     for split in sorted(splits):
         digest.update(split.encode())
         for ex in splits[split]:
-            for ids in (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids, ex.kl_ids):
+            for ids in (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids):
                 _update_ints(digest, ids)
             if not with_degrees:
                 continue
             for side in sorted(ex.degrees):
                 degrees = ex.degrees[side]
-                digest.update(f"{side}:{degrees.n_levels}".encode())
+                digest.update(f"{side}:{degrees.n_levels}:{degrees.distinct}".encode())
                 for rows in (degrees.variant_ids, degrees.variant_pos, degrees.keep):
                     for row in rows:
                         _update_ints(digest, [int(v) for v in row])
     return digest.hexdigest()
 
 
-def cache_key(splits: dict[str, Sequence[Any]], fingerprint: str, dtype: str, with_kl: bool) -> str:
-    payload = f"v{CACHE_VERSION}|{examples_fingerprint(splits)}|{fingerprint}|{dtype}|kl={with_kl}"
+def cache_key(splits: dict[str, Sequence[Any]], fingerprint: str, dtype: str, kl_plan: KlPlan | None) -> str:
+    plan = hashlib.sha256(repr(sorted((s, sorted((e, sorted(p.items())) for e, p in by_epoch.items()))
+                                      for s, by_epoch in (kl_plan or {}).items())).encode()).hexdigest()
+    payload = f"v{CACHE_VERSION}|{examples_fingerprint(splits)}|{fingerprint}|{dtype}|kl={plan}"
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
 class Reference:
-    """Reference log-probs for (split, example indices) batches."""
+    """Reference log-probs of packed batches; ``model`` is called as ``model(batch, adapters=False)``.
 
-    def __init__(self, kind: str, lm: nn.Module | None = None, table: dict[str, dict[str, Tensor]] | None = None) -> None:
-        self.kind = kind  # "adapter" | "copy" | "precomputed"
-        self.lm = lm
+    kinds: "adapter" (the policy module, adapters off), "copy" (a frozen copy), "precomputed".
+    """
+
+    def __init__(self, kind: str, model: nn.Module | None = None, table: dict[str, dict[str, Any]] | None = None) -> None:
+        self.kind = kind
+        self.model = model
         self.table = table
         self.forwards = 0  # reference forward passes run during training/eval
 
-    @classmethod
-    def build(cls, lm: nn.Module, is_peft: bool) -> Reference:
-        if is_peft:
-            return cls("adapter", lm=lm)
-        ref = copy.deepcopy(lm)
-        ref.eval()
-        ref.requires_grad_(False)
-        return cls("copy", lm=ref)
-
-    def _context(self, lm: nn.Module) -> AbstractContextManager[Any]:
-        return lm.disable_adapter() if self.kind == "adapter" else nullcontext()
-
     @torch.no_grad()
-    def logps(self, split: str, indices: Sequence[int], rows: Callable[[], tuple[Tensor, Tensor, Tensor]],
-              key: str = "pair", lm: nn.Module | None = None) -> Tensor:
-        """Reference log-probs; ``rows()`` gives (input_ids, attention_mask, labels) when a forward is needed.
-
-        ``key``: "pair" -> [chosen..., rejected...] (2b); "kl" -> [b].
-        """
+    def logps(self, split: str, batch: Any, kl_epoch: int | None = None) -> Tensor:
+        """[chosen..., rejected...] of an alignment batch, or (``kl_epoch`` given) the KL rows' [b]."""
         if self.kind == "precomputed":
             assert self.table is not None
-            idx = torch.as_tensor(list(indices), dtype=torch.long)
+            idx = torch.as_tensor(batch.indices, dtype=torch.long)
             part = self.table[split]
-            if key == "kl":
-                return part["kl"][idx]
+            if kl_epoch is not None:
+                return part["kl"][kl_epoch][idx]
             return torch.cat((part["chosen"][idx], part["rejected"][idx]))
-        model = self.lm if lm is None or self.kind == "copy" else lm
-        assert model is not None
-        input_ids, attention_mask, labels = rows()
+        assert self.model is not None
         self.forwards += 1
-        was_training = model.training
-        model.eval()
-        try:
-            with self._context(model):
-                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        finally:
-            model.train(was_training)
-        return sequence_logps(logits, labels)
+        return forward_logps(self.model, batch)
 
 
 @torch.no_grad()
-def precompute(lm: nn.Module, is_peft: bool, splits: dict[str, Sequence[Any]], collate: Callable[..., Any],
-               micro_batch_size: int, device: torch.device, with_kl: bool, progress: bool = True) -> dict[str, dict[str, Tensor]]:
-    """Reference log-probs of every pair of every split (eval mode, adapters disabled)."""
+def forward_logps(model: nn.Module, batch: Any) -> Tensor:
+    """The scored sequences' log-probs with adapters off, in eval mode (no dropout anywhere)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(batch, adapters=False)["logps"]
+    finally:
+        model.train(was_training)
+
+
+def even_shards(n_chunks: int, rank: int, world: int) -> list[int | None]:
+    """Chunk indices of process ``rank``: every world-th chunk, padded with None so every process
+    runs the same number of forwards (a sharded model's forward is a collective)."""
+    mine: list[int | None] = list(range(rank, n_chunks, world))
+    rounds = -(-n_chunks // world) if n_chunks else 0
+    return mine + [None] * (rounds - len(mine))
+
+
+@torch.no_grad()
+def precompute(model: nn.Module, splits: dict[str, Sequence[Any]], kl_plan: KlPlan | None,
+               alignment_batch: Callable[[Sequence[int], str], Any], kl_batch: Callable[[Sequence[int], dict[int, int], str], Any],
+               micro_batch_size: int, accelerator: Any, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Reference log-probs of every pair (and KTO row of ``kl_plan``) of every split, sharded.
+
+    ``alignment_batch(indices, split)`` / ``kl_batch(indices, partners, split)`` build the packed
+    batches on the device. Each process computes its shard into zero tensors; one all-reduce
+    (sum) gives every process the whole table (each entry is computed by exactly one process).
+    """
     from tqdm import tqdm
 
-    ref = Reference("adapter" if is_peft else "copy", lm=lm)
-    table: dict[str, dict[str, Tensor]] = {}
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device
+    jobs: list[tuple[str, int | None, list[int]]] = []  # (split, kl epoch or None, indices)
     for split, examples in splits.items():
-        chosen, rejected, kl = [], [], []
-        starts = range(0, len(examples), micro_batch_size)
-        for start in tqdm(starts, desc=f"reference log-probs ({split})", disable=not progress, leave=False):
-            idx = list(range(start, min(start + micro_batch_size, len(examples))))
-            batch = collate([examples[i] for i in idx], idx, with_kl=with_kl).to(device)
+        n = len(examples)
+        jobs += [(split, None, list(range(s, min(s + micro_batch_size, n)))) for s in range(0, n, micro_batch_size)]
+        for epoch, partners in sorted((kl_plan or {}).get(split, {}).items()):
+            keys = sorted(partners)
+            jobs += [(split, epoch, keys[s: s + micro_batch_size]) for s in range(0, len(keys), micro_batch_size)]
+    sums = {split: {"chosen": torch.zeros(len(ex), device=device), "rejected": torch.zeros(len(ex), device=device)}
+            for split, ex in splits.items()}
+    kl = {split: {epoch: torch.zeros(len(splits[split]), device=device) for epoch in by_epoch}
+          for split, by_epoch in (kl_plan or {}).items()}
+    shard = even_shards(len(jobs), rank, world)
+    for job in tqdm(shard, desc="reference log-probs", disable=not progress, leave=False):
+        split, epoch, idx = jobs[job if job is not None else 0]
+        if epoch is None:
+            out = forward_logps(model, alignment_batch(idx, split)).float()
+        else:
+            out = forward_logps(model, kl_batch(idx, kl_plan[split][epoch], split)).float()  # type: ignore[index]
+        if job is None:
+            continue  # a padding round: the forward kept the collectives in step, its result is not used
+        at = torch.as_tensor(idx, device=device)
+        if epoch is None:
             b = len(idx)
-            out = ref.logps(split, idx, lambda: (batch.input_ids, batch.attention_mask, batch.labels))
-            chosen.append(out[:b].float().cpu())
-            rejected.append(out[b:2 * b].float().cpu())
-            if with_kl:
-                kl_out = ref.logps(split, idx, lambda: (batch.kl_input_ids, batch.kl_attention_mask, batch.kl_labels))
-                kl.append(kl_out.float().cpu())
-        table[split] = {
-            "chosen": torch.cat(chosen),
-            "rejected": torch.cat(rejected),
-            "kl": torch.cat(kl) if kl else torch.zeros(len(examples)),
-            "ids": [ex.id for ex in examples],  # type: ignore[dict-item]
-        }
+            sums[split]["chosen"][at] = out[:b]
+            sums[split]["rejected"][at] = out[b:]
+        else:
+            kl[split][epoch][at] = out
+    flat = [t for parts in sums.values() for t in parts.values()] + [t for parts in kl.values() for t in parts.values()]
+    if world > 1:
+        packed = accelerator.reduce(torch.cat(flat), reduction="sum")
+        flat = list(torch.split(packed, [t.numel() for t in flat]))
+    it = iter(flat)
+    table: dict[str, dict[str, Any]] = {}
+    for split, examples in splits.items():
+        table[split] = {"chosen": next(it).cpu(), "rejected": next(it).cpu(), "ids": [ex.id for ex in examples]}
+    for split, by_epoch in kl.items():
+        table[split]["kl"] = {epoch: next(it).cpu() for epoch in by_epoch}
     return table
 
 
@@ -176,7 +188,7 @@ def save_table(path: Path, key: str, table: dict[str, dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def load_table(path: Path, key: str, splits: dict[str, Sequence[Any]], explicit: bool) -> dict[str, dict[str, Tensor]] | None:
+def load_table(path: Path, key: str, splits: dict[str, Sequence[Any]], explicit: bool) -> dict[str, dict[str, Any]] | None:
     """The cached table, or None when missing. A file the user named that does not match is an error."""
     if not path.is_file():
         return None

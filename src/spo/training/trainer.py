@@ -3,8 +3,10 @@
 A plain Accelerate loop (docs/training.md says why not ``transformers.Trainer``). Per optimizer
 step, every process runs ``accumulation_steps`` micro-batches of ``optim.micro_batch_size``
 pairs; ``optim.batch_size`` pairs are consumed per step over all processes. Each micro-batch is
-ONE padded forward of [b chosen, b rejected, reencode variants] through :class:`SPOModule`
-(the module DDP wraps, so the degree heads and the LM synchronise in the same backward).
+ONE packed forward of ``[prompt | chosen | rejected | degree variants]`` rows through
+:class:`~spo.training.forward.SPOModule` (the module DDP/FSDP wraps, so the degree heads and
+the LM synchronise in the same backward). As in the DPO reference implementation, the step is
+three pieces: the concatenated forward, the losses (``spo.training.losses``) and the metrics.
 
 Entry points (see docs/training.md):
 
@@ -15,6 +17,7 @@ Entry points (see docs/training.md):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -34,16 +37,19 @@ from torch import Tensor, nn
 from spo.config import TrainConfig
 from spo.errors import StageFailed
 from spo.io import InputError, write_json
-from spo.training.data import SIDES, Batch, PairCollator, PairExample, epoch_batches, tokenize_pairs
+from spo.training.data import SIDES, PackedBatch, PairCollator, PairExample, epoch_batches, kl_partners, tokenize_pairs
+from spo.training.forward import SPOModule
 from spo.training.metrics import Accumulator, MetricsWriter, peak_memory_mb, save_confusion
+from spo.training.optim import build_optimizer, build_scheduler
 from spo.training.reference import (
+    KlPlan,
     Reference,
     cache_key,
+    even_shards,
     examples_fingerprint,
     load_table,
     precompute,
     save_table,
-    sequence_logps,
     weights_fingerprint,
 )
 
@@ -66,58 +72,47 @@ def _is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-# --------------------------------------------------------------------------------------------
-# the module DDP wraps
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere in ``model`` (TRL's ``disable_dropout_in_model``), attention dropout included."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
-class SPOModule(nn.Module):
-    """The policy LM plus the degree heads, so that one DDP wrapper synchronises both.
+def _fsdp_on_cpu() -> None:
+    """Let Accelerate run FSDP over gloo on a CPU (tests of sharded training without GPUs).
 
-    ``forward`` runs the concatenated batch once and returns the summed response log-probs of
-    the 2b alignment rows and, when degree rows are given, the heads' logits per side. With
-    variant rows (reencode) the decoder runs on all rows and the LM head only on the 2b
-    alignment rows (the variants need hidden states, not vocabulary logits).
+    Accelerate 1.15 promotes only GPU-like states to FSDP: with ``cpu=True`` it would silently
+    wrap the model in DDP instead (accelerate/state.py). The process group is made for the CPU,
+    then the state is marked multi-GPU so that the FSDP plugin of the launch config applies.
     """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
 
-    def __init__(self, lm: nn.Module, heads: nn.Module | None) -> None:
-        super().__init__()
-        self.lm = lm
-        self.heads = heads
+    os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+    PartialState(cpu=True)
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
-    def _decoder_path(self) -> bool:
-        cfg = getattr(self.lm, "config", None)
-        if cfg is not None and getattr(cfg, "final_logit_softcapping", None):
-            return False
-        try:
-            return self.lm.get_decoder() is not None and self.lm.get_output_embeddings() is not None
-        except (AttributeError, NotImplementedError):
-            return False
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, n_align: int,
-                deg_row: Tensor | None = None, deg_mask: Tensor | None = None, deg_pos: Tensor | None = None,
-                deg_side: Tensor | None = None, sides: tuple[bool, bool] = (False, False)) -> dict[str, Any]:
-        need_hidden = self.heads is not None and any(sides)
-        if need_hidden and input_ids.shape[0] > n_align and self._decoder_path():
-            hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-            logits = self.lm.get_output_embeddings()(hidden[:n_align])
-        else:
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                          output_hidden_states=need_hidden)
-            logits = out.logits[:n_align]
-            hidden = out.hidden_states[-1] if need_hidden else None
-        result: dict[str, Any] = {"logps": sequence_logps(logits, labels[:n_align])}
-        if need_hidden:
-            assert hidden is not None and deg_row is not None and deg_mask is not None and deg_pos is not None
-            for s, side in enumerate(SIDES):
-                if not sides[s]:
-                    continue
-                sel = (deg_side == s).nonzero(as_tuple=True)[0]
-                if sel.numel():
-                    rows = deg_row[sel]
-                    result[f"degree_{side}"] = self.heads(hidden[rows], deg_mask[sel], deg_pos[sel], side)
-                else:  # keep the head in the graph (DDP): a zero-weight dummy row
-                    result[f"degree_{side}"] = self.heads(hidden[:1], attention_mask[:1].bool(), torch.zeros_like(input_ids[:1]), side)
-        return result
+def check_precision(cfg: TrainConfig, device_type: str) -> None:
+    """Refuse precision settings the device cannot run, before any expensive work."""
+    if cfg.mixed_precision == "fp16" and device_type != "cuda":
+        raise InputError(f"train.mixed_precision fp16 needs a GPU (loss scaling runs on CUDA); this run is on {device_type}: "
+                         "use bf16 or no")
+    if cfg.mixed_precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise InputError("train.mixed_precision bf16: this GPU has no bfloat16 support (pre-Ampere); use fp16")
+
+
+def warn_half_weights(model_dtype: torch.dtype) -> None:
+    """Half-precision weights mean no float32 master copy: say what that costs."""
+    if model_dtype in (torch.bfloat16, torch.float16):
+        log.warning(
+            "model.dtype is %s: the weights and AdamW's state are trained in %s (no float32 master copy). At DPO "
+            "learning rates most updates are below its resolution and are lost; prefer model.dtype float32 with "
+            "train.mixed_precision bf16", model_dtype, model_dtype,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +148,7 @@ class TrainerState:
 @dataclass
 class StepOutput:
     loss: Tensor
-    parts: dict[str, float]
+    parts: dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,8 +182,7 @@ class PreferenceTrainer:
         reference_fingerprint: str | None = None,
         progress: bool = True,
     ) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from accelerate.utils import set_seed
 
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -203,27 +197,16 @@ class PreferenceTrainer:
         self.degree_mode = spo.mode if self.degree_active else None
         self.is_kto = cfg.loss == "kto"
         self.is_peft = _is_peft(model)
-
-        if self.degree_active and not any(ex.degrees for ex in self.train_examples):
-            raise InputError("the degree loss is on but the training pairs carry no degree variants "
-                             "(tokenise them with degree_mode, or set train.spo.enabled=false)")
-        if self.is_kto and not all(ex.kl_ids for ex in self.train_examples):
-            raise InputError("KTO needs the mismatched responses: tokenise with with_kl=True")
         if n_levels is None:
             n_levels = next((sd.n_levels for ex in self.train_examples for sd in ex.degrees.values()), 4)
         self.n_levels = n_levels
+        self._check_inputs(model)
+        check_precision(cfg, accelerator.device.type if accelerator is not None else
+                        ("cuda" if torch.cuda.is_available() else "cpu"))
+        warn_half_weights(next(model.parameters()).dtype)
 
-        find_unused = self.degree_active and spo.heads == "two" and not all(self.sides)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.accelerator = accelerator or Accelerator(
-            # torchrun on a machine without GPU: Accelerate only goes multi-process (gloo) with cpu=True
-            cpu=world > 1 and not torch.cuda.is_available(),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
-        )
+        self.accelerator = accelerator or self._accelerator()
         acc = self.accelerator
-        if world != acc.num_processes:
-            raise StageFailed(f"WORLD_SIZE is {world} but Accelerate runs {acc.num_processes} process(es): "
-                              "launch with `accelerate launch` (add --cpu without GPUs) or torchrun")
         oc = cfg.optim
         per_step = oc.micro_batch_size * acc.num_processes
         if oc.batch_size % per_step:
@@ -238,51 +221,112 @@ class PreferenceTrainer:
                              f"(optim.batch_size {oc.batch_size})")
         self.total_steps = oc.max_steps or max(1, int(math.ceil(oc.epochs * self.steps_per_epoch)))
 
+        if cfg.disable_dropout:
+            disable_dropout(model)
+        if cfg.activation_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         # heads: own RNG so the policy's stream is untouched (λ=0 is bit-identical to no SPO)
         self.heads = None
         if spo.enabled:
             from spo.training.heads import DegreeClassifier
 
-            hidden = int(model.config.hidden_size)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + HEADS_SEED_OFFSET)
-                self.heads = DegreeClassifier(hidden, n_levels, spo)
-        self.module = SPOModule(model, self.heads if self.degree_active else None).to(acc.device)
+                self.heads = DegreeClassifier(int(model.config.hidden_size), n_levels, spo)
+        self.module = SPOModule(model, self.heads if self.degree_active else None, cfg.logits_chunk).to(acc.device)
         if self.heads is not None:
             self.heads.to(acc.device)
+        reference_copy = None
+        if not self.is_peft and not cfg.precompute_reference:  # before prepare: FSDP replaces the parameters
+            frozen = copy.deepcopy(model).eval().requires_grad_(False)
+            reference_copy = SPOModule(frozen, None, cfg.logits_chunk).to(acc.device)
 
-        self.collator = PairCollator(
-            tokenizer.pad_token_id, self.degree_mode, spo.levels_per_step, seed,
-        )
+        self.collator = PairCollator(tokenizer.pad_token_id, self.degree_mode, spo.levels_per_step, seed,
+                                     separate_variants=spo.variant_passes == "separate")
         self.state = TrainerState(n_levels)
-        self.state.config_hash = self._config_hash(reference_fingerprint or weights_fingerprint(model))
+        # before prepare: a sharded model's parameters are DTensors, which cannot be hashed as bytes
+        weights = reference_fingerprint or weights_fingerprint(model)
+        self.state.config_hash = self._config_hash(weights)
 
-        # reference
-        self.reference = self._setup_reference(reference_cache, reference_fingerprint)
-
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=oc.learning_rate,
-        )
-        warmup, total = oc.warmup_steps, self.total_steps
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer = build_optimizer(self.module.parameters(), oc)
+        self.scheduler = build_scheduler(optimizer, oc, self.total_steps)
         # the scheduler is not prepared: AcceleratedScheduler steps once per process per step
+        # model and optimizer in ONE call: FSDP2 shards the parameters and rebinds the optimizer to them
         self.model, self.optimizer = acc.prepare(self.module, optimizer)
+        self.reference = self._setup_reference(reference_copy, reference_cache, weights)
         acc.register_for_checkpointing(self.scheduler, self.state)
-        self.params = params
         self.writer = MetricsWriter(self.out_dir, acc.is_main_process)
         set_seed(seed)
 
     # ---------------------------------------------------------------- construction helpers
+
+    def _check_inputs(self, model: nn.Module) -> None:
+        """What must hold before any expensive work (each error names the option to change)."""
+        cfg = self.cfg
+        if self.degree_active and not any(ex.degrees for ex in self.train_examples):
+            raise InputError("the degree loss is on but the training pairs carry no degree variants "
+                             "(tokenise them with degree_mode, or set train.spo.enabled=false)")
+        m = cfg.spo.levels_per_step
+        if self.degree_active and m is not None and m > self.n_levels:
+            raise InputError(f"train.spo.levels_per_step {m} is above the degree dataset's n_levels {self.n_levels}")
+        if self.is_kto and cfg.optim.batch_size < 2:
+            raise InputError("KTO estimates its KL reference point from mismatched pairs of a batch: "
+                             "train.optim.batch_size must be at least 2")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if trainable == 0:
+            raise InputError(
+                "the model has no trainable parameter (requires_grad is off everywhere): training would only move the "
+                "degree heads. A LoRA model merged into its base is frozen: load it with trainable=True, or set "
+                "train.lora.enabled=true"
+            )
+
+    def _accelerator(self) -> Any:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        spo = self.cfg.spo
+        find_unused = self.degree_active and spo.heads == "two" and not all(self.sides)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        # several processes on a machine without GPU: Accelerate only goes multi-process (gloo) with cpu=True
+        cpu = world > 1 and not torch.cuda.is_available()
+        if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            _fsdp_on_cpu()
+        acc = Accelerator(
+            cpu=cpu,
+            mixed_precision=None if self.cfg.mixed_precision == "no" else self.cfg.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+        )
+        if world != acc.num_processes:
+            raise StageFailed(f"WORLD_SIZE is {world} but Accelerate runs {acc.num_processes} process(es): launch "
+                              "with `accelerate launch --config_file configs/accelerate/<ddp|fsdp>.yaml` or torchrun")
+        self._check_sharding(acc)
+        return acc
+
+    def _check_sharding(self, acc: Any) -> None:
+        """What FSDP cannot honour, refused before any model work (each names the option)."""
+        from accelerate.utils import DistributedType
+
+        if acc.distributed_type != DistributedType.FSDP:
+            return
+        version = getattr(acc.state.fsdp_plugin, "fsdp_version", 1)
+        if version != 2:
+            raise InputError(
+                f"fsdp_version {version}: the trainer supports FSDP version 2 (configs/accelerate/fsdp.yaml). "
+                "Version 1 flattens each unit into one parameter (LoRA's frozen and trainable tensors cannot share "
+                "one unless fsdp_use_orig_params), and peft then saves an empty adapter"
+            )
+        if not self.is_peft and not self.cfg.precompute_reference:
+            raise InputError(
+                "FSDP with full fine-tuning needs train.precompute_reference: true (the reference log-probs are "
+                "computed once, sharded, and no reference model is kept) or LoRA (train.lora.enabled: the reference "
+                "is the sharded policy with its adapters off); a second, unsharded frozen copy is not supported"
+            )
+
+    @property
+    def _sharded(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
 
     @classmethod
     def from_rows(cls, model: nn.Module, tokenizer: Any, cfg: TrainConfig, rows: Sequence[dict],
@@ -304,8 +348,7 @@ class PreferenceTrainer:
                 out.append(r)
             return out
 
-        common = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, degree_mode=mode,
-                      with_kl=cfg.loss == "kto")
+        common = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, degree_mode=mode)
         train, _ = tokenize_pairs(fill(rows), degrees, tokenizer, where="train rows", **common)
         evals = None
         if eval_rows:
@@ -326,20 +369,53 @@ class PreferenceTrainer:
         }, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
-    def _setup_reference(self, cache: str | Path | None, fingerprint: str | None) -> Reference:
+    # ---------------------------------------------------------------- batches
+
+    def _examples(self, split: str) -> list[PairExample]:
+        return self.train_examples if split == "train" else self.eval_examples
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        lengths = [e.length for e in self.train_examples]
+        return epoch_batches(lengths, self.cfg.optim.batch_size, self.seed, epoch, self.cfg.group_by_length)
+
+    def _alignment_batch(self, indices: Sequence[int], split: str) -> PackedBatch:
+        examples = self._examples(split)
+        return self.collator([examples[i] for i in indices], list(indices), degrees=False).to(self.accelerator.device)
+
+    def _kl_batch(self, indices: Sequence[int], partners: dict[int, int], split: str) -> PackedBatch:
+        examples = self._examples(split)
+        return self.collator.kl([examples[i] for i in indices], [examples[partners[i]] for i in indices], list(indices),
+                                self.cfg.max_length).to(self.accelerator.device)
+
+    def _kl_plan(self) -> KlPlan:
+        """Every KTO mismatched row of the run: per epoch, each pair with the next pair of its global
+        batch; eval: each eval pair with the next eval pair (the whole eval set is z0's batch)."""
+        epochs = -(-self.total_steps // self.steps_per_epoch)
+        plan: KlPlan = {"train": {}}
+        for epoch in range(epochs):
+            partners: dict[int, int] = {}
+            for batch in self._epoch_batches(epoch):
+                partners.update(kl_partners(batch))
+            plan["train"][epoch] = partners
+        if self.eval_examples:
+            plan["eval"] = {0: kl_partners(list(range(len(self.eval_examples))))}
+        return plan
+
+    # ---------------------------------------------------------------- reference
+
+    def _setup_reference(self, reference_copy: nn.Module | None, cache: str | Path | None, fingerprint: str) -> Reference:
+        if not self.cfg.precompute_reference:
+            return Reference("copy", model=reference_copy) if reference_copy is not None else Reference("adapter", model=self.model)
         acc = self.accelerator
         lm = self.module.lm
-        if not self.cfg.precompute_reference:
-            return Reference.build(lm, self.is_peft)
         splits = {"train": self.train_examples}
         if self.eval_examples:
             splits["eval"] = self.eval_examples
-        fingerprint = fingerprint or weights_fingerprint(lm)
-        dtype = str(next(lm.parameters()).dtype)
-        key = cache_key(splits, fingerprint, dtype, self.is_kto)
+        plan = self._kl_plan() if self.is_kto else None
+        key = cache_key(splits, fingerprint, str(next(lm.parameters()).dtype), plan)
         explicit = self.cfg.reference_logps_file is not None
         if explicit:
-            path = Path(self.cfg.reference_logps_file)  # type: ignore[arg-type]
+            path: Path | None = Path(self.cfg.reference_logps_file)  # type: ignore[arg-type]
         else:
             base = Path(cache) if cache is not None else (self.out_dir / "reference_logps" if self.out_dir else None)
             path = (base / f"{key}.pt") if base is not None and base.suffix != ".pt" else base
@@ -348,104 +424,171 @@ class PreferenceTrainer:
         if table is not None:
             log.info("reference log-probs: reusing %s (%d train pairs)", path, len(self.train_examples))
         else:
-            if acc.is_main_process or path is None:
-                started = time.perf_counter()
-                table = precompute(lm, self.is_peft, splits, self.collator, self.cfg.optim.micro_batch_size,
-                                   acc.device, self.is_kto, self.progress and acc.is_local_main_process)
-                if path is not None:
-                    save_table(path, key, table)
-                log.info("reference log-probs: computed for %s pairs in %.1f s, saved to %s",
-                         " + ".join(f"{len(v)} {k}" for k, v in splits.items()), time.perf_counter() - started, path)
+            started = time.perf_counter()
+            table = precompute(self.model, splits, plan, self._alignment_batch, self._kl_batch,
+                               self.cfg.optim.micro_batch_size, acc, self.progress and acc.is_local_main_process)
+            if path is not None and acc.is_main_process:
+                save_table(path, key, table)
             acc.wait_for_everyone()
-            if table is None:
-                table = load_table(path, key, splits, True)  # type: ignore[arg-type]
+            log.info("reference log-probs: computed for %s pairs on %d process(es) in %.1f s, saved to %s",
+                     " + ".join(f"{len(v)} {k}" for k, v in splits.items()), acc.num_processes,
+                     time.perf_counter() - started, path)
         self.reference_path = path
         return Reference("precomputed", table=table)
 
-    # ---------------------------------------------------------------- the loss
+    # ---------------------------------------------------------------- the step: forward, losses, metrics
 
-    def _forward_loss(self, batch: Batch, split: str, train: bool, acc_metrics: Accumulator | None) -> StepOutput:
-        from spo.training.losses import degree_loss, dpo_loss, ipo_loss, kto_loss
+    def concatenated_forward(self, batch: PackedBatch) -> dict[str, Any]:
+        """The policy on one packed batch: log-probs of the 2b alignment rows and the degree logits.
+
+        Always through the prepared (DDP/FSDP) module: a sharded model's parameters exist only
+        inside its own forward."""
+        return self.model(batch, self.sides)
+
+    @torch.no_grad()
+    def kl_estimate(self, split: str, indices: Sequence[int], partners: dict[int, int], epoch: int) -> Tensor:
+        """KTO's z0 before clamping: the mean over ``indices`` of all processes of
+        log π_θ(y'|x) − log π_ref(y'|x) on mismatched rows; every process must call it (all-reduce)."""
+        mb = self.cfg.optim.micro_batch_size
+        chunks = [list(indices[i: i + mb]) for i in range(0, len(indices), mb)]
+        total = torch.zeros(2, device=self.accelerator.device, dtype=torch.float64)
+        for idx in chunks:
+            batch = self._kl_batch(idx, partners, split)
+            policy = self.model(batch)["logps"]
+            reference = self.reference.logps(split, batch, kl_epoch=epoch).to(policy.device)
+            total[0] += (policy.double() - reference.double()).sum()
+            total[1] += len(idx)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        return (total[0] / total[1].clamp(min=1)).float()
+
+    def alignment_losses(self, policy: Tensor, reference: Tensor, counts: Tensor, b: int,
+                         z0: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Per-pair alignment losses and the detached rewards: (losses [b], chosen [b], rejected [b], z0)."""
+        from spo.training.losses import dpo_loss, ipo_loss, kto_loss
 
         cfg = self.cfg
-        b = batch.n_pairs
-        model = self.model if train else self.module
-        out = model(batch.input_ids, batch.attention_mask, batch.labels, 2 * b,
-                    batch.deg_row, batch.deg_mask, batch.deg_pos, batch.deg_side, self.sides)
-        logps = out["logps"]
-        pc, pr = logps[:b], logps[b:2 * b]
-        ref = self.reference.logps(split, batch.indices, lambda: (batch.input_ids[: 2 * b], batch.attention_mask[: 2 * b],
-                                                                  batch.labels[: 2 * b]), lm=self.module.lm).to(logps.device)
-        rc, rr = ref[:b].to(logps.dtype), ref[b:].to(logps.dtype)
-        parts: dict[str, float] = {}
+        pc, pr = policy[:b], policy[b:]
+        rc, rr = reference[:b].to(policy.dtype), reference[b:].to(policy.dtype)
         if cfg.loss == "dpo":
-            losses, cr, rj = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
-        elif cfg.loss == "ipo":
-            losses, cr, rj = ipo_loss(pc, pr, rc, rr, cfg.beta)
-        else:
-            with torch.no_grad():
-                pkl = self.module.lm(input_ids=batch.kl_input_ids, attention_mask=batch.kl_attention_mask,
-                                     use_cache=False).logits
-                pkl = sequence_logps(pkl, batch.kl_labels)
-            rkl = self.reference.logps(split, batch.indices, lambda: (batch.kl_input_ids, batch.kl_attention_mask,
-                                                                      batch.kl_labels), key="kl", lm=self.module.lm)
-            kl = (pkl - rkl.to(pkl.device)).mean().detach()
-            if train and self.accelerator.num_processes > 1:
-                kl = self.accelerator.reduce(kl, reduction="mean")
-            losses, cr, rj, z0 = kto_loss(pc, pr, pkl, rc, rr, rkl, cfg.beta, cfg.desirable_weight,
-                                          cfg.undesirable_weight, kl=kl)
-            parts["kl"] = float(z0)
-        loss_align = losses.mean()
-        loss = loss_align
-        spo = cfg.spo
-        for s, (side, lam) in enumerate(zip(SIDES, (spo.lambda_w, spo.lambda_l))):
+            return (*dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing), None)
+        if cfg.loss == "ipo":
+            if cfg.ipo_length_normalize:  # per-token averages (TRL's ipo)
+                n = counts.to(policy.dtype).clamp(min=1)
+                pc, pr, rc, rr = pc / n[:b], pr / n[b:], rc / n[:b], rr / n[b:]
+            return (*ipo_loss(pc, pr, rc, rr, cfg.beta), None)
+        assert z0 is not None
+        losses, cr, rj, z0 = kto_loss(pc, pr, None, rc, rr, None, cfg.beta, cfg.desirable_weight,  # type: ignore[arg-type]
+                                      cfg.undesirable_weight, kl=z0)
+        return (losses if cfg.kto_reduction == "pair" else losses / 2), cr, rj, z0
+
+    def degree_losses(self, out: dict[str, Any], batch: PackedBatch, totals: Sequence[int] | None = None,
+                      metrics: Accumulator | None = None) -> tuple[Tensor | float, dict[int, float]]:
+        """λ_w·L_w + λ_l·L_l of the batch's samples and each side's L (detached); ``totals``: the
+        samples per side over all of a micro-batch's passes (the mean's denominator)."""
+        from spo.training.losses import degree_loss
+
+        loss: Tensor | float = 0.0
+        parts: dict[int, float] = {}
+        for s, side in enumerate(SIDES):
             if not self.sides[s]:
                 continue
             logits = out[f"degree_{side}"]
             sel = batch.deg_side == s
             labels = batch.deg_label[sel] if sel.any() else torch.full((1,), -100, device=logits.device)
-            dl = degree_loss(logits, labels)
-            loss = loss + lam * dl
-            parts[f"loss_degree_{'wl'[s]}"] = float(dl.detach())
-            if acc_metrics is not None and sel.any():
-                acc_metrics.add_confusion(s, labels.detach(), logits.detach().argmax(-1))
+            dl = degree_loss(logits, labels, None if totals is None else totals[s])
+            loss = loss + (self.cfg.spo.lambda_w, self.cfg.spo.lambda_l)[s] * dl
+            parts[s] = float(dl.detach())
+            if metrics is not None and labels.ne(-100).any():
+                metrics.add_confusion(s, labels.detach(), logits.detach().argmax(-1))
+        return loss, parts
+
+    def variant_pass(self, batch: PackedBatch, totals: Sequence[int], metrics: Accumulator | None) -> tuple[Tensor, dict[int, float]]:
+        """The degree loss of one pass of variants (``variant_passes: separate``): no alignment rows."""
+        loss, parts = self.degree_losses(self.concatenated_forward(batch), batch, totals, metrics)
+        return loss, parts  # type: ignore[return-value]
+
+    def _forward_loss(self, batch: PackedBatch, split: str, train: bool, metrics: Accumulator | None,
+                      z0: Tensor | None = None, totals: Sequence[int] | None = None,
+                      carried: dict[int, float] | None = None) -> StepOutput:
+        """The alignment pass's loss; ``carried``: the degree losses the micro-batch's variant passes
+        already back-propagated, added to the reported parts only."""
+        b = batch.n_pairs
+        out = self.concatenated_forward(batch)
+        policy = out["logps"]
+        reference = self.reference.logps(split, batch).to(policy.device)
+        counts = batch.score_counts()
+        losses, chosen_rewards, rejected_rewards, z0 = self.alignment_losses(policy, reference, counts, b, z0)
+        loss_align = losses.mean()
+        degree, degree_parts = self.degree_losses(out, batch, totals, metrics)
+        loss = loss_align + degree
+        parts: dict[str, Any] = {}
+        lambdas = (self.cfg.spo.lambda_w, self.cfg.spo.lambda_l)
+        reported = float(loss.detach())
+        for s, value in degree_parts.items():
+            value += (carried or {}).get(s, 0.0)
+            reported += lambdas[s] * (carried or {}).get(s, 0.0)
+            parts[f"loss_degree_{'wl'[s]}"] = value
         parts["loss_align"] = float(loss_align.detach())
-        parts["loss"] = float(loss.detach())
-        if acc_metrics is not None:
-            for name, value in parts.items():
-                acc_metrics.add(name, value)
-            acc_metrics.add("micro_batches", 1)
-            acc_metrics.add("pairs", b)
-            acc_metrics.add("reward_chosen", cr.float().sum())
-            acc_metrics.add("reward_rejected", rj.float().sum())
-            acc_metrics.add("reward_margin", (cr - rj).float().sum())
-            acc_metrics.add("reward_accuracy", (cr > rj).float().sum())
-            acc_metrics.add("excluded_w", batch.excluded[0])
-            acc_metrics.add("excluded_l", batch.excluded[1])
-            acc_metrics.add("tokens", batch.n_tokens)
-        parts.update({"chosen_logps": pc.detach().cpu(), "rejected_logps": pr.detach().cpu(),  # type: ignore[dict-item]
-                      "reference_chosen_logps": rc.detach().cpu(), "reference_rejected_logps": rr.detach().cpu()})
+        parts["loss"] = reported
+        if z0 is not None:
+            parts["kl"] = float(z0)
+        if metrics is not None:
+            self._record(metrics, parts, batch, out, chosen_rewards, rejected_rewards, counts)
+        parts.update({"chosen_logps": policy[:b].detach().cpu(), "rejected_logps": policy[b:].detach().cpu(),
+                      "reference_chosen_logps": reference[:b].detach().cpu(),
+                      "reference_rejected_logps": reference[b:].detach().cpu()})
         return StepOutput(loss, parts)
+
+    @staticmethod
+    def _record(metrics: Accumulator, parts: dict[str, Any], batch: PackedBatch, out: dict[str, Any],
+                chosen_rewards: Tensor, rejected_rewards: Tensor, counts: Tensor) -> None:
+        b = batch.n_pairs
+        for name, value in parts.items():
+            metrics.add(name, value)
+        logps, logits = out["logps"].detach().float(), out["logits_sum"].float()
+        metrics.add("micro_batches", 1)
+        metrics.add("pairs", b)
+        metrics.add("reward_chosen", chosen_rewards.float().sum())
+        metrics.add("reward_rejected", rejected_rewards.float().sum())
+        metrics.add("reward_margin", (chosen_rewards - rejected_rewards).float().sum())
+        metrics.add("reward_accuracy", (chosen_rewards > rejected_rewards).float().sum())
+        metrics.add("logps_chosen", logps[:b].sum())
+        metrics.add("logps_rejected", logps[b:].sum())
+        metrics.add("logits_chosen", logits[:b].sum())
+        metrics.add("logits_rejected", logits[b:].sum())
+        metrics.add("tokens_chosen", counts[:b].sum())
+        metrics.add("tokens_rejected", counts[b:].sum())
+        metrics.add("excluded_w", batch.excluded[0])
+        metrics.add("excluded_l", batch.excluded[1])
+        metrics.add("tokens", batch.n_tokens)
 
     def batch_loss(self, indices: Sequence[int] | None = None, split: str = "train", train_mode: bool = False) -> dict[str, Any]:
         """Loss parts on the given pairs (default: the first global batch of epoch 0), without grad.
 
         ``train_mode=False`` runs in eval mode (no dropout): the number a parity test compares.
         Returns floats (loss, loss_align, loss_degree_w/l, kl) and per-pair log-prob tensors.
+        KTO's z0 is estimated on the same pairs (each with the next one's response).
         """
-        examples = self.train_examples if split == "train" else self.eval_examples
+        examples = self._examples(split)
         if indices is None:
-            indices = epoch_batches([e.length for e in examples], self.cfg.optim.batch_size, self.cfg.optim.micro_batch_size,
-                                    self.seed, 0, self.cfg.group_by_length)[0]
+            indices = self._epoch_batches(0)[0]
         indices = list(indices)
-        was = self.module.training
-        self.module.train(train_mode)
+        was = self.model.training
+        self.model.train(train_mode)
         try:
             with torch.no_grad():
-                batch = self.collator([examples[i] for i in indices], indices, step=0, with_kl=self.is_kto).to(self.accelerator.device)
-                return self._forward_loss(batch, split, False, None).parts
+                z0 = None
+                if self.is_kto:  # a precomputed reference knows the run's own mismatched rows (epoch 0) only
+                    precomputed = self.reference.kind == "precomputed"
+                    partners = self._kl_plan()[split][0] if precomputed else kl_partners(indices)
+                    if any(i not in partners for i in indices):
+                        raise InputError(f"pairs {indices} have no precomputed KTO mismatched row in split {split!r}")
+                    z0 = self.kl_estimate(split, indices, partners, 0)
+                batch = self.collator([examples[i] for i in indices], indices, step=0).to(self.accelerator.device)
+                return self._forward_loss(batch, split, False, None, z0).parts
         finally:
-            self.module.train(was)
+            self.model.train(was)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -501,22 +644,32 @@ class PreferenceTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Eval metrics over the eval pairs (all levels, no grad, eval mode), reduced across processes."""
+        """Eval metrics over the eval pairs (all levels, no grad, eval mode), reduced across processes.
+
+        Every process runs the same number of forwards (padding rounds are computed and not
+        counted), as a sharded model's forward is a collective.
+        """
         acc = self.accelerator
         metrics = Accumulator(self.n_levels)
         if not self.eval_examples:
             return {}
+        n = len(self.eval_examples)
         mb = self.cfg.optim.micro_batch_size
-        chunks = [list(range(i, min(i + mb, len(self.eval_examples)))) for i in range(0, len(self.eval_examples), mb)]
-        was = self.module.training
-        self.module.eval()
+        chunks = [list(range(i, min(i + mb, n))) for i in range(0, n, mb)]
+        was = self.model.training
+        self.model.eval()
         try:
-            for idx in chunks[acc.process_index:: acc.num_processes]:
-                batch = self.collator([self.eval_examples[i] for i in idx], idx, step=0, all_levels=True,
-                                      with_kl=self.is_kto).to(acc.device)
-                self._forward_loss(batch, "eval", False, metrics)
+            z0 = None
+            if self.is_kto:
+                mine = [i for c in even_shards(len(chunks), acc.process_index, acc.num_processes) if c is not None
+                        for i in chunks[c]]
+                z0 = self.kl_estimate("eval", mine, kl_partners(list(range(n))), 0)
+            for c in even_shards(len(chunks), acc.process_index, acc.num_processes):
+                idx = chunks[c if c is not None else 0]
+                batch = self.collator([self.eval_examples[i] for i in idx], idx, step=0, all_levels=True).to(acc.device)
+                self._forward_loss(batch, "eval", False, metrics if c is not None else None, z0)
         finally:
-            self.module.train(was)
+            self.model.train(was)
         values, confusion = metrics.summarise(acc, self.sides)
         self.last_eval_confusion = confusion
         return values
@@ -527,6 +680,65 @@ class PreferenceTrainer:
         if self.accelerator.is_main_process:
             self.writer.write(self.state.step, split, values)
 
+    def _train_step(self, step: int, batches: list[list[int]]) -> float:
+        """One optimizer step on this process's micro-batches of the step's global batch; the grad norm."""
+        acc, cfg, oc = self.accelerator, self.cfg, self.cfg.optim
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        global_batch = batches[pos]
+        mb = oc.micro_batch_size
+        micro = [global_batch[i: i + mb] for i in range(0, len(global_batch), mb)]
+        mine = micro[acc.process_index * self.accum: (acc.process_index + 1) * self.accum]
+        z0 = None
+        if self.is_kto:
+            z0 = self.kl_estimate("train", [i for idx in mine for i in idx], kl_partners(global_batch), epoch)
+        nonfinite = 0.0
+        parts_seen: dict[str, float] = {}
+        for j, idx in enumerate(mine):
+            examples = [self.train_examples[i] for i in idx]
+            batch = self.collator(examples, idx, step=step).to(acc.device)
+            totals, carried = None, None
+            if self.collator.separate_variants:  # variants first, in passes no larger than the alignment pass
+                passes = [p.to(acc.device) for p in self.collator.variant_passes(examples, idx, step, batch.n_tokens)]
+                totals = [sum(int((p.deg_side == s).sum()) for p in (batch, *passes)) for s in range(2)]
+                carried = {}
+                for vb in passes:
+                    with acc.no_sync(self.model):
+                        loss, parts = self.variant_pass(vb, totals, self.state.window)
+                        if not all(math.isfinite(v) for v in parts.values()):
+                            nonfinite = 1.0
+                        acc.backward(loss / self.accum)
+                    for s, value in parts.items():
+                        carried[s] = carried.get(s, 0.0) + value
+            sync = j == len(mine) - 1
+            # the alignment pass last: it uses every parameter, as DDP's synchronised backward needs
+            with nullcontext() if sync else acc.no_sync(self.model):
+                out = self._forward_loss(batch, "train", True, self.state.window, z0, totals, carried)
+                if not torch.isfinite(out.loss.detach()) or nonfinite:
+                    nonfinite = 1.0
+                    parts_seen = {k: v for k, v in out.parts.items() if isinstance(v, float)}
+                acc.backward(out.loss / self.accum)
+        flag = torch.tensor(nonfinite, device=acc.device)
+        if acc.num_processes > 1:
+            flag = acc.reduce(flag, reduction="sum")
+        # the prepared model's own parameters: FSDP computes the norm of its shards only for exactly those
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), oc.max_grad_norm)
+        grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+        if float(flag) > 0 or not math.isfinite(grad_norm):
+            what = f"loss parts {parts_seen}" if parts_seen else f"gradient norm {grad_norm}"
+            if cfg.nan_policy == "raise":
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step + 1} ({what}); set train.nan_policy=skip to skip such steps"
+                )
+            log.warning("step %d: non-finite %s; step skipped (nan_policy=skip)", step + 1, what)
+            self.state.skipped_steps += 1
+            self.state.window.add("nonfinite_steps", 1)
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return grad_norm
+
     def train(self, stop_after: int | None = None) -> dict[str, Any]:
         """Run to ``total_steps`` (resuming from the last checkpoint when ``cfg.resume``).
 
@@ -535,82 +747,38 @@ class PreferenceTrainer:
         """
         from tqdm import tqdm
 
-        acc = self.accelerator
-        cfg, oc = self.cfg, self.cfg.optim
+        acc, cfg = self.accelerator, self.cfg
         # a later call (after stop_after) continues in memory; only the first looks at checkpoints
         start = self.state.step if getattr(self, "_started", False) else self._maybe_resume()
         self._started = True
         end = min(self.total_steps, stop_after) if stop_after is not None else self.total_steps
-        self.module.train()
-        lengths = [e.length for e in self.train_examples]
+        self.model.train()
         cache: dict[int, list[list[int]]] = {}
         bar = tqdm(total=end, initial=start, desc=f"train {cfg.loss}", unit="step",
                    disable=not (self.progress and acc.is_local_main_process))
-        window_started = time.perf_counter()
         started = time.perf_counter()
-        mb = oc.micro_batch_size
-        while self.state.step < end:
-            step = self.state.step
-            epoch, pos = divmod(step, self.steps_per_epoch)
-            if epoch not in cache:
-                cache.clear()
-                cache[epoch] = epoch_batches(lengths, oc.batch_size, mb, self.seed, epoch, cfg.group_by_length)
-            global_batch = cache[epoch][pos]
-            micro = [global_batch[i: i + mb] for i in range(0, len(global_batch), mb)]
-            mine = micro[acc.process_index * self.accum: (acc.process_index + 1) * self.accum]
-            nonfinite = 0.0
-            parts_seen: dict[str, float] = {}
-            for j, idx in enumerate(mine):
-                batch = self.collator([self.train_examples[i] for i in idx], idx, step=step,
-                                      with_kl=self.is_kto).to(acc.device)
-                sync = j == len(mine) - 1
-                with nullcontext() if sync else acc.no_sync(self.model):
-                    out = self._forward_loss(batch, "train", True, self.state.window)
-                    if not torch.isfinite(out.loss.detach()):
-                        nonfinite = 1.0
-                        parts_seen = {k: v for k, v in out.parts.items() if isinstance(v, float)}
-                    acc.backward(out.loss / self.accum)
-            flag = torch.tensor(nonfinite, device=acc.device)
-            if acc.num_processes > 1:
-                flag = acc.reduce(flag, reduction="sum")
-            grad_norm = acc.clip_grad_norm_(self.params, oc.max_grad_norm)
-            grad_norm = float(grad_norm) if grad_norm is not None else 0.0
-            if float(flag) > 0 or not math.isfinite(grad_norm):
-                what = f"loss parts {parts_seen}" if parts_seen else f"gradient norm {grad_norm}"
-                if cfg.nan_policy == "raise":
-                    bar.close()
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step + 1} ({what}); set train.nan_policy=skip to skip such steps"
-                    )
-                log.warning("step %d: non-finite %s; step skipped (nan_policy=skip)", step + 1, what)
-                self.state.skipped_steps += 1
-                self.state.window.add("nonfinite_steps", 1)
-            else:
-                self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.step += 1
-            bar.update(1)
-
-            s = self.state.step
-            if s % cfg.logging_steps == 0 or s == self.total_steps:
-                values, _ = self.state.window.summarise(acc, self.sides)
-                elapsed = time.perf_counter() - window_started
-                values["tokens_per_s"] = values["tokens"] / elapsed if elapsed > 0 else 0.0
-                values["peak_memory_mb"] = self._peak_memory()
-                values["lr"] = self.scheduler.get_last_lr()[0]
-                values["epoch"] = s / self.steps_per_epoch
-                values["skipped_steps"] = float(self.state.skipped_steps)
-                self.state.tokens_total += values["tokens"]
-                self._log(values, "train")
-                bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracy']:.2f}")
-                self.state.window.reset()
-                window_started = time.perf_counter()
-            if self.eval_examples and s % cfg.eval_steps == 0 and s < self.total_steps:
-                self._log(self.evaluate(), "eval")
-            if s % cfg.save_steps == 0 and s < self.total_steps:
-                self.save_checkpoint()
-        bar.close()
+        window_seconds, grad_norms = 0.0, []
+        try:
+            while self.state.step < end:
+                epoch = self.state.step // self.steps_per_epoch
+                if epoch not in cache:
+                    cache = {epoch: self._epoch_batches(epoch)}
+                step_started = time.perf_counter()
+                grad_norms.append(self._train_step(self.state.step, cache[epoch]))
+                window_seconds += time.perf_counter() - step_started  # train steps only: no eval, no checkpoint
+                bar.update(1)
+                s = self.state.step
+                if s % cfg.logging_steps == 0 or s == self.total_steps:
+                    values = self._window_values(window_seconds, grad_norms)
+                    self._log(values, "train")
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['rewards/accuracies']:.2f}")
+                    window_seconds, grad_norms = 0.0, []
+                if self.eval_examples and s % cfg.eval_steps == 0 and s < self.total_steps:
+                    self._log(self.evaluate(), "eval")
+                if s % cfg.save_steps == 0 and s < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
         seconds = time.perf_counter() - started
         summary: dict[str, Any] = {
             "steps": self.state.step, "start_step": start, "total_steps": self.total_steps,
@@ -618,6 +786,7 @@ class PreferenceTrainer:
             "reference": self.reference.kind, "reference_forwards": self.reference.forwards,
             "reference_reused": getattr(self, "reference_reused", False),
             "accumulation_steps": self.accum, "num_processes": acc.num_processes,
+            "tokens_total": self.state.tokens_total,
         }
         if self.state.step < self.total_steps:  # stopped early (simulated kill / timing)
             return summary
@@ -629,6 +798,18 @@ class PreferenceTrainer:
         self.writer.close()
         return summary
 
+    def _window_values(self, seconds: float, grad_norms: list[float]) -> dict[str, float]:
+        values, _ = self.state.window.summarise(self.accelerator, self.sides)
+        values["tokens_per_s"] = values["tokens"] / seconds if seconds > 0 else 0.0
+        values["peak_memory_mb"] = self._peak_memory()
+        values["learning_rate"] = self.scheduler.get_last_lr()[0]
+        values["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
+        values["epoch"] = self.state.step / self.steps_per_epoch
+        values["skipped_steps"] = float(self.state.skipped_steps)
+        self.state.tokens_total += values["tokens"]
+        self.state.window.reset()
+        return values
+
     def _peak_memory(self) -> float:
         value = torch.tensor(peak_memory_mb(self.accelerator.device), device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
@@ -638,17 +819,29 @@ class PreferenceTrainer:
     def _final_save(self, final_eval: dict[str, float]) -> dict[str, Any]:
         acc = self.accelerator
         acc.wait_for_everyone()
-        if self.out_dir is None or not acc.is_main_process:
+        if self.out_dir is None:
             return {}
         from spo.models.loading import save_model
 
+        # under FSDP the full weights exist only once gathered (a collective: every process calls it)
+        state = acc.get_state_dict(self.model) if self._sharded else None
+        if not acc.is_main_process:
+            return {}
         lm = acc.unwrap_model(self.model).lm
-        save_model(lm, self.tokenizer, self.out_dir)
+        lm_state = None
+        if state is not None:  # gathered copies: a tied weight comes back twice, saved once (as save_pretrained would)
+            tied = set(getattr(lm, "all_tied_weights_keys", {}) or {})
+            lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.") and k[len("lm."):] not in tied}
+        save_model(lm, self.tokenizer, self.out_dir, state_dict=lm_state)
         out: dict[str, Any] = {"out_dir": str(self.out_dir)}
         if self.heads is not None:
-            from spo.training.heads import save_classifier
+            from spo.training.heads import DegreeClassifier, save_classifier
 
-            save_classifier(self.heads, self.out_dir)
+            heads = self.heads
+            if state is not None and self.degree_active:  # sharded: rebuild from the gathered tensors
+                heads = DegreeClassifier(**{**self.heads.init_kwargs(), "cfg": self.cfg.spo})
+                heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
+            save_classifier(heads, self.out_dir)
         if self.degree_active and final_eval and hasattr(self, "last_eval_confusion"):
             save_confusion(self.last_eval_confusion, self.sides, self.out_dir)
             out["confusion"] = str(self.out_dir / "degree_confusion.png")

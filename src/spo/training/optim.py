@@ -1,0 +1,52 @@
+"""Optimizer and learning-rate schedule from an :class:`~spo.config.OptimConfig`.
+
+One definition for the trainer and the reward model (SFT hands the same names to TRL), with
+transformers' names and schedules so a TRL user's settings mean the same thing here. Weight
+decay applies to matrices only: biases, norm weights and other 1-D tensors are not decayed (as
+in TRL/transformers' Trainer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from spo.config import OptimConfig
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """``warmup_ratio`` of the steps (rounded up) when set, else ``warmup_steps``; never past the end."""
+    steps = math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
+    return min(steps, total_steps)
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer over the trainable ``params``, with decay on tensors of 2 or more dimensions only."""
+    trainable = [p for p in params if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer in ("adamw_torch", "adamw_torch_fused"):
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                 fused=cfg.optimizer == "adamw_torch_fused" or None)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.learning_rate)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(groups, lr=cfg.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """transformers' schedule of that name: warm-up, then linear/cosine decay to 0 at ``total_steps``, or constant."""
+    from transformers import get_scheduler
+
+    name = "constant" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    kwargs = {} if name == "constant" else {"num_warmup_steps": warmup_steps(cfg, total_steps)}
+    if name in ("linear", "cosine"):
+        kwargs["num_training_steps"] = total_steps
+    return get_scheduler(name, optimizer, **kwargs)
