@@ -480,5 +480,8 @@ def test_separate_variant_passes_give_the_joint_pass_loss_and_gradients() -> Non
     assert n_passes and n_passes[0] >= 2  # the variants needed more than one pass of their own
     for key in ("loss", "loss_align", "loss_degree_w", "loss_degree_l", "degree/accuracy_w"):
         assert separate[key] == pytest.approx(joint[key], rel=1e-5), key
+    a = _trainer(train_cfg(spo={"variant_passes": "joint"})).batch_loss([0, 1, 2, 3])
+    b = _trainer(train_cfg(spo={"variant_passes": "separate"})).batch_loss([0, 1, 2, 3])
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["loss_degree_l"] == pytest.approx(a["loss_degree_l"], rel=1e-5)
     assert g_joint.keys() == g_separate.keys() and g_joint
     assert all(torch.allclose(g_joint[k], g_separate[k], atol=1e-6, rtol=1e-4) for k in g_joint)

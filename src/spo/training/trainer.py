@@ -503,6 +503,12 @@ class PreferenceTrainer:
                 metrics.add_confusion(s, labels.detach(), logits.detach().argmax(-1))
         return loss, parts
 
+    def _variant_passes(self, examples: list[PairExample], indices: Sequence[int], step: int,
+                        batch: PackedBatch) -> tuple[list[PackedBatch], list[int]]:
+        """The micro-batch's variant passes (on the device) and its samples per side over all passes."""
+        passes = [p.to(self.accelerator.device) for p in self.collator.variant_passes(examples, indices, step, batch.n_tokens)]
+        return passes, [sum(int((p.deg_side == s).sum()) for p in (batch, *passes)) for s in range(2)]
+
     def variant_pass(self, batch: PackedBatch, totals: Sequence[int], metrics: Accumulator | None) -> tuple[Tensor, dict[int, float]]:
         """The degree loss of one pass of variants (``variant_passes: separate``): no alignment rows."""
         loss, parts = self.degree_losses(self.concatenated_forward(batch), batch, totals, metrics)
@@ -585,8 +591,16 @@ class PreferenceTrainer:
                     if any(i not in partners for i in indices):
                         raise InputError(f"pairs {indices} have no precomputed KTO mismatched row in split {split!r}")
                     z0 = self.kl_estimate(split, indices, partners, 0)
-                batch = self.collator([examples[i] for i in indices], indices, step=0).to(self.accelerator.device)
-                return self._forward_loss(batch, split, False, None, z0).parts
+                chosen = [examples[i] for i in indices]
+                batch = self.collator(chosen, indices, step=0).to(self.accelerator.device)
+                totals, carried = None, None
+                if self.collator.separate_variants:
+                    passes, totals = self._variant_passes(chosen, indices, 0, batch)
+                    carried = {}
+                    for vb in passes:
+                        for s, value in self.variant_pass(vb, totals, None)[1].items():
+                            carried[s] = carried.get(s, 0.0) + value
+                return self._forward_loss(batch, split, False, None, z0, totals, carried).parts
         finally:
             self.model.train(was)
 
@@ -698,8 +712,7 @@ class PreferenceTrainer:
             batch = self.collator(examples, idx, step=step).to(acc.device)
             totals, carried = None, None
             if self.collator.separate_variants:  # variants first, in passes no larger than the alignment pass
-                passes = [p.to(acc.device) for p in self.collator.variant_passes(examples, idx, step, batch.n_tokens)]
-                totals = [sum(int((p.deg_side == s).sum()) for p in (batch, *passes)) for s in range(2)]
+                passes, totals = self._variant_passes(examples, idx, step, batch)
                 carried = {}
                 for vb in passes:
                     with acc.no_sync(self.model):
