@@ -367,7 +367,7 @@ class GenerateConfig(_Section):
     metrics_file: str = "metrics/generate.json"
     backend: Literal["transformers", "vllm"] = "transformers"
     batch_size: int = Field(default=8, ge=1)
-    max_prompt_length: int = Field(default=192, ge=8, description="Longer prompts keep their end.")
+    max_prompt_length: int = Field(default=192, ge=8, description="Longer prompts lose their oldest dialogue content (a chat template's head stays).")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
 
