@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_degrees import BUTTERFLIES, BUTTERFLY_PHRASES  # the method's worked example
 from test_train_support import hh_pairs, tiny_model
 
 from spo.degrees import build_degree_variants, words
@@ -17,18 +18,6 @@ from spo.training.data import (
     sample_levels,
     tokenize_pairs,
 )
-
-BUTTERFLIES = (
-    " About 150 species of butterflies live in Oregon, with about 100 species are moths, and about 20 "
-    "species are common here year-round, and another 10 species are seen here year-round. I suggest you "
-    "keep an eye out for skippers, gossamer wings, and red admirals."
-)
-BUTTERFLY_PHRASES = [
-    "another 10 species", "20 species", "150 species", "100 species", "red admirals", "gossamer wings",
-    "butterflies live", "year", "suggest", "skippers", "seen", "round", "oregon", "moths", "keep", "eye",
-    "common",
-]
-
 
 def _examples(mode: str | None, max_length: int = 96, max_prompt_length: int = 48, rows=None, degs=None):
     if rows is None:
