@@ -35,7 +35,63 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("-p", "--params", default="params.yaml")
     show.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _exp_parser(sub)
+    _pipeline_parser(sub)
     return parser
+
+
+def _pipeline_parser(sub: argparse._SubParsersAction) -> None:
+    pipe = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile it, run it locally in containers")
+    pipe.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    actions = pipe.add_subparsers(dest="pipeline_command", required=True, metavar="action")
+    comp = actions.add_parser("compile", help="write the pipeline YAML (or its Pipeline/PipelineVersion resources)")
+    comp.add_argument("-p", "--params", default="params.yaml", help="params file: the run's defaults")
+    comp.add_argument("--platform", default="configs/platform/local.yaml", help="placement, image, workspace, secrets")
+    comp.add_argument("--image", help="the project image (replaces the platform file's)")
+    comp.add_argument("-o", "--out", default="build/pipeline.yaml")
+    comp.add_argument("--kubernetes-manifests", action="store_true",
+                      help="Pipeline + PipelineVersion resources, for KFP installs that keep pipelines in Kubernetes")
+    comp.add_argument("--namespace", help="namespace of the resources (--kubernetes-manifests)")
+    comp.add_argument("--version", dest="version_name", help="PipelineVersion name (default: from the image tag)")
+    graph = actions.add_parser("graph", help="draw a compiled pipeline's graph as a PNG (GPU steps highlighted)")
+    graph.add_argument("pipeline", nargs="?", default="build/pipeline.yaml")
+    graph.add_argument("-o", "--out", default="build/pipeline.png")
+    local = actions.add_parser("run-local", help="run the compiled pipeline with kfp.local, in the project image")
+    local.add_argument("pipeline", nargs="?", default="build/pipeline.yaml", help="the compiled pipeline YAML")
+    local.add_argument("--work-dir", default="build/local-run", help="pipeline root, workspace and copied data")
+    local.add_argument("--data-dir", help="folder with hh/ and tldr/ (copied into the run; default: from params)")
+    local.add_argument("--runner", choices=("docker", "subprocess"), default="docker",
+                       help="docker: every step in the image, no network; subprocess: in this environment")
+    local.add_argument("-A", "--arg", dest="arguments", action="append", default=[], metavar="NAME=VALUE",
+                       help="a pipeline parameter (YAML value), e.g. -A train_steps=50 (repeatable)")
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    if args.pipeline_command == "compile":
+        from spo.pipelines.compile import compile_pipeline
+
+        print(compile_pipeline(args.out, params=args.params, platform=args.platform, image=args.image,
+                               kubernetes_manifests=args.kubernetes_manifests, namespace=args.namespace,
+                               version=args.version_name))
+        return 0
+    if args.pipeline_command == "graph":
+        from spo.pipelines.graph import draw
+
+        print(draw(args.pipeline, args.out))
+        return 0
+    import yaml
+
+    from spo.pipelines.local import run_local, summary
+
+    arguments = {}
+    for item in args.arguments:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"pipeline argument {item!r} is not of the form NAME=VALUE")
+        arguments[name] = yaml.safe_load(value)
+    run = run_local(args.pipeline, args.work_dir, data_dir=args.data_dir, runner=args.runner, arguments=arguments)
+    json.dump(summary(run), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
 
 
 def _exp_parser(sub: argparse._SubParsersAction) -> None:
@@ -92,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "exp":
             return _exp(args)
+        if args.command == "pipeline":
+            return _pipeline(args)
         cfg = load_config(args.params, args.overrides)
         if args.command == "config":
             import yaml

@@ -1,0 +1,1 @@
+"""The Kubeflow pipeline: components, DAG, platform placement, compilation, local runs."""

@@ -1,0 +1,187 @@
+"""One KFP v2 component per stage, each a few lines over ``spo.stages.<stage>.run``.
+
+``configure`` resolves the pipeline's ``params.yaml`` text, overrides and knobs once (a bad value
+fails the run before any work) into one params text per stage holding only the sections that
+stage reads, so KFP's cache follows exactly the params a step depends on, as DVC's does. Every
+other component takes its stage's params text, maps its typed inputs and outputs onto the
+stage's config paths and calls
+:func:`spo.pipelines.runtime.run_stage` — the same stage function ``dvc repro`` calls — then
+hands the stage's files back as artifacts (``Dataset``, ``Model``, ``Metrics``, and ``HTML`` /
+``Markdown`` for the validation report and the final report, which the KFP UI renders).
+
+They are lightweight components on the project image (``install_kfp_package=False``: the image
+has kfp), so the same code runs under ``kfp.local`` and on a cluster. KFP embeds each function's
+source in the compiled pipeline and runs it in the container, so a body imports what it uses and
+refers to nothing outside itself. This module deliberately has no ``from __future__ import
+annotations``: KFP reads the parameter types from the annotations.
+"""
+
+from collections.abc import Callable
+from typing import Any, List, NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+
+def configure(params: str, compiled_params: str, overrides: List[str], data_dir: str, dataset: str, model: str,
+              loss: str, spo: bool, n_levels: int, spo_lambda: float, train_steps: int, judge_backend: str,
+              judge_model: str
+              ) -> NamedTuple("StageParams", prepare=str, validate=str, keywords=str, degrees=str, base_model=str,
+                              sft=str, train=str, generate=str, reward_model=str, judge=str, report=str):
+    from spo.pipelines.runtime import configure
+
+    return configure(params or compiled_params, overrides, {
+        "data_dir": data_dir, "dataset": dataset, "model": model, "loss": loss, "spo": spo, "n_levels": n_levels,
+        "spo_lambda": spo_lambda, "train_steps": train_steps, "judge_backend": judge_backend,
+        "judge_model": judge_model})
+
+
+def prepare(params: str, prepared: Output[Dataset], quarantine: Output[Dataset]):
+    from spo.pipelines.runtime import run_stage
+
+    run_stage("prepare", params, {
+        "prepare.out_dir": prepared.path, "prepare.quarantine_file": quarantine.path + "/prepare.jsonl"})
+
+
+def validate(params: str, prepared: Input[Dataset], prepare_quarantine: Input[Dataset],
+             validated: Output[Dataset], quarantine: Output[Dataset], validation: Output[Artifact],
+             report: Output[HTML], metrics: Output[Metrics]):
+    from spo.pipelines.runtime import copy_file, log_metrics, run_stage
+
+    run_stage("validate", params, {
+        "validate.in_dir": prepared.path, "prepare.quarantine_file": prepare_quarantine.path + "/prepare.jsonl",
+        "validate.out_dir": validated.path, "validate.quarantine_file": quarantine.path + "/validate.jsonl",
+        "validate.report_dir": validation.path, "validate.metrics_file": metrics.path})
+    copy_file(validation.path + "/validation.html", report.path)
+    log_metrics(metrics, metrics.path)
+
+
+def keywords(params: str, validated: Input[Dataset], keywords: Output[Dataset],
+             metrics: Output[Metrics]):
+    from spo.pipelines.runtime import log_metrics, run_stage
+
+    run_stage("keywords", params, {
+        "keywords.in_dir": validated.path, "keywords.out_dir": keywords.path, "keywords.metrics_file": metrics.path})
+    log_metrics(metrics, metrics.path)
+
+
+def degrees(params: str, validated: Input[Dataset], keywords: Input[Dataset],
+            degrees: Output[Dataset], metrics: Output[Metrics]):
+    from spo.pipelines.runtime import log_metrics, run_stage
+
+    run_stage("degrees", params, {
+        "degrees.in_dir": validated.path, "degrees.keywords_dir": keywords.path, "degrees.out_dir": degrees.path,
+        "degrees.metrics_file": metrics.path})
+    log_metrics(metrics, metrics.path)
+
+
+def base_model(params: str, validated: Input[Dataset], workspace: str, base: Output[Model]):
+    from spo.pipelines.runtime import run_stage, workspace_dir, write_model
+
+    folder = workspace_dir(workspace, "models", "base")
+    run_stage("base_model", params, {"base_model.text_dir": validated.path, "base_model.out_dir": folder})
+    write_model(base, folder)
+
+
+def sft(params: str, validated: Input[Dataset], base: Input[Model], workspace: str,
+        sft: Output[Model], metrics: Output[Metrics]):
+    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, workspace_dir, write_model
+
+    folder = workspace_dir(workspace, "models", "sft")
+    run_stage("sft", params, {
+        "sft.rows_dir": validated.path, "sft.base_dir": model_dir(base), "sft.out_dir": folder,
+        "sft.metrics_file": metrics.path})
+    write_model(sft, folder)
+    log_metrics(metrics, metrics.path)
+
+
+def train(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: Input[Model],
+          workspace: str, loss: str, spo: bool, spo_variant: bool, policy: Output[Model], metrics: Output[Metrics]):
+    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, variant_names, workspace_dir, write_model
+
+    name = variant_names(loss)[int(spo_variant)]  # the run's two policies: <loss>, <loss>_spo
+    # on the workspace: a retried (pre-empted) task resumes from the checkpoints it left there
+    folder = workspace_dir(workspace, "models", "policy", name)
+    run_stage("train", params, {
+        "train.loss": loss, "train.spo.enabled": spo and spo_variant, "train.rows_dir": validated.path,
+        "train.degrees_dir": degrees.path, "train.sft_dir": model_dir(sft), "train.out_dir": folder,
+        "train.metrics_file": metrics.path})
+    write_model(policy, folder)
+    log_metrics(metrics, metrics.path)
+
+
+def generate(params: str, validated: Input[Dataset], sft: Input[Model], policy: Input[Model],
+             policy_spo: Input[Model], loss: str, generations: Output[Dataset], metrics: Output[Metrics]):
+    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, variant_names
+
+    plain, with_spo = variant_names(loss)
+    models = {"sft": model_dir(sft), plain: model_dir(policy), with_spo: model_dir(policy_spo)}
+    run_stage("generate", params, {
+        "generate.rows_dir": validated.path, "generate.models": models, "generate.policies": False,
+        "generate.out_dir": generations.path, "generate.metrics_file": metrics.path})
+    log_metrics(metrics, metrics.path)
+
+
+def reward_model(params: str, validated: Input[Dataset], sft: Input[Model], workspace: str,
+                 reward: Output[Model], metrics: Output[Metrics]):
+    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, workspace_dir, write_model
+
+    folder = workspace_dir(workspace, "models", "reward")
+    run_stage("reward_model", params, {
+        "reward_model.rows_dir": validated.path, "reward_model.sft_dir": model_dir(sft),
+        "reward_model.out_dir": folder, "reward_model.metrics_file": metrics.path})
+    write_model(reward, folder)
+    log_metrics(metrics, metrics.path)
+
+
+def judge(params: str, validated: Input[Dataset], generations: Input[Dataset],
+          reward: Input[Model], workspace: str, judgments: Output[Dataset], winrates: Output[HTML],
+          metrics: Output[Metrics]):
+    from spo.pipelines.runtime import html_image, log_metrics, model_dir, run_stage, workspace_dir
+
+    run_stage("judge", params, {
+        "judge.rows_dir": validated.path, "judge.generations_dir": generations.path, "judge.out_dir": judgments.path,
+        "judge.reward_model_dir": model_dir(reward), "judge.metrics_file": metrics.path,
+        "judge.cache_file": workspace_dir(workspace, "judge") + "/judge_cache.sqlite"})
+    html_image(judgments.path + "/winrates.png", winrates.path, "Win rates")
+    log_metrics(metrics, metrics.path)
+
+
+def report(params: str, loss: str, validation: Input[Artifact], degrees: Input[Dataset],
+           judgments: Input[Dataset], policy: Input[Model], policy_spo: Input[Model], validate_metrics: Input[Metrics],
+           keywords_metrics: Input[Metrics], degrees_metrics: Input[Metrics], sft_metrics: Input[Metrics],
+           train_metrics: Input[Metrics], train_spo_metrics: Input[Metrics], generate_metrics: Input[Metrics],
+           reward_metrics: Input[Metrics], judge_metrics: Input[Metrics], report_md: Output[Markdown],
+           report_html: Output[HTML]):
+    import tempfile
+
+    from spo.pipelines.runtime import copy_file, gather, link_models, model_dir, run_stage, variant_names
+
+    plain, with_spo = variant_names(loss)
+    with tempfile.TemporaryDirectory(prefix="spo-report-") as tmp:
+        metrics_dir = gather(tmp + "/metrics", {
+            "validate.json": validate_metrics.path, "keywords.json": keywords_metrics.path,
+            "degrees.json": degrees_metrics.path, "sft.json": sft_metrics.path, f"train_{plain}.json": train_metrics.path,
+            f"train_{with_spo}.json": train_spo_metrics.path, "generate.json": generate_metrics.path,
+            "reward_model.json": reward_metrics.path, "judge.json": judge_metrics.path})
+        policies = link_models(tmp + "/policy", {plain: model_dir(policy), with_spo: model_dir(policy_spo)})
+        run_stage("report", params, {
+            "report.metrics_dir": metrics_dir, "report.judgments_dir": judgments.path, "report.policy_dir": policies,
+            "report.degrees_dir": degrees.path, "report.validation_report": validation.path + "/validation.json",
+            "report.out_dir": tmp + "/reports", "report.plots_dir": tmp + "/plots"})
+        copy_file(tmp + "/reports/report.md", report_md.path)
+        copy_file(tmp + "/reports/report.html", report_html.path)
+
+
+STEPS: dict[str, Callable[..., Any]] = {
+    f.__name__: f for f in (configure, prepare, validate, keywords, degrees, base_model, sft, train, generate, reward_model,
+                            judge, report)
+}
+# steps that write model folders onto the run's workspace volume: taking their result from another
+# run's cache would leave this run's workspace without the folder the next step reads
+WORKSPACE_PRODUCERS = ("base_model", "sft", "train", "reward_model")
+
+
+def make_components(image: str) -> dict[str, Any]:
+    """The components on ``image`` (the project image: a tag or digest a cluster can pull)."""
+    return {name: dsl.component(func, base_image=image, install_kfp_package=False) for name, func in STEPS.items()}

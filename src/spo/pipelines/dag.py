@@ -1,0 +1,104 @@
+"""The pipeline graph, mirroring dvc.yaml: data checks to the judged report, two policies side by side.
+
+``configure`` → prepare → validate → keywords → degrees; validate → base_model → sft; the two
+policies (``<loss>`` and ``<loss>_spo``) train in parallel from sft; generate samples from sft
+and both; reward_model trains the local judge beside them; judge compares every policy with
+the data's chosen responses, the SPO policy with the plain one and with SFT; report gathers it
+all. Each task gets its stage's params text from ``configure`` and its placement from the
+platform file (:func:`spo.pipelines.platform.place`).
+
+:func:`build_pipeline` returns the ``@dsl.pipeline`` function for a params file and a platform;
+its parameters are the run's knobs, with the params file's values as defaults; the params file
+itself is compiled in (``params``, when given at run time, replaces it, and ``overrides`` adds
+``section.key=value`` settings). (No ``from
+__future__ import annotations`` here: KFP reads the pipeline parameters' types from the
+annotations.)
+"""
+
+from pathlib import Path
+from typing import Any
+
+from spo.config import SpoConfig, load_config
+from spo.pipelines.platform import Platform, place
+
+PIPELINE_NAME = "spo-pipeline"
+
+
+def knob_defaults(cfg: SpoConfig) -> dict[str, Any]:
+    """The knobs' defaults, read off the params file (what the KFP UI shows before a run)."""
+    variants = list(cfg.variants.values())
+    return {
+        "data_dir": cfg.data.local_dir or "", "dataset": cfg.data.dataset, "model": cfg.model.name_or_path,
+        "loss": variants[0].loss if variants else cfg.train.loss, "spo": True, "n_levels": cfg.degrees.n_levels,
+        "spo_lambda": cfg.train.spo.lambda_w, "train_steps": cfg.train.optim.max_steps or 0,
+        "judge_backend": cfg.judge.backend, "judge_model": cfg.judge.openai.model,
+    }
+
+
+def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
+    """The pipeline function for ``params_path`` (its text is the ``params`` parameter's default)."""
+    from kfp import dsl
+
+    from spo.pipelines.components import make_components
+
+    params_text = Path(params_path).read_text(encoding="utf-8")
+    cfg = load_config(params_path)
+    d = knob_defaults(cfg)
+    c = make_components(platform.image)
+    workspace = dsl.WorkspaceConfig(
+        size=platform.workspace.size,
+        kubernetes=dsl.KubernetesWorkspaceConfig(pvcSpecPatch=_pvc_patch(platform)),
+    )
+    key_env = cfg.judge.openai.api_key_env
+
+    def task(step: str, display: "str | None" = None, **kwargs: Any) -> Any:
+        t = c[step](**kwargs).set_display_name(display or step.replace("_", " "))
+        place(t, step, platform, key_env)
+        return t
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="SPO: DPO/IPO/KTO with and without the preference-degree loss, "
+                  "from data checks to the judged report", pipeline_config=dsl.PipelineConfig(workspace=workspace))
+    def spo_pipeline(params: str = "", overrides: list = [], data_dir: str = d["data_dir"],  # noqa: B006
+                     dataset: str = d["dataset"], model: str = d["model"], loss: str = d["loss"], spo: bool = d["spo"],
+                     n_levels: int = d["n_levels"], spo_lambda: float = d["spo_lambda"],
+                     train_steps: int = d["train_steps"], judge_backend: str = d["judge_backend"],
+                     judge_model: str = d["judge_model"]) -> None:
+        ws = dsl.WORKSPACE_PATH_PLACEHOLDER
+        conf = task("configure", params=params, compiled_params=params_text, overrides=overrides, data_dir=data_dir, dataset=dataset, model=model,
+                    loss=loss, spo=spo, n_levels=n_levels, spo_lambda=spo_lambda, train_steps=train_steps,
+                    judge_backend=judge_backend, judge_model=judge_model)
+        p = conf.outputs
+        prepared = task("prepare", params=p["prepare"])
+        validated = task("validate", params=p["validate"], prepared=prepared.outputs["prepared"],
+                         prepare_quarantine=prepared.outputs["quarantine"])
+        rows = validated.outputs["validated"]
+        keyphrases = task("keywords", params=p["keywords"], validated=rows)
+        levels = task("degrees", params=p["degrees"], validated=rows, keywords=keyphrases.outputs["keywords"])
+        base = task("base_model", params=p["base_model"], validated=rows, workspace=ws)
+        sft = task("sft", params=p["sft"], validated=rows, base=base.outputs["base"], workspace=ws)
+        policies = [task("train", "train spo" if second else "train", params=p["train"], validated=rows,
+                         degrees=levels.outputs["degrees"], sft=sft.outputs["sft"], workspace=ws, loss=loss, spo=spo,
+                         spo_variant=second)
+                    for second in (False, True)]
+        generated = task("generate", params=p["generate"], validated=rows, sft=sft.outputs["sft"],
+                         policy=policies[0].outputs["policy"], policy_spo=policies[1].outputs["policy"], loss=loss)
+        reward = task("reward_model", params=p["reward_model"], validated=rows, sft=sft.outputs["sft"], workspace=ws)
+        judged = task("judge", params=p["judge"], validated=rows, generations=generated.outputs["generations"],
+                      reward=reward.outputs["reward"], workspace=ws)
+        task("report", params=p["report"], loss=loss, validation=validated.outputs["validation"],
+             degrees=levels.outputs["degrees"], judgments=judged.outputs["judgments"],
+             policy=policies[0].outputs["policy"], policy_spo=policies[1].outputs["policy"],
+             validate_metrics=validated.outputs["metrics"], keywords_metrics=keyphrases.outputs["metrics"],
+             degrees_metrics=levels.outputs["metrics"], sft_metrics=sft.outputs["metrics"],
+             train_metrics=policies[0].outputs["metrics"], train_spo_metrics=policies[1].outputs["metrics"],
+             generate_metrics=generated.outputs["metrics"], reward_metrics=reward.outputs["metrics"],
+             judge_metrics=judged.outputs["metrics"])
+
+    return spo_pipeline
+
+
+def _pvc_patch(platform: Platform) -> dict[str, Any]:
+    patch: dict[str, Any] = {"accessModes": list(platform.workspace.access_modes)}
+    if platform.workspace.storage_class:
+        patch["storageClassName"] = platform.workspace.storage_class
+    return patch

@@ -1,0 +1,190 @@
+"""What a pipeline component runs inside its container: config in, stage out, artifacts back.
+
+A component (spo.pipelines.components) is a few lines: it names the artifact paths of its task
+and calls :func:`run_stage`, which builds the stage's :class:`~spo.config.SpoConfig` from the
+pipeline's ``params.yaml`` text, its knobs (``-S`` overrides) and those paths, and calls the same
+``spo.stages.<stage>.run(cfg)`` that ``dvc repro`` calls. Nothing about a stage lives here.
+
+Models are big and are read by the next steps of the same run, so their folders live on the
+run's workspace volume (``{workspace}/models/<name>``); the ``Model`` artifact in the object
+store is a small manifest — the folder and the sha256 of each of its files — which is what the
+KFP UI shows and what downstream tasks receive (:func:`write_model` / :func:`model_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "model.json"
+
+
+def variant_names(loss: str) -> tuple[str, str]:
+    """The two policies every run trains: the loss alone, and the loss with SPO's degree loss."""
+    return loss, f"{loss}_spo"
+
+
+# the config sections each stage reads (what dvc.yaml lists as its params): a stage's params
+# text holds these and defaults elsewhere, so the cache of a step follows exactly its own params
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("seed", "data", "prepare"),
+    "validate": ("prepare", "validate"),
+    "keywords": ("seed", "keywords"),
+    "degrees": ("degrees",),
+    "base_model": ("seed", "model", "base_model"),
+    "sft": ("seed", "model", "sft"),
+    "train": ("seed", "model", "train"),
+    "generate": ("seed", "model", "generate", "variants"),
+    "reward_model": ("seed", "model", "reward_model"),
+    "judge": ("seed", "data", "model", "judge", "variants", "generate"),
+    "report": ("seed", "data", "prepare", "validate", "keywords", "degrees", "model", "base_model", "sft", "train",
+               "variants", "generate", "reward_model", "judge", "report"),
+}
+
+# the pipeline's knobs: parameter -> the params keys it sets (loss and spo set the variants)
+KNOBS: dict[str, tuple[str, ...]] = {
+    "data_dir": ("data.local_dir",),
+    "dataset": ("data.dataset",),
+    "model": ("model.name_or_path",),
+    "n_levels": ("degrees.n_levels",),
+    "spo_lambda": ("train.spo.lambda_w", "train.spo.lambda_l"),
+    "train_steps": ("train.optim.max_steps",),
+    "judge_backend": ("judge.backend",),
+    "judge_model": ("judge.openai.model",),
+}
+
+
+def variants(loss: str, spo: bool) -> dict[str, dict[str, Any]]:
+    """The two policies every run trains: the loss alone, and the loss with SPO's degree loss
+    (``spo: false`` trains the second without it: a same-recipe control)."""
+    plain, with_spo = variant_names(loss)
+    return {plain: {"loss": loss, "spo": False}, with_spo: {"loss": loss, "spo": bool(spo)}}
+
+
+def resolve(params: str, overrides: Sequence[str], knobs: Mapping[str, Any]) -> Any:
+    """The run's whole config: params text, then overrides, then the knobs (which win)."""
+    sets = [f"{key}={json.dumps(knobs[name] if name != 'data_dir' else knobs[name] or None)}"
+            for name, keys in KNOBS.items() if name in knobs for key in keys]
+    if "loss" in knobs:
+        sets.append(f"variants={json.dumps(variants(knobs['loss'], knobs.get('spo', True)))}")
+    return stage_config(params, [*overrides, *sets], {})
+
+
+def configure(params: str, overrides: Sequence[str], knobs: Mapping[str, Any]) -> tuple[str, ...]:
+    """One params text per stage (in :data:`SECTIONS` order), from the run's resolved config."""
+    import yaml
+
+    dumped = resolve(params, overrides, knobs).model_dump(mode="json", by_alias=True)
+    return tuple(yaml.safe_dump({k: dumped[k] for k in sections}, sort_keys=True) for sections in SECTIONS.values())
+
+
+def stage_config(params: str, overrides: Sequence[str], paths: Mapping[str, Any]) -> Any:
+    """``params`` (the text of a params.yaml) + ``overrides`` (``section.key=value``) + this
+    task's paths, validated as one :class:`~spo.config.SpoConfig` (unknown keys are errors)."""
+    from spo.config import load_config
+
+    with tempfile.TemporaryDirectory(prefix="spo-params-") as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(params, encoding="utf-8")
+        placed = [f"{key}={json.dumps(value)}" for key, value in paths.items()]
+        return load_config(path, [*overrides, *placed])
+
+
+def run_stage(stage: str, params: str, paths: Mapping[str, Any]) -> dict[str, Any]:
+    """Run ``spo.stages.<stage>.run`` on the task's config (logging as ``spo <stage>`` does)."""
+    import logging
+
+    from spo.stages import load_stage
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return load_stage(stage).run(stage_config(params, [], paths))
+
+
+def log_metrics(artifact: Any, path: str | Path) -> None:
+    """The numbers of a stage's metrics file as the ``Metrics`` artifact's scalars (the KFP UI's
+    metrics table): top-level and one level of nesting, dotted (``train.loss``)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    for key, value in _scalars(data):
+        artifact.log_metric(key, value)
+
+
+def _scalars(data: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    if isinstance(data, Mapping) and depth < 2:
+        for key, value in data.items():
+            out += _scalars(value, f"{prefix}{key}.", depth + 1)
+    elif isinstance(data, (int, float)) and not isinstance(data, bool) and data == data:
+        out.append((prefix.rstrip("."), float(data)))
+    return out
+
+
+def workspace_dir(workspace: str, *parts: str) -> str:
+    """A folder of the run's workspace volume (created)."""
+    folder = Path(workspace, *parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
+
+
+def write_model(artifact: Any, folder: str | Path) -> None:
+    """The ``Model`` artifact of a model folder on the workspace: a manifest with its path and
+    the sha256 of every file (so lineage and caching see the weights' content, not their size)."""
+    from spo.io import tree_sha256
+
+    files = tree_sha256(folder)
+    Path(artifact.path).mkdir(parents=True, exist_ok=True)
+    (Path(artifact.path) / MANIFEST).write_text(json.dumps({"path": str(folder), "files": files}, indent=1, sort_keys=True))
+    artifact.metadata.update({"workspace_path": str(folder), "files": len(files)})
+
+
+def model_dir(artifact: Any) -> str:
+    """The model folder a ``Model`` artifact stands for (see :func:`write_model`)."""
+    manifest = Path(artifact.path) / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{artifact.path}: not a model manifest written by spo.pipelines.runtime.write_model")
+    return str(json.loads(manifest.read_text())["path"])
+
+
+def copy_file(source: str | Path, target: str | Path) -> None:
+    """Copy one stage output onto an artifact path (HTML/Markdown artifacts are single files)."""
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+
+
+def gather(folder: str | Path, files: Mapping[str, str | Path]) -> str:
+    """A folder holding ``files`` (name -> source path) side by side: the layout a stage reads
+    (e.g. ``metrics/<stage>.json``), assembled from separate artifacts."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, source in files.items():
+        source = Path(source)
+        if source.is_dir():
+            shutil.copytree(source, out / name, dirs_exist_ok=True)
+        elif source.is_file():
+            shutil.copyfile(source, out / name)
+    return str(out)
+
+
+def link_models(folder: str | Path, models: Mapping[str, str | Path]) -> str:
+    """A folder of symbolic links ``<name> -> model folder``: the ``policy_dir`` layout the report
+    reads, without copying weights."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, target in models.items():
+        (out / name).symlink_to(Path(target).resolve(), target_is_directory=True)
+    return str(out)
+
+
+def html_image(png: str | Path, target: str | Path, title: str) -> None:
+    """A PNG as a self-contained HTML page (an ``HTML`` artifact the KFP UI renders)."""
+    import base64
+    import html
+
+    data = base64.b64encode(Path(png).read_bytes()).decode() if Path(png).is_file() else ""
+    body = f'<img alt="{html.escape(title)}" src="data:image/png;base64,{data}">' if data else "<p>no image</p>"
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    Path(target).write_text(f"<!doctype html><title>{html.escape(title)}</title><h1>{html.escape(title)}</h1>{body}\n",
+                            encoding="utf-8")

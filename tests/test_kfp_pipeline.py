@@ -1,0 +1,184 @@
+"""The compiled Kubeflow pipeline: its graph, its knobs, placement from the platform file, secrets,
+the Kubernetes resources, and a local run in this environment (kfp.local's SubprocessRunner)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from spo.io import InputError
+from spo.pipelines.compile import compile_pipeline
+from spo.pipelines.runtime import SECTIONS
+
+GPU_STEPS = {"sft", "train", "train-2", "generate", "reward-model", "judge"}
+
+
+def _compile(tmp_path: Path, platform: str = "local", **kw) -> tuple[dict, dict]:
+    out = compile_pipeline(tmp_path / f"{platform}.yaml", params=REPO / "params.yaml",
+                           platform=REPO / "configs" / "platform" / f"{platform}.yaml", **kw)
+    spec, platform_spec = [d for d in yaml.safe_load_all(out.read_text()) if d]
+    return spec, platform_spec["platforms"]["kubernetes"]
+
+
+def _container(spec: dict, task: str) -> dict:
+    component = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
+    return spec["deploymentSpec"]["executors"][spec["components"][component]["executorLabel"]]["container"]
+
+
+def test_graph_mirrors_dvc_yaml_and_the_knobs_are_pipeline_parameters(tmp_path: Path) -> None:
+    spec, _ = _compile(tmp_path)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"configure", "prepare", "validate", "keywords", "degrees", "base-model", "sft", "train",
+                          "train-2", "generate", "reward-model", "judge", "report"}
+    after = {name: set(t.get("dependentTasks", [])) - {"configure"} for name, t in tasks.items()}
+    assert after["validate"] == {"prepare"} and after["degrees"] == {"validate", "keywords"}
+    assert after["train"] == after["train-2"] == {"validate", "degrees", "sft"}  # the two policies side by side
+    assert after["generate"] == {"validate", "sft", "train", "train-2"}
+    assert after["judge"] == {"validate", "generate", "reward-model"}
+    assert {"judge", "train", "train-2", "validate"} <= after["report"]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"dataset", "model", "loss", "spo", "n_levels", "spo_lambda", "train_steps", "judge_backend",
+            "judge_model", "overrides", "data_dir", "params"} == set(params)
+    assert params["loss"]["defaultValue"] == "dpo" and params["train_steps"]["defaultValue"] == 20
+    # the report and the validation report are artifacts the KFP UI renders
+    outputs = {name: c["outputDefinitions"]["artifacts"] for name, c in spec["components"].items() if "outputDefinitions" in c
+               and "artifacts" in c["outputDefinitions"]}
+    assert outputs["comp-report"]["report_md"]["artifactType"]["schemaTitle"] == "system.Markdown"
+    assert outputs["comp-report"]["report_html"]["artifactType"]["schemaTitle"] == "system.HTML"
+    assert outputs["comp-validate"]["report"]["artifactType"]["schemaTitle"] == "system.HTML"
+    assert outputs["comp-train"]["policy"]["artifactType"]["schemaTitle"] == "system.Model"
+
+
+def test_local_platform_places_no_accelerator_selector_toleration_or_secret(tmp_path: Path) -> None:
+    spec, k8s = _compile(tmp_path)
+    for task in spec["root"]["dag"]["tasks"]:
+        resources = _container(spec, task)["resources"]
+        assert "accelerator" not in resources and resources["resourceMemoryLimit"] == "12Gi"
+        assert _container(spec, task)["image"] == "spo-pipeline:0.1.0-cpu"
+    for executor in k8s["deploymentSpec"]["executors"].values():
+        assert set(executor) == {"imagePullPolicy"}  # nothing but the pull policy: no selector, toleration, secret
+    assert k8s["pipelineConfig"]["workspace"] == {"size": "20Gi", "kubernetes": {"pvcSpecPatch": {"accessModes": ["ReadWriteOnce"]}}}
+    assert "retryPolicy" not in json.dumps(spec["root"]["dag"]["tasks"])
+
+
+def test_gpu_platform_places_exactly_what_it_asks_for(tmp_path: Path) -> None:
+    spec, k8s = _compile(tmp_path, "gpu")
+    tasks = spec["root"]["dag"]["tasks"]
+    for task in tasks:
+        container = _container(spec, task)
+        gpu = container["resources"].get("accelerator")
+        executor = k8s["deploymentSpec"]["executors"][f"exec-{task}"]
+        if task in GPU_STEPS:
+            assert gpu == {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
+            assert container["resources"]["resourceMemoryRequest"] == "64Gi"
+            assert executor["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
+            assert executor["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+            assert tasks[task]["retryPolicy"]["maxRetryCount"] == 2 and tasks[task]["retryPolicy"]["backoffDuration"] == "120s"
+        else:
+            assert gpu is None and "nodeSelector" not in executor and "tolerations" not in executor
+            assert "retryPolicy" not in tasks[task]
+        assert ("secretAsEnv" in executor) == (task == "judge")
+        assert container["image"] == "registry.example.com/spo-pipeline:0.1.0-cuda"
+    secret = k8s["deploymentSpec"]["executors"]["exec-judge"]["secretAsEnv"][0]
+    assert secret["secretName"] == "spo-judge" and secret["keyToEnv"] == [{"envVar": "OPENAI_API_KEY", "secretKey": "api-key"}]
+    assert k8s["pipelineConfig"]["workspace"]["size"] == "200Gi"
+    # the steps that write model folders onto the run's workspace are never taken from another run's cache
+    caching = {t: tasks[t].get("cachingOptions", {}).get("enableCache", False) for t in tasks}
+    assert not any(caching[t] for t in ("base-model", "sft", "train", "train-2", "reward-model"))
+    assert all(caching[t] for t in ("prepare", "validate", "keywords", "degrees", "generate", "judge", "report"))
+
+
+def test_a_changed_platform_file_changes_only_placement(tmp_path: Path) -> None:
+    local, _ = _compile(tmp_path / "a")
+    gpu, _ = _compile(tmp_path / "b", "gpu")
+
+    def without_placement(spec: dict) -> dict:
+        spec = copy.deepcopy(spec)
+        for executor in spec["deploymentSpec"]["executors"].values():
+            executor["container"].pop("resources", None)
+            executor["container"].pop("image")
+        for task in spec["root"]["dag"]["tasks"].values():
+            task.pop("retryPolicy", None)
+        return spec
+
+    assert without_placement(local) == without_placement(gpu)
+
+
+def test_no_secret_value_in_any_compiled_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-live-this-must-never-be-compiled")
+    for platform in ("local", "gpu"):
+        for manifests in (False, True):
+            out = compile_pipeline(tmp_path / f"{platform}-{manifests}.yaml", params=REPO / "params.yaml",
+                                   platform=REPO / "configs" / "platform" / f"{platform}.yaml",
+                                   kubernetes_manifests=manifests)
+            assert "sk-live" not in out.read_text()
+
+
+def test_kubernetes_resources_validate_against_the_pinned_crds(tmp_path: Path) -> None:
+    from spo.pipelines.manifests import read_manifests
+
+    out = compile_pipeline(tmp_path / "k8s.yaml", params=REPO / "params.yaml",
+                           platform=REPO / "configs" / "platform" / "gpu.yaml", kubernetes_manifests=True,
+                           namespace="spo")  # compile_pipeline validates them, strictly
+    docs = read_manifests(out)
+    assert [d["kind"] for d in docs] == ["Pipeline", "PipelineVersion"]
+    assert docs[1]["spec"]["pipelineName"] == docs[0]["metadata"]["name"] == "spo-pipeline"
+    assert docs[1]["metadata"]["name"] == "spo-pipeline-0-1-0-cuda" and docs[1]["metadata"]["namespace"] == "spo"
+
+
+def test_bad_platform_files_are_refused_naming_the_key(tmp_path: Path) -> None:
+    base = yaml.safe_load((REPO / "configs/platform/gpu.yaml").read_text())
+    cases = [
+        ({"steps": {**base["steps"], "trian": "gpu"}}, "unknown step"),
+        ({"steps": {**base["steps"], "sft": "tpu"}}, "pool(s) ['tpu'] are used but not defined"),
+        ({"pools": {**base["pools"], "gpu": {**base["pools"]["gpu"], "accelerator": {"type": "nvidia.com/gpu", "count": 0}}}},
+         "pools.gpu.accelerator.count"),
+        ({"workspace": {"size": "20Gi", "access_modes": ["ReadWriteAll"]}}, "workspace.access_modes"),
+        ({"extra": 1}, "extra"),
+    ]
+    for change, message in cases:
+        path = tmp_path / "platform.yaml"
+        path.write_text(yaml.safe_dump({**base, **change}))
+        with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                           .replace("]", r"\]")):
+            compile_pipeline(tmp_path / "p.yaml", params=REPO / "params.yaml", platform=path)
+
+
+def test_stage_sections_match_the_params_dvc_tracks() -> None:
+    """configure hands each step the sections it reads; dvc.yaml must declare them too (or a change
+    of one would not rerun the stage under `dvc repro`)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for stage, sections in SECTIONS.items():
+        if stage == "report":
+            continue  # the report shows the whole config
+        declared = stages[stage]["do"]["params"] if "do" in stages[stage] else stages[stage]["params"]
+        tops = {p.split(".")[0] if not p.startswith("variants") else "variants" for p in declared}
+        assert set(sections) <= tops, (stage, sections, declared)
+
+
+@pytest.mark.slow
+def test_the_compiled_pipeline_runs_under_kfp_local(tmp_path: Path, hh_slice: Path) -> None:
+    """The compiled YAML, run task by task by kfp.local in this environment, ends in a report."""
+    from pipeline_helpers import read_params, shrink_params, write_params
+
+    from spo.pipelines.local import run_local, summary
+
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    write_params(work, shrink_params(read_params(work)))
+    pipeline = compile_pipeline(work / "pipeline.yaml", params=work / "params.yaml",
+                                platform=REPO / "configs/platform/local.yaml")
+    run = run_local(pipeline, work / "run", data_dir=hh_slice, runner="subprocess", arguments={"train_steps": 1})
+    assert set(summary(run)["win_rates"]) == {"dpo_vs_chosen", "dpo_spo_vs_chosen", "dpo_spo_vs_dpo", "dpo_spo_vs_sft"}
+    assert "Win rates" in run.output("report", "report_md").read_text()
+    train = json.loads(run.output("train", "metrics").read_text())
+    assert train["steps"] == 1 and not train["spo"]  # the knob reached the stage; the first policy has no SPO
+    assert json.loads(run.output("train-2", "metrics").read_text())["spo"]
+    manifest = json.loads((run.output("sft", "sft") / "model.json").read_text())
+    assert manifest["path"].startswith(str(work / "run" / "workspace")) and "model.safetensors" in manifest["files"]
