@@ -182,3 +182,51 @@ def test_the_compiled_pipeline_runs_under_kfp_local(tmp_path: Path, hh_slice: Pa
     assert json.loads(run.output("train-2", "metrics").read_text())["spo"]
     manifest = json.loads((run.output("sft", "sft") / "model.json").read_text())
     assert manifest["path"].startswith(str(work / "run" / "workspace")) and "model.safetensors" in manifest["files"]
+
+
+class _VanishingContainers:
+    """A Docker client whose containers exit at once with code 1 and, when started with
+    auto_remove=True, are gone before anyone asks: the race of kubeflow/pipelines#13332."""
+
+    def __init__(self) -> None:
+        self.images = self
+        self.containers = self
+        self.removed = False
+
+    def list(self) -> list:
+        return [type("Image", (), {"tags": ["spo-pipeline:test"], "attrs": {"RepoDigests": []}})()]
+
+    def run(self, *, auto_remove: bool, **_: object) -> object:
+        import docker
+
+        client = self
+
+        class Container:
+            def logs(self, **_: object) -> list[bytes]:
+                if auto_remove:
+                    raise docker.errors.NotFound("gone")
+                return [b"Traceback ...\n"]
+
+            def wait(self) -> dict:
+                if auto_remove:
+                    raise docker.errors.NotFound("gone")
+                return {"StatusCode": 1}
+
+            def remove(self, force: bool = False) -> None:
+                client.removed = True
+
+        return Container()
+
+
+def test_a_fast_failing_container_reports_its_exit_code_not_success() -> None:
+    """The guard against kubeflow/pipelines#13332, deterministically: kfp's own handler turns the
+    vanished container into exit code 0; ours keeps it until its code is read, then removes it."""
+    from kfp.local import docker_task_handler
+
+    from spo.pipelines.local import _checked_container
+
+    args = ("spo-pipeline:test", ["python3", "-c", "raise SystemExit(1)"], {})
+    # When this assertion fails, upstream has fixed the bug and the guard may go.
+    assert docker_task_handler.run_docker_container(_VanishingContainers(), *args) == 0
+    client = _VanishingContainers()
+    assert _checked_container(client, *args) == 1 and client.removed

@@ -18,6 +18,7 @@ Two things the local runner gets wrong are handled here:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ class LocalRun:
     root: Path
     seconds: float
     tasks: dict[str, dict[str, Path]] = field(default_factory=dict)
+    step_seconds: dict[str, float] = field(default_factory=dict)  # container wall time per task (docker runner)
 
     def output(self, task: str, name: str) -> Path:
         try:
@@ -54,8 +56,19 @@ class LocalRun:
             raise KeyError(f"no output {name!r} of task {task!r} in {self.root} (tasks: {sorted(self.tasks)})") from None
 
 
-def _checked_container(client: Any, image: str, command: list[str], volumes: dict[str, Any], **run_args: Any) -> int:
-    """``kfp.local``'s container run, with the exit code read before the container is removed."""
+def _task_of(command: list[str]) -> str:
+    """The task a kfp.local container runs: its executor input's output file is <root>/<run>/<task>/..."""
+    try:
+        executor_input = json.loads(command[command.index("--executor_input") + 1])
+        return Path(executor_input["outputs"]["outputFile"]).parent.name
+    except (ValueError, IndexError, KeyError, TypeError):
+        return "?"
+
+
+def _checked_container(client: Any, image: str, command: list[str], volumes: dict[str, Any],
+                       step_seconds: dict[str, float] | None = None, **run_args: Any) -> int:
+    """``kfp.local``'s container run, with the exit code read before the container is removed;
+    the container's wall time (start to exit) is recorded in ``step_seconds`` under its task."""
     import docker
 
     from kfp.local import docker_task_handler
@@ -65,6 +78,7 @@ def _checked_container(client: Any, image: str, command: list[str], volumes: dic
     if not any(image in (i.tags + i.attrs.get("RepoDigests", [])) for i in client.images.list()):
         raise StageFailed(f"image {image!r} is not on this Docker host and nothing is pulled here: build it "
                           "(`make image`) and pass its tag (--image, or the platform file's image)")
+    started = time.perf_counter()
     container = client.containers.run(image=image, command=command, detach=True, stdout=True, stderr=True,
                                       volumes=volumes, auto_remove=False, **run_args)
     try:
@@ -72,6 +86,8 @@ def _checked_container(client: Any, image: str, command: list[str], volumes: dic
             print(line.decode(errors="replace"), end="")
         return int(container.wait()["StatusCode"])
     finally:
+        if step_seconds is not None:
+            step_seconds[_task_of(command)] = time.perf_counter() - started
         try:
             container.remove(force=True)
         except docker.errors.NotFound:
@@ -79,11 +95,11 @@ def _checked_container(client: Any, image: str, command: list[str], volumes: dic
 
 
 @contextmanager
-def _exit_codes_checked() -> Iterator[None]:
+def _exit_codes_checked(step_seconds: dict[str, float]) -> Iterator[None]:
     from kfp.local import docker_task_handler
 
     original = docker_task_handler.run_docker_container
-    docker_task_handler.run_docker_container = _checked_container
+    docker_task_handler.run_docker_container = functools.partial(_checked_container, step_seconds=step_seconds)
     try:
         yield
     finally:
@@ -134,8 +150,9 @@ def run_local(pipeline_yaml: str | Path, work_dir: str | Path, *, data_dir: str 
     pipeline = components.load_component_from_file(str(pipeline_yaml))
     started = time.perf_counter()
     before = set(root.iterdir())
+    step_seconds: dict[str, float] = {}
     try:
-        with _exit_codes_checked():
+        with _exit_codes_checked(step_seconds):
             pipeline(**args)
     except RuntimeError as err:  # kfp.local's "Task ... finished with status FAILURE"
         raise StageFailed(f"local pipeline run failed: {err}") from None
@@ -143,7 +160,7 @@ def run_local(pipeline_yaml: str | Path, work_dir: str | Path, *, data_dir: str 
     run_roots = [p for p in root.iterdir() if p not in before and p.is_dir() and p.name != "input-data"]
     if len(run_roots) != 1:
         raise StageFailed(f"{root}: expected one new run folder, found {[p.name for p in run_roots]}")
-    run = LocalRun(run_roots[0], seconds)
+    run = LocalRun(run_roots[0], seconds, step_seconds=step_seconds)
     for task in sorted(p for p in run.root.iterdir() if p.is_dir()):
         run.tasks[task.name] = {out.name: out for out in task.iterdir() if out.name != "executor_output.json"}
     log.info("pipeline run-local (%s): %d tasks in %.1f s -> %s", runner, len(run.tasks), seconds, run.root)
@@ -153,6 +170,8 @@ def run_local(pipeline_yaml: str | Path, work_dir: str | Path, *, data_dir: str 
 def summary(run: LocalRun) -> dict[str, Any]:
     """The run's headline numbers (what `spo pipeline run-local` prints as JSON)."""
     out: dict[str, Any] = {"root": str(run.root), "seconds": round(run.seconds, 1), "tasks": sorted(run.tasks)}
+    if run.step_seconds:
+        out["step_seconds"] = {task: round(s, 2) for task, s in sorted(run.step_seconds.items())}
     judge = run.tasks.get("judge", {}).get("metrics")
     if judge is not None and judge.is_file():
         out["win_rates"] = {k: v.get("win_rate") for k, v in json.loads(judge.read_text()).items() if isinstance(v, dict)}
