@@ -71,6 +71,7 @@ def test_the_image_runs_as_a_non_root_user_with_labels_of_this_version(image: st
     assert "org.opencontainers.image.source" in labels
     assert _run(image, ["id", "-u"]).strip() == "1000"
     assert _run(image, ["spo", "--version"]).strip().endswith(version)
+    assert "run the train stage" in _run(image, ["spo", "--help"])
 
 
 def test_the_image_holds_the_package_kfp_and_the_torch_of_its_flavour(image: str) -> None:
