@@ -1,0 +1,343 @@
+"""``spo pipeline submit`` against a loopback KFP API server, through the real ``kfp.Client``.
+
+What is checked is what the server receives: the upload the first time, the reuse of the same
+version when nothing changed (a Helm hook re-running must create nothing), a new version when
+the compiled YAML changes; the run's parameters; following the run to SUCCEEDED, FAILED,
+CANCELED or the timeout; and that the bearer token reaches the server and nothing else — not
+stdout, stderr, the logs, an error message or a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import kfp.client.client
+import pytest
+import yaml
+
+from conftest import REPO
+from kfp_api_server import KfpApiServer
+from spo.config import ConfigError
+from spo.errors import StageFailed
+from spo.io import InputError
+from spo.pipelines.compile import compile_pipeline
+from spo.pipelines.submit import SubmitError, submit
+
+PLATFORM = REPO / "configs" / "platform" / "local.yaml"
+UPLOAD = r"/apis/v2beta1/pipelines/upload"
+UPLOAD_VERSION = r"/apis/v2beta1/pipelines/upload_version"
+RUNS = r"/apis/v2beta1/runs"
+
+
+@pytest.fixture
+def token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """A unique token in $KFP_TOKEN; kfp's context file and our temp files kept under tmp_path (scanned later)."""
+    value = f"kfp-secret-{secrets.token_hex(12)}"
+    monkeypatch.setenv("KFP_TOKEN", value)
+    for name in ("KF_PIPELINES_ENDPOINT", "KF_PIPELINES_UI_ENDPOINT", "KF_PIPELINES_IAP_OAUTH2_CLIENT_ID",
+                 "KF_PIPELINES_APP_OAUTH2_CLIENT_ID", "KF_PIPELINES_APP_OAUTH2_CLIENT_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(kfp.client.client.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp" / "context.json"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    return value
+
+
+@pytest.fixture
+def server(token: str):
+    with KfpApiServer(token) as running:
+        yield running
+
+
+def _submit(server: KfpApiServer, tmp_path: Path, **kw) -> str:
+    kw.setdefault("params", REPO / "params.yaml")
+    return submit(server.url, platform=PLATFORM, token_file=tmp_path / "no-token-file", poll_interval=0.01, **kw)
+
+
+def _compiled_digest(tmp_path: Path, params: Path) -> str:
+    compiled = compile_pipeline(tmp_path / "expected.yaml", params=params, platform=PLATFORM)
+    return hashlib.sha256(compiled.read_bytes()).hexdigest()
+
+
+def _assert_token_nowhere(token: str, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture,
+                          *texts: str) -> None:
+    out, err = capsys.readouterr()
+    assert token not in out and token not in err
+    assert token not in caplog.text
+    assert all(token not in str(r.msg) and token not in (r.exc_text or "") for r in caplog.records)
+    assert all(token not in text for text in texts)
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+
+
+def test_uploads_once_reuses_the_identical_version_and_adds_one_when_the_yaml_changes(
+        server: KfpApiServer, token: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    first = _submit(server, tmp_path)
+    assert capsys.readouterr().out == f"{server.url}/#/runs/details/{first}\n"  # only the link: kfp's prints are logged
+    assert len(server.calls("POST", UPLOAD)) == 1 and not server.calls("POST", UPLOAD_VERSION)
+    upload = server.calls("POST", UPLOAD)[0]
+    digest = _compiled_digest(tmp_path, REPO / "params.yaml")
+    assert upload.query["name"] == "spo-pipeline" and f"sha256:{digest}" in upload.query["description"]
+    filename, content = upload.body["uploadfile"]
+    assert filename == "pipeline.yaml" and hashlib.sha256(content).hexdigest() == digest
+    assert all(r.headers["authorization"] == f"Bearer {token}" for r in server.requests)
+    (pipeline_id,) = server.state.pipelines
+    (default_version,) = server.state.versions[pipeline_id]
+    assert server.state.runs[first]["pipeline_version_reference"] == {
+        "pipeline_id": pipeline_id, "pipeline_version_id": default_version["pipeline_version_id"]}
+
+    server.clear()
+    second = _submit(server, tmp_path)  # nothing changed: no upload, the same version, the experiment found
+    assert second != first
+    assert not server.calls("POST", UPLOAD) and not server.calls("POST", UPLOAD_VERSION)
+    assert not server.calls("POST", r"/apis/v2beta1/experiments") and len(server.state.experiments) == 1
+    runs = server.state.runs
+    assert runs[second]["pipeline_version_reference"] == runs[first]["pipeline_version_reference"]
+
+    changed = tmp_path / "params.yaml"
+    tree = yaml.safe_load((REPO / "params.yaml").read_text())
+    tree["train"]["beta"] = tree["train"]["beta"] * 2
+    changed.write_text(yaml.safe_dump(tree))
+    server.clear()
+    third = _submit(server, tmp_path, params=changed)
+    (upload_version,) = server.calls("POST", UPLOAD_VERSION)
+    new_digest = _compiled_digest(tmp_path, changed)
+    assert new_digest != digest and not server.calls("POST", UPLOAD)
+    assert upload_version.query["pipelineid"] == pipeline_id
+    assert upload_version.query["name"] == f"spo-pipeline-{new_digest[:12]}"
+    assert f"sha256:{new_digest}" in upload_version.query["description"]
+    versions = server.state.versions[pipeline_id]
+    assert len(versions) == 2
+    assert runs[third]["pipeline_version_reference"]["pipeline_version_id"] == versions[1]["pipeline_version_id"]
+
+    server.clear()
+    _submit(server, tmp_path, params=changed)  # and that one is reused in turn
+    assert not server.calls("POST", UPLOAD_VERSION) and len(server.state.versions[pipeline_id]) == 2
+
+
+def test_reuse_finds_the_version_on_a_later_page(server: KfpApiServer, token: str, tmp_path: Path) -> None:
+    server.max_page_size = 1  # newest first, one per page: the reusable version is on the last page
+    _submit(server, tmp_path)
+    changed = tmp_path / "params.yaml"
+    for beta in (0.2, 0.3):
+        tree = yaml.safe_load((REPO / "params.yaml").read_text())
+        tree["train"]["beta"] = beta
+        changed.write_text(yaml.safe_dump(tree))
+        _submit(server, tmp_path, params=changed)
+    server.clear()
+    _submit(server, tmp_path)
+    assert not server.calls("POST", UPLOAD) and not server.calls("POST", UPLOAD_VERSION)
+    assert len(server.calls("GET", r"/apis/v2beta1/pipelines/[^/]+/versions")) == 3
+
+
+def test_a_concurrent_identical_upload_is_reused(server: KfpApiServer, token: str, tmp_path: Path) -> None:
+    """Two hooks at once: ours gets 409 because the other's identical upload landed first; we use that one."""
+    def other_submit_first(request) -> None:
+        _, content = request.body["uploadfile"]
+        server.add_pipeline(request.query["name"], next(yaml.safe_load_all(content)), request.query["description"])
+
+    server.fail("POST", UPLOAD, 409, action=other_submit_first)
+    run_id = _submit(server, tmp_path)
+    assert len(server.calls("POST", UPLOAD)) == 1 and len(server.state.pipelines) == 1
+    (pipeline_id,) = server.state.pipelines
+    assert server.state.runs[run_id]["pipeline_version_reference"]["pipeline_id"] == pipeline_id
+
+
+def test_overrides_and_knobs_are_the_runs_parameters(server: KfpApiServer, token: str, tmp_path: Path) -> None:
+    run_id = _submit(server, tmp_path, experiment="beta-sweep",
+                     overrides=["train.beta=0.5", "keywords.method=yake"],
+                     arguments=["train_steps=50", "spo=false", "spo_lambda=0.25", "model=123",
+                                "overrides=[sft.lr=1e-5]"])
+    (create,) = server.calls("POST", RUNS)
+    assert create.body["runtime_config"]["parameters"] == {
+        "train_steps": 50, "spo": False, "spo_lambda": 0.25, "model": "123",
+        "overrides": ["sft.lr=1e-5", "train.beta=0.5", "keywords.method=yake"]}
+    (experiment,) = server.state.experiments.values()
+    assert experiment["display_name"] == "beta-sweep" and create.body["experiment_id"] == experiment["experiment_id"]
+    assert create.body["display_name"].startswith("spo-pipeline-") and run_id in server.state.runs
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"arguments": ["train_step=5"]}, "unknown pipeline parameter 'train_step'"),
+    ({"arguments": ["train_steps=five"]}, "'train_steps' must be an integer"),
+    ({"arguments": ["spo=maybe"]}, "'spo' must be true or false"),
+    ({"arguments": ["overrides=train.beta=1"]}, "'overrides' must be a YAML list"),
+    ({"arguments": ["train_steps"]}, "not of the form NAME=VALUE"),
+])
+def test_a_bad_knob_fails_before_any_request(server: KfpApiServer, tmp_path: Path, kw: dict, message: str) -> None:
+    with pytest.raises(InputError, match=message) as err:
+        _submit(server, tmp_path, **kw)
+    if "unknown" in message:  # the error lists what exists
+        assert "train_steps" in str(err.value) and "judge_backend" in str(err.value)
+    assert server.requests == []
+
+
+def test_a_bad_override_fails_before_any_request(server: KfpApiServer, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="betta"):
+        _submit(server, tmp_path, overrides=["train.betta=0.5"])
+    assert server.requests == []
+
+
+def test_wait_follows_the_run_to_success_logging_each_state_once(
+        token: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="spo.pipeline")
+    with KfpApiServer(token, run_states=("PENDING", "RUNNING", "RUNNING", "RUNNING", "SUCCEEDED")) as server:
+        run_id = _submit(server, tmp_path, wait=True)
+        assert len(server.calls("GET", rf"{RUNS}/{run_id}")) == 5
+    states = [r.getMessage().rsplit(": ", 1)[1] for r in caplog.records if r.getMessage().startswith(f"run {run_id}: ")]
+    assert states == ["PENDING", "RUNNING", "SUCCEEDED"]
+
+
+@pytest.mark.parametrize("end", ["FAILED", "CANCELED"])
+def test_wait_raises_the_runs_error_when_it_does_not_succeed(token: str, tmp_path: Path, end: str) -> None:
+    with KfpApiServer(token, run_states=("PENDING", "RUNNING", end), run_error="train: CUDA out of memory") as server:
+        with pytest.raises(SubmitError) as err:
+            _submit(server, tmp_path, wait=True)
+    run_id = next(iter(server.state.runs))
+    assert f"run {run_id} ended {end}: train: CUDA out of memory" in str(err.value)
+    assert "(failed: train)" in str(err.value) and f"/#/runs/details/{run_id}" in str(err.value)
+    assert isinstance(err.value, StageFailed)  # what `spo` turns into a non-zero exit
+
+
+def test_wait_gives_up_after_the_timeout(token: str, tmp_path: Path) -> None:
+    with KfpApiServer(token, run_states=("RUNNING",)) as server:
+        started = time.monotonic()
+        with pytest.raises(SubmitError, match=r"still RUNNING after 0\.3 s"):
+            _submit(server, tmp_path, wait=True, timeout=0.3)
+        assert time.monotonic() - started < 15
+        assert 2 <= len(server.calls("GET", RUNS + "/.+")) < 100  # polled, at the poll interval, then stopped
+
+
+def test_wait_rides_out_transient_errors_but_not_too_many(token: str, tmp_path: Path) -> None:
+    with KfpApiServer(token, run_states=("RUNNING", "SUCCEEDED")) as server:
+        server.fail("GET", RUNS + "/.+", 503, times=2)
+        _submit(server, tmp_path, wait=True)
+        server.fail("GET", RUNS + "/.+", 503, times=10)
+        with pytest.raises(SubmitError, match="following run .*HTTP 503"):
+            _submit(server, tmp_path, wait=True)
+
+
+def test_a_wrong_token_is_a_clear_error_that_never_shows_the_token(
+        tmp_path: Path, token: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # kfp_server_api logs response bodies at DEBUG: the echoed header too
+    wrong = f"kfp-wrong-{secrets.token_hex(12)}"
+    monkeypatch.setenv("KFP_TOKEN", wrong)
+    with KfpApiServer(token, echo_auth=True) as server:
+        started = time.monotonic()
+        with pytest.raises(SubmitError) as err:
+            _submit(server, tmp_path)
+        assert time.monotonic() - started < 10  # not kfp.Client's five health checks 5 s apart
+        assert server.calls()[0].headers["authorization"] == f"Bearer {wrong}"  # it was sent, and refused
+        assert not server.calls("POST")
+    message = str(err.value)
+    assert "refused the credentials (HTTP 401" in message and "the token in $KFP_TOKEN" in message
+    assert "***" in message  # the server quoted it back; we did not
+    _assert_token_nowhere(wrong, tmp_path, capsys, caplog, message, repr(err.value))
+
+
+def test_no_token_says_where_one_is_looked_for(tmp_path: Path, token: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KFP_TOKEN")
+    with KfpApiServer(token) as server, pytest.raises(SubmitError) as err:
+        _submit(server, tmp_path)
+    assert "HTTP 401" in str(err.value) and "no token was sent (set $KFP_TOKEN or provide" in str(err.value)
+    assert "authorization" not in server.calls()[0].headers
+
+
+def test_the_token_from_a_service_account_file_or_a_named_variable(
+        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, token: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KFP_TOKEN")
+    token_file = tmp_path_factory.mktemp("serviceaccount") / "token"  # outside tmp_path, which is scanned for the token
+    token_file.write_text(token + "\n")
+    with KfpApiServer(token) as server:
+        submit(server.url, params=REPO / "params.yaml", platform=PLATFORM, token_file=token_file)
+        monkeypatch.setenv("SPO_KFP_TOKEN", token)
+        _submit(server, tmp_path, token_env="SPO_KFP_TOKEN")
+        assert {r.headers["authorization"] for r in server.requests} == {f"Bearer {token}"}
+
+
+def test_a_rotated_service_account_token_is_read_again_while_following_a_run(
+        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, token: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kubelet rotates a projected token (often hourly); a day-long --wait must send the new one."""
+    monkeypatch.delenv("KFP_TOKEN")
+    token_file = tmp_path_factory.mktemp("projected") / "token"
+    token_file.write_text(token + "\n")
+    rotated = token + "-rotated"
+    with KfpApiServer(token, run_states=("PENDING",) * 40 + ("SUCCEEDED",)) as server:
+        def rotate() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not server.state.runs:
+                time.sleep(0.01)
+            server.token = (token, rotated)
+            token_file.write_text(rotated + "\n")
+
+        rotator = threading.Thread(target=rotate)
+        rotator.start()
+        try:
+            submit(server.url, params=REPO / "params.yaml", platform=PLATFORM, token_file=token_file, wait=True,
+                   poll_interval=0.02)
+        finally:
+            rotator.join(timeout=30)
+        sent = [r.headers.get("authorization") for r in server.requests]
+    assert sent[0] == f"Bearer {token}" and sent[-1] == f"Bearer {rotated}"
+
+
+def test_the_token_never_leaks_even_when_the_server_echoes_it(
+        tmp_path: Path, token: str, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    """A proxy copying the Authorization header into every reply and into the run's error message.
+
+    kfp.Client's own health check (after ours) fails once: kfp logs that ApiException's traceback,
+    which quotes the reply's headers, then retries 5 s later.
+    """
+    caplog.set_level(logging.DEBUG)
+    with KfpApiServer(token, echo_auth=True, run_states=("RUNNING", "FAILED"), run_error="boom") as server:
+        server.fail("GET", r"/apis/v2beta1/healthz", 503, after=1)
+        server.fail("GET", RUNS + "/.+", 503)  # logged by us as a warning
+        with pytest.raises(SubmitError) as err:
+            _submit(server, tmp_path, wait=True)
+    assert "ended FAILED: boom (request had Bearer ***)" in str(err.value)
+    assert "X-Received-Authorization" in caplog.text  # kfp did log the reply's headers
+    _assert_token_nowhere(token, tmp_path, capsys, caplog, str(err.value))
+
+
+def test_multi_user_needs_a_namespace_and_puts_everything_there(token: str, tmp_path: Path) -> None:
+    with KfpApiServer(token, multi_user=True) as server:
+        with pytest.raises(SubmitError, match="multi-user: pass --namespace"):
+            _submit(server, tmp_path)
+        run_id = _submit(server, tmp_path, namespace="team-a")
+        assert server.calls("POST", UPLOAD)[0].query["namespace"] == "team-a"
+        assert server.calls("GET", r"/apis/v2beta1/pipelines")[-1].query["namespace"] == "team-a"
+        (experiment,) = server.state.experiments.values()
+        assert experiment["namespace"] == "team-a"
+        assert server.state.runs[run_id]["experiment_id"] == experiment["experiment_id"]
+
+
+def test_an_unreachable_host_fails_fast(token: str, tmp_path: Path) -> None:
+    with KfpApiServer(token) as server:
+        url = server.url  # closed on leaving the block: nothing listens there any more
+    started = time.monotonic()
+    with pytest.raises(SubmitError, match=f"connecting: cannot reach the KFP API at {url}"):
+        submit(url, params=REPO / "params.yaml", platform=PLATFORM, token_file=tmp_path / "none")
+    assert time.monotonic() - started < 10
+
+
+def test_the_cli_exits_non_zero_with_the_error(server: KfpApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    from spo import cli
+
+    try:
+        cli._parser().parse_args(["pipeline", "submit", "--host", server.url])
+    except SystemExit:
+        pytest.skip("`spo pipeline submit` is not wired into spo.cli yet")
+    monkeypatch.setenv("KFP_TOKEN", "not-the-token")
+    code = cli.main(["pipeline", "submit", "--host", server.url, "-p", str(REPO / "params.yaml"),
+                     "--platform", str(PLATFORM)])
+    assert code != 0
+    assert "refused the credentials" in caplog.text and "not-the-token" not in caplog.text
