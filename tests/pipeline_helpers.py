@@ -81,3 +81,74 @@ def small_project(tmp_path: Path) -> Path:
     work = _project_copy(tmp_path)
     write_params(work, shrink_params(read_params(work)))
     return work
+
+
+def _dvc_out(work: Path, *args: str, env: dict[str, str]) -> str:
+    """``dvc ARGS`` in ``work``; its stdout (the test fails with dvc's output when dvc does)."""
+    import pytest
+
+    result = subprocess.run([*DVC, *args], cwd=work, env=env, capture_output=True, text=True)
+    if result.returncode:
+        pytest.fail(f"dvc {' '.join(args)} failed in {work}:\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+def lock_outs(work: Path) -> dict[str, Path]:
+    """Every output ``work``'s dvc.lock records (dvc path -> where it is in ``work``)."""
+    import yaml
+
+    lock = yaml.safe_load((work / "dvc.lock").read_text())
+    return {out["path"]: work / out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    """A file's bytes, or a folder's files' bytes by relative path."""
+    if path.is_file():
+        return {"": path.read_bytes()}
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def fresh_clone(tmp: Path, remote: list[list[str]], env: dict[str, str]) -> Path:
+    """A checkout of the project as a laptop has it: the definition and code, the repository's own
+    params.yaml (a cluster run's bundle brings the run's), the committed .gitignore files, compiled
+    ``__pycache__`` in code folders, the DVC remote set up by ``dvc remote ARGS`` for each of
+    ``remote``; no outputs, no dvc.lock."""
+    clone = tmp / "clone"
+    clone.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, clone / name)
+    shutil.copytree(REPO / "src", clone / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for code in ("src/spo/models", "src/spo/judging", "src/spo/stages"):  # what running spo leaves behind
+        (clone / code / "__pycache__").mkdir()
+        (clone / code / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\x00compiled")
+    (clone / ".dvc").mkdir()
+    shutil.copy(REPO / ".dvc" / "config", clone / ".dvc" / "config")
+    shutil.copytree(REPO / ".dvc" / "plots", clone / ".dvc" / "plots")
+    for ignore in ("models/.gitignore", "models/policy/.gitignore", "outputs/.gitignore"):
+        if (REPO / ignore).is_file():
+            (clone / ignore).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / ignore, clone / ignore)
+    subprocess.run(["git", "init", "-q"], cwd=clone, check=True)
+    for args in remote:
+        _dvc_out(clone, "remote", *args, env=env)
+    return clone
+
+
+def pull_and_check(clone: Path, bundle: Path, outputs_from: Path | None, remote: str, env: dict[str, str]) -> None:
+    """The laptop side of a cluster run: unpack its results.tar.gz, ``dvc pull``; then every output
+    the lock records is byte-identical to the one in ``outputs_from`` (when given), ``dvc status``
+    (which hashes every output afresh) is clean and ``dvc repro`` has nothing to run."""
+    import json
+
+    from spo.cluster.dvc_sync import unpack_run_bundle
+
+    written = unpack_run_bundle(bundle, clone)
+    assert {"dvc.lock", "params.yaml", "metrics/judge.json", "reports/report.md"} <= set(written)
+    _dvc_out(clone, "pull", "-q", "-r", remote, env=env)
+    outs = lock_outs(clone)
+    assert len(outs) >= 20, sorted(outs)
+    for path in outs if outputs_from is not None else ():
+        assert tree_bytes(clone / path) == tree_bytes(outputs_from / path), path  # byte-identical, file for file
+    assert json.loads(_dvc_out(clone, "status", "--json", env=env)) == {}
+    dry = _dvc_out(clone, "repro", "--dry", env=env)
+    assert "Running stage" not in dry and "didn't change" in dry, dry

@@ -34,7 +34,7 @@ def test_graph_mirrors_dvc_yaml_and_the_knobs_are_pipeline_parameters(tmp_path: 
     spec, _ = _compile(tmp_path)
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"configure", "prepare", "validate", "keywords", "degrees", "base-model", "sft", "train",
-                          "train-2", "generate", "reward-model", "judge", "report"}
+                          "train-2", "generate", "reward-model", "judge", "report", "publish"}
     after = {name: set(t.get("dependentTasks", [])) - {"configure"} for name, t in tasks.items()}
     assert after["validate"] == {"prepare"} and after["degrees"] == {"validate", "keywords"}
     assert after["train"] == after["train-2"] == {"validate", "degrees", "sft"}  # the two policies side by side
@@ -163,17 +163,21 @@ def test_stage_sections_match_the_params_dvc_tracks() -> None:
 
 @pytest.mark.slow
 def test_the_compiled_pipeline_runs_under_kfp_local(tmp_path: Path, hh_slice: Path) -> None:
-    """The compiled YAML, run task by task by kfp.local in this environment, ends in a report."""
-    from pipeline_helpers import read_params, shrink_params, write_params
+    """The compiled YAML, run task by task by kfp.local in this environment, ends in a report, and
+    its publish step leaves in the DVC remote (a folder here) what a fresh clone's `dvc pull` restores."""
+    from pipeline_helpers import _env, fresh_clone, pull_and_check, read_params, shrink_params, tree_bytes, write_params
 
+    from spo.io import tree_sha256
     from spo.pipelines.local import run_local, summary
 
     work = tmp_path / "project"
     work.mkdir()
     (work / "params.yaml").write_text((REPO / "params.yaml").read_text())
     write_params(work, shrink_params(read_params(work)))
-    pipeline = compile_pipeline(work / "pipeline.yaml", params=work / "params.yaml",
-                                platform=REPO / "configs/platform/local.yaml")
+    platform = yaml.safe_load((REPO / "configs/platform/local.yaml").read_text())
+    platform["dvc_remote"] = {"url": str(work / "remote")}
+    (work / "platform.yaml").write_text(yaml.safe_dump(platform))
+    pipeline = compile_pipeline(work / "pipeline.yaml", params=work / "params.yaml", platform=work / "platform.yaml")
     run = run_local(pipeline, work / "run", data_dir=hh_slice, runner="subprocess", arguments={"train_steps": 1})
     assert set(summary(run)["win_rates"]) == {"dpo_vs_chosen", "dpo_spo_vs_chosen", "dpo_spo_vs_dpo", "dpo_spo_vs_sft"}
     assert "Win rates" in run.output("report", "report_md").read_text()
@@ -182,6 +186,19 @@ def test_the_compiled_pipeline_runs_under_kfp_local(tmp_path: Path, hh_slice: Pa
     assert json.loads(run.output("train-2", "metrics").read_text())["spo"]
     manifest = json.loads((run.output("sft", "sft") / "model.json").read_text())
     assert manifest["path"].startswith(str(work / "run" / "workspace")) and "model.safetensors" in manifest["files"]
+    # publish: every output in the remote with the run's dvc.lock; a laptop's checkout pulls exactly those
+    [run_files] = (work / "remote" / "runs").iterdir()
+    assert (run_files / "dvc.lock").read_bytes() == run.output("publish", "dvc_lock").read_bytes()
+    assert yaml.safe_load(run.output("publish", "params_yaml").read_text())["train"]["optim"]["max_steps"] == 1
+    env = _env(hh_slice)
+    clone = fresh_clone(tmp_path, [["add", "cluster", str(work / "remote")]], env)
+    pull_and_check(clone, run_files / "results.tar.gz", None, "cluster", env)  # (kfp.local removed the workspace)
+    for task, name, path in (("validate", "validated", "data/validated"), ("degrees", "degrees", "data/degrees"),
+                             ("judge", "judgments", "outputs/judgments"), ("report", "plots", "plots"),
+                             ("train-2", "metrics", "metrics/train_dpo_spo.json")):
+        assert tree_bytes(clone / path) == tree_bytes(run.output(task, name)), path
+    manifest = json.loads((run.output("train-2", "policy") / "model.json").read_text())  # the workspace folder's sha256s
+    assert tree_sha256(clone / "models" / "policy" / "dpo_spo") == manifest["files"]
 
 
 class _VanishingContainers:

@@ -9,6 +9,16 @@ stage's config paths and calls
 hands the stage's files back as artifacts (``Dataset``, ``Model``, ``Metrics``, and ``HTML`` /
 ``Markdown`` for the validation report and the final report, which the KFP UI renders).
 
+``publish`` comes last: it lays every output out as a checkout holds it, records the stages in a
+dvc.lock exactly as ``dvc repro`` would (spo.cluster.dvc_sync), pushes them to the platform's DVC
+remote, and hands back dvc.lock, params.yaml and results.tar.gz (the files ``dvc pull`` does not
+restore: metrics, reports, plots) as artifacts. ``configure`` gives it the run's whole params.yaml
+(``params_all``); ``degrees`` and ``report`` hand back their plot files for it.
+
+``train_job`` stands in for ``train`` when the platform's train pool asks for more than one node
+or process: same inputs and outputs, but its pod (no GPU) runs the stage as a Kubeflow Trainer
+TrainJob and follows it (spo.cluster.step).
+
 They are lightweight components on the project image (``install_kfp_package=False``: the image
 has kfp), so the same code runs under ``kfp.local`` and on a cluster. KFP embeds each function's
 source in the compiled pipeline and runs it in the container, so a body imports what it uses and
@@ -20,14 +30,15 @@ from collections.abc import Callable
 from typing import Any, List, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output, TaskConfig
 
 
 def configure(params: str, compiled_params: str, overrides: List[str], data_dir: str, dataset: str, model: str,
               loss: str, spo: bool, n_levels: int, spo_lambda: float, train_steps: int, judge_backend: str,
               judge_model: str
               ) -> NamedTuple("StageParams", prepare=str, validate=str, keywords=str, degrees=str, base_model=str,
-                              sft=str, train=str, generate=str, reward_model=str, judge=str, report=str):
+                              sft=str, train=str, generate=str, reward_model=str, judge=str, report=str,
+                              params_all=str):
     from spo.pipelines.runtime import configure
 
     return configure(params or compiled_params, overrides, {
@@ -66,12 +77,16 @@ def keywords(params: str, validated: Input[Dataset], keywords: Output[Dataset],
 
 
 def degrees(params: str, validated: Input[Dataset], keywords: Input[Dataset],
-            degrees: Output[Dataset], metrics: Output[Metrics]):
-    from spo.pipelines.runtime import log_metrics, run_stage
+            degrees: Output[Dataset], metrics: Output[Metrics], plot: Output[Artifact]):
+    import os
+
+    from spo.pipelines.runtime import copy_file, log_metrics, run_stage
+    from spo.stages.degrees import PLOT_NAME
 
     run_stage("degrees", params, {
         "degrees.in_dir": validated.path, "degrees.keywords_dir": keywords.path, "degrees.out_dir": degrees.path,
         "degrees.metrics_file": metrics.path})
+    copy_file(os.path.join(os.path.dirname(metrics.path), PLOT_NAME), plot.path)  # the stage writes it beside
     log_metrics(metrics, metrics.path)
 
 
@@ -106,6 +121,20 @@ def train(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: 
         "train.loss": loss, "train.spo.enabled": spo and spo_variant, "train.rows_dir": validated.path,
         "train.degrees_dir": degrees.path, "train.sft_dir": model_dir(sft), "train.out_dir": folder,
         "train.metrics_file": metrics.path})
+    write_model(policy, folder)
+    log_metrics(metrics, metrics.path)
+
+
+def train_job(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: Input[Model],
+              workspace: str, loss: str, spo: bool, spo_variant: bool, platform: str, run_id: str,
+              task_config: TaskConfig, policy: Output[Model], metrics: Output[Metrics]):
+    from spo.cluster.step import run_train_job
+    from spo.pipelines.runtime import log_metrics, model_dir, write_model
+
+    folder = run_train_job(
+        params=params, loss=loss, spo=spo, spo_variant=spo_variant, rows_dir=validated.path,
+        degrees_dir=degrees.path, sft_dir=model_dir(sft), workspace=workspace, platform_json=platform,
+        run_id=run_id, task_config=task_config, metrics_file=metrics.path)
     write_model(policy, folder)
     log_metrics(metrics, metrics.path)
 
@@ -152,7 +181,7 @@ def report(params: str, loss: str, validation: Input[Artifact], degrees: Input[D
            keywords_metrics: Input[Metrics], degrees_metrics: Input[Metrics], sft_metrics: Input[Metrics],
            train_metrics: Input[Metrics], train_spo_metrics: Input[Metrics], generate_metrics: Input[Metrics],
            reward_metrics: Input[Metrics], judge_metrics: Input[Metrics], report_md: Output[Markdown],
-           report_html: Output[HTML]):
+           report_html: Output[HTML], plots: Output[Artifact]):
     import tempfile
 
     from spo.pipelines.runtime import copy_file, gather, link_models, model_dir, run_stage, variant_names
@@ -171,17 +200,70 @@ def report(params: str, loss: str, validation: Input[Artifact], degrees: Input[D
             "report.out_dir": tmp + "/reports", "report.plots_dir": tmp + "/plots"})
         copy_file(tmp + "/reports/report.md", report_md.path)
         copy_file(tmp + "/reports/report.html", report_html.path)
+        gather(plots.path, {".": tmp + "/plots"})  # the CSVs of `dvc plots show`
+
+
+def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id: str, workspace: str, loss: str,
+            prepared: Input[Dataset], prepare_quarantine: Input[Dataset], validated: Input[Dataset],
+            validate_quarantine: Input[Dataset], validation: Input[Artifact], validate_metrics: Input[Metrics],
+            keywords: Input[Dataset], keywords_metrics: Input[Metrics], degrees: Input[Dataset],
+            degrees_metrics: Input[Metrics], degrees_plot: Input[Artifact], base: Input[Model], sft: Input[Model],
+            sft_metrics: Input[Metrics], policy: Input[Model], policy_spo: Input[Model], train_metrics: Input[Metrics],
+            train_spo_metrics: Input[Metrics], generations: Input[Dataset], generate_metrics: Input[Metrics],
+            reward: Input[Model], reward_metrics: Input[Metrics], judgments: Input[Dataset],
+            judge_metrics: Input[Metrics], report_md: Input[Markdown], report_html: Input[HTML],
+            plots: Input[Artifact], dvc_lock: Output[Artifact], params_yaml: Output[Artifact],
+            results: Output[Artifact]):
+    import json
+    import os
+
+    from spo.pipelines.runtime import model_dir, publish, variant_names, workspace_dir
+
+    plain, with_spo = variant_names(loss)
+    judge_cache = workspace_dir(workspace, "judge") + "/judge_cache.sqlite"
+    if not os.path.exists(judge_cache):  # judge taken from the cache: its sqlite is in another run's workspace
+        open(judge_cache, "ab").close()
+    outputs = {
+        "data/prepared": prepared.path, "data/quarantine/prepare.jsonl": prepare_quarantine.path + "/prepare.jsonl",
+        "data/validated": validated.path, "data/quarantine/validate.jsonl": validate_quarantine.path + "/validate.jsonl",
+        "reports/validation": validation.path, "metrics/validate.json": validate_metrics.path,
+        "data/keywords": keywords.path, "metrics/keywords.json": keywords_metrics.path,
+        "data/degrees": degrees.path, "metrics/degrees.json": degrees_metrics.path,
+        "metrics/degrees_removed_fraction.png": degrees_plot.path, "models/base": model_dir(base),
+        "models/sft": model_dir(sft), "metrics/sft.json": sft_metrics.path,
+        f"models/policy/{plain}": model_dir(policy), f"metrics/train_{plain}.json": train_metrics.path,
+        f"models/policy/{with_spo}": model_dir(policy_spo), f"metrics/train_{with_spo}.json": train_spo_metrics.path,
+        "outputs/generations": generations.path, "metrics/generate.json": generate_metrics.path,
+        "models/reward": model_dir(reward), "metrics/reward_model.json": reward_metrics.path,
+        "outputs/judgments": judgments.path, "outputs/judge_cache.sqlite": judge_cache,
+        "metrics/judge.json": judge_metrics.path, "reports/report.md": report_md.path,
+        "reports/report.html": report_html.path, "plots": plots.path,
+    }
+    publish(outputs=outputs, params_text=params_all, dvc_yaml=dvc_yaml, dvcignore=dvcignore, workspace=workspace,
+            remote=json.loads(remote) if remote else None, run_id=run_id, dvc_lock=dvc_lock.path,
+            params_yaml=params_yaml.path, results=results.path)
 
 
 STEPS: dict[str, Callable[..., Any]] = {
-    f.__name__: f for f in (configure, prepare, validate, keywords, degrees, base_model, sft, train, generate, reward_model,
-                            judge, report)
+    f.__name__: f for f in (configure, prepare, validate, keywords, degrees, base_model, sft, train, train_job, generate,
+                            reward_model, judge, report, publish)
 }
 # steps that write model folders onto the run's workspace volume: taking their result from another
 # run's cache would leave this run's workspace without the folder the next step reads
 WORKSPACE_PRODUCERS = ("base_model", "sft", "train", "reward_model")
 
 
+# train_job reads the run's workspace PVC from its task config (to mount it in the TrainJob's pods). Naming
+# any passthrough stops KFP from applying the fields not named to the task's own pod, so every field is
+# named, and applied to the pod as for any other task (the TrainJob's placement comes from the platform file).
+_OPTIONS: dict[str, dict[str, Any]] = {"train_job": {"task_config_passthroughs": [
+    dsl.TaskConfigPassthrough(field=field, apply_to_task=True) for field in (
+        dsl.TaskConfigField.KUBERNETES_VOLUMES, dsl.TaskConfigField.RESOURCES, dsl.TaskConfigField.ENV,
+        dsl.TaskConfigField.KUBERNETES_NODE_SELECTOR, dsl.TaskConfigField.KUBERNETES_TOLERATIONS,
+        dsl.TaskConfigField.KUBERNETES_AFFINITY)]}}
+
+
 def make_components(image: str) -> dict[str, Any]:
     """The components on ``image`` (the project image: a tag or digest a cluster can pull)."""
-    return {name: dsl.component(func, base_image=image, install_kfp_package=False) for name, func in STEPS.items()}
+    return {name: dsl.component(func, base_image=image, install_kfp_package=False, **_OPTIONS.get(name, {}))
+            for name, func in STEPS.items()}

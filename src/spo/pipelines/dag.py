@@ -4,13 +4,17 @@
 policies (``<loss>`` and ``<loss>_spo``) train in parallel from sft; generate samples from sft
 and both; reward_model trains the local judge beside them; judge compares every policy with
 the data's chosen responses, the SPO policy with the plain one and with SFT; report gathers it
-all. Each task gets its stage's params text from ``configure`` and its placement from the
-platform file (:func:`spo.pipelines.platform.place`).
+all; ``publish`` records every output in a dvc.lock and pushes them to the platform's DVC remote
+(spo.cluster.dvc_sync). Each task gets its stage's params text from ``configure`` and its placement from the
+platform file (:func:`spo.pipelines.platform.place`). A train pool with more than one node or
+process makes the two train tasks ``train_job`` launchers (spo.cluster), given the platform and
+the run id to build their TrainJobs from.
 
 :func:`build_pipeline` returns the ``@dsl.pipeline`` function for a params file and a platform;
 its parameters are the run's knobs, with the params file's values as defaults; the params file
 itself is compiled in (``params``, when given at run time, replaces it, and ``overrides`` adds
-``section.key=value`` settings). (No ``from
+``section.key=value`` settings), and so are dvc.yaml and .dvcignore, which ``publish`` records
+the run against (:func:`dvc_files`). (No ``from
 __future__ import annotations`` here: KFP reads the pipeline parameters' types from the
 annotations.)
 """
@@ -35,6 +39,20 @@ def knob_defaults(cfg: SpoConfig) -> dict[str, Any]:
     }
 
 
+def dvc_files(params_path: "str | Path") -> "tuple[str, str]":
+    """dvc.yaml's and .dvcignore's text: beside the params file, else in the current folder, else
+    in the source checkout this package runs from; ``("", "")`` when there is none (``publish``
+    then records no dvc.lock)."""
+    import spo
+
+    for folder in (Path(params_path).resolve().parent, Path.cwd(), Path(spo.__file__).resolve().parents[2]):
+        if (folder / "dvc.yaml").is_file():
+            ignore = folder / ".dvcignore"
+            return ((folder / "dvc.yaml").read_text(encoding="utf-8"),
+                    ignore.read_text(encoding="utf-8") if ignore.is_file() else "")
+    return "", ""
+
+
 def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
     """The pipeline function for ``params_path`` (its text is the ``params`` parameter's default)."""
     from kfp import dsl
@@ -42,6 +60,9 @@ def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
     from spo.pipelines.components import make_components
 
     params_text = Path(params_path).read_text(encoding="utf-8")
+    dvc_yaml, dvcignore = dvc_files(params_path)
+    remote = platform.dvc_remote.model_dump_json(include={"url", "name", "endpoint_url", "region"}) \
+        if platform.dvc_remote else ""
     cfg = load_config(params_path)
     d = knob_defaults(cfg)
     c = make_components(platform.image)
@@ -51,8 +72,8 @@ def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
     )
     key_env = cfg.judge.openai.api_key_env
 
-    def task(step: str, display: "str | None" = None, **kwargs: Any) -> Any:
-        t = c[step](**kwargs).set_display_name(display or step.replace("_", " "))
+    def task(step: str, display: "str | None" = None, component: "str | None" = None, **kwargs: Any) -> Any:
+        t = c[component or step](**kwargs).set_display_name(display or step.replace("_", " "))
         place(t, step, platform, key_env)
         return t
 
@@ -76,16 +97,18 @@ def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
         levels = task("degrees", params=p["degrees"], validated=rows, keywords=keyphrases.outputs["keywords"])
         base = task("base_model", params=p["base_model"], validated=rows, workspace=ws)
         sft = task("sft", params=p["sft"], validated=rows, base=base.outputs["base"], workspace=ws)
+        launcher = {"component": "train_job", "platform": platform.model_dump_json(),
+                    "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER} if platform.train_job else {}
         policies = [task("train", "train spo" if second else "train", params=p["train"], validated=rows,
                          degrees=levels.outputs["degrees"], sft=sft.outputs["sft"], workspace=ws, loss=loss, spo=spo,
-                         spo_variant=second)
+                         spo_variant=second, **launcher)
                     for second in (False, True)]
         generated = task("generate", params=p["generate"], validated=rows, sft=sft.outputs["sft"],
                          policy=policies[0].outputs["policy"], policy_spo=policies[1].outputs["policy"], loss=loss)
         reward = task("reward_model", params=p["reward_model"], validated=rows, sft=sft.outputs["sft"], workspace=ws)
         judged = task("judge", params=p["judge"], validated=rows, generations=generated.outputs["generations"],
                       reward=reward.outputs["reward"], workspace=ws)
-        task("report", params=p["report"], loss=loss, validation=validated.outputs["validation"],
+        reported = task("report", params=p["report"], loss=loss, validation=validated.outputs["validation"],
              degrees=levels.outputs["degrees"], judgments=judged.outputs["judgments"],
              policy=policies[0].outputs["policy"], policy_spo=policies[1].outputs["policy"],
              validate_metrics=validated.outputs["metrics"], keywords_metrics=keyphrases.outputs["metrics"],
@@ -93,6 +116,20 @@ def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
              train_metrics=policies[0].outputs["metrics"], train_spo_metrics=policies[1].outputs["metrics"],
              generate_metrics=generated.outputs["metrics"], reward_metrics=reward.outputs["metrics"],
              judge_metrics=judged.outputs["metrics"])
+        task("publish", params_all=p["params_all"], dvc_yaml=dvc_yaml, dvcignore=dvcignore, remote=remote,
+             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, workspace=ws, loss=loss, prepared=prepared.outputs["prepared"],
+             prepare_quarantine=prepared.outputs["quarantine"], validated=rows,
+             validate_quarantine=validated.outputs["quarantine"], validation=validated.outputs["validation"],
+             validate_metrics=validated.outputs["metrics"], keywords=keyphrases.outputs["keywords"],
+             keywords_metrics=keyphrases.outputs["metrics"], degrees=levels.outputs["degrees"],
+             degrees_metrics=levels.outputs["metrics"], degrees_plot=levels.outputs["plot"], base=base.outputs["base"],
+             sft=sft.outputs["sft"], sft_metrics=sft.outputs["metrics"], policy=policies[0].outputs["policy"],
+             policy_spo=policies[1].outputs["policy"], train_metrics=policies[0].outputs["metrics"],
+             train_spo_metrics=policies[1].outputs["metrics"], generations=generated.outputs["generations"],
+             generate_metrics=generated.outputs["metrics"], reward=reward.outputs["reward"],
+             reward_metrics=reward.outputs["metrics"], judgments=judged.outputs["judgments"],
+             judge_metrics=judged.outputs["metrics"], report_md=reported.outputs["report_md"],
+             report_html=reported.outputs["report_html"], plots=reported.outputs["plots"])
 
     return spo_pipeline
 

@@ -1,4 +1,5 @@
-"""Strict validation of KFP ``Pipeline``/``PipelineVersion`` Kubernetes manifests.
+"""Strict validation of Kubernetes manifests against vendored CRDs: KFP's ``Pipeline``/``PipelineVersion``,
+and (``crd_package="spo.cluster"``) Kubeflow Trainer's ``TrainJob``.
 
 KFP's Kubernetes-native API mode stores pipelines as custom resources, and
 ``kfp.compiler.Compiler().compile(..., kubernetes_manifest_format=True)``
@@ -8,7 +9,9 @@ is either lost silently or found only at deploy time. This module checks the
 manifests offline against the CRDs of the KFP release we pin (vendored in
 ``spo/pipelines/crds``, see its README), treating every unknown field as an
 error, plus the cross-document rules KFP's admission webhook enforces
-(a ``PipelineVersion`` must name an existing ``Pipeline``).
+(a ``PipelineVersion`` must name an existing ``Pipeline``). The CRDs' CEL rules are
+translated too (spo.pipelines.crd_cel). Another package's ``crds`` folder with its own
+``SOURCE.json`` (``spo/cluster/crds``) is validated the same way: one validator, not two.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import jsonschema
 import jsonschema.exceptions
 import yaml
+
+from spo.pipelines.crd_cel import cel_rule_schema, re2_pattern
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -76,7 +81,7 @@ _HANDLED_KEYS = frozenset({
     "type", "nullable", "pattern", "exclusiveMaximum", "exclusiveMinimum",
     "properties", "additionalProperties", "items", "allOf", "anyOf", "oneOf", "not",
     "x-kubernetes-preserve-unknown-fields", "x-kubernetes-embedded-resource",
-    "x-kubernetes-int-or-string", "x-kubernetes-list-type",
+    "x-kubernetes-int-or-string", "x-kubernetes-list-type", "x-kubernetes-validations",
 })
 
 
@@ -174,21 +179,21 @@ class ManifestValidationError(ValueError):
         self.problems: tuple[Problem, ...] = tuple(problems)
         count = len(self.problems)
         lines = "\n".join(f"  {problem}" for problem in self.problems)
-        super().__init__(f"{count} problem{'s' if count != 1 else ''} in KFP manifests:\n{lines}")
+        super().__init__(f"{count} problem{'s' if count != 1 else ''} in manifests:\n{lines}")
 
 
 # --------------------------------------------------------------------------- CRD loading
 
 
-def _crd_dir() -> Traversable:
-    """The vendored CRD folder, read through importlib.resources so it works from a wheel."""
-    return resources.files(_CRD_PACKAGE).joinpath(_CRD_DIR)
+def _crd_dir(package: str) -> Traversable:
+    """A package's vendored CRD folder, read through importlib.resources so it works from a wheel."""
+    return resources.files(package).joinpath(_CRD_DIR)
 
 
-@functools.lru_cache(maxsize=1)
-def _vendored_crds() -> tuple[Mapping[str, Any], ...]:
+@functools.lru_cache(maxsize=None)
+def _vendored_crds(package: str) -> tuple[Mapping[str, Any], ...]:
     """Parse every CRD file that SOURCE.json lists (and only those: provenance first)."""
-    folder = _crd_dir()
+    folder = _crd_dir(package)
     source = json.loads(folder.joinpath(_SOURCE_FILE).read_text(encoding="utf-8"))
     crds: list[Mapping[str, Any]] = []
     for entry in source["files"]:
@@ -210,29 +215,23 @@ def _crd_versions(crd: Mapping[str, Any]) -> Iterator[tuple[GroupVersionKind, Ma
             yield (spec["group"], version["name"], spec["names"]["kind"]), version["schema"]["openAPIV3Schema"]
 
 
-@functools.lru_cache(maxsize=1)
-def _raw_schemas() -> Mapping[GroupVersionKind, Mapping[str, Any]]:
-    return {gvk: schema for crd in _vendored_crds() for gvk, schema in _crd_versions(crd)}
+@functools.lru_cache(maxsize=None)
+def _raw_schemas(package: str) -> Mapping[GroupVersionKind, Mapping[str, Any]]:
+    return {gvk: schema for crd in _vendored_crds(package) for gvk, schema in _crd_versions(crd)}
 
 
-def load_crd_schemas() -> dict[GroupVersionKind, dict[str, Any]]:
-    """The vendored CRDs' ``openAPIV3Schema`` per served ``(group, version, kind)``.
+def load_crd_schemas(crd_package: str = _CRD_PACKAGE) -> dict[GroupVersionKind, dict[str, Any]]:
+    """The vendored CRDs' ``openAPIV3Schema`` per served ``(group, version, kind)``
+    (those of ``crd_package``'s ``crds`` folder; KFP's by default).
 
     Returns fresh copies (the parsed files are cached), exactly as written in
     the CRDs; :func:`strict_json_schema` turns one into the JSON Schema that
     :func:`validate_manifests` applies.
     """
-    return copy.deepcopy(dict(_raw_schemas()))
+    return copy.deepcopy(dict(_raw_schemas(crd_package)))
 
 
 # --------------------------------------------------------------------------- OpenAPI -> JSON Schema
-
-
-def _re2_pattern(pattern: str) -> str:
-    """Make a trailing ``$`` mean end-of-text, as in Go's RE2 (Python's ``$`` also matches before a final newline)."""
-    if pattern.endswith("$") and not pattern.endswith("\\$"):
-        return pattern[:-1] + r"\Z"
-    return pattern
 
 
 def _exclusive_bound(node: Mapping[str, Any], out: dict[str, Any], bound: str, exclusive: str) -> None:
@@ -280,15 +279,13 @@ def _convert_node(node: Mapping[str, Any], *, structural: bool) -> dict[str, Any
     those for value checks, so they must not close objects to unknown fields.
     """
     unsupported = set(node) - _PASSTHROUGH_KEYS - _IGNORED_KEYS - _HANDLED_KEYS
-    if "x-kubernetes-validations" in unsupported:
-        raise ValueError("x-kubernetes-validations (CEL rules) are not evaluated; refusing to validate only part of the CRD")
     if unsupported:
         raise ValueError(f"unsupported schema keywords: {sorted(unsupported)}")
 
     out: dict[str, Any] = {key: copy.deepcopy(node[key]) for key in _PASSTHROUGH_KEYS if key in node}
     _convert_type(node, out)
     if "pattern" in node:
-        out["pattern"] = _re2_pattern(node["pattern"])
+        out["pattern"] = re2_pattern(node["pattern"])
     _exclusive_bound(node, out, "maximum", "exclusiveMaximum")
     _exclusive_bound(node, out, "minimum", "exclusiveMinimum")
     if node.get("x-kubernetes-list-type") == "set":
@@ -310,6 +307,9 @@ def _convert_node(node: Mapping[str, Any], *, structural: bool) -> dict[str, Any
             out[key] = [_convert_node(branch, structural=False) for branch in node[key]]
     if "not" in node:
         out["not"] = _convert_node(node["not"], structural=False)
+    rules = [schema for rule in node.get("x-kubernetes-validations", []) if (schema := cel_rule_schema(rule))]
+    if rules:
+        out["allOf"] = [*out.get("allOf", []), *rules]
 
     if structural and node.get("x-kubernetes-embedded-resource") is True:
         _embedded_resource_fields(out)
@@ -331,9 +331,10 @@ def strict_json_schema(openapi_schema: Mapping[str, Any]) -> dict[str, Any]:
     integer or a string, ``x-kubernetes-embedded-resource`` implies
     apiVersion/kind/metadata. The root's bare ``metadata: {type: object}`` is
     replaced by ObjectMeta (``name`` required), and apiVersion, kind and
-    metadata become required. CEL rules (``x-kubernetes-validations``) and
-    other keywords this converter does not understand raise ``ValueError``
-    rather than being skipped.
+    metadata become required. CEL rules (``x-kubernetes-validations``) become
+    JSON Schema where spo.pipelines.crd_cel translates them (transition rules,
+    which only constrain updates, are dropped); other rules and keywords this
+    converter does not understand raise ``ValueError`` rather than being skipped.
     """
     schema = _convert_node(openapi_schema, structural=True)
     properties = schema.setdefault("properties", {})
@@ -352,10 +353,10 @@ def _unclosed(schema: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _validators() -> Mapping[GroupVersionKind, jsonschema.Draft202012Validator]:
+@functools.lru_cache(maxsize=None)
+def _validators(package: str) -> Mapping[GroupVersionKind, jsonschema.Draft202012Validator]:
     validators = {}
-    for gvk, openapi in _raw_schemas().items():
+    for gvk, openapi in _raw_schemas(package).items():
         schema = strict_json_schema(openapi)
         jsonschema.Draft202012Validator.check_schema(schema)
         validators[gvk] = jsonschema.Draft202012Validator(schema)
@@ -441,16 +442,21 @@ def _schema_problems(label: str, error: jsonschema.exceptions.ValidationError) -
             if key not in instance:
                 yield Problem(label, _json_path([*parts, key]), "required field is missing")
     else:
+        rule = error.schema.get("$comment") if isinstance(error.schema, Mapping) else None
         if error.context:
             error = jsonschema.exceptions.best_match(error.context)
             parts = list(error.absolute_path)
-        yield Problem(label, _json_path(parts), _shorten(error.message))
+            if isinstance(error.schema, Mapping):
+                rule = error.schema.get("$comment", rule)
+        # a translated CEL rule carries the CRD's own message (crd_cel): say it with the finding
+        yield Problem(label, _json_path(parts), _shorten(error.message + (f" ({rule})" if rule else "")))
 
 
-def _gvk_problem(label: str, document: Mapping[str, Any]) -> tuple[GroupVersionKind | None, Problem | None]:
+def _gvk_problem(label: str, document: Mapping[str, Any],
+                 package: str) -> tuple[GroupVersionKind | None, Problem | None]:
     """Find the CRD a document claims to be, or explain why none matches."""
     api_version, kind = document.get("apiVersion"), document.get("kind")
-    supported = sorted(_validators())
+    supported = sorted(_validators(package))
     expected = "; ".join(f"apiVersion {g}/{v} kind {k}" for g, v, k in supported)
     if not isinstance(api_version, str) or "/" not in api_version:
         return None, Problem(label, "$.apiVersion", f"must be 'group/version', got {api_version!r}; expected {expected}")
@@ -458,7 +464,7 @@ def _gvk_problem(label: str, document: Mapping[str, Any]) -> tuple[GroupVersionK
         return None, Problem(label, "$.kind", f"missing or not a string; expected {expected}")
     group, version = api_version.split("/", 1)
     gvk = (group, version, kind)
-    if gvk in _validators():
+    if gvk in _validators(package):
         return gvk, None
     if any((g, v) == (group, version) for g, v, _ in supported):
         return None, Problem(label, "$.kind", f"unknown kind {kind!r} for {api_version}; expected {expected}")
@@ -479,15 +485,15 @@ def _name_problems(label: str, document: Mapping[str, Any]) -> Iterator[Problem]
                       f"alphanumerics and '-', starting and ending alphanumeric, at most {_DNS1123_LABEL_MAX} characters)")
 
 
-def _document_problems(index: int, document: Any) -> tuple[GroupVersionKind | None, list[Problem]]:
+def _document_problems(index: int, document: Any, package: str) -> tuple[GroupVersionKind | None, list[Problem]]:
     """Validate one document on its own: apiVersion/kind, the strict schema, names."""
     label = _document_label(index, document)
     if not isinstance(document, Mapping):
         return None, [Problem(label, "$", f"document is a {type(document).__name__}, not a mapping")]
-    gvk, problem = _gvk_problem(label, document)
+    gvk, problem = _gvk_problem(label, document, package)
     if gvk is None:
         return None, [problem] if problem else []
-    errors = sorted(_validators()[gvk].iter_errors(document), key=lambda e: [str(p) for p in e.absolute_path])
+    errors = sorted(_validators(package)[gvk].iter_errors(document), key=lambda e: [str(p) for p in e.absolute_path])
     problems = [found for error in errors for found in _schema_problems(label, error)]
     problems.extend(_name_problems(label, document))
     # jsonschema reports a `required` list once per missing key; keep each problem once.
@@ -542,8 +548,11 @@ def _reference_problems(
                           f"in namespace {namespace or '<unset>'}{hint} (pass external_pipelines for one that already exists)")
 
 
-def validate_manifests(documents: Iterable[Any], *, external_pipelines: Collection[str] = ()) -> None:
-    """Validate KFP ``Pipeline``/``PipelineVersion`` manifests strictly; raise on any problem.
+def validate_manifests(documents: Iterable[Any], *, external_pipelines: Collection[str] = (),
+                       crd_package: str = _CRD_PACKAGE) -> None:
+    """Validate manifests strictly against ``crd_package``'s vendored CRDs (KFP's
+    ``Pipeline``/``PipelineVersion`` by default; ``"spo.cluster"``: Trainer's ``TrainJob``);
+    raise on any problem.
 
     Each document must be a known ``apiVersion``/``kind`` from the vendored
     CRDs and match its schema with no unknown fields (``$.spec.pipelineSpec``
@@ -565,7 +574,7 @@ def validate_manifests(documents: Iterable[Any], *, external_pipelines: Collecti
     problems: list[Problem] = []
     entries: list[tuple[int, GroupVersionKind, Mapping[str, Any]]] = []
     for index, document in enumerate(documents, start=1):
-        gvk, found = _document_problems(index, document)
+        gvk, found = _document_problems(index, document, crd_package)
         problems.extend(found)
         if gvk is not None:
             entries.append((index, gvk, document))

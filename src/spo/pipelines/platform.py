@@ -8,10 +8,20 @@ accelerator gives a pipeline with none. The judge's API key comes from a Kuberne
 environment variable, never as a value. ``configs/platform/local.yaml`` (CPU, what ``kfp.local``
 and CI use) and ``configs/platform/gpu.yaml`` (a GPU cluster) are the examples; unknown keys,
 steps and pools are errors naming them.
+
+A train pool asking for more than one node or process (``nodes``, ``processes_per_node``)
+turns each train task into a launcher: a small pod on ``launcher_pool`` that creates a Kubeflow
+Trainer ``TrainJob`` (spo.cluster) with the pool's resources, follows it and hands back the
+same artifacts. ``configs/platform/multinode.yaml`` is that example (2 nodes x 8 GPUs).
+
+``dvc_remote`` names the project's DVC remote (an S3-compatible bucket: URL, endpoint, and the
+Secret holding its keys): the final ``publish`` step pushes the run's outputs there with the
+dvc.lock entries they make (spo.cluster.dvc_sync), so that ``dvc pull`` on a laptop restores them.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from spo.io import InputError
 
 STEP_NAMES = ("configure", "prepare", "validate", "keywords", "degrees", "base_model", "sft", "train", "generate",
-              "reward_model", "judge", "report")
+              "reward_model", "judge", "report", "publish")
+# what Kubeflow Trainer's torch runtime sets for torchrun; its webhook refuses a TrainJob that sets them
+TORCHRUN_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 
 
 class _Strict(BaseModel):
@@ -46,6 +59,43 @@ class Toleration(_Strict):
     toleration_seconds: int | None = Field(default=None, ge=0)
 
 
+class SecretRef(_Strict):
+    name: str = Field(description="The Kubernetes Secret.")
+    key: str = Field(description="Its key holding the value.")
+
+
+class DvcCredentials(_Strict):
+    """The Secret holding the S3 keys of the DVC remote: set as the ``publish`` step's
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (secretKeyRef), never as values."""
+
+    name: str = Field(description="The Kubernetes Secret.")
+    access_key_id_key: str = Field(default="AWS_ACCESS_KEY_ID", description="Its key holding the access key id.")
+    secret_access_key_key: str = Field(default="AWS_SECRET_ACCESS_KEY",
+                                       description="Its key holding the secret access key.")
+    session_token_key: str | None = Field(default=None, description="Its key holding a session token, if any.")
+
+
+class DvcRemote(_Strict):
+    """The project's DVC remote, where the ``publish`` step pushes the run's outputs."""
+
+    url: str = Field(min_length=1, description="s3://bucket/prefix (what `dvc remote add` takes; no credentials "
+                     "in it); a folder only for kfp.local.")
+    name: str = Field(default="cluster", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="The remote's name in the run's .dvc/config (`dvc pull -r <name>` on a laptop).")
+    endpoint_url: str | None = Field(default=None, description="An S3-compatible endpoint (MinIO, Ceph, R2, ...); "
+                                     "unset: AWS.")
+    region: str | None = None
+    credentials_secret: DvcCredentials | None = Field(
+        default=None, description="Secret with the S3 keys; unset: the pod's own identity (IRSA, workload identity).")
+
+    @field_validator("url")
+    @classmethod
+    def _no_credentials(cls, url: str) -> str:
+        from spo.cluster.dvc_sync import check_remote_url
+
+        return check_remote_url(url)
+
+
 class Pool(_Strict):
     """A kind of node a step can run on."""
 
@@ -56,6 +106,48 @@ class Pool(_Strict):
     limits: Resources = Field(default_factory=Resources)
     retries: int = Field(default=0, ge=0, description="Retries of a failed (e.g. pre-empted) task.")
     retry_backoff: str = Field(default="60s", description="Wait before the first retry; doubles each time.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment of every task on the pool, e.g. "
+                                "NCCL_DEBUG: INFO (values are compiled in: never a secret).")
+    secret_env: dict[str, SecretRef] = Field(default_factory=dict, description="Environment variable -> Secret key, "
+                                             "e.g. HF_TOKEN for a gated model: set from the Secret, never as a value.")
+    nodes: int = Field(default=1, ge=1, description="Nodes (pods) the train step spans; >1 runs it as a TrainJob.")
+    processes_per_node: int | None = Field(default=None, ge=1, description="Training processes per node (torchrun "
+                                           "--nproc-per-node); >1 runs train as a TrainJob. Unset: one per "
+                                           "accelerator on a TrainJob (nodes > 1), one process in a single pod.")
+    active_deadline: int | None = Field(default=None, ge=1, description="Seconds, or '48h' / '90m' / '1h30m', a "
+                                        "TrainJob may run before Kubeflow Trainer fails it (DeadlineExceeded).")
+    trainer_runtime: str = Field(default="torch-distributed", min_length=1,
+                                 description="The Kubeflow Trainer ClusterTrainingRuntime of a TrainJob.")
+
+    @field_validator("active_deadline", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        """``48h``/``90m``/``30s``/``1h30m`` as seconds, the units a 16-GPU run's deadline is thought in."""
+        if isinstance(value, str) and not value.isdigit():
+            match = _DURATION.fullmatch(value.strip())
+            if not match or not any(match.groups()):
+                raise ValueError(f"{value!r} is not a duration: seconds, or e.g. '48h', '90m', '1h30m'")
+            hours, minutes, seconds = (int(g or 0) for g in match.groups())
+            return hours * 3600 + minutes * 60 + seconds
+        return value
+
+    @field_validator("env", "secret_env")
+    @classmethod
+    def _not_torchrun_env(cls, env: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(set(env) & set(TORCHRUN_ENV))
+        if reserved:
+            raise ValueError(f"{reserved} are set by Kubeflow Trainer's torch runtime for torchrun; remove them")
+        return env
+
+    @property
+    def distributed(self) -> bool:
+        """More than one node or process: the train step on this pool runs as a TrainJob."""
+        return self.nodes > 1 or (self.processes_per_node or 1) > 1
+
+    @property
+    def procs_per_node(self) -> int:
+        """torchrun's processes per node on a TrainJob: as asked, else one per accelerator."""
+        return self.processes_per_node or (self.accelerator.count if self.accelerator else 1)
 
 
 class Workspace(_Strict):
@@ -65,11 +157,6 @@ class Workspace(_Strict):
     storage_class: str | None = None
     access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany", "ReadWriteOncePod"]] = Field(
         default_factory=lambda: ["ReadWriteOnce"])
-
-
-class SecretRef(_Strict):
-    name: str = Field(description="The Kubernetes Secret.")
-    key: str = Field(description="Its key holding the value.")
 
 
 class Platform(_Strict):
@@ -83,6 +170,11 @@ class Platform(_Strict):
     caching: bool = Field(default=True, description="KFP's cache for the steps whose results are artifacts.")
     judge_api_key: SecretRef | None = Field(
         default=None, description="Secret holding the OpenAI-compatible judge's key (judge.backend: openai).")
+    dvc_remote: DvcRemote | None = Field(
+        default=None, description="The DVC remote the publish step pushes the run's outputs and dvc.lock to; "
+        "unset: publish only hands dvc.lock and params.yaml back as artifacts.")
+    launcher_pool: str | None = Field(
+        default=None, description="Pool of the pod that launches and follows a TrainJob; default: default_pool.")
 
     @field_validator("steps")
     @classmethod
@@ -94,14 +186,44 @@ class Platform(_Strict):
 
     @model_validator(mode="after")
     def _known_pools(self) -> Platform:
-        used = {self.default_pool, *self.steps.values()}
+        used = {self.default_pool, *self.steps.values(), *([self.launcher_pool] if self.launcher_pool else [])}
         missing = sorted(used - set(self.pools))
         if missing:
             raise ValueError(f"pool(s) {missing} are used but not defined under pools ({sorted(self.pools)})")
+        self._check_train_job()
         return self
+
+    def _check_train_job(self) -> None:
+        """Refuse what a TrainJob cannot honour, before anything is compiled or launched."""
+        for name, pool in self.pools.items():
+            others = [step for step in STEP_NAMES if step != "train" and self.steps.get(step, self.default_pool) == name]
+            if pool.distributed and others:
+                raise ValueError(f"pools.{name}: nodes/processes_per_node apply to the train step only (it runs as a "
+                                 f"TrainJob), but {others} also run on this pool; give train a pool of its own")
+        if not self.train_job:
+            return
+        train = self.pool("train")
+        if "ReadWriteMany" not in self.workspace.access_modes:
+            raise ValueError(f"workspace.access_modes: train runs as a TrainJob ({train.nodes} node(s) x "
+                             f"{train.procs_per_node} process(es)) whose pods and launcher pod mount the workspace at "
+                             f"the same time from different nodes, which needs ReadWriteMany (got "
+                             f"{list(self.workspace.access_modes)}); set access_modes: [ReadWriteMany] and a "
+                             "storage_class that provides it")
+        if self.launcher().accelerator is not None:
+            raise ValueError(f"launcher_pool: pool {self.launcher_pool or self.default_pool!r} has an accelerator, "
+                             "which the TrainJob launcher would hold idle for the whole training; name a CPU pool")
 
     def pool(self, step: str) -> Pool:
         return self.pools[self.steps.get(step, self.default_pool)]
+
+    @property
+    def train_job(self) -> bool:
+        """The train step runs as a Kubeflow Trainer TrainJob, launched from a CPU pod."""
+        return self.pool("train").distributed
+
+    def launcher(self) -> Pool:
+        """The pool of the TrainJob launcher pod."""
+        return self.pools[self.launcher_pool or self.default_pool]
 
 
 def load_platform(path: str | Path, image: str | None = None) -> Platform:
@@ -123,12 +245,20 @@ def load_platform(path: str | Path, image: str | None = None) -> Platform:
 
 
 def place(task: Any, step: str, platform: Platform, judge_key_env: str | None = None) -> None:
-    """Apply the step's pool, the image policy, the cache policy and (judge) the key Secret to ``task``."""
+    """Apply the step's pool, the image policy, the cache policy and (judge) the key Secret to ``task``.
+
+    A train task that launches a TrainJob runs on the launcher pool (the TrainJob gets the train
+    pool's accelerators, spo.cluster.trainjob) but keeps the train pool's retries: a failed
+    TrainJob is retried as a new one, resuming from the checkpoints on the workspace.
+    """
     from kfp import kubernetes
 
     from spo.pipelines.components import WORKSPACE_PRODUCERS
 
     pool = platform.pool(step)
+    retry = pool
+    if step == "train" and platform.train_job:
+        pool = platform.launcher()
     if pool.requests.cpu:
         task.set_cpu_request(pool.requests.cpu)
     if pool.requests.memory:
@@ -145,11 +275,22 @@ def place(task: Any, step: str, platform: Platform, judge_key_env: str | None = 
     for t in pool.tolerations:
         kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect,
                                   toleration_seconds=t.toleration_seconds)
-    if pool.retries:
-        task.set_retry(num_retries=pool.retries, backoff_duration=pool.retry_backoff, backoff_factor=2.0)
+    for name, value in pool.env.items():
+        task.set_env_variable(name, value)
+    for name, ref in pool.secret_env.items():
+        kubernetes.use_secret_as_env(task, ref.name, {ref.key: name})
+    if retry.retries:
+        task.set_retry(num_retries=retry.retries, backoff_duration=retry.retry_backoff, backoff_factor=2.0)
     kubernetes.set_image_pull_policy(task, platform.image_pull_policy)
     if platform.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, platform.image_pull_secrets)
-    task.set_caching_options(platform.caching and step not in WORKSPACE_PRODUCERS)
+    # publish pushes this run's outputs: never taken from another run's cache
+    task.set_caching_options(platform.caching and step not in WORKSPACE_PRODUCERS and step != "publish")
+    if step == "publish" and platform.dvc_remote is not None and platform.dvc_remote.credentials_secret is not None:
+        creds = platform.dvc_remote.credentials_secret
+        keys = {creds.access_key_id_key: "AWS_ACCESS_KEY_ID", creds.secret_access_key_key: "AWS_SECRET_ACCESS_KEY"}
+        if creds.session_token_key:
+            keys[creds.session_token_key] = "AWS_SESSION_TOKEN"
+        kubernetes.use_secret_as_env(task, creds.name, keys)
     if step == "judge" and platform.judge_api_key is not None and judge_key_env:
         kubernetes.use_secret_as_env(task, platform.judge_api_key.name, {platform.judge_api_key.key: judge_key_env})

@@ -75,11 +75,26 @@ def resolve(params: str, overrides: Sequence[str], knobs: Mapping[str, Any]) -> 
 
 
 def configure(params: str, overrides: Sequence[str], knobs: Mapping[str, Any]) -> tuple[str, ...]:
-    """One params text per stage (in :data:`SECTIONS` order), from the run's resolved config."""
+    """One params text per stage (in :data:`SECTIONS` order), from the run's resolved config,
+    then the run's whole params.yaml (:func:`params_all`)."""
     import yaml
 
-    dumped = resolve(params, overrides, knobs).model_dump(mode="json", by_alias=True)
-    return tuple(yaml.safe_dump({k: dumped[k] for k in sections}, sort_keys=True) for sections in SECTIONS.values())
+    resolved = resolve(params, overrides, knobs)
+    dumped = resolved.model_dump(mode="json", by_alias=True)
+    stages = tuple(yaml.safe_dump({k: dumped[k] for k in sections}, sort_keys=True) for sections in SECTIONS.values())
+    return (*stages, params_all(params, resolved))
+
+
+def params_all(params: str, resolved: Any) -> str:
+    """The run's params.yaml, as DVC reads it for dvc.lock: the given text itself (comments and
+    all) when the overrides and knobs change nothing, else the whole resolved config."""
+    import yaml
+
+    dumped = resolved.model_dump(mode="json", by_alias=True)
+    if stage_config(params, [], {}).model_dump(mode="json", by_alias=True) == dumped:
+        return params
+    return "# the run's resolved params (params.yaml + overrides + pipeline knobs)\n" + yaml.safe_dump(
+        dumped, sort_keys=False, allow_unicode=True)
 
 
 def stage_config(params: str, overrides: Sequence[str], paths: Mapping[str, Any]) -> Any:
@@ -188,3 +203,40 @@ def html_image(png: str | Path, target: str | Path, title: str) -> None:
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     Path(target).write_text(f"<!doctype html><title>{html.escape(title)}</title><h1>{html.escape(title)}</h1>{body}\n",
                             encoding="utf-8")
+
+
+def publish(*, outputs: Mapping[str, str | Path], params_text: str, dvc_yaml: str, dvcignore: str, workspace: str,
+            remote: Mapping[str, Any] | None, run_id: str, dvc_lock: str | Path, params_yaml: str | Path,
+            results: str | Path) -> dict[str, Any]:
+    """The ``publish`` step: record the run's outputs in a dvc.lock (spo.cluster.dvc_sync), hand
+    dvc.lock, params.yaml and results.tar.gz back as artifacts, and push the outputs to the DVC
+    remote when the platform names one (``remote``: url, name, endpoint_url, region)."""
+    import logging
+
+    from spo.cluster import dvc_sync
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("spo.publish")
+    for artifact in (dvc_lock, params_yaml, results):
+        Path(artifact).parent.mkdir(parents=True, exist_ok=True)
+    Path(params_yaml).write_text(params_text, encoding="utf-8")
+    if not dvc_yaml.strip():
+        log.warning("publish: no dvc.yaml was compiled into the pipeline: no dvc.lock, nothing pushed")
+        Path(dvc_lock).write_text("", encoding="utf-8")
+        dvc_sync.bundle_files({"params.yaml": Path(params_yaml)}, results)
+        return {"pushed": None}
+    view = Path(workspace) / "dvc-publish"
+    if view.exists():  # a retried publish: start over
+        shutil.rmtree(view)
+    lock = dvc_sync.lock_run(view, outputs, params_text, dvc_yaml, dvcignore_text=dvcignore)
+    copy_file(view / "dvc.lock", dvc_lock)
+    dvc_sync.bundle_run(view, results)
+    if not remote or not remote.get("url"):
+        log.info("publish: no dvc_remote in the platform file, nothing pushed: dvc.lock (%d lines), params.yaml "
+                 "and results.tar.gz are this step's artifacts", len(lock.splitlines()))
+        return {"pushed": None}
+    summary = dvc_sync.push_run(view, remote["url"], endpoint_url=remote.get("endpoint_url") or None,
+                                region=remote.get("region") or None, remote_name=remote.get("name") or "cluster",
+                                run_id=run_id or None)
+    log.info("publish: %s", json.dumps(summary))
+    return summary

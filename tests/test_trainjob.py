@@ -1,0 +1,590 @@
+"""Multi-node training: the platform's TrainJob settings, the TrainJob built from them (validated
+strictly against the vendored Kubeflow Trainer CRD), the launcher driven with the real
+``kubernetes`` client against a loopback API server (tests/k8s_api_server.py), the launcher
+task's step, and the compiled pipelines with and without it."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from k8s_api_server import Fault, TrainJobApi, complete, failed, running
+from kubernetes import client as k8s
+
+from conftest import REPO
+from spo.cluster import launcher as launcher_module
+from spo.cluster.launcher import Terminated, TrainJobApiError, TrainJobError, TrainJobFailed, TrainJobTimeout, launch
+from spo.cluster.step import run_train_job, trainjob_name, workspace_claim
+from spo.cluster.trainjob import WorkspaceMount, build_trainjob, render_trainjob, validate_trainjob
+from spo.io import InputError
+from spo.pipelines.manifests import ManifestValidationError, load_crd_schemas, strict_json_schema
+from spo.pipelines.platform import Platform, load_platform
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    tomllib = None
+
+PLATFORMS = REPO / "configs" / "platform"
+TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "TrainJob")
+POLL = 0.05
+NS = "team-a"
+
+
+def multinode() -> Platform:
+    return load_platform(PLATFORMS / "multinode.yaml")
+
+
+def a_job(platform: Platform | None = None) -> dict[str, Any]:
+    return build_trainjob(platform or multinode(), name="spo-dpo-1234abcd-0a0b",
+                          params_file="/kfp-workspace/trainjobs/x/params.yaml",
+                          overrides=['train.out_dir="/kfp-workspace/models/policy/dpo"'],
+                          workspace=WorkspaceMount(claim="run-abc-kfp-workspace"), labels={"pipeline/runid": "1234"})
+
+
+# --------------------------------------------------------------------------- the vendored CRD
+
+
+def crd_folder() -> Any:
+    return resources.files("spo.cluster").joinpath("crds")
+
+
+def test_vendored_crd_matches_its_source_record() -> None:
+    meta = json.loads(crd_folder().joinpath("SOURCE.json").read_text(encoding="utf-8"))
+    assert meta["repository"] == "https://github.com/kubeflow/trainer"
+    assert meta["tag"] == "v2.3.0" and len(meta["commit"]) == 40
+    on_disk = {item.name for item in crd_folder().iterdir() if item.name.endswith(".yaml")}
+    assert {entry["file"] for entry in meta["files"]} == on_disk
+    for entry in meta["files"]:
+        data = crd_folder().joinpath(entry["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["file"]
+        assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == entry["git_blob"], entry["file"]
+        assert entry["source_path"].endswith(entry["file"])
+    spec = load_crd_schemas("spo.cluster")[TRAINJOB]["properties"]["spec"]["properties"]
+    assert {"runtimePatches", "activeDeadlineSeconds"} <= set(spec)  # what the pin was chosen for
+
+
+@pytest.mark.skipif(tomllib is None, reason="tomllib needs Python 3.11")
+def test_crd_files_are_package_data() -> None:
+    """A wheel ships only what package-data matches; without the CRD the launcher cannot validate."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["spo"]
+    for item in crd_folder().iterdir():
+        relative = f"cluster/crds/{item.name}"
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
+
+
+def test_the_crds_cel_rules_are_enforced_and_transition_rules_skipped() -> None:
+    job = a_job()
+    job["metadata"]["name"] = "spo.dpo"  # a DNS subdomain, but TrainJob wants an RFC 1035 label
+    job["spec"]["managedBy"] = "someone-else"
+    job["spec"]["initializer"] = {"model": {"storageUri": "not a uri"}}
+    with pytest.raises(ManifestValidationError) as caught:
+        validate_trainjob(job)
+    found = {p.path: p.message for p in caught.value.problems}
+    assert "RFC 1035" in found["$.metadata.name"]  # the CRD's own message comes with the finding
+    assert "ManagedBy must be" in found["$.spec.managedBy"]
+    assert "storageUri" in found["$.spec.initializer.model.storageUri"]
+    ok = a_job()
+    ok["spec"]["initializer"] = {"model": {"storageUri": ""}}  # '' or a URI
+    validate_trainjob(ok)  # the immutability rules (self == oldSelf) apply to updates, not to this create
+
+
+def test_cel_rules_it_cannot_translate_are_refused() -> None:
+    with pytest.raises(ValueError, match="x-kubernetes-validations rule 'self.a > 0'"):
+        strict_json_schema({"type": "object", "x-kubernetes-validations": [{"rule": "self.a > 0"}]})
+
+
+# --------------------------------------------------------------------------- the platform file
+
+
+def test_single_pod_platforms_keep_their_behaviour() -> None:
+    for name in ("local", "gpu"):
+        platform = load_platform(PLATFORMS / f"{name}.yaml")
+        assert not platform.train_job
+        assert all(p.nodes == 1 and p.processes_per_node is None and not p.env and not p.secret_env
+                   for p in platform.pools.values())
+    four = Platform.model_validate({"image": "x", "pools": {"cpu": {"accelerator": {"type": "nvidia.com/gpu", "count": 4}}}})
+    assert not four.train_job  # an unset processes_per_node never turns a single pod into a TrainJob
+    assert four.pools["cpu"].procs_per_node == 4  # ... but a TrainJob on the pool would run one per GPU
+
+
+def test_multinode_platform_asks_for_a_trainjob() -> None:
+    platform = multinode()
+    train = platform.pool("train")
+    assert platform.train_job and train.nodes == 2 and train.procs_per_node == 8
+    assert train.active_deadline == 24 * 3600 and train.trainer_runtime == "torch-distributed"
+    assert platform.launcher().accelerator is None
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("90m", 5400), ("1h30m", 5400), ("45s", 45), ("3600", 3600), (120, 120)])
+def test_active_deadline_takes_durations(value: Any, seconds: int) -> None:
+    pool = Platform.model_validate({"image": "x", "pools": {"cpu": {"active_deadline": value}}}).pools["cpu"]
+    assert pool.active_deadline == seconds
+
+
+def _refusal(tmp_path: Path, change: dict[str, Any]) -> str:
+    data = yaml.safe_load((PLATFORMS / "multinode.yaml").read_text())
+    for dotted, value in change.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    path = tmp_path / "platform.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError) as caught:
+        load_platform(path)
+    return str(caught.value)
+
+
+def test_platforms_a_trainjob_cannot_honour_are_refused(tmp_path: Path) -> None:
+    assert "needs ReadWriteMany" in _refusal(tmp_path, {"workspace.access_modes": ["ReadWriteOnce"]})
+    # one node but 8 processes is a TrainJob too: its pod and the launcher's still mount the volume at once
+    one_node = _refusal(tmp_path, {"workspace.access_modes": ["ReadWriteOnce"], "pools.gpu-multinode.nodes": 1})
+    assert "1 node(s) x 8 process(es)" in one_node
+    shared = _refusal(tmp_path, {"steps.sft": "gpu-multinode"})
+    assert "pools.gpu-multinode" in shared and "['sft']" in shared
+    assert "launcher_pool" in _refusal(tmp_path, {"launcher_pool": "gpu"})
+    assert "PET_MASTER_ADDR" in _refusal(tmp_path, {"pools.gpu-multinode.env": {"PET_MASTER_ADDR": "x"}})
+    assert "not a duration" in _refusal(tmp_path, {"pools.gpu-multinode.active_deadline": "tomorrow"})
+    assert "nodes" in _refusal(tmp_path, {"pools.gpu-multinode.nodes": 0})
+
+
+# --------------------------------------------------------------------------- the TrainJob
+
+
+def test_trainjob_runs_the_train_stage_under_torchrun_on_the_train_pool() -> None:
+    data = yaml.safe_load((PLATFORMS / "multinode.yaml").read_text())
+    data["image_pull_secrets"] = ["regcred"]
+    data["pools"]["gpu-multinode"]["secret_env"] = {"HF_TOKEN": {"name": "hf", "key": "token"}}
+    job = a_job(Platform.model_validate(data))
+    validate_trainjob(job)  # strict: every field known to the pinned CRD
+    spec = job["spec"]
+    assert spec["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                  "name": "torch-distributed"}
+    trainer = spec["trainer"]
+    # torch-distributed only sets PET_*: the command itself must be torchrun, running `spo train`
+    assert trainer["command"] == ["torchrun", "--module", "spo", "train"]
+    assert trainer["args"] == ["-p", "/kfp-workspace/trainjobs/x/params.yaml",
+                               "-S", 'train.out_dir="/kfp-workspace/models/policy/dpo"']
+    assert trainer["image"] == "registry.example.com/spo-pipeline:0.1.0-cuda"
+    assert trainer["numNodes"] == 2 and trainer["numProcPerNode"] == 8
+    assert trainer["resourcesPerNode"] == {"requests": {"cpu": "64", "memory": "512Gi"},
+                                           "limits": {"cpu": "96", "memory": "900Gi", "nvidia.com/gpu": "8"}}
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    assert env["NCCL_DEBUG"]["value"] == "WARN" and not any(n.startswith("PET_") for n in env)
+    assert spec["activeDeadlineSeconds"] == 86400
+    template = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]
+    node = template["spec"]["replicatedJobs"][0]
+    assert node["name"] == "node"
+    pod = node["template"]["spec"]["template"]
+    assert pod["metadata"]["labels"]["pipeline/runid"] == "1234"  # kubectl get pods -l pipeline/runid=...
+    assert job["metadata"]["labels"]["app.kubernetes.io/name"] == "spo-pipeline"
+    pod_spec = pod["spec"]
+    assert {"name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "run-abc-kfp-workspace"}} in pod_spec["volumes"]
+    assert pod_spec["containers"] == [{"name": "node", "volumeMounts": [
+        {"name": "kfp-workspace", "mountPath": "/kfp-workspace"}, {"name": "dshm", "mountPath": "/dev/shm"}]}]
+    assert pod_spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod_spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod_spec["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_an_unknown_field_in_a_trainjob_is_refused_naming_it() -> None:
+    job = a_job()
+    job["spec"]["trainer"]["numNode"] = 2  # typo: the API server would prune it and train on one node
+    pod_spec = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    pod_spec["template"]["spec"]["template"]["spec"]["containers"][0]["resources"] = {}  # not patchable
+    with pytest.raises(ManifestValidationError) as caught:
+        validate_trainjob(job)
+    paths = {p.path for p in caught.value.problems}
+    assert "$.spec.trainer.numNode" in paths
+    assert any(p.endswith("containers[0].resources") for p in paths)
+
+
+def test_render_checks_the_params_and_that_every_path_is_on_the_volume(tmp_path: Path) -> None:
+    on_volume = [f"train.{key}=/kfp-workspace/{key}" for key in ("rows_dir", "degrees_dir", "sft_dir", "out_dir")]
+    on_volume.append("train.metrics_file=/kfp-workspace/metrics.json")
+    text = render_trainjob(str(REPO / "params.yaml"), str(PLATFORMS / "multinode.yaml"), name="spo-try-1",
+                           workspace_claim="shared", namespace=NS, overrides=on_volume,
+                           params_in_pod="/kfp-workspace/params.yaml", image="registry.example.com/spo:dev")
+    job = yaml.safe_load(text)
+    validate_trainjob(job)
+    assert job["metadata"] == {"name": "spo-try-1", "labels": job["metadata"]["labels"], "namespace": NS}
+    assert job["spec"]["trainer"]["image"] == "registry.example.com/spo:dev"
+    assert job["spec"]["trainer"]["args"][:2] == ["-p", "/kfp-workspace/params.yaml"]
+    with pytest.raises(InputError) as caught:
+        render_trainjob(str(REPO / "params.yaml"), str(PLATFORMS / "multinode.yaml"), name="spo-try-1",
+                        workspace_claim="shared", overrides=on_volume[1:])
+    assert "train.rows_dir = 'data/validated'" in str(caught.value) and "params file" in str(caught.value)
+    with pytest.raises(InputError, match=r"(?s)would reject this TrainJob.*\$\.metadata\.name"):
+        render_trainjob(str(REPO / "params.yaml"), str(PLATFORMS / "multinode.yaml"), name="Spo_Try",
+                        workspace_claim="shared", overrides=on_volume, params_in_pod="/kfp-workspace/params.yaml")
+
+
+def test_trainjob_names_are_rfc1035_labels_new_for_each_attempt() -> None:
+    first, second = trainjob_name("dpo_spo", "9F2C1D3E-aaaa-bbbb"), trainjob_name("dpo_spo", "9F2C1D3E-aaaa-bbbb")
+    assert first != second and first.startswith("spo-dpo-spo-9f2c1d3e-") and len(first) <= 63
+    assert len(trainjob_name("x" * 80, "run")) <= 63
+
+
+# --------------------------------------------------------------------------- the launcher
+
+
+@pytest.fixture
+def server() -> Iterator[TrainJobApi]:
+    api = TrainJobApi().start()
+    yield api
+    api.stop()
+
+
+@pytest.fixture
+def api(server: TrainJobApi) -> Iterator[k8s.CustomObjectsApi]:
+    """The real kubernetes client, pointed at the loopback server."""
+    configuration = k8s.Configuration(host=server.host)
+    api_client = k8s.ApiClient(configuration)
+    yield k8s.CustomObjectsApi(api_client)
+    api_client.close()
+
+
+class Lines(list):
+    """The launcher's log lines."""
+
+    def text(self) -> str:
+        return "\n".join(self)
+
+
+def test_launch_creates_the_built_job_logs_each_change_and_returns_on_complete(
+        server: TrainJobApi, api: k8s.CustomObjectsApi) -> None:
+    server.script = [{}, running(active=2, ready=0), running(active=2, ready=0), running(active=2, ready=2), complete()]
+    manifest, log = a_job(), Lines()
+    done = launch(manifest, namespace=NS, api=api, poll_seconds=POLL, log=log.append)
+    assert done["status"]["conditions"][0]["type"] == "Complete"
+    (created,) = server.calls("POST")
+    assert created.path == f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{NS}/trainjobs"
+    assert created.query == {"fieldValidation": ["Strict"]}  # the API server refuses unknown fields too
+    assert created.body == {**manifest, "metadata": {**manifest["metadata"], "namespace": NS}}
+    validate_trainjob(created.body)
+    assert len(server.calls("GET")) == 5 and not server.calls("DELETE")
+    text = log.text()
+    assert all(line[:4].isdigit() and line[19] == "Z" for line in log)  # each line starts with a UTC timestamp
+    assert f"TrainJob {NS}/spo-dpo-1234abcd-0a0b: created (2 node(s) x 8 process(es), 8 nvidia.com/gpu" in text
+    assert f"kubectl logs -n {NS} -l jobset.sigs.k8s.io/jobset-name=spo-dpo-1234abcd-0a0b -c node" in text
+    assert "no status yet" in text and "0 ready" in text and "2 ready" in text
+    assert sum("status after" in line for line in log) == 4  # one line per change, not per poll
+    assert "complete after" in log[-1] and "jobset completed successfully" in log[-1]
+
+
+def test_a_failed_job_raises_its_own_reason_and_message_and_is_kept(
+        server: TrainJobApi, api: k8s.CustomObjectsApi) -> None:
+    server.script = [running(), failed("FailedJobs", "jobset failed: node-1 OOMKilled")]
+    with pytest.raises(TrainJobFailed) as caught:
+        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=Lines().append)
+    error = caught.value
+    assert (error.reason, error.message) == ("FailedJobs", "jobset failed: node-1 OOMKilled")
+    assert "failed after" in str(error) and "FailedJobs: jobset failed: node-1 OOMKilled" in str(error)
+    assert "kubectl logs" in str(error) and "kubectl delete trainjob" in str(error)
+    assert not server.calls("DELETE") and server.jobs  # kept for inspection
+
+
+def test_trainers_own_deadline_comes_back_as_a_failure(server: TrainJobApi, api: k8s.CustomObjectsApi) -> None:
+    server.script = [failed("DeadlineExceeded", "TrainJob exceeded its active deadline")]
+    with pytest.raises(TrainJobFailed, match="DeadlineExceeded: TrainJob exceeded its active deadline"):
+        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=Lines().append)
+
+
+def test_the_launchers_deadline_deletes_the_job(server: TrainJobApi, api: k8s.CustomObjectsApi) -> None:
+    server.script = [running()]
+    log = Lines()
+    started = time.monotonic()
+    with pytest.raises(TrainJobTimeout, match="did not finish within 0m00s and was deleted"):
+        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, deadline_seconds=0.3, log=log.append)
+    assert 0.3 <= time.monotonic() - started < 5
+    (deleted,) = server.calls("DELETE")
+    assert deleted.path.endswith("/trainjobs/spo-dpo-1234abcd-0a0b")
+    assert deleted.query == {"propagationPolicy": ["Foreground"]}  # gone only once its pods are
+    assert not server.jobs and "deleting it" in log.text()
+
+
+@pytest.mark.parametrize(("status", "meaning"), [
+    (403, "may not create trainjobs.trainer.kubeflow.org in namespace team-a"),
+    (404, "is Kubeflow Trainer v2 (>= v2.2) installed?"),
+    (422, "rejected the job"),
+])
+def test_an_api_refusal_is_surfaced_with_what_it_means(server: TrainJobApi, api: k8s.CustomObjectsApi, status: int,
+                                                       meaning: str) -> None:
+    server.inject("POST", Fault(status, "admission webhook said no"))
+    with pytest.raises(TrainJobApiError) as caught:
+        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=Lines().append)
+    assert caught.value.status == status
+    assert f"create failed: HTTP {status}" in str(caught.value) and "admission webhook said no" in str(caught.value)
+    assert meaning in str(caught.value)
+    assert len(server.calls("POST")) == 1  # a refusal is not retried
+
+
+def test_transient_errors_are_retried_a_bounded_number_of_times(server: TrainJobApi, api: k8s.CustomObjectsApi) -> None:
+    server.script = [running(), complete()]
+    server.inject("POST", Fault(503, "etcd leader changed", after_applying=True))  # created, but the answer is lost
+    server.inject("GET", Fault(500), Fault(502))
+    log = Lines()
+    launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=log.append)
+    assert len(server.calls("POST")) == 2  # the retry's 409 is our own first try
+    assert "create: HTTP 503" in log.text() and "try 2/5" in log.text() and "get: HTTP 502" in log.text()
+
+    server.jobs.clear()
+    server.inject("GET", *[Fault(500, "still broken")] * 3)
+    with pytest.raises(TrainJobApiError, match=r"get failed after 3 tries: HTTP 500.*still broken"):
+        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=Lines().append, attempts=3)
+
+
+def test_an_unreachable_api_server_is_a_clear_error() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    configuration = k8s.Configuration(host=f"http://127.0.0.1:{port}")
+    configuration.retries = 0
+    with k8s.ApiClient(configuration) as api_client:
+        with pytest.raises(TrainJobApiError, match="cannot reach the Kubernetes API after 2 tries") as caught:
+            launch(a_job(), namespace=NS, api=k8s.CustomObjectsApi(api_client), poll_seconds=POLL,
+                   log=Lines().append, attempts=2)
+    assert caught.value.status == 0
+
+
+def _signal_when_running(server: TrainJobApi, signum: int) -> threading.Thread:
+    """Send ``signum`` to this process once the launcher has polled the running job twice."""
+    def fire() -> None:
+        deadline = time.monotonic() + 10
+        while server.gets < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signum)
+
+    thread = threading.Thread(target=fire, daemon=True)
+    thread.start()
+    return thread
+
+
+class _Stray(Exception):
+    pass
+
+
+@pytest.fixture
+def guarded_sigterm() -> Iterator[None]:
+    """Should launch not catch SIGTERM, the test fails instead of the test process dying."""
+    def stray(signum: int, frame: Any) -> None:
+        raise _Stray("SIGTERM reached the test's own handler: launch installed none")
+
+    previous = signal.signal(signal.SIGTERM, stray)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.usefixtures("guarded_sigterm")
+def test_sigterm_while_running_deletes_the_job_then_propagates(server: TrainJobApi, api: k8s.CustomObjectsApi) -> None:
+    server.script = [running()]
+    log = Lines()
+    thread = _signal_when_running(server, signal.SIGTERM)
+    with pytest.raises(Terminated):
+        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=log.append)
+    thread.join(timeout=5)
+    assert len(server.calls("DELETE")) == 1 and not server.jobs  # not left running
+    assert "cancelled (SIGTERM)" in log.text() and log[-1].endswith(": deleted")
+    assert signal.getsignal(signal.SIGTERM).__name__ == "stray"  # the previous handler is back
+
+
+def test_keyboard_interrupt_deletes_the_job_then_propagates(server: TrainJobApi, api: k8s.CustomObjectsApi) -> None:
+    server.script = [running()]
+    log = Lines()
+    thread = _signal_when_running(server, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=log.append)
+    thread.join(timeout=5)
+    assert len(server.calls("DELETE")) == 1 and not server.jobs
+    assert "cancelled (interrupted)" in log.text()
+
+
+def test_a_cancel_whose_delete_fails_says_how_to_delete_by_hand(server: TrainJobApi, api: k8s.CustomObjectsApi) -> None:
+    server.script = [running()]
+    server.inject("DELETE", Fault(403, "cannot delete"))
+    log = Lines()
+    thread = _signal_when_running(server, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=log.append)
+    thread.join(timeout=5)
+    assert "could NOT delete it" in log.text() and f"kubectl delete trainjob -n {NS} spo-dpo-1234abcd-0a0b" in log.text()
+
+
+# --------------------------------------------------------------------------- the launcher task's step
+
+
+def test_the_step_stages_its_inputs_on_the_workspace_and_returns_the_model_folder(
+        tmp_path: Path, server: TrainJobApi, api: k8s.CustomObjectsApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kfp import dsl
+
+    from spo.pipelines.components import train_job
+    from spo.pipelines.runtime import model_dir
+
+    workspace = tmp_path / "ws"
+    rows, degrees = tmp_path / "validated", tmp_path / "degrees"
+    for folder in (rows, degrees):
+        folder.mkdir()
+        (folder / "train.jsonl").write_text("{}\n")
+    sft = dsl.Model(uri=str(tmp_path / "sft-artifact"))
+    Path(sft.path).mkdir()
+    (Path(sft.path) / "model.json").write_text(json.dumps({"path": str(workspace / "models" / "sft"), "files": {}}))
+
+    def train_and_complete(job: dict[str, Any]) -> dict[str, Any]:
+        """What the trainer pods would do: write the model folder and the metrics file on the volume."""
+        args = job["spec"]["trainer"]["args"]
+        paths = dict(a.split("=", 1) for a in args[3::2])
+        Path(json.loads(paths["train.out_dir"]), "adapter.bin").write_bytes(b"weights")
+        Path(json.loads(paths["train.metrics_file"])).write_text(json.dumps({"train": {"loss": 0.5}}))
+        return complete()
+
+    server.script = [train_and_complete]  # the task polls every 15 s: complete at the first look
+    monkeypatch.setattr(launcher_module, "custom_objects_api", lambda: api)
+    monkeypatch.setattr(launcher_module, "current_namespace", lambda: NS)
+    config = dsl.TaskConfig(volumes=[{"name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "run-7-kfp-workspace"}}],
+                            volume_mounts=[{"name": "kfp-workspace", "mountPath": str(workspace)}])
+    policy, metrics = dsl.Model(uri=str(tmp_path / "policy")), dsl.Metrics(uri=str(tmp_path / "metrics.json"))
+    train_job(params=(REPO / "params.yaml").read_text(), validated=dsl.Dataset(uri=str(rows)),
+              degrees=dsl.Dataset(uri=str(degrees)), sft=sft, workspace=str(workspace), loss="dpo", spo=True,
+              spo_variant=True, platform=multinode().model_dump_json(), run_id="7e57c0de-0000-4000-8000-000000000000",
+              task_config=config, policy=policy, metrics=metrics)
+
+    (created,) = server.calls("POST")
+    job = created.body
+    validate_trainjob(job)
+    name = job["metadata"]["name"]
+    assert name.startswith("spo-dpo-spo-7e57c0de-") and job["metadata"]["labels"]["spo-pipeline/variant"] == "dpo-spo"
+    assert job["metadata"]["labels"]["pipeline/runid"] == "7e57c0de-0000-4000-8000-000000000000"
+    staged = workspace / "trainjobs" / name
+    assert (staged / "rows" / "train.jsonl").is_file() and (staged / "degrees" / "train.jsonl").is_file()
+    assert (staged / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
+    args = job["spec"]["trainer"]["args"]
+    assert args[:2] == ["-p", str(staged / "params.yaml")]
+    assert f'train.sft_dir="{workspace}/models/sft"' in args and "train.spo.enabled=true" in args
+    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    volumes = pod["template"]["spec"]["template"]["spec"]["volumes"]
+    assert volumes[0] == {"name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "run-7-kfp-workspace"}}
+    assert model_dir(policy) == str(workspace / "models" / "policy" / "dpo_spo")  # the single-pod task's folder
+    assert policy.metadata["files"] == 1 and metrics.metadata == {"train.loss": 0.5}
+    assert json.loads(Path(metrics.path).read_text()) == {"train": {"loss": 0.5}}
+
+
+def test_a_bad_param_fails_the_step_before_any_job_is_created(tmp_path: Path, server: TrainJobApi,
+                                                              api: k8s.CustomObjectsApi) -> None:
+    from kfp import dsl
+
+    from spo.config import ConfigError
+
+    workspace, rows = tmp_path / "ws", tmp_path / "rows"
+    rows.mkdir()
+    params = (REPO / "params.yaml").read_text() + "\nbogus_section: {}\n"
+    config = dsl.TaskConfig(volumes=[{"name": "w", "persistentVolumeClaim": {"claimName": "c"}}],
+                            volume_mounts=[{"name": "w", "mountPath": str(workspace)}])
+    with pytest.raises(ConfigError, match="bogus_section"):
+        run_train_job(params=params, loss="dpo", spo=True, spo_variant=False, rows_dir=str(rows), degrees_dir=str(rows),
+                      sft_dir=str(workspace / "sft"), workspace=str(workspace), platform_json=multinode().model_dump_json(),
+                      run_id="r", task_config=config, metrics_file=str(tmp_path / "m.json"), namespace=NS, api=api)
+    assert not server.requests and not (workspace / "trainjobs").exists()  # nothing staged either
+
+
+def test_the_workspace_claim_comes_from_the_task_config() -> None:
+    from kfp import dsl
+
+    config = dsl.TaskConfig(volumes=[{"name": "other", "configMap": {"name": "x"}},
+                                     {"name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "wf-1-kfp-workspace"}}],
+                            volume_mounts=[{"name": "other", "mountPath": "/etc/x"},
+                                           {"name": "kfp-workspace", "mountPath": "/kfp-workspace"}])
+    assert workspace_claim(config, "/kfp-workspace") == "wf-1-kfp-workspace"
+    with pytest.raises(TrainJobError, match="KFP >= 2.15"):
+        workspace_claim(dsl.TaskConfig(), "/kfp-workspace")
+
+
+# --------------------------------------------------------------------------- the compiled pipelines
+
+
+def _compile(tmp_path: Path, platform: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    from spo.pipelines.compile import compile_pipeline
+
+    out = compile_pipeline(tmp_path / f"{platform}.yaml", params=REPO / "params.yaml",
+                           platform=PLATFORMS / f"{platform}.yaml")
+    spec, platform_spec = [d for d in yaml.safe_load_all(out.read_text()) if d]
+    return spec, platform_spec["platforms"]["kubernetes"]
+
+
+def _container(spec: dict[str, Any], task: str) -> dict[str, Any]:
+    component = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
+    return spec["deploymentSpec"]["executors"][spec["components"][component]["executorLabel"]]["container"]
+
+
+def test_multinode_pipeline_launches_trainjobs_from_cpu_pods(tmp_path: Path) -> None:
+    spec, k8s_spec = _compile(tmp_path, "multinode")
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"train-job", "train-job-2"} <= set(tasks) and not {"train", "train-2"} & set(tasks)
+    assert set(tasks["generate"]["dependentTasks"]) >= {"train-job", "train-job-2"}
+    for name, display in (("train-job", "train"), ("train-job-2", "train spo")):
+        task = tasks[name]
+        assert task["taskInfo"]["name"] == display and task["componentRef"]["name"].startswith("comp-train-job")
+        resources = _container(spec, name)["resources"]
+        assert "accelerator" not in resources and resources["resourceMemoryLimit"] == "16Gi"  # the cpu pool
+        executor = k8s_spec["deploymentSpec"]["executors"][f"exec-{name}"]
+        assert "nodeSelector" not in executor and "tolerations" not in executor
+        assert task["retryPolicy"]["maxRetryCount"] == 1  # the train pool's retries: a new TrainJob per retry
+        assert task["cachingOptions"] == {}  # never from another run's cache: it writes the workspace
+        platform = json.loads(task["inputs"]["parameters"]["platform"]["runtimeValue"]["constant"])
+        assert platform["pools"]["gpu-multinode"]["nodes"] == 2
+        assert task["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    component = spec["components"]["comp-train-job"]
+    assert set(component["outputDefinitions"]["artifacts"]) == {"policy", "metrics"}  # as train's
+    assert set(component["inputDefinitions"]["artifacts"]) == {"validated", "degrees", "sft"}
+    passthrough = {p["field"]: p["applyToTask"] for p in component["taskConfigPassthroughs"]}
+    assert passthrough["KUBERNETES_VOLUMES"] and all(passthrough.values()) and len(passthrough) == 6
+    assert _container(spec, "sft")["resources"]["accelerator"]["count"] == "1"  # the other GPU steps as before
+    assert k8s_spec["pipelineConfig"]["workspace"]["kubernetes"]["pvcSpecPatch"]["accessModes"] == ["ReadWriteMany"]
+    from spo.pipelines.compile import compile_pipeline
+
+    compile_pipeline(tmp_path / "k8s.yaml", params=REPO / "params.yaml", platform=PLATFORMS / "multinode.yaml",
+                     kubernetes_manifests=True, namespace="spo")  # the Pipeline resources, validated strictly
+
+
+@pytest.mark.parametrize("platform", ["local", "gpu"])
+def test_single_node_pipelines_keep_the_single_pod_train(tmp_path: Path, platform: str) -> None:
+    spec, _ = _compile(tmp_path, platform)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["train"]["componentRef"]["name"] == "comp-train" and "train-2" in tasks
+    assert not any(name.startswith("comp-train-job") for name in spec["components"])
+    assert "taskConfigPassthroughs" not in json.dumps(spec)
+    assert set(tasks["train"]["inputs"]["parameters"]) == {"params", "workspace", "loss", "spo", "spo_variant"}
+    gpu = _container(spec, "train")["resources"].get("accelerator")
+    assert (gpu is not None) == (platform == "gpu")
+
+
+def test_pools_env_and_secrets_reach_single_pod_tasks_too(tmp_path: Path) -> None:
+    data = yaml.safe_load((PLATFORMS / "gpu.yaml").read_text())
+    data["pools"]["gpu"]["env"] = {"NCCL_DEBUG": "INFO"}
+    data["pools"]["gpu"]["secret_env"] = {"HF_TOKEN": {"name": "hf", "key": "token"}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
+    from spo.pipelines.compile import compile_pipeline
+
+    out = compile_pipeline(tmp_path / "out.yaml", params=REPO / "params.yaml", platform=tmp_path / "p.yaml")
+    spec, platform_spec = [d for d in yaml.safe_load_all(out.read_text()) if d]
+    assert {"name": "NCCL_DEBUG", "value": "INFO"} in _container(spec, "sft")["env"]
+    executor = platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-sft"]
+    (secret,) = executor["secretAsEnv"]
+    assert secret["secretName"] == "hf" and secret["keyToEnv"] == [{"envVar": "HF_TOKEN", "secretKey": "token"}]
+    assert "env" not in _container(spec, "prepare")  # the cpu pool has none
