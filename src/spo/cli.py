@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from spo import __version__
 from spo.config import ConfigError, load_config
@@ -36,11 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _exp_parser(sub)
     _pipeline_parser(sub)
+    _trainjob_parser(sub)
     return parser
 
 
 def _pipeline_parser(sub: argparse._SubParsersAction) -> None:
-    pipe = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile it, run it locally in containers")
+    pipe = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile it, run it locally in containers, submit it to KFP")
     pipe.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     actions = pipe.add_subparsers(dest="pipeline_command", required=True, metavar="action")
     comp = actions.add_parser("compile", help="write the pipeline YAML (or its Pipeline/PipelineVersion resources)")
@@ -63,6 +65,61 @@ def _pipeline_parser(sub: argparse._SubParsersAction) -> None:
                        help="docker: every step in the image, no network; subprocess: in this environment")
     local.add_argument("-A", "--arg", dest="arguments", action="append", default=[], metavar="NAME=VALUE",
                        help="a pipeline parameter (YAML value), e.g. -A train_steps=50 (repeatable)")
+    submit = actions.add_parser("submit", help="compile, upload (or reuse) the pipeline version, start a run on KFP")
+    submit.add_argument("--host", required=True, help="the KFP URL, e.g. https://kfp.example.com (API and UI)")
+    submit.add_argument("--experiment", default="spo", help="the run's experiment, created if absent (default: spo)")
+    submit.add_argument("-p", "--params", default="params.yaml", help="params file: the run's defaults")
+    submit.add_argument("--platform", default="configs/platform/local.yaml",
+                        help="placement, image, workspace, secrets")
+    submit.add_argument("--image", help="the project image (replaces the platform file's)")
+    submit.add_argument("--pipeline-name", help="the pipeline's name on the server (default: the compiled one)")
+    submit.add_argument("--namespace", help="profile namespace on a multi-user KFP (the pipeline, experiment, run)")
+    submit.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a param override for the run, e.g. -S train.beta=0.5 (repeatable)")
+    submit.add_argument("-A", "--arg", dest="arguments", action="append", default=[], metavar="NAME=VALUE",
+                        help="a pipeline parameter, e.g. -A train_steps=2000 (repeatable)")
+    submit.add_argument("--wait", action="store_true", help="follow the run; exit non-zero unless it succeeds")
+    submit.add_argument("--timeout", type=float, default=86400.0,
+                        help="seconds --wait follows the run (default: a day)")
+    submit.add_argument("--token-env", default="KFP_TOKEN", help="environment variable with the bearer token")
+    submit.add_argument("--token-file", default="/var/run/secrets/kubernetes.io/serviceaccount/token",
+                        help="the token file read when that variable is unset (in a pod: its service account's)")
+
+
+def _trainjob_parser(sub: argparse._SubParsersAction) -> None:
+    job = sub.add_parser("trainjob", help="the train stage as a Kubeflow Trainer TrainJob (multi-node training)")
+    job.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    actions = job.add_subparsers(dest="trainjob_command", required=True, metavar="action")
+    render = actions.add_parser("render", help="print the validated TrainJob YAML of `spo train` on the platform's "
+                                "train pool, for `kubectl apply -f -`")
+    render.add_argument("-p", "--params", default="params.yaml", help="params file the pods read (see --params-in-pod)")
+    render.add_argument("--platform", default="configs/platform/multinode.yaml",
+                        help="the platform file: the train pool's nodes, processes, GPUs, selectors, tolerations")
+    render.add_argument("--name", required=True, help="the TrainJob's name (an RFC 1035 label, at most 63 characters)")
+    render.add_argument("--workspace-claim", required=True,
+                        help="the PersistentVolumeClaim holding the params, data and models (ReadWriteMany)")
+    render.add_argument("--workspace-path", default="/kfp-workspace", help="where the pods mount it")
+    render.add_argument("--params-in-pod", help="the params file's path in the pods (default: --params, which must "
+                        "then lie under --workspace-path)")
+    render.add_argument("--namespace", help="the TrainJob's namespace")
+    render.add_argument("--image", help="the project image (replaces the platform file's)")
+    render.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a param override passed to `spo train`, e.g. -S train.optim.max_steps=2000 (repeatable)")
+    render.add_argument("-o", "--out", help="write the YAML here instead of stdout")
+
+
+def _trainjob(args: argparse.Namespace) -> int:
+    from spo.cluster.trainjob import render_trainjob
+
+    text = render_trainjob(args.params, args.platform, name=args.name, workspace_claim=args.workspace_claim,
+                           workspace_path=args.workspace_path, namespace=args.namespace, overrides=args.overrides,
+                           image=args.image, params_in_pod=args.params_in_pod)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(args.out)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def _pipeline(args: argparse.Namespace) -> int:
@@ -72,6 +129,14 @@ def _pipeline(args: argparse.Namespace) -> int:
         print(compile_pipeline(args.out, params=args.params, platform=args.platform, image=args.image,
                                kubernetes_manifests=args.kubernetes_manifests, namespace=args.namespace,
                                version=args.version_name))
+        return 0
+    if args.pipeline_command == "submit":
+        from spo.pipelines.submit import submit
+
+        submit(args.host, experiment=args.experiment, params=args.params, platform=args.platform, image=args.image,
+               pipeline_name=args.pipeline_name, namespace=args.namespace, overrides=args.overrides,
+               arguments=args.arguments, wait=args.wait, timeout=args.timeout, token_env=args.token_env,
+               token_file=args.token_file)
         return 0
     if args.pipeline_command == "graph":
         from spo.pipelines.graph import draw
@@ -150,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             return _exp(args)
         if args.command == "pipeline":
             return _pipeline(args)
+        if args.command == "trainjob":
+            return _trainjob(args)
         cfg = load_config(args.params, args.overrides)
         if args.command == "config":
             import yaml
