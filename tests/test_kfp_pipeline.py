@@ -213,10 +213,11 @@ class _VanishingContainers:
     def list(self) -> list:
         return [type("Image", (), {"tags": ["spo-pipeline:test"], "attrs": {"RepoDigests": []}})()]
 
-    def run(self, *, auto_remove: bool, **_: object) -> object:
+    def run(self, *, auto_remove: bool, **kwargs: object) -> object:
         import docker
 
         client = self
+        self.network = kwargs.get("network_mode")
 
         class Container:
             def logs(self, **_: object) -> list[bytes]:
@@ -247,3 +248,4 @@ def test_a_fast_failing_container_reports_its_exit_code_not_success() -> None:
     assert docker_task_handler.run_docker_container(_VanishingContainers(), *args) == 0
     client = _VanishingContainers()
     assert _checked_container(client, *args) == 1 and client.removed
+    assert client.network == "none"  # no bridge, even for a runner built without network_mode

@@ -47,7 +47,7 @@ class LocalRun:
     root: Path
     seconds: float
     tasks: dict[str, dict[str, Path]] = field(default_factory=dict)
-    step_seconds: dict[str, float] = field(default_factory=dict)  # container wall time per task (docker runner)
+    step_seconds: dict[str, float] = field(default_factory=dict)  # container wall time per task (DockerRunner)
 
     def output(self, task: str, name: str) -> Path:
         try:
@@ -74,6 +74,7 @@ def _checked_container(client: Any, image: str, command: list[str], volumes: dic
     from kfp.local import docker_task_handler
 
     run_args.pop("auto_remove", None)
+    run_args.setdefault("network_mode", "none")  # never a bridge: no runner of ours asks for one
     image = docker_task_handler.add_latest_tag_if_not_present(image)
     if not any(image in (i.tags + i.attrs.get("RepoDigests", [])) for i in client.images.list()):
         raise StageFailed(f"image {image!r} is not on this Docker host and nothing is pulled here: build it "
