@@ -28,9 +28,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_train_support import hh_pairs, tiny_model
+from test_train_support import write_train_inputs
 
-from spo.io import write_jsonl
 
 STEPS = 4
 TIMEOUT_S = 240  # both nodes together; a node left alone waits in the rendezvous far longer than this
@@ -81,15 +80,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared inputs (validated rows, degrees, a saved tiny SFT model) and the params file."""
-    from spo.models.loading import save_model
-
-    root = tmp_path_factory.mktemp("multinode")
-    rows, degs = hh_pairs()
-    for split, sl in (("train", slice(0, 32)), ("eval", slice(64, 72))):
-        write_jsonl(root / "data/validated" / f"{split}.jsonl", rows[sl])
-        write_jsonl(root / "data/degrees" / f"{split}.jsonl", degs[sl])
-    tok, model = tiny_model()
-    save_model(model, tok, root / "models/sft")
+    root = write_train_inputs(tmp_path_factory.mktemp("multinode"), slice(0, 32), slice(64, 72))
     params = {"seed": 0, "train": {
         "rows_dir": str(root / "data/validated"), "degrees_dir": str(root / "data/degrees"),
         "sft_dir": str(root / "models/sft"),

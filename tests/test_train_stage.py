@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from test_train_support import hh_pairs, tiny_model
+from test_train_support import write_train_inputs
 
 from spo.config import load_config
 from spo.io import InputError, write_jsonl
@@ -15,16 +15,7 @@ from spo.io import InputError, write_jsonl
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from spo.models.loading import save_model
-
-    root = tmp_path_factory.mktemp("train_stage")
-    rows, degs = hh_pairs()
-    for split, sl in (("train", slice(0, 64)), ("eval", slice(64, 80))):
-        write_jsonl(root / "data/validated" / f"{split}.jsonl", rows[sl])
-        write_jsonl(root / "data/degrees" / f"{split}.jsonl", degs[sl])
-    tok, model = tiny_model()
-    save_model(model, tok, root / "models/sft")
-    return root
+    return write_train_inputs(tmp_path_factory.mktemp("train_stage"), slice(0, 64), slice(64, 80))
 
 
 def _cfg(root: Path, variant: str, *overrides: str):

@@ -86,6 +86,21 @@ def tiny_model(seed: int = 0) -> tuple[Any, Any]:
     return tok, copy.deepcopy(model)
 
 
+def write_train_inputs(root: Path, train: slice, eval_: slice) -> Path:
+    """What the train stage reads, under root: validated rows and degree lines of the hh_pairs
+    slices, and a saved tiny SFT model (data/validated, data/degrees, models/sft)."""
+    from spo.io import write_jsonl
+    from spo.models.loading import save_model
+
+    rows, degs = hh_pairs()
+    for split, sl in (("train", train), ("eval", eval_)):
+        write_jsonl(root / "data/validated" / f"{split}.jsonl", rows[sl])
+        write_jsonl(root / "data/degrees" / f"{split}.jsonl", degs[sl])
+    tok, model = tiny_model()
+    save_model(model, tok, root / "models/sft")
+    return root
+
+
 def train_cfg(**over: Any) -> TrainConfig:
     """Small, fast defaults; keyword overrides (spo=..., optim=... as dicts or models)."""
     spo = over.pop("spo", {})
