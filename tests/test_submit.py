@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import secrets
 import tempfile
 import threading
@@ -276,7 +277,9 @@ def test_a_rotated_service_account_token_is_read_again_while_following_a_run(
             while time.monotonic() < deadline and not server.state.runs:
                 time.sleep(0.01)
             server.token = (token, rotated)
-            token_file.write_text(rotated + "\n")
+            staged = token_file.with_name("token.new")  # the kubelet swaps the file atomically: never half-written
+            staged.write_text(rotated + "\n")
+            os.replace(staged, token_file)
 
         rotator = threading.Thread(target=rotate)
         rotator.start()
