@@ -1,7 +1,8 @@
 """A loopback Kubernetes API server for TrainJobs: just enough REST for the real ``kubernetes`` client.
 
 Serves ``/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs`` (POST: create) and
-``.../trainjobs/{name}`` (GET, DELETE) from an in-memory store, answering as the API server
+``.../trainjobs/{name}`` (GET, DELETE) from an in-memory store, and ``/api/v1/namespaces/{ns}/pods/{name}``
+(GET: the pods in :attr:`TrainJobApi.pods`, for the launcher's own run-id label), answering as the API server
 does (the object, or a ``Status`` with code, reason and message). A created job's ``status``
 follows a script: the n-th GET of it answers ``script[min(n, len - 1)]`` (a status mapping, or a
 callable ``(job) -> status``), so the last entry repeats. Faults are injected per method from a
@@ -27,6 +28,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 _ROUTE = re.compile(r"/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/(?P<ns>[^/]+)/trainjobs(?:/(?P<name>[^/]+))?")
+_POD = re.compile(r"/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)")
 _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "AlreadyExists",
             422: "Invalid", 429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable"}
 _MAX_BODY = 10 * 1024 * 1024
@@ -80,6 +82,7 @@ class TrainJobApi:
     faults: dict[str, deque[Fault]] = field(default_factory=dict)
     max_requests: int = 500
     jobs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    pods: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)  # (namespace, name) -> labels
     requests: list[Record] = field(default_factory=list)
     gets: int = 0
     _server: ThreadingHTTPServer | None = None
@@ -146,6 +149,16 @@ class TrainJobApi:
     def _answer(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
         if len(self.requests) > self.max_requests:
             return _status(500, f"request budget of {self.max_requests} exhausted: the client polls too long")
+        pod = _POD.fullmatch(path)
+        if pod and method == "GET":
+            if self.faults.get(method):
+                fault = self.faults[method].popleft()
+                return _status(fault.status, fault.message)
+            labels = self.pods.get((pod["ns"], pod["name"]))
+            if labels is None:
+                return _status(404, f'pods "{pod["name"]}" not found')
+            return 200, {"kind": "Pod", "apiVersion": "v1", "metadata": {
+                "name": pod["name"], "namespace": pod["ns"], "labels": dict(labels)}}
         route = _ROUTE.fullmatch(path)
         if not route:
             return _status(404, f"the server could not find the requested resource {path}")

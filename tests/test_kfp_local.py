@@ -26,7 +26,7 @@ def _numbers(data: dict) -> dict:
 
 def _winrate_rows(report: str) -> list[list[str]]:
     """The report's win-rate rows, cells split, without the judge column: it names where the
-    judge model lies (models/reward under DVC, the run's workspace under KFP)."""
+    judge model lies (models/reward under DVC, the reward step's artifact under KFP)."""
     lines = report.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("## Win rates"))
     rows = [line.strip("| ").split(" | ") for line in lines[start:start + 12] if line.startswith("| ") and "_vs_" in line]

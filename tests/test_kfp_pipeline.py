@@ -87,10 +87,9 @@ def test_gpu_platform_places_exactly_what_it_asks_for(tmp_path: Path) -> None:
     secret = k8s["deploymentSpec"]["executors"]["exec-judge"]["secretAsEnv"][0]
     assert secret["secretName"] == "spo-judge" and secret["keyToEnv"] == [{"envVar": "OPENAI_API_KEY", "secretKey": "api-key"}]
     assert k8s["pipelineConfig"]["workspace"]["size"] == "200Gi"
-    # the steps that write model folders onto the run's workspace are never taken from another run's cache
     caching = {t: tasks[t].get("cachingOptions", {}).get("enableCache", False) for t in tasks}
-    assert not any(caching[t] for t in ("base-model", "sft", "train", "train-2", "reward-model"))
-    assert all(caching[t] for t in ("prepare", "validate", "keywords", "degrees", "generate", "judge", "report"))
+    # every result is an artifact (models too): every step can be reused by a later run, but publish
+    assert {t for t in tasks if not caching[t]} == {"publish"}
 
 
 def test_a_changed_platform_file_changes_only_placement(tmp_path: Path) -> None:
@@ -167,7 +166,6 @@ def test_the_compiled_pipeline_runs_under_kfp_local(tmp_path: Path, hh_slice: Pa
     its publish step leaves in the DVC remote (a folder here) what a fresh clone's `dvc pull` restores."""
     from pipeline_helpers import _env, fresh_clone, pull_and_check, read_params, shrink_params, tree_bytes, write_params
 
-    from spo.io import tree_sha256
     from spo.pipelines.local import run_local, summary
 
     work = tmp_path / "project"
@@ -184,8 +182,8 @@ def test_the_compiled_pipeline_runs_under_kfp_local(tmp_path: Path, hh_slice: Pa
     train = json.loads(run.output("train", "metrics").read_text())
     assert train["steps"] == 1 and not train["spo"]  # the knob reached the stage; the first policy has no SPO
     assert json.loads(run.output("train-2", "metrics").read_text())["spo"]
-    manifest = json.loads((run.output("sft", "sft") / "model.json").read_text())
-    assert manifest["path"].startswith(str(work / "run" / "workspace")) and "model.safetensors" in manifest["files"]
+    sft = run.output("sft", "sft")  # the artifact holds the weights, so a later run can take the step from the cache
+    assert (sft / "model.safetensors").is_file() and run.output("sft", "sft").parent.is_relative_to(work / "run" / "root")
     # publish: every output in the remote with the run's dvc.lock; a laptop's checkout pulls exactly those
     [run_files] = (work / "remote" / "runs").iterdir()
     assert (run_files / "dvc.lock").read_bytes() == run.output("publish", "dvc_lock").read_bytes()
@@ -193,12 +191,52 @@ def test_the_compiled_pipeline_runs_under_kfp_local(tmp_path: Path, hh_slice: Pa
     env = _env(hh_slice)
     clone = fresh_clone(tmp_path, [["add", "cluster", str(work / "remote")]], env)
     pull_and_check(clone, run_files / "results.tar.gz", None, "cluster", env)  # (kfp.local removed the workspace)
-    for task, name, path in (("validate", "validated", "data/validated"), ("degrees", "degrees", "data/degrees"),
-                             ("judge", "judgments", "outputs/judgments"), ("report", "plots", "plots"),
-                             ("train-2", "metrics", "metrics/train_dpo_spo.json")):
-        assert tree_bytes(clone / path) == tree_bytes(run.output(task, name)), path
-    manifest = json.loads((run.output("train-2", "policy") / "model.json").read_text())  # the workspace folder's sha256s
-    assert tree_sha256(clone / "models" / "policy" / "dpo_spo") == manifest["files"]
+    pulled = {"data/validated": run.output("validate", "validated"), "data/degrees": run.output("degrees", "degrees"),
+              "outputs/judgments": run.output("judge", "judgments"), "plots": run.output("report", "plots"),
+              "metrics/train_dpo_spo.json": run.output("train-2", "metrics"), "models/sft": sft,
+              "models/policy/dpo_spo": run.output("train-2", "policy"),
+              "outputs/judge_cache.sqlite": run.output("judge", "judge_cache") / "judge_cache.sqlite"}
+    for path, artifact in pulled.items():
+        assert tree_bytes(clone / path) == tree_bytes(artifact), path
+    # a second run with the same data and params: KFP takes every step but publish from its cache, so publish
+    # gets the first run's artifacts, on a new run's empty workspace; it records the same dvc.lock, and DVC finds
+    # every output already in the remote (nothing new is uploaded but that run's own files)
+    remote_files = _remote_files(work / "remote")
+    again = tmp_path / "again"
+    _publish_from_cache(pipeline, run, workspace=again / "workspace", out=again, run_id="second-run")
+    assert (again / "dvc_lock").read_bytes() == run.output("publish", "dvc_lock").read_bytes()
+    assert _remote_files(work / "remote") == remote_files
+    assert (work / "remote" / "runs" / "second-run" / "dvc.lock").read_bytes() == (run_files / "dvc.lock").read_bytes()
+
+
+def _remote_files(remote: Path) -> dict[str, bytes]:
+    """The DVC remote's content-addressed files (not the per-run files under runs/)."""
+    return {p.relative_to(remote).as_posix(): p.read_bytes() for p in sorted(remote.rglob("*"))
+            if p.is_file() and p.relative_to(remote).parts[0] != "runs"}
+
+
+def _publish_from_cache(pipeline: Path, run: object, *, workspace: Path, out: Path, run_id: str) -> None:
+    """The publish step of a run whose other steps all came from KFP's cache: its component,
+    called with the inputs the compiled pipeline wires into it, taken from ``run``'s artifacts
+    (what a cache hit hands downstream), its parameters as compiled, and a fresh workspace."""
+    from kfp import dsl
+
+    from spo.pipelines.components import publish
+
+    spec = next(d for d in yaml.safe_load_all(pipeline.read_text()) if d)
+    task = spec["root"]["dag"]["tasks"]["publish"]
+    kwargs: dict[str, object] = {}
+    for name, ref in task["inputs"]["artifacts"].items():
+        source = ref["taskOutputArtifact"]
+        kwargs[name] = dsl.Artifact(uri=str(run.output(source["producerTask"], source["outputArtifactKey"])))
+    for name, value in task["inputs"]["parameters"].items():
+        kwargs[name] = value["runtimeValue"]["constant"] if "runtimeValue" in value else None
+    kwargs.update(params_all=run.output("publish", "params_yaml").read_text(), run_id=run_id,
+                  workspace=str(workspace), loss="dpo")
+    workspace.mkdir(parents=True)
+    outputs = {name: dsl.Artifact(uri=str(out / name)) for name in ("dvc_lock", "params_yaml", "results")}
+    assert set(kwargs) | set(outputs) == set(publish.__code__.co_varnames[:publish.__code__.co_argcount])
+    publish(**kwargs, **outputs)
 
 
 class _VanishingContainers:

@@ -9,6 +9,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -430,7 +431,7 @@ def test_a_cancel_whose_delete_fails_says_how_to_delete_by_hand(server: TrainJob
 # --------------------------------------------------------------------------- the launcher task's step
 
 
-def test_the_step_stages_its_inputs_on_the_workspace_and_returns_the_model_folder(
+def test_the_step_stages_its_inputs_on_the_workspace_and_hands_the_trained_model_back_as_its_artifact(
         tmp_path: Path, server: TrainJobApi, api: k8s.CustomObjectsApi, monkeypatch: pytest.MonkeyPatch) -> None:
     from kfp import dsl
 
@@ -442,9 +443,9 @@ def test_the_step_stages_its_inputs_on_the_workspace_and_returns_the_model_folde
     for folder in (rows, degrees):
         folder.mkdir()
         (folder / "train.jsonl").write_text("{}\n")
-    sft = dsl.Model(uri=str(tmp_path / "sft-artifact"))
+    sft = dsl.Model(uri=str(tmp_path / "sft-artifact"))  # the SFT step's artifact, downloaded into this pod
     Path(sft.path).mkdir()
-    (Path(sft.path) / "model.json").write_text(json.dumps({"path": str(workspace / "models" / "sft"), "files": {}}))
+    (Path(sft.path) / "model.safetensors").write_bytes(b"sft weights")
 
     def train_and_complete(job: dict[str, Any]) -> dict[str, Any]:
         """What the trainer pods would do: write the model folder and the metrics file on the volume."""
@@ -457,13 +458,16 @@ def test_the_step_stages_its_inputs_on_the_workspace_and_returns_the_model_folde
     server.script = [train_and_complete]  # the task polls every 15 s: complete at the first look
     monkeypatch.setattr(launcher_module, "custom_objects_api", lambda: api)
     monkeypatch.setattr(launcher_module, "current_namespace", lambda: NS)
+    monkeypatch.setenv("KFP_POD_NAME", "spo-pipeline-x7k2q-system-container-impl-123")
+    server.pods[(NS, "spo-pipeline-x7k2q-system-container-impl-123")] = {
+        "pipeline/runid": "7e57c0de-0000-4000-8000-000000000000"}
     config = dsl.TaskConfig(volumes=[{"name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "run-7-kfp-workspace"}}],
                             volume_mounts=[{"name": "kfp-workspace", "mountPath": str(workspace)}])
     policy, metrics = dsl.Model(uri=str(tmp_path / "policy")), dsl.Metrics(uri=str(tmp_path / "metrics.json"))
     train_job(params=(REPO / "params.yaml").read_text(), validated=dsl.Dataset(uri=str(rows)),
               degrees=dsl.Dataset(uri=str(degrees)), sft=sft, workspace=str(workspace), loss="dpo", spo=True,
-              spo_variant=True, platform=multinode().model_dump_json(), run_id="7e57c0de-0000-4000-8000-000000000000",
-              task_config=config, policy=policy, metrics=metrics)
+              spo_variant=True, platform=multinode().model_dump_json(), task_config=config, policy=policy,
+              metrics=metrics)
 
     (created,) = server.calls("POST")
     job = created.body
@@ -476,13 +480,35 @@ def test_the_step_stages_its_inputs_on_the_workspace_and_returns_the_model_folde
     assert (staged / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
     args = job["spec"]["trainer"]["args"]
     assert args[:2] == ["-p", str(staged / "params.yaml")]
-    assert f'train.sft_dir="{workspace}/models/sft"' in args and "train.spo.enabled=true" in args
+    assert (staged / "sft" / "model.safetensors").read_bytes() == b"sft weights"  # the trainer pods see the volume only
+    assert f'train.sft_dir="{staged}/sft"' in args and "train.spo.enabled=true" in args
     pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     volumes = pod["template"]["spec"]["template"]["spec"]["volumes"]
     assert volumes[0] == {"name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "run-7-kfp-workspace"}}
-    assert model_dir(policy) == str(workspace / "models" / "policy" / "dpo_spo")  # the single-pod task's folder
-    assert policy.metadata["files"] == 1 and metrics.metadata == {"train.loss": 0.5}
+    assert f'train.out_dir="{workspace}/models/policy/dpo_spo"' in args  # the single-pod task's folder: resumable
+    # the artifact holds the weights themselves: a later run taking this step from KFP's cache needs no workspace
+    shutil.rmtree(workspace)
+    assert (Path(model_dir(policy)) / "adapter.bin").read_bytes() == b"weights"
+    assert policy.metadata["files"] == 1 and len(policy.metadata["sha256"]) == 64
+    assert metrics.metadata == {"train.loss": 0.5}
     assert json.loads(Path(metrics.path).read_text()) == {"train": {"loss": 0.5}}
+
+
+def test_the_run_id_comes_from_the_pods_label_and_its_absence_is_only_a_warning(
+        server: TrainJobApi, api: k8s.CustomObjectsApi, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from spo.cluster.launcher import pipeline_run_id
+
+    monkeypatch.setenv("KFP_POD_NAME", "task-pod")
+    server.pods[(NS, "task-pod")] = {"pipeline/runid": "run-42", "workflows.argoproj.io/workflow": "spo-abc"}
+    assert pipeline_run_id(api, NS) == "run-42"
+    assert server.calls("GET")[-1].path == f"/api/v1/namespaces/{NS}/pods/task-pod"
+    server.inject("GET", Fault(403, 'pods "task-pod" is forbidden: cannot get resource "pods"'))
+    assert pipeline_run_id(api, NS) is None
+    assert "grant 'get' on pods" in caplog.text and "403" in caplog.text
+    monkeypatch.delenv("KFP_POD_NAME")
+    requests = len(server.requests)
+    assert pipeline_run_id(api, NS) is None and len(server.requests) == requests  # not in a KFP pod: no call
 
 
 def test_a_bad_param_fails_the_step_before_any_job_is_created(tmp_path: Path, server: TrainJobApi,
@@ -545,10 +571,10 @@ def test_multinode_pipeline_launches_trainjobs_from_cpu_pods(tmp_path: Path) -> 
         executor = k8s_spec["deploymentSpec"]["executors"][f"exec-{name}"]
         assert "nodeSelector" not in executor and "tolerations" not in executor
         assert task["retryPolicy"]["maxRetryCount"] == 1  # the train pool's retries: a new TrainJob per retry
-        assert task["cachingOptions"] == {}  # never from another run's cache: it writes the workspace
+        assert task["cachingOptions"] == {"enableCache": True}  # its model is an artifact: reusable by a later run
         platform = json.loads(task["inputs"]["parameters"]["platform"]["runtimeValue"]["constant"])
         assert platform["pools"]["gpu-multinode"]["nodes"] == 2
-        assert task["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+        assert "run_id" not in task["inputs"]["parameters"]  # a per-run input would defeat the cache
     component = spec["components"]["comp-train-job"]
     assert set(component["outputDefinitions"]["artifacts"]) == {"policy", "metrics"}  # as train's
     assert set(component["inputDefinitions"]["artifacts"]) == {"validated", "degrees", "sft"}

@@ -31,13 +31,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 __all__ = ["Terminated", "TrainJobApiError", "TrainJobError", "TrainJobFailed", "TrainJobTimeout",
-           "current_namespace", "custom_objects_api", "launch"]
+           "current_namespace", "custom_objects_api", "launch", "pipeline_run_id"]
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 TRANSIENT = frozenset({429, 500, 502, 503, 504})
 HEARTBEAT_SECONDS = 600.0  # a line even when nothing changes: the launcher is alive and still following
 MAX_RETRY_WAIT = 30.0
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+RUN_ID_LABEL = "pipeline/runid"  # KFP's label on every pod of a run
 
 _log = logging.getLogger("spo.trainjob")
 
@@ -92,6 +93,28 @@ def current_namespace() -> str:
             return stream.read().strip()
     except OSError as err:
         raise TrainJobError(f"{NAMESPACE_FILE}: cannot read the pod's namespace ({err.strerror}); pass it explicitly") from None
+
+
+def pipeline_run_id(api: Any, namespace: str) -> str | None:
+    """The KFP run this pod belongs to: the ``pipeline/runid`` label of the pod named by
+    ``KFP_POD_NAME`` (which KFP sets in every task's container). Read from the API, not passed
+    in, because a run id among a task's inputs would make its cache key new for every run.
+    None (with a warning) when it cannot be read, e.g. the role lacks ``get`` on pods."""
+    import os
+
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    pod = os.environ.get("KFP_POD_NAME")
+    if not pod:
+        return None
+    try:
+        labels = client.CoreV1Api(api.api_client).read_namespaced_pod(pod, namespace).metadata.labels or {}
+    except ApiException as err:
+        _log.warning("cannot read pod %s/%s for its run id (HTTP %s %s): the TrainJob is labelled without it; grant "
+                     "'get' on pods to the pipeline's service account", namespace, pod, err.status, err.reason)
+        return None
+    return labels.get(RUN_ID_LABEL)
 
 
 def launch(manifest: Mapping[str, Any], *, namespace: str, api: Any | None = None, poll_seconds: float = 15.0,

@@ -1,12 +1,14 @@
 """The pipeline's train step as a TrainJob: what the launcher task runs in its (CPU) pod.
 
 The trainer pods see only the run's workspace volume, so the task first puts there what they
-read: the stage's params text and copies of the input datasets (artifacts KFP downloaded into
-this pod). It resolves the stage config here — a bad value fails in seconds, not after 16 GPUs
+read: the stage's params text and copies of the input datasets and of the SFT model (artifacts
+KFP downloaded into this pod). It resolves the stage config here — a bad value fails in seconds, not after 16 GPUs
 were scheduled — builds and validates the TrainJob, launches it in this pod's namespace and
 follows it; once it completes it copies the metrics file the job wrote onto the task's
-``Metrics`` output. The model folder is the one the single-pod task writes
-(``{workspace}/models/policy/<variant>``), so a retried task resumes from its checkpoints.
+``Metrics`` output, and the component copies the model folder onto its ``Model`` output. The
+model folder is the one the single-pod task trains in (``{workspace}/models/policy/<variant>``),
+so a retried task resumes from its checkpoints. The job is labelled with the KFP run it belongs
+to (read from this pod's labels: see :func:`~spo.cluster.launcher.pipeline_run_id`).
 
 KFP hands the task its own workspace volume (``TaskConfig``, ``KUBERNETES_VOLUMES``
 passthrough; KFP >= 2.15), which names the run's PVC to mount in the trainer pods.
@@ -28,10 +30,10 @@ __all__ = ["DEADLINE_GRACE_SECONDS", "run_train_job", "trainjob_name", "workspac
 DEADLINE_GRACE_SECONDS = 600
 
 
-def trainjob_name(variant: str, run_id: str) -> str:
+def trainjob_name(variant: str, run_id: str | None) -> str:
     """``spo-<variant>-<run>-<random>``: an RFC 1035 label, new for each attempt, so a retry never
     collides with the failed job an earlier attempt kept for its logs."""
-    run = re.sub(r"[^a-z0-9]", "", run_id.lower())[:8] or "run"
+    run = re.sub(r"[^a-z0-9]", "", (run_id or "").lower())[:8] or "run"
     stem = re.sub(r"[^a-z0-9-]+", "-", f"spo-{variant.lower()}-{run}").strip("-")
     return f"{stem[:57]}-{secrets.token_hex(2)}"
 
@@ -48,36 +50,40 @@ def workspace_claim(task_config: Any, workspace: str) -> str:
 
 
 def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_dir: str, degrees_dir: str,
-                  sft_dir: str, workspace: str, platform_json: str, run_id: str, task_config: Any, metrics_file: str,
+                  sft_dir: str, workspace: str, platform_json: str, task_config: Any, metrics_file: str, run_id: str | None = None,
                   namespace: str | None = None, api: Any | None = None, poll_seconds: float = 15.0) -> str:
     """Train one policy as a TrainJob; returns its model folder on the workspace (see the module doc)."""
     import shutil
 
-    from spo.cluster.launcher import current_namespace, launch
+    from spo.cluster.launcher import current_namespace, custom_objects_api, launch, pipeline_run_id
     from spo.cluster.trainjob import WorkspaceMount, build_trainjob, validate_trainjob
     from spo.pipelines.platform import Platform
     from spo.pipelines.runtime import copy_file, stage_config, variant_names
 
     platform = Platform.model_validate_json(platform_json)
     variant = variant_names(loss)[int(spo_variant)]
-    name = trainjob_name(variant, run_id)
     folder = str(Path(workspace, "models", "policy", variant))
+    staged = {"rows": rows_dir, "degrees": degrees_dir, "sft": sft_dir}
+    paths = {"train.loss": loss, "train.spo.enabled": spo and spo_variant, "train.out_dir": folder}
+    # the job's config, checked before anything is staged or scheduled
+    stage_config(params, [], {**paths, **{f"train.{key}_dir": path for key, path in staged.items()}})
+    claim, namespace = workspace_claim(task_config, workspace), namespace or current_namespace()
+    api = api if api is not None else custom_objects_api()
+    run_id = run_id or pipeline_run_id(api, namespace)
+    name = trainjob_name(variant, run_id)
     job_dir = Path(workspace, "trainjobs", name)
     written = job_dir / "metrics.json"
-    paths = {"train.loss": loss, "train.spo.enabled": spo and spo_variant, "train.rows_dir": str(job_dir / "rows"),
-             "train.degrees_dir": str(job_dir / "degrees"), "train.sft_dir": sft_dir, "train.out_dir": folder,
-             "train.metrics_file": str(written)}
-    stage_config(params, [], paths)  # the job's config, checked before anything is staged or scheduled
-    claim, namespace = workspace_claim(task_config, workspace), namespace or current_namespace()
+    paths.update({f"train.{key}_dir": str(job_dir / key) for key in staged})
+    paths["train.metrics_file"] = str(written)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    shutil.copytree(rows_dir, job_dir / "rows")
-    shutil.copytree(degrees_dir, job_dir / "degrees")
+    for key, source in staged.items():  # the trainer pods see the workspace only
+        shutil.copytree(source, job_dir / key)
     (job_dir / "params.yaml").write_text(params, encoding="utf-8")
     manifest = build_trainjob(
         platform, name=name, params_file=str(job_dir / "params.yaml"),
         overrides=[f"{key}={json.dumps(value)}" for key, value in paths.items()],
         workspace=WorkspaceMount(claim=claim, path=workspace),
-        labels={"pipeline/runid": run_id, "spo-pipeline/variant": variant.replace("_", "-")})
+        labels={**({"pipeline/runid": run_id} if run_id else {}), "spo-pipeline/variant": variant.replace("_", "-")})
     validate_trainjob(manifest)
     deadline = platform.pool("train").active_deadline
     launch(manifest, namespace=namespace, api=api, poll_seconds=poll_seconds,

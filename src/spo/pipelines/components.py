@@ -90,23 +90,20 @@ def degrees(params: str, validated: Input[Dataset], keywords: Input[Dataset],
     log_metrics(metrics, metrics.path)
 
 
-def base_model(params: str, validated: Input[Dataset], workspace: str, base: Output[Model]):
-    from spo.pipelines.runtime import run_stage, workspace_dir, write_model
+def base_model(params: str, validated: Input[Dataset], base: Output[Model]):
+    from spo.pipelines.runtime import run_stage, write_model
 
-    folder = workspace_dir(workspace, "models", "base")
-    run_stage("base_model", params, {"base_model.text_dir": validated.path, "base_model.out_dir": folder})
-    write_model(base, folder)
+    run_stage("base_model", params, {"base_model.text_dir": validated.path, "base_model.out_dir": base.path})
+    write_model(base)
 
 
-def sft(params: str, validated: Input[Dataset], base: Input[Model], workspace: str,
-        sft: Output[Model], metrics: Output[Metrics]):
-    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, workspace_dir, write_model
+def sft(params: str, validated: Input[Dataset], base: Input[Model], sft: Output[Model], metrics: Output[Metrics]):
+    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, write_model
 
-    folder = workspace_dir(workspace, "models", "sft")
     run_stage("sft", params, {
-        "sft.rows_dir": validated.path, "sft.base_dir": model_dir(base), "sft.out_dir": folder,
+        "sft.rows_dir": validated.path, "sft.base_dir": model_dir(base), "sft.out_dir": sft.path,
         "sft.metrics_file": metrics.path})
-    write_model(sft, folder)
+    write_model(sft)
     log_metrics(metrics, metrics.path)
 
 
@@ -115,7 +112,7 @@ def train(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: 
     from spo.pipelines.runtime import log_metrics, model_dir, run_stage, variant_names, workspace_dir, write_model
 
     name = variant_names(loss)[int(spo_variant)]  # the run's two policies: <loss>, <loss>_spo
-    # on the workspace: a retried (pre-empted) task resumes from the checkpoints it left there
+    # trained on the workspace: a retried (pre-empted) task resumes from the checkpoints it left there
     folder = workspace_dir(workspace, "models", "policy", name)
     run_stage("train", params, {
         "train.loss": loss, "train.spo.enabled": spo and spo_variant, "train.rows_dir": validated.path,
@@ -126,15 +123,15 @@ def train(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: 
 
 
 def train_job(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: Input[Model],
-              workspace: str, loss: str, spo: bool, spo_variant: bool, platform: str, run_id: str,
-              task_config: TaskConfig, policy: Output[Model], metrics: Output[Metrics]):
+              workspace: str, loss: str, spo: bool, spo_variant: bool, platform: str, task_config: TaskConfig,
+              policy: Output[Model], metrics: Output[Metrics]):
     from spo.cluster.step import run_train_job
     from spo.pipelines.runtime import log_metrics, model_dir, write_model
 
     folder = run_train_job(
         params=params, loss=loss, spo=spo, spo_variant=spo_variant, rows_dir=validated.path,
         degrees_dir=degrees.path, sft_dir=model_dir(sft), workspace=workspace, platform_json=platform,
-        run_id=run_id, task_config=task_config, metrics_file=metrics.path)
+        task_config=task_config, metrics_file=metrics.path)
     write_model(policy, folder)
     log_metrics(metrics, metrics.path)
 
@@ -151,27 +148,25 @@ def generate(params: str, validated: Input[Dataset], sft: Input[Model], policy: 
     log_metrics(metrics, metrics.path)
 
 
-def reward_model(params: str, validated: Input[Dataset], sft: Input[Model], workspace: str,
-                 reward: Output[Model], metrics: Output[Metrics]):
-    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, workspace_dir, write_model
+def reward_model(params: str, validated: Input[Dataset], sft: Input[Model], reward: Output[Model],
+                 metrics: Output[Metrics]):
+    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, write_model
 
-    folder = workspace_dir(workspace, "models", "reward")
     run_stage("reward_model", params, {
         "reward_model.rows_dir": validated.path, "reward_model.sft_dir": model_dir(sft),
-        "reward_model.out_dir": folder, "reward_model.metrics_file": metrics.path})
-    write_model(reward, folder)
+        "reward_model.out_dir": reward.path, "reward_model.metrics_file": metrics.path})
+    write_model(reward)
     log_metrics(metrics, metrics.path)
 
 
-def judge(params: str, validated: Input[Dataset], generations: Input[Dataset],
-          reward: Input[Model], workspace: str, judgments: Output[Dataset], winrates: Output[HTML],
-          metrics: Output[Metrics]):
+def judge(params: str, validated: Input[Dataset], generations: Input[Dataset], reward: Input[Model],
+          judgments: Output[Dataset], judge_cache: Output[Artifact], winrates: Output[HTML], metrics: Output[Metrics]):
     from spo.pipelines.runtime import html_image, log_metrics, model_dir, run_stage, workspace_dir
 
     run_stage("judge", params, {
         "judge.rows_dir": validated.path, "judge.generations_dir": generations.path, "judge.out_dir": judgments.path,
         "judge.reward_model_dir": model_dir(reward), "judge.metrics_file": metrics.path,
-        "judge.cache_file": workspace_dir(workspace, "judge") + "/judge_cache.sqlite"})
+        "judge.cache_file": workspace_dir(judge_cache.path) + "/judge_cache.sqlite"})
     html_image(judgments.path + "/winrates.png", winrates.path, "Win rates")
     log_metrics(metrics, metrics.path)
 
@@ -211,18 +206,14 @@ def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id:
             sft_metrics: Input[Metrics], policy: Input[Model], policy_spo: Input[Model], train_metrics: Input[Metrics],
             train_spo_metrics: Input[Metrics], generations: Input[Dataset], generate_metrics: Input[Metrics],
             reward: Input[Model], reward_metrics: Input[Metrics], judgments: Input[Dataset],
-            judge_metrics: Input[Metrics], report_md: Input[Markdown], report_html: Input[HTML],
+            judge_cache: Input[Artifact], judge_metrics: Input[Metrics], report_md: Input[Markdown], report_html: Input[HTML],
             plots: Input[Artifact], dvc_lock: Output[Artifact], params_yaml: Output[Artifact],
             results: Output[Artifact]):
     import json
-    import os
 
-    from spo.pipelines.runtime import model_dir, publish, variant_names, workspace_dir
+    from spo.pipelines.runtime import model_dir, publish, variant_names
 
     plain, with_spo = variant_names(loss)
-    judge_cache = workspace_dir(workspace, "judge") + "/judge_cache.sqlite"
-    if not os.path.exists(judge_cache):  # judge taken from the cache: its sqlite is in another run's workspace
-        open(judge_cache, "ab").close()
     outputs = {
         "data/prepared": prepared.path, "data/quarantine/prepare.jsonl": prepare_quarantine.path + "/prepare.jsonl",
         "data/validated": validated.path, "data/quarantine/validate.jsonl": validate_quarantine.path + "/validate.jsonl",
@@ -235,7 +226,7 @@ def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id:
         f"models/policy/{with_spo}": model_dir(policy_spo), f"metrics/train_{with_spo}.json": train_spo_metrics.path,
         "outputs/generations": generations.path, "metrics/generate.json": generate_metrics.path,
         "models/reward": model_dir(reward), "metrics/reward_model.json": reward_metrics.path,
-        "outputs/judgments": judgments.path, "outputs/judge_cache.sqlite": judge_cache,
+        "outputs/judgments": judgments.path, "outputs/judge_cache.sqlite": judge_cache.path + "/judge_cache.sqlite",
         "metrics/judge.json": judge_metrics.path, "reports/report.md": report_md.path,
         "reports/report.html": report_html.path, "plots": plots.path,
     }
@@ -248,9 +239,6 @@ STEPS: dict[str, Callable[..., Any]] = {
     f.__name__: f for f in (configure, prepare, validate, keywords, degrees, base_model, sft, train, train_job, generate,
                             reward_model, judge, report, publish)
 }
-# steps that write model folders onto the run's workspace volume: taking their result from another
-# run's cache would leave this run's workspace without the folder the next step reads
-WORKSPACE_PRODUCERS = ("base_model", "sft", "train", "reward_model")
 
 
 # train_job reads the run's workspace PVC from its task config (to mount it in the TrainJob's pods). Naming

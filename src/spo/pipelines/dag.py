@@ -95,19 +95,19 @@ def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
         rows = validated.outputs["validated"]
         keyphrases = task("keywords", params=p["keywords"], validated=rows)
         levels = task("degrees", params=p["degrees"], validated=rows, keywords=keyphrases.outputs["keywords"])
-        base = task("base_model", params=p["base_model"], validated=rows, workspace=ws)
-        sft = task("sft", params=p["sft"], validated=rows, base=base.outputs["base"], workspace=ws)
-        launcher = {"component": "train_job", "platform": platform.model_dump_json(),
-                    "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER} if platform.train_job else {}
+        base = task("base_model", params=p["base_model"], validated=rows)
+        sft = task("sft", params=p["sft"], validated=rows, base=base.outputs["base"])
+        # no run id among its inputs: it would make every run's cache key new
+        launcher = {"component": "train_job", "platform": platform.model_dump_json()} if platform.train_job else {}
         policies = [task("train", "train spo" if second else "train", params=p["train"], validated=rows,
                          degrees=levels.outputs["degrees"], sft=sft.outputs["sft"], workspace=ws, loss=loss, spo=spo,
                          spo_variant=second, **launcher)
                     for second in (False, True)]
         generated = task("generate", params=p["generate"], validated=rows, sft=sft.outputs["sft"],
                          policy=policies[0].outputs["policy"], policy_spo=policies[1].outputs["policy"], loss=loss)
-        reward = task("reward_model", params=p["reward_model"], validated=rows, sft=sft.outputs["sft"], workspace=ws)
+        reward = task("reward_model", params=p["reward_model"], validated=rows, sft=sft.outputs["sft"])
         judged = task("judge", params=p["judge"], validated=rows, generations=generated.outputs["generations"],
-                      reward=reward.outputs["reward"], workspace=ws)
+                      reward=reward.outputs["reward"])
         reported = task("report", params=p["report"], loss=loss, validation=validated.outputs["validation"],
              degrees=levels.outputs["degrees"], judgments=judged.outputs["judgments"],
              policy=policies[0].outputs["policy"], policy_spo=policies[1].outputs["policy"],
@@ -128,7 +128,8 @@ def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
              train_spo_metrics=policies[1].outputs["metrics"], generations=generated.outputs["generations"],
              generate_metrics=generated.outputs["metrics"], reward=reward.outputs["reward"],
              reward_metrics=reward.outputs["metrics"], judgments=judged.outputs["judgments"],
-             judge_metrics=judged.outputs["metrics"], report_md=reported.outputs["report_md"],
+             judge_cache=judged.outputs["judge_cache"], judge_metrics=judged.outputs["metrics"],
+             report_md=reported.outputs["report_md"],
              report_html=reported.outputs["report_html"], plots=reported.outputs["plots"])
 
     return spo_pipeline

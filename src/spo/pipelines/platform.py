@@ -167,7 +167,7 @@ class Platform(_Strict):
     pools: dict[str, Pool] = Field(default_factory=lambda: {"cpu": Pool()})
     default_pool: str = "cpu"
     steps: dict[str, str] = Field(default_factory=dict, description="Step -> pool; unlisted steps use default_pool.")
-    caching: bool = Field(default=True, description="KFP's cache for the steps whose results are artifacts.")
+    caching: bool = Field(default=True, description="KFP's cache for every step but publish.")
     judge_api_key: SecretRef | None = Field(
         default=None, description="Secret holding the OpenAI-compatible judge's key (judge.backend: openai).")
     dvc_remote: DvcRemote | None = Field(
@@ -253,8 +253,6 @@ def place(task: Any, step: str, platform: Platform, judge_key_env: str | None = 
     """
     from kfp import kubernetes
 
-    from spo.pipelines.components import WORKSPACE_PRODUCERS
-
     pool = platform.pool(step)
     retry = pool
     if step == "train" and platform.train_job:
@@ -284,8 +282,9 @@ def place(task: Any, step: str, platform: Platform, judge_key_env: str | None = 
     kubernetes.set_image_pull_policy(task, platform.image_pull_policy)
     if platform.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, platform.image_pull_secrets)
-    # publish pushes this run's outputs: never taken from another run's cache
-    task.set_caching_options(platform.caching and step not in WORKSPACE_PRODUCERS and step != "publish")
+    # every result is an artifact in the store (models included), so every step can come from KFP's
+    # cache, but publish: it pushes this run's outputs and records this run's dvc.lock
+    task.set_caching_options(platform.caching and step != "publish")
     if step == "publish" and platform.dvc_remote is not None and platform.dvc_remote.credentials_secret is not None:
         creds = platform.dvc_remote.credentials_secret
         keys = {creds.access_key_id_key: "AWS_ACCESS_KEY_ID", creds.secret_access_key_key: "AWS_SECRET_ACCESS_KEY"}

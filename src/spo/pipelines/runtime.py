@@ -5,10 +5,13 @@ and calls :func:`run_stage`, which builds the stage's :class:`~spo.config.SpoCon
 pipeline's ``params.yaml`` text, its knobs (``-S`` overrides) and those paths, and calls the same
 ``spo.stages.<stage>.run(cfg)`` that ``dvc repro`` calls. Nothing about a stage lives here.
 
-Models are big and are read by the next steps of the same run, so their folders live on the
-run's workspace volume (``{workspace}/models/<name>``); the ``Model`` artifact in the object
-store is a small manifest — the folder and the sha256 of each of its files — which is what the
-KFP UI shows and what downstream tasks receive (:func:`write_model` / :func:`model_dir`).
+A ``Model`` artifact holds the model folder itself, as ``dvc repro`` writes it, and KFP uploads
+it to the artifact store like any other artifact (:func:`write_model` / :func:`model_dir`). So
+every step's result lives in storage that outlives its run, and every step but ``publish`` can be
+taken from KFP's cache: a rerun whose data and params are unchanged reuses the earlier run's
+weights, as ``dvc repro`` reuses its cache. Only ``train`` also uses the run's workspace volume,
+for its checkpoints (a retried, pre-empted task resumes from them) and, as a TrainJob, to hand
+the trainer pods their inputs.
 """
 
 from __future__ import annotations
@@ -19,9 +22,6 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-MANIFEST = "model.json"
-
 
 def variant_names(loss: str) -> tuple[str, str]:
     """The two policies every run trains: the loss alone, and the loss with SPO's degree loss."""
@@ -138,29 +138,40 @@ def _scalars(data: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, flo
 
 
 def workspace_dir(workspace: str, *parts: str) -> str:
-    """A folder of the run's workspace volume (created)."""
+    """A folder (created): of the run's workspace volume, or of an artifact's path."""
     folder = Path(workspace, *parts)
     folder.mkdir(parents=True, exist_ok=True)
     return str(folder)
 
 
-def write_model(artifact: Any, folder: str | Path) -> None:
-    """The ``Model`` artifact of a model folder on the workspace: a manifest with its path and
-    the sha256 of every file (so lineage and caching see the weights' content, not their size)."""
+def write_model(artifact: Any, folder: str | Path | None = None) -> None:
+    """Make the ``Model`` artifact hold the model folder: ``folder`` copied onto its path (none:
+    the stage wrote it there), with the count, size and a sha256 of its files as metadata (what
+    the KFP UI shows; lineage then sees the weights' content, not only their size)."""
+    import hashlib
+
     from spo.io import tree_sha256
 
-    files = tree_sha256(folder)
-    Path(artifact.path).mkdir(parents=True, exist_ok=True)
-    (Path(artifact.path) / MANIFEST).write_text(json.dumps({"path": str(folder), "files": files}, indent=1, sort_keys=True))
-    artifact.metadata.update({"workspace_path": str(folder), "files": len(files)})
+    target = Path(artifact.path)
+    if folder is not None and Path(folder).resolve() != target.resolve():
+        if target.exists():  # a retried task: the artifact holds this attempt's folder only
+            shutil.rmtree(target)
+        shutil.copytree(folder, target)
+    files = tree_sha256(target)
+    if not files:
+        raise FileNotFoundError(f"{folder or target}: the stage wrote no model files")
+    digest = hashlib.sha256("".join(f"{name}\0{sha}\n" for name, sha in sorted(files.items())).encode()).hexdigest()
+    artifact.metadata.update({"files": len(files), "bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file()),
+                              "sha256": digest})
 
 
 def model_dir(artifact: Any) -> str:
-    """The model folder a ``Model`` artifact stands for (see :func:`write_model`)."""
-    manifest = Path(artifact.path) / MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{artifact.path}: not a model manifest written by spo.pipelines.runtime.write_model")
-    return str(json.loads(manifest.read_text())["path"])
+    """The model folder a ``Model`` artifact holds (see :func:`write_model`)."""
+    folder = Path(artifact.path)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise FileNotFoundError(f"{artifact.path}: the Model artifact holds no model folder (written by "
+                                "spo.pipelines.runtime.write_model)")
+    return str(folder)
 
 
 def copy_file(source: str | Path, target: str | Path) -> None:
