@@ -205,6 +205,22 @@ def test_trainjob_runs_the_train_stage_under_torchrun_on_the_train_pool() -> Non
     assert pod_spec["imagePullSecrets"] == [{"name": "regcred"}]
 
 
+def test_the_train_pools_node_affinity_reaches_the_trainer_pods() -> None:
+    data = yaml.safe_load((PLATFORMS / "multinode.yaml").read_text())
+    data["pools"]["gpu-multinode"]["node_affinity"] = [
+        {"match_expressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a", "b"]}]},
+        {"match_expressions": [{"key": "nvidia.com/gpu.product", "operator": "Exists"}], "weight": 30}]
+    job = a_job(Platform.model_validate(data))
+    validate_trainjob(job)
+    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    affinity = pod["template"]["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+    assert affinity == {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a", "b"]}]}]},
+        "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 30, "preference": {"matchExpressions": [
+            {"key": "nvidia.com/gpu.product", "operator": "Exists"}]}}]}
+
+
 def test_an_unknown_field_in_a_trainjob_is_refused_naming_it() -> None:
     job = a_job()
     job["spec"]["trainer"]["numNode"] = 2  # typo: the API server would prune it and train on one node

@@ -172,9 +172,28 @@ def _pod_patch(platform: Platform, pool: Pool, workspace: WorkspaceMount) -> dic
         spec["nodeSelector"] = dict(pool.node_selector)
     if pool.tolerations:
         spec["tolerations"] = [_toleration(t.model_dump()) for t in pool.tolerations]
+    if pool.node_affinity:
+        spec["affinity"] = {"nodeAffinity": node_affinity(pool)}
     if platform.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": secret} for secret in platform.image_pull_secrets]
     return spec
+
+
+def node_affinity(pool: Pool) -> dict[str, Any]:
+    """The pool's node affinity terms as a Kubernetes ``nodeAffinity``: required terms are ORed
+    node selector terms, weighted ones preferences (what kfp-kubernetes gives a task's pod)."""
+    def term(t: Any) -> dict[str, Any]:
+        return {"matchExpressions": [{k: v for k, v in e.model_dump().items() if v or k != "values"}
+                                     for e in t.match_expressions]}
+
+    required = [term(t) for t in pool.node_affinity if t.weight is None]
+    preferred = [{"weight": t.weight, "preference": term(t)} for t in pool.node_affinity if t.weight is not None]
+    out: dict[str, Any] = {}
+    if required:
+        out["requiredDuringSchedulingIgnoredDuringExecution"] = {"nodeSelectorTerms": required}
+    if preferred:
+        out["preferredDuringSchedulingIgnoredDuringExecution"] = preferred
+    return out
 
 
 def _toleration(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -59,6 +59,27 @@ class Toleration(_Strict):
     toleration_seconds: int | None = Field(default=None, ge=0)
 
 
+class MatchExpression(_Strict):
+    key: str = Field(min_length=1)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: list[str] = Field(default_factory=list)
+
+
+class NodeAffinityTerm(_Strict):
+    """A node affinity term: required (no ``weight``) or preferred with ``weight`` 1-100."""
+
+    match_expressions: list[MatchExpression] = Field(min_length=1)
+    weight: int | None = Field(default=None, ge=1, le=100)
+
+
+class DataVolume(_Strict):
+    """An existing PersistentVolumeClaim holding the input data sets, mounted into ``prepare``
+    (the pipeline's ``data_dir`` then points under ``mount_path``)."""
+
+    claim: str = Field(min_length=1, description="The PersistentVolumeClaim's name.")
+    mount_path: str = Field(default="/data", pattern=r"^/", description="Where prepare sees it.")
+
+
 class SecretRef(_Strict):
     name: str = Field(description="The Kubernetes Secret.")
     key: str = Field(description="Its key holding the value.")
@@ -102,6 +123,8 @@ class Pool(_Strict):
     accelerator: Accelerator | None = None
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
+    node_affinity: list[NodeAffinityTerm] = Field(default_factory=list, description="Node affinity terms: "
+                                                  "required, or preferred with a weight.")
     requests: Resources = Field(default_factory=Resources)
     limits: Resources = Field(default_factory=Resources)
     retries: int = Field(default=0, ge=0, description="Retries of a failed (e.g. pre-empted) task.")
@@ -173,6 +196,8 @@ class Platform(_Strict):
     dvc_remote: DvcRemote | None = Field(
         default=None, description="The DVC remote the publish step pushes the run's outputs and dvc.lock to; "
         "unset: publish only hands dvc.lock and params.yaml back as artifacts.")
+    data_volume: DataVolume | None = Field(
+        default=None, description="A PVC with the input data sets, mounted into the prepare step.")
     launcher_pool: str | None = Field(
         default=None, description="Pool of the pod that launches and follows a TrainJob; default: default_pool.")
 
@@ -273,6 +298,11 @@ def place(task: Any, step: str, platform: Platform, judge_key_env: str | None = 
     for t in pool.tolerations:
         kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect,
                                   toleration_seconds=t.toleration_seconds)
+    for term in pool.node_affinity:
+        kubernetes.add_node_affinity(task, match_expressions=[e.model_dump() for e in term.match_expressions],
+                                     weight=term.weight)
+    if step == "prepare" and platform.data_volume is not None:
+        kubernetes.mount_pvc(task, pvc_name=platform.data_volume.claim, mount_path=platform.data_volume.mount_path)
     for name, value in pool.env.items():
         task.set_env_variable(name, value)
     for name, ref in pool.secret_env.items():
