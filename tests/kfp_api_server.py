@@ -71,6 +71,7 @@ class _State:
     versions: dict[str, list[dict]] = field(default_factory=dict)
     experiments: dict[str, dict] = field(default_factory=dict)
     runs: dict[str, dict] = field(default_factory=dict)
+    recurring_runs: dict[str, dict] = field(default_factory=dict)
     polls: dict[str, int] = field(default_factory=dict)
 
 
@@ -102,6 +103,9 @@ class KfpApiServer:
                 self._serve()
 
             def do_POST(self) -> None:  # noqa: N802
+                self._serve()
+
+            def do_DELETE(self) -> None:  # noqa: N802
                 self._serve()
 
             def _serve(self) -> None:
@@ -191,6 +195,9 @@ class KfpApiServer:
             ("GET", "/experiments/([^/]+)", self._get_experiment),
             ("POST", "/runs", self._create_run),
             ("GET", "/runs/([^/:]+)", self._get_run),
+            ("POST", "/recurringruns", self._create_recurring_run),
+            ("GET", "/recurringruns", self._list_recurring_runs),
+            ("DELETE", "/recurringruns/([^/:]+)", self._delete_recurring_run),
         ]
         for method, pattern, handler in routes:
             match = re.fullmatch(API + pattern, r.path)
@@ -304,6 +311,27 @@ class KfpApiServer:
                 {"task_id": "t1", "display_name": "sft", "state": "SUCCEEDED"},
                 {"task_id": "t2", "display_name": "train", "state": state, "error": {"code": 2, "message": message}}]}
         return run
+
+    def _create_recurring_run(self, r: Request) -> dict:
+        body = r.body or {}
+        ref = body.get("pipeline_version_reference") or {}
+        self._get_version(r, ref.get("pipeline_id", ""), ref.get("pipeline_version_id", ""))
+        self._get_experiment(r, body.get("experiment_id", ""))
+        if not ((body.get("trigger") or {}).get("cron_schedule") or {}).get("cron"):
+            raise ApiError(400, "a recurring run needs a trigger")
+        job = {**body, "recurring_run_id": self._id("recurring"), "status": "ENABLED", "created_at": self._now()}
+        self.state.recurring_runs[job["recurring_run_id"]] = job
+        return job
+
+    def _list_recurring_runs(self, r: Request) -> dict:
+        found = [j for j in self.state.recurring_runs.values()
+                 if j.get("experiment_id") == r.query.get("experiment_id", j.get("experiment_id"))]
+        return _page(r, "recurringRuns", _filtered(found, r.query.get("filter")), self.max_page_size)
+
+    def _delete_recurring_run(self, r: Request, job_id: str) -> dict:
+        if self.state.recurring_runs.pop(job_id, None) is None:
+            raise ApiError(404, f"recurring run {job_id} not found")
+        return {}
 
     def _pipeline(self, pipeline_id: str) -> dict:
         if pipeline_id not in self.state.pipelines:

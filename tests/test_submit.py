@@ -344,3 +344,50 @@ def test_the_cli_exits_non_zero_with_the_error(server: KfpApiServer, tmp_path: P
                      "--platform", str(PLATFORM)])
     assert code != 0
     assert "refused the credentials" in caplog.text and "not-the-token" not in caplog.text
+
+
+RECURRING = r"/apis/v2beta1/recurringruns(/.*)?"
+
+
+def test_no_run_uploads_only_and_check_finds_exactly_that_version(server: KfpApiServer, token: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SubmitError, match="no version holding sha256:.*never uploaded"):
+        _submit(server, tmp_path, action="check")  # helm test before the upload hook ran
+    assert not server.calls("POST")  # check creates nothing
+    version = _submit(server, tmp_path, action="upload")
+    assert capsys.readouterr().out.strip().splitlines()[-1] == version
+    assert len(server.calls("POST", UPLOAD)) == 1 and not server.calls("POST", RUNS) and not server.state.experiments
+    assert _submit(server, tmp_path, action="check") == version
+    changed = tmp_path / "params.yaml"
+    changed.write_text((REPO / "params.yaml").read_text().replace("beta: 0.1", "beta: 0.2", 1))
+    with pytest.raises(SubmitError, match="no version holding"):  # other values than were uploaded
+        _submit(server, tmp_path, action="check", params=changed)
+    assert len(server.calls("POST")) == 1
+
+
+def test_a_schedule_is_created_once_kept_when_unchanged_and_replaced_when_changed(
+        server: KfpApiServer, token: str, tmp_path: Path) -> None:
+    first = _submit(server, tmp_path, schedule="0 0 3 * * *", action="schedule", arguments=["train_steps=200"])
+    [created] = server.calls("POST", RECURRING)
+    assert created.body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *" and int(created.body["max_concurrency"]) == 1
+    assert created.body["display_name"] == "spo-pipeline-schedule" and created.body["no_catchup"] is True
+    assert created.body["runtime_config"]["parameters"] == {"train_steps": 200}
+    assert not server.calls("POST", RUNS)  # a schedule, not a run
+    # the upgrade hook reruns with nothing changed: nothing new, nothing deleted
+    assert _submit(server, tmp_path, schedule="0 0 3 * * *", action="schedule", arguments=["train_steps=200"]) == first
+    assert len(server.calls("POST", RECURRING)) == 1 and not server.calls("DELETE")
+    # a new schedule (or version, or parameters) replaces it: one recurring run of that name, never two
+    second = _submit(server, tmp_path, schedule="0 30 4 * * *", action="schedule", arguments=["train_steps=200"])
+    assert second != first and list(server.state.recurring_runs) == [second]
+    assert [r.path for r in server.calls("DELETE")] == [f"/apis/v2beta1/recurringruns/{first}"]
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"action": "schedule"}, "a schedule"), ({"schedule": "0 3 * * *"}, "a schedule"),
+    ({"action": "schedule", "schedule": "every night"}, "cron expression"),
+    ({"action": "upload", "wait": True}, "--wait follows a run"), ({"action": "deploy"}, "one of")])
+def test_bad_action_arguments_fail_before_any_request(server: KfpApiServer, tmp_path: Path, kw: dict,
+                                                      message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        _submit(server, tmp_path, **kw)
+    assert not server.requests

@@ -78,6 +78,15 @@ def _pipeline_parser(sub: argparse._SubParsersAction) -> None:
                         help="a param override for the run, e.g. -S train.beta=0.5 (repeatable)")
     submit.add_argument("-A", "--arg", dest="arguments", action="append", default=[], metavar="NAME=VALUE",
                         help="a pipeline parameter, e.g. -A train_steps=2000 (repeatable)")
+    what = submit.add_mutually_exclusive_group()
+    what.add_argument("--no-run", dest="action", action="store_const", const="upload",
+                      help="only upload (or reuse) the pipeline version; print its id")
+    what.add_argument("--schedule", metavar="CRON", help="keep a recurring run on this cron schedule (6 fields, "
+                      "seconds first, e.g. '0 0 3 * * *'), instead of one run; rerunning creates nothing new")
+    what.add_argument("--check", dest="action", action="store_const", const="check",
+                      help="create nothing; exit non-zero unless the version this compiles to is on the server")
+    submit.add_argument("--schedule-name", help="the recurring run's name (default: <pipeline>-schedule)")
+    submit.set_defaults(action="run")
     submit.add_argument("--wait", action="store_true", help="follow the run; exit non-zero unless it succeeds")
     submit.add_argument("--timeout", type=float, default=86400.0,
                         help="seconds --wait follows the run (default: a day)")
@@ -136,7 +145,8 @@ def _pipeline(args: argparse.Namespace) -> int:
         submit(args.host, experiment=args.experiment, params=args.params, platform=args.platform, image=args.image,
                pipeline_name=args.pipeline_name, namespace=args.namespace, overrides=args.overrides,
                arguments=args.arguments, wait=args.wait, timeout=args.timeout, token_env=args.token_env,
-               token_file=args.token_file)
+               token_file=args.token_file, action="schedule" if args.schedule else args.action, schedule=args.schedule,
+               schedule_name=args.schedule_name)
         return 0
     if args.pipeline_command == "graph":
         from spo.pipelines.graph import draw

@@ -1,5 +1,10 @@
 """``spo pipeline submit``: compile, upload (or reuse) a pipeline version, start a run, follow it.
 
+Or, instead of a run: only upload (``--no-run``), keep a recurring run on a cron schedule
+(``--schedule``: created, kept when identical, replaced when the version, schedule or
+parameters changed), or only check that the version this compiles to is on the server
+(``--check``, what the Helm chart's ``helm test`` runs: nothing is created).
+
 Re-running with nothing changed must create nothing new (a Helm post-install hook runs this on
 every upgrade), so each pipeline version carries the sha256 of its compiled YAML in its
 description; a version holding the same hash is reused, any other change uploads a new one.
@@ -47,6 +52,7 @@ PAGE_SIZE = 100
 MAX_VERSION_PAGES = 50  # 5000 versions searched for a reusable one before uploading anew
 MAX_POLL_ERRORS = 5  # consecutive transient errors (5xx, connection) tolerated while following a run
 FAILED_STATES = ("FAILED", "CANCELED", "SKIPPED")  # a run's end states other than SUCCEEDED
+ACTIONS = ("run", "upload", "schedule", "check")
 
 
 class SubmitError(StageFailed):
@@ -148,8 +154,13 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
            platform: str | Path = DEFAULT_PLATFORM, image: str | None = None, pipeline_name: str | None = None,
            overrides: Sequence[str] = (), arguments: Sequence[str] = (), namespace: str | None = None,
            wait: bool = False, timeout: float = 24 * 3600.0, poll_interval: float = 10.0,
-           token_env: str = TOKEN_ENV, token_file: str | Path = SA_TOKEN_FILE) -> str:
+           token_env: str = TOKEN_ENV, token_file: str | Path = SA_TOKEN_FILE, action: str = "run",
+           schedule: str | None = None, schedule_name: str | None = None) -> str:
     """Compile, upload or reuse the version, start a run in ``experiment``; print its link, return its id.
+
+    ``action``: ``run`` (the default), ``upload`` (no run; returns the version id), ``schedule``
+    (a recurring run on the cron ``schedule``, named ``schedule_name``; returns its id) or
+    ``check`` (nothing created: raises :class:`SubmitError` unless the version exists).
 
     ``overrides`` (``section.key=value``) go into the ``overrides`` list parameter (after any
     ``-A overrides=[...]``) and are checked against ``params`` first; ``arguments``
@@ -162,6 +173,14 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
         raise InputError(f"--host {host!r} must start with http:// or https://")
     if timeout <= 0 or poll_interval <= 0:
         raise InputError("the timeout and the poll interval must be positive")
+    if action not in ACTIONS:
+        raise InputError(f"action {action!r}: one of {list(ACTIONS)}")
+    if (action == "schedule") != bool(schedule):
+        raise InputError("a schedule (a cron expression) goes with the schedule action, and only with it")
+    if schedule and len(schedule.split()) not in (5, 6):
+        raise InputError(f"--schedule {schedule!r}: a cron expression of 5 or 6 fields, e.g. '0 0 3 * * *'")
+    if wait and action != "run":
+        raise InputError("--wait follows a run: it goes with starting one")
     auth = read_token(token_env, token_file)
     with tempfile.TemporaryDirectory(prefix="spo-submit-") as tmp:
         package = compile_pipeline(Path(tmp) / "pipeline.yaml", params=params, platform=platform, image=image)
@@ -173,15 +192,33 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
                 load_config(params, list(overrides))
             run_arguments["overrides"] = [*run_arguments.get("overrides", []), *overrides]
         name = pipeline_name or spec["pipelineInfo"]["name"]
+        done: tuple[str, str] | None = None  # what an action other than run returns and prints
         with _scrubbed_logs(auth), _kfp_prints_to_log(auth):
             with _api_step(auth, host, "connecting"):
                 client = _connect(host, auth, namespace)
-            with _api_step(auth, host, f"uploading pipeline {name!r}"):
-                pipeline_id, version_id = _pipeline_version(client, package, name, digest, namespace)
-            with _api_step(auth, host, f"starting a run in experiment {experiment!r}"):
-                experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
-                run = client.run_pipeline(experiment_id, f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
-                                          params=run_arguments, pipeline_id=pipeline_id, version_id=version_id)
+            if action == "check":
+                with _api_step(auth, host, f"looking up pipeline {name!r}"):
+                    version_id = _check_version(client, name, digest, namespace)
+                    done = version_id, version_id
+            else:
+                with _api_step(auth, host, f"uploading pipeline {name!r}"):
+                    pipeline_id, version_id = _pipeline_version(client, package, name, digest, namespace)
+            if action == "upload":
+                done = version_id, version_id
+            if action == "schedule":
+                with _api_step(auth, host, f"scheduling pipeline {name!r} in experiment {experiment!r}"):
+                    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+                    job_id = _recurring_run(client, experiment_id, schedule_name or f"{name}-schedule", str(schedule),
+                                            pipeline_id, version_id, run_arguments)
+                    done = job_id, f"{host}/#/recurringrun/details/{job_id}"
+            if done is None:
+                with _api_step(auth, host, f"starting a run in experiment {experiment!r}"):
+                    experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
+                    run = client.run_pipeline(experiment_id, f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
+                                              params=run_arguments, pipeline_id=pipeline_id, version_id=version_id)
+    if done is not None:
+        print(done[1], flush=True)
+        return done[0]
     link = f"{host}/#/runs/details/{run.run_id}"
     log.info("pipeline submit: run %s of %s version %s with %s", run.run_id, name, version_id,
              json.dumps(run_arguments) if run_arguments else "the compiled defaults")
@@ -248,6 +285,44 @@ def _pipeline_version(client: Any, package: Path, name: str, digest: str, namesp
             if err.status != 409:
                 raise
     raise SubmitError(f"pipeline {name!r}: no version holding {marker} after uploading it (a name clash?)")
+
+
+def _check_version(client: Any, name: str, digest: str, namespace: str | None) -> str:
+    """The id of the version holding this compiled YAML; :class:`SubmitError` when there is none."""
+    marker = f"sha256:{digest}"
+    pipeline_id = _find_pipeline(client, name, namespace)
+    version_id = _find_version(client, pipeline_id, marker) if pipeline_id else None
+    if not version_id:
+        raise SubmitError(f"pipeline {name!r}: no version holding {marker} on the server"
+                          f"{'' if pipeline_id else ' (no such pipeline)'}: these values and this image were never "
+                          "uploaded (did the upload hook run and succeed?)")
+    log.info("pipeline %s: version %s holds %s", name, version_id, marker)
+    return version_id
+
+
+def _recurring_run(client: Any, experiment_id: str, name: str, cron: str, pipeline_id: str, version_id: str,
+                   arguments: Mapping[str, Any]) -> str:
+    """The recurring run ``name`` of this version, schedule and parameters: kept when one exists
+    (rerunning creates nothing new), else created, replacing one of that name that differs."""
+    name_filter = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+    found = client.list_recurring_runs(experiment_id=experiment_id, filter=name_filter, page_size=10).recurring_runs or []
+    for job in found:
+        same = (job.pipeline_version_reference is not None
+                and job.pipeline_version_reference.pipeline_version_id == version_id
+                and job.trigger is not None and job.trigger.cron_schedule is not None
+                and job.trigger.cron_schedule.cron == cron
+                and ((job.runtime_config.parameters if job.runtime_config else None) or {}) == dict(arguments))
+        if same:
+            log.info("recurring run %s: unchanged (%s, version %s), kept", job.recurring_run_id, cron, version_id)
+            return str(job.recurring_run_id)
+    for job in found:
+        log.info("recurring run %s (%s): replaced by this version, schedule and parameters", job.recurring_run_id, name)
+        client.delete_recurring_run(job.recurring_run_id)
+    job = client.create_recurring_run(experiment_id, name, cron_expression=cron, pipeline_id=pipeline_id,
+                                      version_id=version_id, params=dict(arguments), max_concurrency=1,
+                                      no_catchup=True)
+    log.info("recurring run %s: %s on %s, version %s", job.recurring_run_id, name, cron, version_id)
+    return str(job.recurring_run_id)
 
 
 def _find_pipeline(client: Any, name: str, namespace: str | None) -> str | None:
