@@ -371,3 +371,39 @@ def test_notes_say_how_to_follow_the_run() -> None:
     assert f"kubectl logs -n {NAMESPACE} job/{RELEASE}-upload-1" in notes
     assert "A run was started" in notes and "kubectl get trainjobs -n team-a" in notes
     assert f"helm test {RELEASE}" in notes
+
+
+@pytest.mark.slow
+def test_the_hook_runs_in_the_image_as_its_pod_spec_says(tmp_path: Path) -> None:
+    """The hook's container as the Job defines it — the project image, its command, env and mounts,
+    uid 10001 on a read-only root with /work as its only writable place — gets as far as the KFP API:
+    params prepared, pipeline compiled; the API is unreachable here (no network), which it reports."""
+    from docker_helpers import docker_client, project_image
+
+    docs = objects({"pipeline": {"overrides": {"train.beta": 0.2}}})
+    hook = one(docs, "Job")
+    spec = hook["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    config, kfp = tmp_path / "config", tmp_path / "kfp"
+    for folder, files in ((config, one(docs, "ConfigMap")["data"]), (kfp, {"token": "projected-token"})):
+        folder.mkdir()
+        folder.chmod(0o755)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+            (folder / name).chmod(0o644)
+    user = spec["securityContext"]
+    client = docker_client()
+    run = client.containers.run(
+        project_image("cpu"), container["args"], entrypoint=container["command"], detach=True, network_mode="none",
+        user=f"{user['runAsUser']}:{user['runAsGroup']}", read_only=container["securityContext"]["readOnlyRootFilesystem"],
+        cap_drop=["ALL"], security_opt=["no-new-privileges"], tmpfs={"/work": "rw,size=256m"},
+        environment={e["name"]: e["value"] for e in container["env"]},
+        volumes={str(config): {"bind": "/etc/spo", "mode": "ro"}, str(kfp): {"bind": "/var/run/secrets/kfp", "mode": "ro"}})
+    try:
+        status = run.wait(timeout=300)["StatusCode"]
+        logs = run.logs().decode(errors="replace")
+    finally:
+        run.remove(force=True)
+    assert status != 0 and "connecting" in logs and "ml-pipeline.kubeflow.svc.cluster.local" in logs, logs[-3000:]
+    assert "Traceback" not in logs and "Read-only file system" not in logs and "Permission denied" not in logs, logs
+    assert "projected-token" not in logs
