@@ -29,6 +29,8 @@ from urllib.parse import parse_qs, urlsplit
 
 _ROUTE = re.compile(r"/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/(?P<ns>[^/]+)/trainjobs(?:/(?P<name>[^/]+))?")
 _POD = re.compile(r"/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)")
+_KFP = re.compile(r"/apis/pipelines\.kubeflow\.org/v2beta1/namespaces/(?P<ns>[^/]+)/(?P<plural>pipelines|pipelineversions)"
+                  r"(?:/(?P<name>[^/]+))?")
 _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "AlreadyExists",
             422: "Invalid", 429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable"}
 _MAX_BODY = 10 * 1024 * 1024
@@ -83,6 +85,7 @@ class TrainJobApi:
     max_requests: int = 500
     jobs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     pods: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)  # (namespace, name) -> labels
+    kfp_objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)  # (plural, ns, name)
     requests: list[Record] = field(default_factory=list)
     gets: int = 0
     _server: ThreadingHTTPServer | None = None
@@ -159,6 +162,12 @@ class TrainJobApi:
                 return _status(404, f'pods "{pod["name"]}" not found')
             return 200, {"kind": "Pod", "apiVersion": "v1", "metadata": {
                 "name": pod["name"], "namespace": pod["ns"], "labels": dict(labels)}}
+        kfp = _KFP.fullmatch(path)
+        if kfp:
+            if self.faults.get(method):
+                fault = self.faults[method].popleft()
+                return _status(fault.status, fault.message)
+            return self._kfp_object(method, kfp["plural"], kfp["ns"], kfp["name"], body)
         route = _ROUTE.fullmatch(path)
         if not route:
             return _status(404, f"the server could not find the requested resource {path}")
@@ -168,6 +177,23 @@ class TrainJobApi:
         namespace, name = route["ns"], route["name"]
         code, answer = self._apply(method, namespace, name, body)
         return _status(fault.status, fault.message) if fault else (code, answer)
+
+    def _kfp_object(self, method: str, plural: str, namespace: str, name: str | None,
+                    body: Any) -> tuple[int, dict[str, Any]]:
+        """KFP's Pipeline/PipelineVersion resources: create (409 when the name is taken) and get."""
+        if method == "POST" and name is None:
+            key = (plural, namespace, body["metadata"]["name"])
+            if key in self.kfp_objects:
+                return _kfp_object_status(409, plural, key[2], "already exists")
+            stored = json.loads(json.dumps(body))
+            stored["metadata"].update(uid=f"{plural}-uid-{len(self.kfp_objects)}", resourceVersion="1")
+            self.kfp_objects[key] = stored
+            return 201, stored
+        if method == "GET" and name is not None:
+            if (plural, namespace, name) not in self.kfp_objects:
+                return _kfp_object_status(404, plural, name, "not found")
+            return 200, self.kfp_objects[(plural, namespace, name)]
+        return _status(405, f"{method} is not supported here")
 
     def _apply(self, method: str, namespace: str, name: str | None, body: Any) -> tuple[int, dict[str, Any]]:
         if method == "POST" and name is None:
@@ -193,6 +219,10 @@ class TrainJobApi:
             return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success",
                          "details": {"name": name, "group": "trainer.kubeflow.org", "kind": "trainjobs"}}
         return _status(405, f"{method} is not supported here")
+
+
+def _kfp_object_status(code: int, plural: str, name: str, verb: str) -> tuple[int, dict[str, Any]]:
+    return _status(code, f'{plural}.pipelines.kubeflow.org "{name}" {verb}')
 
 
 def _status(code: int, message: str) -> tuple[int, dict[str, Any]]:

@@ -22,7 +22,9 @@ from kfp_api_server import KfpApiServer
 from conftest import REPO
 
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
-CASES = {"default": {}, "gpu-pools": example("gpu-pools"), "multinode": example("multinode")}
+CASES = {"default": {}, "gpu-pools": example("gpu-pools"), "multinode": example("multinode"),
+         "kubernetes-store": {"kfp": {"pipelineStore": "kubernetes", "namespace": "team-b"},
+                              "networkPolicy": {"apiServer": {"cidrs": ["10.96.0.1/32"]}}}}
 CHECKOV = REPO / "build" / "checkov-venv" / "bin" / "checkov"
 UPLOAD, RECURRING = r"/apis/v2beta1/pipelines/upload(_version)?", r"/apis/v2beta1/recurringruns"
 
@@ -313,7 +315,8 @@ def _hook_command(doc: dict[str, Any], paths: dict[str, Path], host: str) -> lis
     return out
 
 
-def _run_pod(doc: dict[str, Any], config: dict[str, str], root: Path, host: str, token: str) -> subprocess.CompletedProcess:
+def _run_pod(doc: dict[str, Any], config: dict[str, str], root: Path, host: str, token: str,
+             extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     paths = {"/etc/spo": root / "config", "/var/run/secrets/kfp": root / "kfp", "/work": root / "work"}
     for folder in paths.values():
         folder.mkdir(parents=True, exist_ok=True)
@@ -321,7 +324,7 @@ def _run_pod(doc: dict[str, Any], config: dict[str, str], root: Path, host: str,
         (paths["/etc/spo"] / name).write_text(text)
     (paths["/var/run/secrets/kfp"] / "token").write_text(token)  # the projected service-account token
     env = {"PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}", "HOME": str(paths["/work"]),
-           "TMPDIR": str(paths["/work"]), "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
+           "TMPDIR": str(paths["/work"]), "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", **(extra_env or {})}
     return subprocess.run(_hook_command(doc, paths, host), capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -407,3 +410,44 @@ def test_the_hook_runs_in_the_image_as_its_pod_spec_says(tmp_path: Path) -> None
     assert status != 0 and "connecting" in logs and "ml-pipeline.kubeflow.svc.cluster.local" in logs, logs[-3000:]
     assert "Traceback" not in logs and "Read-only file system" not in logs and "Permission denied" not in logs, logs
     assert "projected-token" not in logs
+
+
+@pytest.mark.slow
+def test_the_kubernetes_store_hook_creates_the_resources_once(tmp_path: Path) -> None:
+    """pipelineStore kubernetes: the hook's own command creates the Pipeline and PipelineVersion
+    resources through the Kubernetes API (a loopback server; in the pod, its projected token), a
+    rerun creates nothing, and the test pod finds the version there."""
+    from k8s_api_server import TrainJobApi
+
+    docs = objects(CASES["kubernetes-store"])
+    hook, check, config = one(docs, "Job"), one(docs, "Pod"), one(docs, "ConfigMap")["data"]
+    [container] = hook["spec"]["template"]["spec"]["containers"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "--store=kubernetes" in container["args"] and "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
+    uploader = one(docs, "Role", "-uploader")
+    assert {"apiGroups": ["pipelines.kubeflow.org"], "resources": ["pipelineversions"], "verbs": ["get", "create"]} \
+        in uploader["rules"] and uploader["metadata"]["namespace"] == "team-b"
+    policy = one(docs, "NetworkPolicy")
+    assert {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}],
+            "to": [{"ipBlock": {"cidr": "10.96.0.1/32"}}]} in policy["spec"]["egress"]
+    cluster = TrainJobApi().start()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "loopback",
+        "clusters": [{"name": "loopback", "cluster": {"server": cluster.host}}],
+        "contexts": [{"name": "loopback", "context": {"cluster": "loopback", "user": "hook"}}],
+        "users": [{"name": "hook", "user": {"token": "kube-token"}}]}))
+    env = {"KUBECONFIG": str(kubeconfig)}  # in the pod: the projected token and in-cluster config
+    try:
+        with KfpApiServer(None) as server:
+            first = _run_pod(hook, config, tmp_path / "install", server.url, "kfp-token", env)
+            assert first.returncode == 0, first.stderr[-3000:]
+            assert sorted(k[0] for k in cluster.kfp_objects) == ["pipelines", "pipelineversions"]
+            again = _run_pod(hook, config, tmp_path / "upgrade", server.url, "kfp-token", env)
+            assert again.returncode == 0, again.stderr[-3000:]
+            assert len(cluster.kfp_objects) == 2 and "exists, reused" in again.stderr
+            found = _run_pod(check, config, tmp_path / "test", server.url, "kfp-token", env)
+            assert found.returncode == 0 and found.stdout.strip() == "pipelineversions-uid-1", found.stderr[-3000:]
+            assert not server.calls("POST")  # no run asked for: the REST API was never needed
+    finally:
+        cluster.stop()

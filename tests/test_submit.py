@@ -391,3 +391,66 @@ def test_bad_action_arguments_fail_before_any_request(server: KfpApiServer, tmp_
     with pytest.raises(InputError, match=message):
         _submit(server, tmp_path, **kw)
     assert not server.requests
+
+
+@pytest.fixture
+def k8s_api():
+    """A CustomObjectsApi on a loopback Kubernetes API server that stores KFP's Pipeline/PipelineVersion resources."""
+    from k8s_api_server import TrainJobApi
+    from kubernetes import client as k8s
+
+    server = TrainJobApi().start()
+    config = k8s.Configuration()
+    config.host = server.host
+    with k8s.ApiClient(config) as api_client:
+        yield server, k8s.CustomObjectsApi(api_client)
+    server.stop()
+
+
+def test_the_kubernetes_store_creates_the_resources_once_and_runs_refer_to_their_uids(
+        server: KfpApiServer, token: str, tmp_path: Path, k8s_api) -> None:
+    from spo.pipelines.k8s_store import StoreError
+    from spo.pipelines.manifests import validate_manifests
+
+    cluster, api = k8s_api
+    kw = {"store": "kubernetes", "namespace": "team-a", "kubernetes_api": api}
+    with pytest.raises(SubmitError, match="is not on the cluster: these values and this image were never uploaded"):
+        _submit(server, tmp_path, action="check", **kw)
+    digest = _compiled_digest(tmp_path, REPO / "params.yaml")
+    version = _submit(server, tmp_path, action="upload", **kw)
+    assert not server.requests  # upload and check need no REST call in this mode
+    created = [r.body for r in cluster.calls("POST")]
+    assert [d["kind"] for d in created] == ["Pipeline", "PipelineVersion"]
+    validate_manifests(created)  # strict: the pinned KFP CRDs
+    assert created[1]["metadata"] == {"name": f"spo-pipeline-{digest[:12]}", "namespace": "team-a"}
+    assert created[1]["spec"]["pipelineName"] == "spo-pipeline" and version == "pipelineversions-uid-1"
+    # rerun with nothing changed: both names are taken by identical objects, nothing is created
+    assert _submit(server, tmp_path, action="upload", **kw) == version
+    assert len(cluster.kfp_objects) == 2
+    assert _submit(server, tmp_path, action="check", **kw) == version
+    # a run goes through the REST API, naming the resources' UIDs (the ids in this mode)
+    server.state.pipelines["pipelines-uid-0"] = {"pipeline_id": "pipelines-uid-0", "display_name": "spo-pipeline",
+                                                 "namespace": "team-a"}
+    server.state.versions["pipelines-uid-0"] = [{"pipeline_id": "pipelines-uid-0", "pipeline_version_id": version,
+                                                 "display_name": f"spo-pipeline-{digest[:12]}"}]
+    server.multi_user = True
+    _submit(server, tmp_path, **kw)
+    [run] = server.calls("POST", RUNS)
+    assert run.body["pipeline_version_reference"] == {"pipeline_id": "pipelines-uid-0", "pipeline_version_id": version}
+    assert not server.calls("POST", UPLOAD)
+    # the name taken by another spec is an error, never a silent reuse
+    cluster.kfp_objects[("pipelineversions", "team-a", f"spo-pipeline-{digest[:12]}")]["spec"]["pipelineSpec"] = {}
+    with pytest.raises(StoreError, match="exists with another pipeline spec"):
+        _submit(server, tmp_path, action="upload", **kw)
+
+
+def test_the_kubernetes_store_explains_a_refusal(server: KfpApiServer, token: str, tmp_path: Path, k8s_api) -> None:
+    from k8s_api_server import Fault
+
+    from spo.pipelines.k8s_store import StoreError
+
+    cluster, api = k8s_api
+    cluster.inject("POST", Fault(403, 'pipelines.pipelines.kubeflow.org is forbidden: User "system:serviceaccount:'
+                                      'team-a:spo" cannot create resource "pipelines"'))
+    with pytest.raises(StoreError, match="HTTP 403.*lacks this verb on pipelines.kubeflow.org"):
+        _submit(server, tmp_path, action="upload", store="kubernetes", namespace="team-a", kubernetes_api=api)

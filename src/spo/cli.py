@@ -86,6 +86,9 @@ def _pipeline_parser(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--check", dest="action", action="store_const", const="check",
                       help="create nothing; exit non-zero unless the version this compiles to is on the server")
     submit.add_argument("--schedule-name", help="the recurring run's name (default: <pipeline>-schedule)")
+    submit.add_argument("--store", choices=("api", "kubernetes"), default="api",
+                        help="api: upload through the REST API; kubernetes: as Pipeline/PipelineVersion resources "
+                        "(KFP's Kubernetes-native mode), in --namespace or the pod's")
     submit.set_defaults(action="run")
     submit.add_argument("--wait", action="store_true", help="follow the run; exit non-zero unless it succeeds")
     submit.add_argument("--timeout", type=float, default=86400.0,
@@ -146,7 +149,7 @@ def _pipeline(args: argparse.Namespace) -> int:
                pipeline_name=args.pipeline_name, namespace=args.namespace, overrides=args.overrides,
                arguments=args.arguments, wait=args.wait, timeout=args.timeout, token_env=args.token_env,
                token_file=args.token_file, action="schedule" if args.schedule else args.action, schedule=args.schedule,
-               schedule_name=args.schedule_name)
+               schedule_name=args.schedule_name, store=args.store)
         return 0
     if args.pipeline_command == "graph":
         from spo.pipelines.graph import draw

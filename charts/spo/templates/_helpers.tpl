@@ -199,6 +199,9 @@ dvc_remote:
 {{- with .Values.kfp.namespace }}
 - {{ printf "--namespace=%s" . | quote }}
 {{- end }}
+{{- if eq .Values.kfp.pipelineStore "kubernetes" }}
+- --store=kubernetes
+{{- end }}
 {{- if ne .Values.kfp.auth.mode "none" }}
 - --token-file=/var/run/secrets/kfp/token
 {{- else }}
@@ -263,6 +266,14 @@ imagePullSecrets:
 - name: kfp-token
   secret: {secretName: {{ .Values.kfp.auth.existingSecret }}, items: [{key: {{ .Values.kfp.auth.secretKey }}, path: token}]}
 {{- end }}
+{{- if eq .Values.kfp.pipelineStore "kubernetes" }}
+- name: kube-api
+  projected:
+    sources:
+      - serviceAccountToken: {expirationSeconds: 3600, path: token}
+      - configMap: {name: kube-root-ca.crt, items: [{key: ca.crt, path: ca.crt}]}
+      - downwardAPI: {items: [{path: namespace, fieldRef: {fieldPath: metadata.namespace}}]}
+{{- end }}
 {{- end }}
 
 {{- define "spo.volumeMounts" -}}
@@ -270,6 +281,9 @@ imagePullSecrets:
 - {name: work, mountPath: /work}
 {{- if ne .Values.kfp.auth.mode "none" }}
 - {name: kfp-token, mountPath: /var/run/secrets/kfp, readOnly: true}
+{{- end }}
+{{- if eq .Values.kfp.pipelineStore "kubernetes" }}
+- {name: kube-api, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}
 {{- end }}
 {{- end }}
 

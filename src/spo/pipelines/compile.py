@@ -22,7 +22,7 @@ DEFAULT_PLATFORM = "configs/platform/local.yaml"
 
 def compile_pipeline(out: str | Path, *, params: str | Path = "params.yaml", platform: str | Path = DEFAULT_PLATFORM,
                      image: str | None = None, kubernetes_manifests: bool = False, namespace: str | None = None,
-                     version: str | None = None) -> Path:
+                     version: str | None = None, pipeline_name: str | None = None) -> Path:
     """Compile to ``out``; ``image`` replaces the platform file's image. Returns ``out``."""
     from kfp import compiler
 
@@ -36,7 +36,7 @@ def compile_pipeline(out: str | Path, *, params: str | Path = "params.yaml", pla
     options = None
     if kubernetes_manifests:
         options = compiler.KubernetesManifestOptions(
-            pipeline_name=PIPELINE_NAME, pipeline_version_name=version or f"{PIPELINE_NAME}-{_image_tag(placed.image)}",
+            pipeline_name=pipeline_name or PIPELINE_NAME, pipeline_version_name=version or f"{PIPELINE_NAME}-{_image_tag(placed.image)}",
             namespace=namespace, include_pipeline_manifest=True)
     compiler.Compiler().compile(pipeline, str(out), kubernetes_manifest_options=options,
                                 kubernetes_manifest_format=kubernetes_manifests)

@@ -53,6 +53,7 @@ MAX_VERSION_PAGES = 50  # 5000 versions searched for a reusable one before uploa
 MAX_POLL_ERRORS = 5  # consecutive transient errors (5xx, connection) tolerated while following a run
 FAILED_STATES = ("FAILED", "CANCELED", "SKIPPED")  # a run's end states other than SUCCEEDED
 ACTIONS = ("run", "upload", "schedule", "check")
+STORES = ("api", "kubernetes")  # where pipelines are uploaded: the REST API, or Pipeline/PipelineVersion resources
 
 
 class SubmitError(StageFailed):
@@ -155,12 +156,16 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
            overrides: Sequence[str] = (), arguments: Sequence[str] = (), namespace: str | None = None,
            wait: bool = False, timeout: float = 24 * 3600.0, poll_interval: float = 10.0,
            token_env: str = TOKEN_ENV, token_file: str | Path = SA_TOKEN_FILE, action: str = "run",
-           schedule: str | None = None, schedule_name: str | None = None) -> str:
+           schedule: str | None = None, schedule_name: str | None = None, store: str = "api",
+           kubernetes_api: Any | None = None) -> str:
     """Compile, upload or reuse the version, start a run in ``experiment``; print its link, return its id.
 
     ``action``: ``run`` (the default), ``upload`` (no run; returns the version id), ``schedule``
     (a recurring run on the cron ``schedule``, named ``schedule_name``; returns its id) or
     ``check`` (nothing created: raises :class:`SubmitError` unless the version exists).
+    ``store``: ``api`` uploads through the REST API; ``kubernetes`` creates ``Pipeline`` and
+    ``PipelineVersion`` resources instead (spo.pipelines.k8s_store; ``kubernetes_api``: a
+    ``CustomObjectsApi``, default the pod's), and runs still go through the REST API.
 
     ``overrides`` (``section.key=value``) go into the ``overrides`` list parameter (after any
     ``-A overrides=[...]``) and are checked against ``params`` first; ``arguments``
@@ -175,6 +180,8 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
         raise InputError("the timeout and the poll interval must be positive")
     if action not in ACTIONS:
         raise InputError(f"action {action!r}: one of {list(ACTIONS)}")
+    if store not in STORES:
+        raise InputError(f"--store {store!r}: one of {list(STORES)}")
     if (action == "schedule") != bool(schedule):
         raise InputError("a schedule (a cron expression) goes with the schedule action, and only with it")
     if schedule and len(schedule.split()) not in (5, 6):
@@ -194,13 +201,19 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
         name = pipeline_name or spec["pipelineInfo"]["name"]
         done: tuple[str, str] | None = None  # what an action other than run returns and prints
         with _scrubbed_logs(auth), _kfp_prints_to_log(auth):
-            with _api_step(auth, host, "connecting"):
-                client = _connect(host, auth, namespace)
-            if action == "check":
+            if store == "kubernetes":
+                pipeline_id, version_id = _kubernetes_store(Path(tmp), action, params, platform, image, name, digest,
+                                                            namespace, kubernetes_api)
+                if action in ("check", "upload"):
+                    done = version_id, version_id
+            if done is None:
+                with _api_step(auth, host, "connecting"):
+                    client = _connect(host, auth, namespace)
+            if action == "check" and store == "api":
                 with _api_step(auth, host, f"looking up pipeline {name!r}"):
                     version_id = _check_version(client, name, digest, namespace)
                     done = version_id, version_id
-            else:
+            elif store == "api":
                 with _api_step(auth, host, f"uploading pipeline {name!r}"):
                     pipeline_id, version_id = _pipeline_version(client, package, name, digest, namespace)
             if action == "upload":
@@ -285,6 +298,27 @@ def _pipeline_version(client: Any, package: Path, name: str, digest: str, namesp
             if err.status != 409:
                 raise
     raise SubmitError(f"pipeline {name!r}: no version holding {marker} after uploading it (a name clash?)")
+
+
+def _kubernetes_store(tmp: Path, action: str, params: str | Path, platform: str | Path, image: str | None, name: str,
+                      digest: str, namespace: str | None, api: Any | None) -> tuple[str, str]:
+    """(pipeline id, version id) of the Pipeline/PipelineVersion resources of this content:
+    looked up (``check``: :class:`SubmitError` when absent), else created or reused."""
+    from spo.cluster.launcher import current_namespace, custom_objects_api
+    from spo.pipelines import k8s_store
+
+    namespace = namespace or current_namespace()
+    api = api if api is not None else custom_objects_api()
+    if action == "check":
+        version_id = k8s_store.get_version(pipeline=name, digest=digest, namespace=namespace, api=api)
+        if not version_id:
+            raise SubmitError(f"PipelineVersion {namespace}/{k8s_store.version_name(name, digest)} is not on the cluster: "
+                              "these values and this image were never uploaded (did the upload hook run and succeed?)")
+        return "", version_id
+    manifests = compile_pipeline(tmp / "manifests.yaml", params=params, platform=platform, image=image,
+                                 kubernetes_manifests=True, namespace=namespace, pipeline_name=name,
+                                 version=k8s_store.version_name(name, digest))
+    return k8s_store.put_version(manifests, pipeline=name, digest=digest, namespace=namespace, api=api)
 
 
 def _check_version(client: Any, name: str, digest: str, namespace: str | None) -> str:
