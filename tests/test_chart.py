@@ -451,3 +451,12 @@ def test_the_kubernetes_store_hook_creates_the_resources_once(tmp_path: Path) ->
             assert not server.calls("POST")  # no run asked for: the REST API was never needed
     finally:
         cluster.stop()
+
+
+def test_every_value_is_commented() -> None:
+    """Each key of values.yaml says what it is: a comment on the line above or at the end of its line."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    bare = [f"{n}: {line.strip()}" for n, line in enumerate(lines, start=1)
+            if re.match(r"^\s*[A-Za-z][\w.-]*:", line) and "#" not in line
+            and not (n > 1 and lines[n - 2].strip().startswith("#"))]
+    assert bare == []
