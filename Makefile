@@ -40,12 +40,12 @@ $(BIN)/.installed: pyproject.toml constraints.txt Makefile
 ## Offline machines: make demo SPO_DATA_DIR=../shared/data
 demo: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc metrics show
+	$(BIN)/spo results
 
 ## The same demo on TL;DR summaries: a params switch, recorded as the DVC experiment demo-tldr.
 demo-tldr: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc exp run -n demo-tldr -S data.dataset=tldr -S train.beta=0.5
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc metrics show
+	$(BIN)/spo results
 
 ## The whole test suite, as CI runs it.
 test: setup checkov

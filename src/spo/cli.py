@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved configuration as YAML")
     show.add_argument("-p", "--params", default="params.yaml")
     show.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    res = sub.add_parser("results", help="the run's win-rate table, its judge's accuracy and where the report is")
+    res.add_argument("--metrics-dir", default="metrics", help="the metrics files (default: metrics)")
+    res.add_argument("--reports-dir", default="reports", help="where report.md/.html are (default: reports)")
+    res.add_argument("--json", action="store_true", help="the same as JSON")
     _exp_parser(sub)
     _pipeline_parser(sub)
     _trainjob_parser(sub)
@@ -230,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             return _pipeline(args)
         if args.command == "trainjob":
             return _trainjob(args)
+        if args.command == "results":
+            from spo.results import results, win_rate_table
+
+            found = results(args.metrics_dir, args.reports_dir)
+            print(json.dumps(found, indent=2) if args.json else win_rate_table(found))
+            return 0
         cfg = load_config(args.params, args.overrides)
         if args.command == "config":
             import yaml

@@ -92,6 +92,21 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float | None, float | None]:
+    """Wilson score interval of a proportion (a judge's held-out pair accuracy): unlike the
+    normal approximation it stays inside [0, 1] and is honest for small n."""
+    from statistics import NormalDist
+
+    if n <= 0:
+        return None, None
+    z = NormalDist().inv_cdf(0.5 + level / 2.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    # exactly 0 (1) when none (all) succeeded, which rounding would leave at 1e-17 off
+    return (0.0 if successes == 0 else centre - half), (1.0 if successes == n else centre + half)
+
+
 def position_consistency(outcomes: Sequence[str]) -> float | None:
     """Fraction of valid items whose two orders agree (win or loss, not tie)."""
     counts = Counter(outcomes)

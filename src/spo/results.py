@@ -1,0 +1,74 @@
+"""``spo results``: the run's win rates in a terminal — what `make demo` ends with.
+
+`dvc metrics show` prints every number of every metrics file (some 300 columns); what a reader
+wants after a run is the win-rate table: each comparison with its n, win rate, 95% interval,
+tie rate and length-controlled win rate, under the judge that made it and how good that judge is
+(the local reward judge's held-out pair accuracy, with its Wilson interval), and where the full
+report is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from spo.io import InputError
+
+__all__ = ["results", "win_rate_table"]
+
+
+def results(metrics_dir: str | Path = "metrics", reports_dir: str | Path = "reports") -> dict[str, Any]:
+    """The win rates and the judge's quality, from the judge and reward_model metrics files."""
+    metrics_dir, reports_dir = Path(metrics_dir), Path(reports_dir)
+    judge_file = metrics_dir / "judge.json"
+    if not judge_file.is_file():
+        raise InputError(f"{judge_file}: no judge metrics (run the pipeline first: dvc repro)")
+    try:
+        judged = json.loads(judge_file.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise InputError(f"{judge_file}: not JSON ({err})") from None
+    rows = {name: r for name, r in judged.items() if isinstance(r, dict) and "win_rate" in r}
+    out: dict[str, Any] = {"win_rates": rows, "judge": _judge(rows, metrics_dir / "reward_model.json"),
+                           "report": [str(reports_dir / name) for name in ("report.md", "report.html")
+                                      if (reports_dir / name).is_file()]}
+    return out
+
+
+def _judge(rows: dict[str, Any], reward_file: Path) -> dict[str, Any]:
+    from spo.judging.statistics import wilson_interval
+
+    ids = sorted({str(r.get("judge_id")) for r in rows.values() if r.get("judge_id")})
+    judge: dict[str, Any] = {"id": ", ".join(ids) or None}
+    if any(i.startswith("reward:") for i in ids) and reward_file.is_file():
+        rm = json.loads(reward_file.read_text(encoding="utf-8"))
+        accuracy, n = rm.get("held_out_accuracy_after"), int(rm.get("held_out_pairs") or 0)
+        if accuracy is not None and n:
+            low, high = wilson_interval(round(accuracy * n), n)
+            judge.update(accuracy=accuracy, pairs=n, ci_low=low, ci_high=high)
+    return judge
+
+
+def win_rate_table(summary: dict[str, Any]) -> str:
+    """The terminal table of :func:`results`."""
+    judge = summary["judge"]
+    head = f"Win rates (ties count half; 95% bootstrap intervals), judge {judge.get('id') or 'unknown'}"
+    if "accuracy" in judge:
+        head += (f": held-out pair accuracy {100 * judge['accuracy']:.1f}% [{100 * judge['ci_low']:.1f}, "
+                 f"{100 * judge['ci_high']:.1f}] on {judge['pairs']} pairs (chance 50%)")
+    lines = [head, ""]
+    header = ("comparison", "n", "win rate", "95% interval", "ties", "LC win rate")
+    table = [header]
+    for r in summary["win_rates"].values():
+        interval = (f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+                    if r.get("ci_low") is not None and r.get("ci_high") is not None else "–")
+        table.append((f"{r.get('a', '?')} vs {r.get('b', '?')}", str(r.get("n", "?")),
+                      f"{100 * r['win_rate']:.1f}%" if r.get("win_rate") is not None else "–", interval,
+                      f"{100 * r['tie_rate']:.1f}%" if r.get("tie_rate") is not None else "–",
+                      f"{100 * r['lc_win_rate']:.1f}%" if r.get("lc_win_rate") is not None else "–"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    lines.append("")
+    lines.append("Report: " + (" and ".join(summary["report"]) if summary["report"] else "not written (spo report)"))
+    return "\n".join(lines)

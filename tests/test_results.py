@@ -1,0 +1,56 @@
+"""``spo results``: the win-rate table `make demo` ends with, and the judge accuracy interval under it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from spo.cli import main
+from spo.judging.statistics import wilson_interval
+
+
+def test_wilson_interval_matches_hand_derived_values() -> None:
+    # 30 of 47: p = 0.6383, z = 1.95996; centre (p + z^2/2n) / (1 + z^2/n) = 0.6279,
+    # half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n) = 0.1325
+    low, high = wilson_interval(30, 47)
+    assert low == pytest.approx(0.4954, abs=5e-4) and high == pytest.approx(0.7604, abs=5e-4)
+    # 0 of 10: the interval is [0, z^2 / (n + z^2)] = [0, 0.2775], not the normal approximation's [0, 0]
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(3.8415 / 13.8415, abs=1e-4))
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(0, 0) == (None, None)
+
+
+def _metrics(folder: Path, judge_id: str = "reward:models/reward") -> Path:
+    folder.mkdir(parents=True)
+    row = {"a": "dpo_spo", "b": "dpo", "n": 300, "win_rate": 0.57, "ci_low": 0.512, "ci_high": 0.627,
+           "tie_rate": 0.04, "lc_win_rate": 0.518, "judge_id": judge_id}
+    (folder / "judge.json").write_text(json.dumps({"dpo_spo_vs_dpo": row, "note": "not a comparison"}))
+    (folder / "reward_model.json").write_text(json.dumps({"held_out_accuracy_after": 0.64, "held_out_pairs": 300}))
+    return folder
+
+
+def test_the_table_shows_each_comparison_with_n_interval_ties_and_the_judges_accuracy(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    metrics = _metrics(tmp_path / "metrics")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "report.md").write_text("# report\n")
+    assert main(["results", "--metrics-dir", str(metrics), "--reports-dir", str(tmp_path / "reports")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Win rates") and "judge reward:models/reward" in out[0]
+    assert "held-out pair accuracy 64.0% [58.4, 69.2] on 300 pairs (chance 50%)" in out[0]
+    assert out[2].split() == ["comparison", "n", "win", "rate", "95%", "interval", "ties", "LC", "win", "rate"]
+    assert out[3].split() == ["dpo_spo", "vs", "dpo", "300", "57.0%", "[51.2,", "62.7]", "4.0%", "51.8%"]
+    assert len(out) == 6 and out[-1] == f"Report: {tmp_path / 'reports' / 'report.md'}"
+
+
+def test_an_api_judge_has_no_accuracy_line_and_json_is_there_too(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    metrics = _metrics(tmp_path / "metrics", judge_id="openai:gpt-4o@api.openai.com")
+    assert main(["results", "--metrics-dir", str(metrics), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["judge"] == {"id": "openai:gpt-4o@api.openai.com"} and list(found["win_rates"]) == ["dpo_spo_vs_dpo"]
+
+
+def test_no_judge_metrics_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert main(["results", "--metrics-dir", str(tmp_path)]) == 2
+    assert f"{tmp_path}/judge.json: no judge metrics (run the pipeline first: dvc repro)" in caplog.text
