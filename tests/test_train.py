@@ -24,7 +24,7 @@ def _trainer(cfg, out_dir=None, lora=False, seed=0, evals=False, **kw):
         from spo.config import LoraConfig
         from spo.models.loading import apply_lora
 
-        model = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0))
+        model = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0), seed=seed)
     return PreferenceTrainer.from_rows(
         model, tok, cfg, rows[:N_TRAIN], degs[:N_TRAIN],
         rows[N_TRAIN:] if evals else None, degs[N_TRAIN:] if evals else None,
