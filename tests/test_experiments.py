@@ -26,8 +26,8 @@ def test_every_preset_run_is_a_valid_config_of_the_repo_params() -> None:
     assert set(presets) == ALL_EXPERIMENTS
     assert set(presets["extractor"].runs) == {"rake", "yake", "positionrank", "random"}
     for name, preset in presets.items():
-        for run, overrides in preset.runs.items():
-            experiments.check_run(REPO / "params.yaml", overrides)  # raises on a typo or a bad value
+        for run in preset.runs:
+            experiments.check_run(REPO / "params.yaml", preset.overrides(run))  # raises on a typo or a bad value
     six = experiments.load_config(REPO / "params.yaml", [experiments.spo_override(o) for o in presets["loss_x_spo"].runs["hh"]])
     assert {(v.loss, v.spo) for v in six.variants.values()} == {(l, s) for l in ("dpo", "ipo", "kto") for s in (False, True)}
 
@@ -41,6 +41,33 @@ def test_a_typo_in_a_preset_fails_before_dvc_runs(tmp_path: Path) -> None:
     presets_file.write_text("presets:\n  bad:\n    description: x\n    runs:\n      'a..b': []\n")
     with pytest.raises(ConfigError, match="not a valid experiment name"):
         experiments.load_presets(presets_file)
+
+
+def test_common_overrides_come_first_in_every_run_and_a_runs_own_win(tmp_path: Path) -> None:
+    presets_file = tmp_path / "experiments.yaml"
+    presets_file.write_text("""presets:
+  real:
+    description: x
+    common: &real [keywords.method=yake, degrees.n_levels=3]
+    runs:
+      base: []
+      n2: [degrees.n_levels=2]
+  real_random:
+    description: y
+    common: *real
+    runs:
+      random: [keywords.method=random]
+""")
+    presets = experiments.load_presets(presets_file)
+    results = experiments.run_preset("real", presets, params=REPO / "params.yaml", dry_run=True, extra=["seed=3"])
+    assert [r["command"][6:] for r in results] == [
+        ["-S", "keywords.method=yake", "-S", "degrees.n_levels=3", "-S", "seed=3"],
+        ["-S", "keywords.method=yake", "-S", "degrees.n_levels=3", "-S", "degrees.n_levels=2", "-S", "seed=3"]]
+    cfg = experiments.load_config(REPO / "params.yaml", presets["real_random"].overrides("random"))
+    assert cfg.keywords.method == "random" and cfg.degrees.n_levels == 3  # shared by anchor, the run's own wins
+    presets_file.write_text(presets_file.read_text().replace("degrees.n_levels=3", "degrees.n_levels=1"))
+    with pytest.raises(ConfigError, match="n_levels"):  # a bad common override fails every run before DVC
+        experiments.run_preset("real", experiments.load_presets(presets_file), params=REPO / "params.yaml", dry_run=True)
 
 
 # -- against real DVC, in a scratch project whose one stage writes judge-like metrics from params

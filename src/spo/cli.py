@@ -203,8 +203,11 @@ def _exp(args: argparse.Namespace) -> int:
     if args.exp_command == "list":
         for name, preset in presets.items():
             print(f"{name}: {preset.description}")
+            if preset.common:
+                print(f"  every run: {' '.join(preset.common)}")
             for run, overrides in preset.runs.items():
-                print(f"  {name}-{run}: {' '.join(overrides) or '(params.yaml as it is)'}")
+                shown = " ".join(overrides) or ("(the common settings only)" if preset.common else "(params.yaml as it is)")
+                print(f"  {name}-{run}: {shown}")
         return 0
     if args.exp_command == "run":
         results = experiments.run_preset(

@@ -36,7 +36,13 @@ class Preset(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     description: str = Field(description="What the experiment asks.")
+    common: list[str] = Field(default_factory=list, description="Overrides every run starts from, before its own "
+                              "(e.g. the real-model settings, shared by YAML anchor across presets).")
     runs: dict[str, list[str]] = Field(description="Run name -> `dvc exp run -S` overrides.")
+
+    def overrides(self, run: str) -> list[str]:
+        """The run's overrides: the preset's common ones, then its own (which win)."""
+        return [*self.common, *self.runs[run]]
 
 
 class PresetFile(BaseModel):
@@ -104,7 +110,7 @@ def run_preset(
     unknown = sorted(set(only or []) - set(runs))
     if unknown:
         raise ConfigError(f"preset {name!r} has no run {unknown}; runs: {', '.join(runs)}")
-    selected = {run: [*overrides, *(extra or [])] for run, overrides in runs.items() if not only or run in only}
+    selected = {run: [*presets[name].overrides(run), *(extra or [])] for run in runs if not only or run in only}
     for run, overrides in selected.items():
         try:
             check_run(params, overrides)
