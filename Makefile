@@ -19,7 +19,7 @@ export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 export SPO_DATA_DIR
 
-.PHONY: setup demo demo-tldr test test-fast bench clean-outputs
+.PHONY: setup demo demo-tldr demo-real test test-fast bench clean-outputs
 .PHONY: docker-start docker-stop base-image wheelhouse wheelhouse-cuda image image-cuda lint-docker
 .PHONY: checkov chart-files
 
@@ -45,6 +45,12 @@ demo: setup
 ## The same demo on TL;DR summaries: a params switch, recorded as the DVC experiment demo-tldr.
 demo-tldr: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc exp run -n demo-tldr -S data.dataset=tldr -S train.beta=0.5
+	$(BIN)/spo results
+
+## The real-model run (SmolLM2-135M-Instruct, LoRA; experiments.yaml preset `real`), in the workspace:
+## about an hour on 2 cores; then its win rates with the judge's accuracy (docs/experiments.md).
+demo-real: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/spo exp run real --in-workspace
 	$(BIN)/spo results
 
 ## The whole test suite, as CI runs it.

@@ -189,6 +189,8 @@ def _exp_parser(sub: argparse._SubParsersAction) -> None:
                      help="an override added to every run, e.g. -S train.optim.max_steps=200")
     run.add_argument("-p", "--params", default="params.yaml")
     run.add_argument("--queue", action="store_true", help="queue the runs; start them with `dvc queue start`")
+    run.add_argument("--in-workspace", action="store_true",
+                     help="run in the workspace (one run), which then holds its outputs: `spo results` shows them")
     run.add_argument("-f", "--force", action="store_true", help="rerun every stage / overwrite same-named experiments")
     run.add_argument("--dry-run", action="store_true", help="check the overrides and print the commands only")
     summary = actions.add_parser("summary", help="`dvc exp show` as reports/experiments.{md,html,json,png}")
@@ -212,7 +214,7 @@ def _exp(args: argparse.Namespace) -> int:
     if args.exp_command == "run":
         results = experiments.run_preset(
             args.preset, presets, params=args.params, only=args.only, extra=args.extra,
-            queue=args.queue, force=args.force, dry_run=args.dry_run,
+            queue=args.queue, force=args.force, dry_run=args.dry_run, in_workspace=args.in_workspace,
         )
         if args.dry_run:
             for result in results:

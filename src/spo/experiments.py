@@ -80,10 +80,14 @@ def check_run(params: str | Path, overrides: list[str]) -> None:
     load_config(params, [spo_override(o) for o in overrides])
 
 
-def dvc_command(preset: str, run: str, overrides: list[str], *, queue: bool = False, force: bool = False) -> list[str]:
+def dvc_command(preset: str, run: str, overrides: list[str], *, queue: bool = False, force: bool = False,
+                in_workspace: bool = False) -> list[str]:
     """`dvc exp run` in a temporary copy of the workspace (or queued): a series of runs never
-    edits the user's params.yaml nor leaves one run's outputs behind for the next."""
-    cmd = ["dvc", "exp", "run", "-n", f"{preset}-{run}", "--queue" if queue else "--temp"]
+    edits the user's params.yaml nor leaves one run's outputs behind for the next.
+    ``in_workspace``: in the workspace itself, whose outputs are then that run's (a demo)."""
+    cmd = ["dvc", "exp", "run", "-n", f"{preset}-{run}"]
+    if queue or not in_workspace:
+        cmd.append("--queue" if queue else "--temp")
     if force:
         cmd.append("--force")
     for override in overrides:
@@ -101,12 +105,15 @@ def run_preset(
     queue: bool = False,
     force: bool = False,
     dry_run: bool = False,
+    in_workspace: bool = False,
 ) -> list[dict[str, Any]]:
     """Run (or queue) every run of a preset in turn, each from the committed pipeline plus the
     workspace's uncommitted changes, in a temporary directory; the workspace is left as it was."""
     if name not in presets:
         raise ConfigError(f"no preset {name!r}; presets: {', '.join(presets)}")
     runs = presets[name].runs
+    if in_workspace and (queue or len([r for r in runs if not only or r in only]) > 1):
+        raise ConfigError("--in-workspace runs one run, not queued: the workspace holds one run's outputs")
     unknown = sorted(set(only or []) - set(runs))
     if unknown:
         raise ConfigError(f"preset {name!r} has no run {unknown}; runs: {', '.join(runs)}")
@@ -122,7 +129,7 @@ def run_preset(
         env["SPO_DATA_DIR"] = str(Path(env["SPO_DATA_DIR"]).resolve())
     results: list[dict[str, Any]] = []
     for run, overrides in selected.items():
-        cmd = dvc_command(name, run, overrides, queue=queue, force=force)
+        cmd = dvc_command(name, run, overrides, queue=queue, force=force, in_workspace=in_workspace)
         log.info("%s", " ".join(cmd))
         if dry_run:
             results.append({"run": run, "command": cmd, "returncode": None, "seconds": 0.0})

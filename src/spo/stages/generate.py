@@ -124,7 +124,9 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
                 stop_strings=stops, dtype=cfg.model.dtype, adapter_base=adapter_base(path),
             )
         else:
-            model = load_trained(path, cfg.model)
+            # a LoRA adapter folded into its base: the same function, without the adapter's extra
+            # matmuls in every layer at every generated token
+            model = load_trained(path, cfg.model, merge=True)
             model.eval()
             with torch.no_grad():
                 result = generate_texts(
