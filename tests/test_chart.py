@@ -363,10 +363,12 @@ def test_the_upload_hook_creates_nothing_when_rerun_and_helm_test_checks_its_ver
 
 
 def test_chart_files_are_the_repositorys() -> None:
-    """The chart ships params.yaml, dvc.yaml and .dvcignore (Helm reads files inside the chart only):
-    they must be the repository's (`make chart-files` copies them)."""
-    for shipped, source in (("params.yaml", "params.yaml"), ("dvc.yaml", "dvc.yaml"), ("dvcignore", ".dvcignore")):
+    """The chart ships params.yaml, dvc.yaml (as dvc-stages.yaml) and .dvcignore (Helm reads files
+    inside the chart only): they must be the repository's (`make chart-files` copies them)."""
+    for shipped, source in (("params.yaml", "params.yaml"), ("dvc-stages.yaml", "dvc.yaml"), ("dvcignore", ".dvcignore")):
         assert (CHART / "files" / shipped).read_bytes() == (REPO / source).read_bytes(), shipped
+    # never a file DVC takes for a pipeline of this project: `dvc repro` would run its stages too
+    assert not [p for p in CHART.rglob("*") if p.name in ("dvc.yaml", "dvc.lock") or p.suffix == ".dvc"]
 
 
 def test_notes_say_how_to_follow_the_run() -> None:

@@ -93,3 +93,15 @@ def test_explicit_comparisons_replace_or_extend_the_automatic_ones() -> None:
     ]
     cfg.judge.auto_comparisons = False
     assert [c.name for c in cfg.judge_comparisons()] == ["dpo_spo_vs_sft", "sft_vs_chosen"]
+
+
+def test_a_bare_no_for_mixed_precision_is_no_as_dvc_exp_run_writes_it(tmp_path) -> None:
+    """`dvc exp run -S` writes params.yaml back without the quotes of "no"; PyYAML reads a bare no as false."""
+    from spo.config import ConfigError, load_config
+
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(params, []).train.mixed_precision == "no"
+    params.write_text("train:\n  mixed_precision: yes\n")
+    with pytest.raises(ConfigError, match="mixed_precision"):  # true is no precision mode
+        load_config(params, [])

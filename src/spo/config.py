@@ -320,6 +320,13 @@ class TrainConfig(_Section):
         description="Accelerate autocast with float32 master weights and optimizer state (fp16 adds loss scaling; "
         "GPU only). For pure bf16 weights set model.dtype: bfloat16 and keep this `no`.",
     )
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _bare_no(cls, value: Any) -> Any:
+        """A bare ``no`` is ``false`` to a YAML 1.1 reader such as PyYAML, and ``dvc exp run -S``
+        writes params.yaml back with its quotes dropped: read it as the ``no`` it was."""
+        return "no" if value is False else value
+
     activation_checkpointing: bool = Field(
         default=False, description="Recompute each decoder layer's activations in the backward (TRL's activation_checkpointing): "
         "less memory, about a third more compute."
