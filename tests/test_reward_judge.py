@@ -162,3 +162,19 @@ def test_lora_reward_model_round_trip(workdir: Path, tmp_path: Path) -> None:
 def test_missing_value_head_is_an_input_error(workdir: Path) -> None:
     with pytest.raises(InputError, match="value_head.safetensors"):
         RewardModel.load(workdir / "sft", SpoConfig().model)
+
+
+def test_scoring_builds_no_autograd_graph(workdir: Path, trained: dict) -> None:
+    """The held-out accuracy and the judge score thousands of sequences: with autograd on, each
+    batch kept every layer's activations for a backward that never comes."""
+    import torch
+
+    from spo.config import ModelConfig
+    from spo.judging.reward import RewardModel, score_sequences
+
+    model = RewardModel.load(workdir / "reward", ModelConfig())
+    seen: list[bool] = []
+    score = model.score
+    model.score = lambda ids, mask: (seen.append(torch.is_grad_enabled()), score(ids, mask))[1]  # type: ignore[method-assign]
+    scores = score_sequences(model, [[5, 6, 7], [5, 6], [8]], pad_id=0, batch_size=2)
+    assert len(scores) == 3 and seen == [False, False] and torch.is_grad_enabled()
