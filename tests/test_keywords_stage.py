@@ -135,3 +135,24 @@ def test_stage_rejects_row_without_field(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "in" / "train.jsonl", [{"id": 1, "chosen": "x"}])
     with pytest.raises(ValueError, match="rejected"):
         stage.run(_cfg(tmp_path, tmp_path / "in", "out", workers=1))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("stopwords", "message"), [
+    ("klingon", "'klingon' is neither a file nor a language"), ("no/such/stopwords.txt", "not found")])
+def test_bad_stopwords_fail_at_once_naming_the_key_with_any_worker_count(
+        tmp_path: Path, prepared: Path, workers: int, stopwords: str, message: str) -> None:
+    """Found by a new user: with a worker pool an unknown language respawned failing workers forever."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    command = [sys.executable, "-m", "spo", "keywords", "-p", str(REPO / "params.yaml")]
+    paths = {"keywords.in_dir": prepared, "keywords.out_dir": tmp_path / "out", "keywords.metrics_file": tmp_path / "m.json"}
+    for key, value in {**paths, "keywords.workers": workers, "keywords.stopwords": stopwords}.items():
+        command += ["-S", f"{key}={value}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)  # a hang fails here, bounded
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "keywords.stopwords" in done.stderr and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing written

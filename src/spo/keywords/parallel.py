@@ -69,12 +69,12 @@ class KeywordRunner:
         self.workers = resolve_workers(workers)
         self.chunk_size = max(1, chunk_size)
         self._pool = None
-        self._extractor: Extractor | None = None
+        # built here first, in the parent: a bad option (an unknown stop-word language, a missing
+        # file) raises once, instead of failing every worker the pool then respawns forever
+        self._extractor: Extractor = get_extractor(method, **self.options)
         if self.workers > 1:
             ctx = mp.get_context("fork")
             self._pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(method, self.options))
-        else:
-            self._extractor = get_extractor(method, **self.options)
 
     def run(
         self, rows: Sequence[Row], progress: Callable[[int], Any] | None = None
@@ -82,7 +82,6 @@ class KeywordRunner:
         """Yield (json lines, stats) chunk by chunk, in input order."""
         chunks = [rows[i : i + self.chunk_size] for i in range(0, len(rows), self.chunk_size)]
         if self._pool is None:
-            assert self._extractor is not None
             results: Iterator = (process_rows(self.method, self._extractor, c) for c in chunks)
         else:
             results = self._pool.imap(_work, chunks)

@@ -72,7 +72,11 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
 
     all_stats: list[Stat] = []
     per_split: dict[str, dict[str, int]] = {}
-    with KeywordRunner(kc.method, options, kc.workers, kc.chunk_size) as runner, tqdm(
+    try:
+        runner = KeywordRunner(kc.method, options, kc.workers, kc.chunk_size)
+    except ValueError as err:  # the extractor's options: stop words (language or file), method settings
+        raise InputError(f"keywords (method {kc.method}, keywords.stopwords {kc.stopwords!r}): {err}") from None
+    with runner, tqdm(
         total=total_rows, desc=f"keywords ({kc.method})", unit="row", mininterval=1.0
     ) as bar:
         for split, rows in data.items():
