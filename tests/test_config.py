@@ -105,3 +105,17 @@ def test_a_bare_no_for_mixed_precision_is_no_as_dvc_exp_run_writes_it(tmp_path) 
     params.write_text("train:\n  mixed_precision: yes\n")
     with pytest.raises(ConfigError, match="mixed_precision"):  # true is no precision mode
         load_config(params, [])
+
+
+def test_a_yaml_syntax_error_names_the_file_or_the_override_and_where(tmp_path) -> None:
+    """Found by a new user: both were tracebacks."""
+    from spo.cli import main
+    from spo.config import ConfigError, load_config
+
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 0\ntrain:\n  beta: [0.1\n")
+    with pytest.raises(ConfigError, match=rf"{params}: not valid YAML: .* at line 4, column 1"):
+        load_config(params, [])
+    with pytest.raises(ConfigError, match=r"override 'train.beta=\[0.1': the value is not valid YAML \(.*line 1, column 5\)"):
+        load_config(None, ["train.beta=[0.1"])
+    assert main(["config", "-p", str(params)]) == 2  # a message and exit 2, not a traceback

@@ -550,7 +550,17 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({_yaml_problem(err)})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line, with its line and column when PyYAML knows them."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
 
 
 def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> SpoConfig:
@@ -559,7 +569,10 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
     if path is not None:
         params_path = Path(path)
         if params_path.exists():
-            loaded = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
+            try:
+                loaded = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{params_path}: not valid YAML: {_yaml_problem(err)}") from None
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{params_path}: top level must be a mapping of sections")
             tree = loaded
