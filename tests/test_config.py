@@ -119,3 +119,15 @@ def test_a_yaml_syntax_error_names_the_file_or_the_override_and_where(tmp_path) 
     with pytest.raises(ConfigError, match=r"override 'train.beta=\[0.1': the value is not valid YAML \(.*line 1, column 5\)"):
         load_config(None, ["train.beta=[0.1"])
     assert main(["config", "-p", str(params)]) == 2  # a message and exit 2, not a traceback
+
+
+def test_cross_section_mistakes_fail_when_the_params_are_read() -> None:
+    """Found by a new user: levels_per_step above n_levels was accepted, and a batch that micro-batches do not
+    divide was found only after the data had been tokenised."""
+    from spo.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train.spo.levels_per_step: 9 levels per step, but degrees.n_levels makes only 4"):
+        load_config(None, ["train.spo.levels_per_step=9"])
+    with pytest.raises(ConfigError, match=r"reward_model.optim.batch_size: 8 is not a multiple of micro_batch_size 3"):
+        load_config(None, ["reward_model.optim.micro_batch_size=3"])
+    assert load_config(None, ["degrees.n_levels=6", "train.spo.levels_per_step=6"]).train.spo.levels_per_step == 6

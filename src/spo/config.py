@@ -581,7 +581,26 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
     for assignment in overrides or []:
         _apply_override(tree, assignment)
     try:
-        return SpoConfig.model_validate(tree)
+        cfg = SpoConfig.model_validate(tree)
     except ValidationError as err:
         lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
         raise ConfigError(f"{path}: invalid params:\n  " + "\n  ".join(lines)) from None
+    lines = _inconsistencies(cfg)
+    if lines:
+        raise ConfigError(f"{path}: invalid params:\n  " + "\n  ".join(lines))
+    return cfg
+
+
+def _inconsistencies(cfg: SpoConfig) -> list[str]:
+    """What no single section can see wrong: found here, before any data is read or tokenised."""
+    found = []
+    levels = cfg.train.spo.levels_per_step
+    if levels is not None and levels > cfg.degrees.n_levels:
+        found.append(f"train.spo.levels_per_step: {levels} levels per step, but degrees.n_levels makes only "
+                     f"{cfg.degrees.n_levels}; use 2..{cfg.degrees.n_levels}, or null for all levels")
+    for section in ("sft", "train", "reward_model"):
+        optim = getattr(cfg, section).optim
+        if optim.batch_size % optim.micro_batch_size:
+            found.append(f"{section}.optim.batch_size: {optim.batch_size} is not a multiple of micro_batch_size "
+                         f"{optim.micro_batch_size}")
+    return found
