@@ -32,6 +32,8 @@ import openai
 from tqdm.auto import tqdm
 
 from spo.config import OpenAIJudgeConfig
+from spo.errors import StageFailed
+from spo.io import InputError
 from spo.judging import prompts
 from spo.judging.base import BudgetExhausted, JudgeRequest, Verdict
 from spo.judging.cache import JudgeCache, cache_key
@@ -41,11 +43,11 @@ log = logging.getLogger(__name__)
 ATTEMPT_SEPARATOR = "\n---\n"
 
 
-class JudgeConfigError(ValueError):
-    """The judge cannot be set up (e.g. the API key variable is unset)."""
+class JudgeConfigError(InputError):
+    """The judge cannot be set up (e.g. the API key variable is unset): the CLI says so and exits 2."""
 
 
-class JudgeAPIError(RuntimeError):
+class JudgeAPIError(StageFailed):
     """A judge request failed for good (a 4xx other than 429, or retries exhausted). Key-free message."""
 
     def __init__(self, message: str, status_code: int | None = None) -> None:
