@@ -151,6 +151,22 @@ def test_bad_raw_lines_are_quarantined_with_file_line_and_field(tmp_path: Path, 
     assert by_line[7]["reasons"] == [{"field": "chosen", "reason": "is null"}]
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_bom_is_no_bad_row_and_blank_lines_are_counted_not_dropped(tmp_path: Path, shared_data: Path, gz: bool) -> None:
+    """Found by a new user: a file saved with a UTF-8 BOM lost its first (good) row to quarantine, and
+    blank or whitespace-only lines vanished without being counted."""
+    good = read_gz(shared_data / "hh" / "train.jsonl.gz", limit=4)
+    folder = tmp_path / "raw"
+    first = b"\xef\xbb\xbf" + json.dumps(good[0]).encode()
+    write_raw(folder, "hh", "train", [first, good[1], "", "   \t", good[2]], gz=gz)
+    write_raw(folder, "hh", "test", [good[3]], gz=gz)
+    summary = prepare.run(tmp_config(tmp_path, folder))
+    prepared, quarantined = _outputs(tmp_path)
+    assert summary["rows_read"] == 6 and sum(len(v) for v in prepared.values()) == 4  # the BOM row is prepared
+    assert sorted((q["line"], q["reasons"][0]["reason"]) for q in quarantined) == [
+        (3, "a blank line (no JSON)"), (4, "a blank line (no JSON)")]
+
+
 def test_invalid_utf8_bytes_survive_prepare_for_validation_to_quarantine(tmp_path: Path, shared_data: Path) -> None:
     good = read_gz(shared_data / "hh" / "train.jsonl.gz", limit=2)
     broken = json.dumps(good[0]).encode().replace(b"butterflies live", b"butter\xff\xfeflies live", 1)

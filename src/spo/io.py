@@ -32,11 +32,13 @@ def open_text(path: Path) -> IO[str]:
     """Open .jsonl or .jsonl.gz for reading.
 
     ``surrogateescape`` keeps invalid UTF-8 bytes as lone surrogates instead of failing the
-    whole file, so the row can be quarantined with its reason by validation.
+    whole file, so the row can be quarantined with its reason by validation. ``utf-8-sig``
+    drops a byte-order mark at the start of the file (editors on Windows write one), which
+    would otherwise make the first row invalid JSON.
     """
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="\n")
-    return open(path, encoding="utf-8", errors="surrogateescape", newline="\n")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="\n")
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -56,7 +56,8 @@ def _read_local(path: Path, origin: str, split: str, limit: int | None) -> Itera
             for line_no, line in enumerate(handle, start=1):
                 if limit is not None and yielded >= limit:
                     return
-                if not line.strip():
+                if not line.strip():  # counted and reported like any other refused line, never dropped
+                    yield RawRecord(split, origin, line_no, None, "a blank line (no JSON)", line)
                     continue
                 yielded += 1
                 try:
