@@ -84,3 +84,19 @@ def test_empty_and_missing_files_stop_with_the_path(tmp_path: Path) -> None:
     (folder / "hh" / "train.jsonl").unlink()
     with pytest.raises(InputError, match=r"hh/train\.jsonl\.gz: file not found"):
         prepare.run(tmp_config(tmp_path, folder))
+
+
+def test_a_train_split_with_no_valid_row_fails_the_stage_even_when_bad_rows_are_allowed(
+        tmp_path: Path, shared_data: Path) -> None:
+    """Found by a new user: every train row invalid, max_bad_fraction raised, and validate ended with exit 0."""
+    good = read_gz(shared_data / "hh" / "train.jsonl.gz", limit=1)[0]
+    folder = tmp_path / "raw"
+    same = {"chosen": good["chosen"], "rejected": good["chosen"]}  # equal responses: not a preference
+    write_raw(folder, "hh", "train", [same, same])
+    write_raw(folder, "hh", "test", [good])
+    cfg = tmp_config(tmp_path, folder)
+    cfg.validate_.max_bad_fraction = 1.0
+    prepare.run(cfg)
+    with pytest.raises(StageFailed, match=r"no valid train row .*nothing to train on"):
+        validate.run(cfg)
+    assert (tmp_path / "reports/validation/validation.html").is_file()  # written first, for the user to look at

@@ -398,8 +398,9 @@ def test_column_missing_from_every_row(tmp_path: Path) -> None:
         for row in rows:
             del row["source"]
     _write_folder(tmp_path, folder)
-    summary = validate.run(_config(tmp_path, max_bad_fraction=1.0))
-    assert summary["rows_valid"] == 0 and summary["rows_quarantined_validate"] == 5
+    with pytest.raises(StageFailed, match="no valid train row"):  # everything quarantined: nothing to train on
+        validate.run(_config(tmp_path, max_bad_fraction=1.0))
+    assert len(read_jsonl(tmp_path / "quarantine" / "validate.jsonl")) == 5
     entry = read_jsonl(tmp_path / "quarantine" / "validate.jsonl")[0]
     assert entry["reasons"] == [
         {"check": "expect_column_to_exist", "field": "source", "reason": "column source is missing from every input row"}

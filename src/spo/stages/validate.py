@@ -202,4 +202,13 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
             f"Most failed checks: {', '.join(f'{name} ({n} rows)' for name, n in worst) or 'none'}. "
             f"See the report {report_dir / 'validation.html'}; fix the data or raise validate.max_bad_fraction."
         )
+    if not valid["train"]:
+        raise StageFailed(
+            f"validate: no valid train row ({len(quarantine)} quarantined by validate to {params.quarantine_file}, "
+            f"{rows_quarantined_prepare} by prepare): nothing to train on. See the report {report_dir / 'validation.html'}."
+        )
+    for split in SPLITS:
+        if not valid[split]:
+            log.warning("validate: the %s split has no valid row: the stages that read it (%s) will have nothing to do",
+                        split, "the evaluations" if split == "eval" else "generation and judging")
     return {**totals, "check_failures": check_failures, "seconds": round(seconds, 3)}
