@@ -174,8 +174,10 @@ def test_garbage_is_retried_once_then_invalid(server, tmp_path):
     v2 = judge.judge_many(reqs(2)[1:], progress=False)[0]
     assert v2.winner is None and v2.raw == "no idea\n---\nno idea" and server.calls == 4
     assert judge.stats.invalid == 1
-    # invalid verdicts were paid for: cached, not asked again
-    assert judge.judge_many(reqs(2)[1:], progress=False)[0].cached and server.calls == 4
+    # an invalid answer is not cached as final: a rerun asks again for it alone, and can recover it
+    server.default = verdict("A")
+    again = judge.judge_many(reqs(2), progress=False)
+    assert again[0].cached and again[1].winner == "A" and not again[1].cached and server.calls == 5
 
 
 # -- cache, budget, resumption --------------------------------------------------------------------

@@ -8,7 +8,8 @@
   Other 4xx fail the request: :class:`JudgeAPIError` is raised from ``judge_many`` once in-flight
   calls are done (everything judged so far is already cached).
 * An unparseable verdict is asked once more with the same prompt, then recorded as invalid
-  (``winner=None``, both texts in ``raw``) — and cached, as it was paid for.
+  (``winner=None``, both texts in ``raw``), with a warning, and not cached: a rerun asks again
+  for it (and only for it), so it can still be recovered.
 * The budget (calls, tokens, estimated cost) is checked before every HTTP call, retries included.
   When spent, the run stops cleanly: in-flight calls finish and are cached, the remaining requests
   come back as ``None`` and ``stopped_reason`` says why.  Token and cost limits can be overshot by
@@ -230,7 +231,8 @@ class OpenAIJudge:
                 break
         verdict = Verdict(winner=winner, raw=ATTEMPT_SEPARATOR.join(texts), explanation=explanation,
                           cached=False, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
-        self.cache.put(key, self.judge_id, self.prompt_version, verdict)
+        if winner is not None:  # an answer with no verdict is recorded as invalid but not cached: a rerun asks again
+            self.cache.put(key, self.judge_id, self.prompt_version, verdict)
         return verdict
 
     # -- the batch ---------------------------------------------------------------------------
@@ -298,6 +300,9 @@ class OpenAIJudge:
             seen.add(key)
             results.append(verdict)
         self.stats.invalid = sum(1 for v in results if v is not None and v.winner is None)
+        if self.stats.invalid:
+            log.warning("judge %s: %d answer(s) gave no verdict after 2 attempts each; they count as invalid here and "
+                        "are not cached, so a rerun asks again for them (and only them)", self.judge_id, self.stats.invalid)
         self.stats.not_judged = sum(1 for v in results if v is None)
         self.stats.seconds = time.perf_counter() - start
         s = self.stats
