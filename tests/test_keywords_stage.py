@@ -156,3 +156,32 @@ def test_bad_stopwords_fail_at_once_naming_the_key_with_any_worker_count(
     assert done.returncode == 2, done.stderr[-2000:]
     assert "keywords.stopwords" in done.stderr and message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_run_that_dies_midway_leaves_the_last_complete_output_folder(tmp_path: Path, prepared: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a new user: a killed run left some splits of the new run beside the old run's others, its
+    provenance and a stray temporary, and `spo degrees` took it as complete."""
+    from spo.keywords import parallel
+
+    stage.run(_cfg(tmp_path, prepared, "out", method="rake", workers=1))
+    first = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    (tmp_path / ".out.tmp-killedrun").mkdir()  # what a SIGKILLed run leaves beside the folder
+    (tmp_path / ".out.tmp-killedrun" / "train.jsonl").write_text("{}\n")
+    calls = {"n": 0}
+    real = parallel.process_rows
+
+    def dies_on_the_second_split(method, extractor, rows):
+        calls["n"] += 1
+        if calls["n"] > 12:  # the train split's chunks are done, the test split's are not
+            raise KeyboardInterrupt("killed")
+        return real(method, extractor, rows)
+
+    monkeypatch.setattr(parallel, "process_rows", dies_on_the_second_split)
+    with pytest.raises(KeyboardInterrupt):
+        stage.run(_cfg(tmp_path, prepared, "out", method="yake", workers=1))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == first  # the rake run, whole
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == []  # nothing stray
+    monkeypatch.setattr(parallel, "process_rows", real)
+    stage.run(_cfg(tmp_path, prepared, "out", method="yake", workers=1))
+    assert json.loads((tmp_path / "out" / "train.jsonl").read_text().splitlines()[0])["method"] == "yake"

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from spo.config import SPLITS, SpoConfig
 from spo.degrees import TOKEN_RE, build_degree_variants
-from spo.io import InputError, check_aligned, read_jsonl, save_figure, tree_sha256, write_json, write_jsonl, write_provenance
+from spo.io import (InputError, atomic_dir, check_aligned, read_jsonl, save_figure, tree_sha256, write_json, write_jsonl,
+                    write_provenance)
 
 log = logging.getLogger("spo.degrees")
 SIDES = ("chosen", "rejected")
@@ -102,14 +103,15 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
                     removed_counts[k].append(dv.phrases_removed[k])
             yield out
 
-    for split in inputs:
-        per_split[split] = write_jsonl(out_dir / f"{split}.jsonl", variants(split))
-    write_provenance(
-        out_dir,
-        stage="degrees",
-        config_hash=cfg.section_hash("degrees"),
-        inputs={"rows": tree_sha256(in_dir), "keywords": tree_sha256(kw_dir)},
-    )
+    with atomic_dir(out_dir) as building:  # whole or not at all: a killed run leaves the last complete folder
+        for split in inputs:
+            per_split[split] = write_jsonl(building / f"{split}.jsonl", variants(split))
+        write_provenance(
+            building,
+            stage="degrees",
+            config_hash=cfg.section_hash("degrees"),
+            inputs={"rows": tree_sha256(in_dir), "keywords": tree_sha256(kw_dir)},
+        )
 
     rows_total = sum(per_split.values())
     metrics: dict[str, Any] = {

@@ -22,7 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from spo.config import SPLITS, SpoConfig
-from spo.io import InputError, atomic_open, read_jsonl, tree_sha256, write_json, write_provenance
+from spo.io import InputError, atomic_dir, atomic_open, read_jsonl, tree_sha256, write_json, write_provenance
 from spo.keywords import method_options
 from spo.keywords.parallel import KeywordRunner, Row, Stat
 
@@ -76,12 +76,13 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         runner = KeywordRunner(kc.method, options, kc.workers, kc.chunk_size)
     except ValueError as err:  # the extractor's options: stop words (language or file), method settings
         raise InputError(f"keywords (method {kc.method}, keywords.stopwords {kc.stopwords!r}): {err}") from None
-    with runner, tqdm(
+    # whole or not at all: a killed run leaves the last complete folder, never splits of two runs
+    with atomic_dir(out_dir) as building, runner, tqdm(
         total=total_rows, desc=f"keywords ({kc.method})", unit="row", mininterval=1.0
     ) as bar:
         for split, rows in data.items():
             n_lines = 0
-            with atomic_open(out_dir / f"{split}.jsonl") as handle:
+            with atomic_open(building / f"{split}.jsonl") as handle:
                 for lines, stats in runner.run(rows, progress=bar.update):
                     for line in lines:
                         handle.write(line)
@@ -90,13 +91,13 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
                     all_stats.extend(stats)
             per_split[split] = {"rows": n_lines}
         workers = runner.workers
+        write_provenance(
+            building, stage="keywords", config_hash=cfg.section_hash("keywords"), inputs=tree_sha256(in_dir)
+        )
     seconds = time.perf_counter() - started
 
     metrics = _metrics(all_stats, total_rows, kc.method, workers, seconds)
     metrics["splits"] = per_split
-    write_provenance(
-        out_dir, stage="keywords", config_hash=cfg.section_hash("keywords"), inputs=tree_sha256(in_dir)
-    )
     write_json(kc.metrics_file, metrics)
     log.info(
         "keywords: read %d rows (%d responses) from %s [%s], wrote %s/{%s}.jsonl with method=%s "
