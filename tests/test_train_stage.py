@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from test_train_support import write_train_inputs
 
-from spo.config import load_config
+from spo.config import ConfigError, load_config
 from spo.io import InputError, write_jsonl
 
 
@@ -74,9 +74,10 @@ def test_stage_bad_inputs(workspace: Path, tmp_path: Path) -> None:
     write_jsonl(rows_dir / "train.jsonl", [{**r, "rejected": r["chosen"]} for r in rows])
     with pytest.raises(InputError, match="no usable pair left"):
         train.run(_cfg(workspace, "x", f"train.rows_dir={rows_dir}", "train.spo.enabled=false"))
-    with pytest.raises(InputError, match=r"train.optim.batch_size \(6\) must be a multiple of micro_batch_size \(4\)"):
-        train.run(_cfg(workspace, "x", "train.optim.batch_size=6", "train.optim.micro_batch_size=4",
-                       "train.precompute_reference=false"))
+    # refused when the params are read, before any data is loaded or tokenised
+    with pytest.raises(ConfigError, match=r"train.optim.batch_size: 6 is not a multiple of micro_batch_size 4"):
+        _cfg(workspace, "x", "train.optim.batch_size=6", "train.optim.micro_batch_size=4",
+             "train.precompute_reference=false")
 
 
 def test_cli_exit_code_on_missing_sft(workspace: Path, tmp_path: Path) -> None:
