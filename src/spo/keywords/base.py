@@ -147,7 +147,8 @@ class Extractor(ABC):
         """Turn ranked ``(score, token sequence[, phrase text])`` tuples into KeyPhrases.
 
         Drops repeats (case-insensitively, keeping the best rank) and sequences that do not occur
-        in the text, finds every occurrence, and stops at ``max_phrases``.  The phrase text, when
+        in the text within one sentence, finds every occurrence that reads as the phrase (same
+        spacing, no sentence or line break inside), and stops at ``max_phrases``.  The phrase text, when
         given, must be the rendering of the tokens (rake-nltk's words joined by spaces).
         """
         out: list[KeyPhrase] = []
@@ -163,6 +164,9 @@ class Extractor(ABC):
             if not positions:
                 continue
             k = len(key) - 1
+            if k:  # every span must read exactly as the phrase: the first occurrence's spacing
+                first = toks.spacing(positions[0], k + 1)
+                positions = [p for p in positions if toks.spacing(p, k + 1) == first]
             phrase = item[2] if len(item) > 2 else toks.render(positions[0], k + 1)
             spans = [(offsets[p][0], offsets[p + k][1]) for p in positions]
             out.append(KeyPhrase(phrase, float(item[0]), spans))

@@ -140,7 +140,8 @@ class RakeExtractor(Extractor):
         is needed.  Occurrences are found from each word's positions (one pass over the tokens)
         instead of a ``list.index`` scan per phrase: single-word phrases, the common case, are
         a look-up; longer ones compare the tokens at their first word's positions, left to
-        right without overlaps.  Line breaks are whitespace here, as in ``Tokens.find``.
+        right without overlaps, skipping any that runs across a line break (``Tokens.cut``:
+        two word tokens in a row have no punctuation between them, so only lines matter).
         """
         ranked = self._rake.rank_tokens(toks)
         if not ranked:
@@ -166,9 +167,15 @@ class RakeExtractor(Extractor):
                 continue
             spans = []
             free = 0
+            multiline = len(toks.lines) > 1
             for pos in positions:
-                if pos >= free and tuple(low[pos : pos + k]) == seq:
+                if (
+                    pos >= free
+                    and tuple(low[pos : pos + k]) == seq
+                    and not (multiline and toks.crosses(pos, k))
+                ):
                     spans.append((offsets[pos][0], offsets[pos + k - 1][1]))
                     free = pos + k
-            append((text, score, spans))
+            if spans:
+                append((text, score, spans))
         return out

@@ -3,9 +3,10 @@
 The regex needs no downloaded data (no punkt): a token is a word (``\\w+`` with inner
 apostrophes, ASCII or typographic, kept, so ``don't`` and ``don\u2019t`` meet the stop-word
 list's ``don't``), or a run of punctuation.  Every non-space character belongs to some token,
-so two consecutive tokens are separated by whitespace or by nothing at all.  A newline is a
-sentence break for candidate phrases (``brk`` flag on the next token) but, being whitespace,
-not for finding occurrences: a phrase split by a line break is still an occurrence.
+so two consecutive tokens are separated by whitespace or by nothing at all.  A newline, and
+end punctuation (``.``, ``!``, ``?``) followed by whitespace, end a sentence: no candidate phrase
+and no occurrence of a phrase may run across one (``cut`` flags the token after each break), so a
+phrase's span never joins two sentences or two paragraphs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ WORD_RE = re.compile(r"\w+(?:['\u2019]\w+)*|[^\w\s]+")
 # a token with the whitespace before it (regex \s and str.lstrip agree on what is whitespace)
 _CHUNK_RE = re.compile(r"\s*(?:" + WORD_RE.pattern + ")")
 SENTENCE_RE = re.compile(r"(?<=[.!?])\s+|\n+")
+_SENTENCE_END = re.compile(r"[.!?]")
 
 WORD, PUNCT = 1, 2
 
@@ -55,7 +57,7 @@ class Tokens:
     of tokenising.  Lines are found from the (few) newline positions by bisection on ``ends``.
     """
 
-    __slots__ = ("text", "low", "lines", "ends", "_lens", "_offsets", "_kind", "_brk")
+    __slots__ = ("text", "low", "lines", "ends", "_lens", "_offsets", "_kind", "_brk", "_cut")
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -97,6 +99,7 @@ class Tokens:
         self._offsets: list[tuple[int, int]] | None = None
         self._kind: list[int] | None = None
         self._brk: list[bool] | None = None
+        self._cut: bytearray | None = None
 
     def __len__(self) -> int:
         return len(self.low)
@@ -127,11 +130,32 @@ class Tokens:
             self._brk = brk
         return self._brk
 
-    def find(self, seq: Sequence[str]) -> list[int]:
-        """Start positions of every non-overlapping occurrence of the token sequence ``seq``.
+    @property
+    def cut(self) -> bytearray:
+        """1 for a token that begins a sentence after the first: after a newline, or after a
+        punctuation run holding ``.``, ``!`` or ``?`` that whitespace follows (``e.g`` is no cut)."""
+        if self._cut is None:
+            cut = bytearray(len(self.low))
+            for first, _ in self.lines[1:]:
+                cut[first] = 1
+            low, offsets, kind = self.low, self.offsets, self.kind
+            for i in range(1, len(low)):
+                if (
+                    kind[i - 1] == PUNCT
+                    and offsets[i][0] > offsets[i - 1][1]
+                    and _SENTENCE_END.search(low[i - 1])
+                ):
+                    cut[i] = 1
+            self._cut = cut
+        return self._cut
 
-        Line breaks are whitespace here: a phrase split over two lines is an occurrence.
-        """
+    def crosses(self, pos: int, k: int) -> bool:
+        """Whether tokens pos..pos+k-1 run across a sentence or line break."""
+        return k > 1 and any(self.cut[pos + 1 : pos + k])
+
+    def find(self, seq: Sequence[str]) -> list[int]:
+        """Start positions of every non-overlapping occurrence of the token sequence ``seq``
+        that stays within one sentence and one line (``crosses``)."""
         low = self.low
         first = seq[0]
         k = len(seq)
@@ -142,13 +166,19 @@ class Tokens:
         try:
             while True:
                 pos = index(first, pos)
-                if k == 1 or low[pos : pos + k] == want:
+                if k == 1 or (low[pos : pos + k] == want and not self.crosses(pos, k)):
                     found.append(pos)
                     pos += k
                 else:
                     pos += 1
         except ValueError:
             return found
+
+    def spacing(self, pos: int, k: int) -> tuple[bool, ...]:
+        """Whether whitespace separates each pair of neighbouring tokens in pos..pos+k-1: two
+        occurrences render to the same phrase text only if their spacing is the same."""
+        offsets = self.offsets
+        return tuple(offsets[i][0] > offsets[i - 1][1] for i in range(pos + 1, pos + k))
 
     def spans(self, positions: list[int], k: int) -> list[tuple[int, int]]:
         offsets = self.offsets
