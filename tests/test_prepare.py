@@ -236,9 +236,55 @@ def test_repeated_tldr_pairs_are_merged_not_lost(tmp_path: Path, shared_data: Pa
     summary = prepare.run(tmp_config(tmp_path, shared_data, dataset="tldr"))
     prepared, quarantined = _outputs(tmp_path)
     rows = [r for v in prepared.values() for r in v]
-    assert summary["rows_merged"] > 0
-    assert summary["rows_read"] == len(rows) + summary["rows_merged"] + len(quarantined)
+    assert summary["rows_merged"] > 0 and summary["pairs_disagreeing"] > 0  # both happen in the real sample
+    assert summary["rows_read"] == len(rows) + summary["rows_merged"] + summary["rows_outvoted"] + len(quarantined)
     assert len({r["id"] for r in rows}) == len(rows)
     merged = [m for r in rows for m in r.get("merged", [])]
     assert len(merged) == summary["rows_merged"]
     assert all(m["original"]["worker"] and m["line"] >= 1 for m in merged)
+
+
+def _swapped(row: dict, worker: str) -> dict:
+    """The same TL;DR comparison, with the other summary preferred (the shared format's fields)."""
+    return {**row, "chosen": row["rejected"], "rejected": row["chosen"], "worker": worker}
+
+
+@pytest.mark.parametrize("mode", ["majority", "keep", "quarantine"])
+def test_pairs_labelled_both_ways_are_settled_and_counted(tmp_path: Path, shared_data: Path, mode: str) -> None:
+    """Found by a new user: the same pair with opposite preferences entered training as two rows,
+    unflagged.  Here pair P is read 3 times one way and once the other (majority: 3 to 1), pair Q
+    once each way (a tie), and every raw row is accounted for in the summary's identity."""
+    rows = read_gz(shared_data / "tldr" / "train.jsonl.gz", limit=40)
+    seen, distinct = set(), []
+    for r in rows:
+        key = (r["prompt"], *sorted((r["chosen"], r["rejected"])))
+        if key not in seen:
+            seen.add(key)
+            distinct.append(r)
+    p, q, other = distinct[0], distinct[1], distinct[2:6]
+    raw = [p, {**p, "worker": "w2"}, _swapped(p, "w3"), {**p, "worker": "w4"}, q, _swapped(q, "w5"), *other]
+    folder = tmp_path / "raw"
+    write_raw(folder, "tldr", "train", raw)
+    write_raw(folder, "tldr", "test", [distinct[6]])
+    other = [*other, distinct[6]]
+    raw = [*raw, distinct[6]]
+    summary = prepare.run(tmp_config(tmp_path, folder, f"prepare.disagreement={mode}", dataset="tldr"))
+    prepared, quarantined = _outputs(tmp_path)
+    out = [r for v in prepared.values() for r in v]
+    assert summary["pairs_disagreeing"] == 2
+    assert summary["rows_read"] == len(raw) == (
+        len(out) + summary["rows_merged"] + summary["rows_outvoted"] + len(quarantined))
+    p_id, p_swapped = row_id("tldr", p["prompt"], p["chosen"], p["rejected"]), row_id("tldr", p["prompt"], p["rejected"], p["chosen"])
+    by_id = {r["id"]: r for r in out}
+    if mode == "majority":
+        assert p_swapped not in by_id and by_id[p_id]["disagreement"] == {"other_id": p_swapped, "votes_for": 3, "votes_against": 1}
+        assert [c["original"]["worker"] for c in by_id[p_id]["outvoted"]] == ["w3"]
+        assert len(quarantined) == 2 and {c["raw"]["worker"] for c in quarantined} == {q["worker"], "w5"}
+        assert all("annotators disagree" in c["reasons"][0]["reason"] and "a tie" in c["reasons"][0]["reason"] for c in quarantined)
+        assert len(out) == 1 + len(other)
+    elif mode == "keep":
+        assert by_id[p_id]["disagreement"]["votes_for"] == 3 and by_id[p_swapped]["disagreement"]["votes_for"] == 1
+        assert not quarantined and summary["rows_outvoted"] == 0 and len(out) == 4 + len(other)
+    else:
+        assert len(quarantined) == 6 and len(out) == len(other)
+        assert sorted(c["line"] for c in quarantined) == [1, 2, 3, 4, 5, 6]

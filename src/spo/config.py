@@ -90,6 +90,12 @@ class PrepareConfig(_Section):
         description="HH rows whose chosen/rejected dialogues differ before the final turn: "
         "quarantine them, or keep them with the rejected context recorded in `divergence`.",
     )
+    disagreement: Literal["majority", "keep", "quarantine"] = Field(
+        default="majority",
+        description="The same pair labelled both ways (annotators disagree): keep the order most "
+        "copies give, listing the others under `outvoted` (a tie is quarantined); keep both "
+        "orders, each flagged in `disagreement`; or quarantine every copy.",
+    )
     split: SplitConfig = Field(default_factory=SplitConfig)
 
 

@@ -3,7 +3,10 @@
 Every raw row ends up in exactly one place: a split file, or the prepare quarantine with the
 file, line and field that made it unusable.  The same pair read twice (TL;DR pairs labelled by
 several workers) is one row: later copies are merged into the first, which lists them under
-``merged`` with their origin and original record, so the rows stay unique and nothing is lost.  Content checks (lengths, equal responses, bad
+``merged`` with their origin and original record, so the rows stay unique and nothing is lost.
+The same pair labelled both ways (annotators who disagree) would train the policy on both
+orders at once; ``prepare.disagreement`` settles it by majority, keeps both flagged, or
+quarantines it (``resolve_disagreements``).  Content checks (lengths, equal responses, bad
 bytes, duplicates) belong to ``validate``; this stage only refuses rows it cannot parse.
 """
 
@@ -35,7 +38,8 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     quarantined: list[dict[str, Any]] = []
     by_id: dict[str, dict[str, Any]] = {}
-    read = merged = 0
+    orders: dict[str, list[str]] = {}  # unordered pair -> the ids of the orders it was read in
+    read = 0
     for record in tqdm(records, desc="prepare", unit=" rows", leave=False, disable=None):
         read += 1
         where = {"origin": record.origin, "line": record.line, "source_split": record.source_split}
@@ -49,8 +53,8 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         pair_id = row_id(source, parsed.prompt, parsed.chosen, parsed.rejected)
         if pair_id in by_id:
             by_id[pair_id].setdefault("merged", []).append({**where, "original": record.row})
-            merged += 1
             continue
+        orders.setdefault(row_id(source, parsed.prompt, *sorted((parsed.chosen, parsed.rejected))), []).append(pair_id)
         by_id[pair_id] = {
             "id": pair_id,
             "source": source,
@@ -63,6 +67,10 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
             "original": record.row,
         }
         rows.append(by_id[pair_id])
+    disputed = [ids for ids in orders.values() if len(ids) > 1]
+    rows, outvoted, disputed_out = resolve_disagreements(rows, by_id, disputed, cfg.prepare.disagreement)
+    quarantined.extend(disputed_out)
+    merged = sum(len(row.get("merged", ())) for row in rows)  # repeats of an outvoted or quarantined pair went with it
 
     splits = assign_splits([r["group"] for r in rows], [r["source_split"] for r in rows], cfg.prepare.split)
     out_dir = Path(cfg.prepare.out_dir)
@@ -74,7 +82,9 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         "rows_read": read,
         "rows_prepared": len(rows),
         "rows_merged": merged,
+        "rows_outvoted": outvoted,
         "rows_quarantined": len(quarantined),
+        "pairs_disagreeing": len(disputed),
         "splits": {s: counts.get(s, 0) for s in SPLITS},
         "quarantined_by_field": dict(Counter(r["field"] for q in quarantined for r in q["reasons"])),
         "source": description,
@@ -83,9 +93,59 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     write_provenance(out_dir, stage="prepare", config_hash=cfg.section_hash("data", "prepare"), inputs=description)
     seconds = time.perf_counter() - started
     log.info(
-        "prepare: read %d %s rows from %s, wrote %s to %s, merged %d repeated pairs, quarantined %d to %s (%.1f s)",
+        "prepare: read %d %s rows from %s, wrote %s to %s, merged %d repeated pairs, settled %d pairs "
+        "labelled both ways (%s, %d copies outvoted), quarantined %d to %s (%.1f s)",
         read, source, cfg.data.resolved_local_dir() or description.get("path"),
-        " / ".join(f"{counts.get(s, 0)} {s}" for s in SPLITS), out_dir, merged, len(quarantined),
-        cfg.prepare.quarantine_file, seconds,
+        " / ".join(f"{counts.get(s, 0)} {s}" for s in SPLITS), out_dir, merged, len(disputed),
+        cfg.prepare.disagreement, outvoted, len(quarantined), cfg.prepare.quarantine_file, seconds,
     )
     return {**summary, "seconds": round(seconds, 3)}
+
+
+def _copies(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every raw copy a prepared row stands for: itself, then the repeats merged into it."""
+    first = {k: row[k] for k in ("origin", "line", "source_split", "original")}
+    return [first, *row.get("merged", [])]
+
+
+def _copies_word(n: int) -> str:
+    return f"{n} {'copy' if n == 1 else 'copies'}"
+
+
+def resolve_disagreements(
+    rows: list[dict[str, Any]], by_id: dict[str, dict[str, Any]], disputed: list[list[str]], mode: str
+) -> tuple[list[dict[str, Any]], int, list[dict[str, Any]]]:
+    """Settle pairs read in both orders: (rows kept, raw copies outvoted, quarantine entries).
+
+    Each raw copy is one annotator's vote.  ``majority`` keeps the order with more votes and
+    lists the other order's copies under ``outvoted`` (counted in ``rows_outvoted``); a tie, or
+    ``quarantine``, sends every copy of both orders to the quarantine with the vote count;
+    ``keep`` keeps both rows, each with ``disagreement: {other_id, votes_for, votes_against}``.
+    """
+    drop: set[str] = set()
+    outvoted = 0
+    quarantine: list[dict[str, Any]] = []
+    for first_id, second_id in disputed:
+        a, b = by_id[first_id], by_id[second_id]
+        votes_a, votes_b = len(_copies(a)), len(_copies(b))
+        if mode == "keep":
+            a["disagreement"] = {"other_id": second_id, "votes_for": votes_a, "votes_against": votes_b}
+            b["disagreement"] = {"other_id": first_id, "votes_for": votes_b, "votes_against": votes_a}
+            continue
+        if mode == "majority" and votes_a != votes_b:
+            winner, loser = (a, b) if votes_a > votes_b else (b, a)
+            winner["outvoted"] = [{**copy, "id": loser["id"]} for copy in _copies(loser)]
+            winner["disagreement"] = {"other_id": loser["id"], "votes_for": max(votes_a, votes_b),
+                                      "votes_against": min(votes_a, votes_b)}
+            outvoted += len(winner["outvoted"])
+            drop.add(loser["id"])
+            continue
+        why = "a tie" if mode == "majority" else "prepare.disagreement is quarantine"
+        for row, other, votes_for, votes_against in ((a, b, votes_a, votes_b), (b, a, votes_b, votes_a)):
+            reason = (f"annotators disagree: {_copies_word(votes_for)} prefer this order and "
+                      f"{_copies_word(votes_against)} the other (id {other['id']}): {why}")
+            for copy in _copies(row):
+                quarantine.append({"origin": copy["origin"], "line": copy["line"], "source_split": copy["source_split"],
+                                   "reasons": [{"field": "chosen/rejected", "reason": reason}], "raw": copy["original"]})
+        drop.update((a["id"], b["id"]))
+    return [r for r in rows if r["id"] not in drop], outvoted, quarantine

@@ -68,11 +68,11 @@ def _prepare_counts(cfg: SpoConfig, in_dir: Path, rows_in: int) -> tuple[int, in
             read, prepared, dropped = summary["rows_read"], summary["rows_prepared"], summary["rows_quarantined"]
         except (KeyError, TypeError):
             raise InputError(f"{summary_path}: not a prepare summary (needs rows_read, rows_prepared, rows_quarantined)") from None
-        merged = summary.get("rows_merged", 0)
+        merged = summary.get("rows_merged", 0) + summary.get("rows_outvoted", 0)
         if read != prepared + merged + dropped:
             raise RuntimeError(
-                f"{summary_path}: rows_read {read} != rows_prepared {prepared} + rows_merged {merged} "
-                f"+ rows_quarantined {dropped}"
+                f"{summary_path}: rows_read {read} != rows_prepared {prepared} + rows_merged and outvoted "
+                f"{merged} + rows_quarantined {dropped}"
             )
         if prepared != rows_in or dropped != quarantined:
             log.warning(
