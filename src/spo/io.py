@@ -6,17 +6,22 @@ leaves a half-written artifact that DVC or the next stage would take for a finis
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
 import os
 import platform
+import re
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
+
+from spo.errors import StageFailed
 
 PROVENANCE_FILE = "provenance.json"
 _UMASK = os.umask(0)
@@ -26,6 +31,58 @@ _TRACKED_PACKAGES = ("spo-pipeline", "great-expectations", "rake-nltk", "yake", 
 
 class InputError(ValueError):
     """Bad input that stops a stage; the message names the file, line and field."""
+
+
+class OutputError(StageFailed):
+    """An output could not be written because the disk (or quota) is full: the message names the
+    output and ENOSPC; nothing half-written is left in its place (the CLI prints it, exit 2)."""
+
+    def __init__(self, message: str, code: str = "ENOSPC") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_FULL_ERRNOS = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT"}
+# what libraries that hide the errno say instead (torch's C++ writer, safetensors' Rust one)
+_FULL_TEXT = re.compile(r"No space left on device|os error 28|StorageFull|Disk quota exceeded|os error 122", re.I)
+LOW_SPACE_BYTES = 1 << 20
+
+
+def _free_bytes(path: Path) -> int | None:
+    for candidate in (path, *path.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+def disk_full(err: BaseException, path: str | Path) -> str | None:
+    """The errno's name, "ENOSPC" or "EDQUOT", when ``err`` (or what caused it) says the disk is full, or when it is a
+    write error of a library that drops the errno (torch.save says "iostream error") while the
+    file system of ``path`` has under 1 MiB left; else None."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _FULL_ERRNOS:
+            return _FULL_ERRNOS[current.errno]
+        if _FULL_TEXT.search(str(current)):
+            return "ENOSPC"
+        current = current.__cause__ or current.__context__
+    if isinstance(err, (OSError, RuntimeError)):
+        free = _free_bytes(Path(path))
+        if free is not None and free < LOW_SPACE_BYTES:
+            return "ENOSPC"
+    return None
+
+
+def output_error(path: str | Path, code: str, what: str = "cannot write it", hint: str = "") -> OutputError:
+    path = Path(path)
+    free = _free_bytes(path)
+    left = f", {free // 1024} KiB free" if free is not None else ""
+    strerror = os.strerror(errno.EDQUOT if code == "EDQUOT" else errno.ENOSPC)
+    return OutputError(f"{path}: {what}: {strerror} ({code}{left}); free some space and rerun{hint}", code)
 
 
 def open_text(path: Path) -> IO[str]:
@@ -71,6 +128,12 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
             yield handle
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        code = disk_full(err, path)
+        if code is None:
+            raise
+        raise output_error(path, code, hint=" (the previous file, if any, is unchanged)") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -82,8 +145,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     which replaces ``path`` only when the block completes. A killed run leaves the previous
     folder as it was (never some files of each run), and its temporary folder is removed by the
     next run into the same place."""
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run that was killed
@@ -97,6 +158,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+    except (OSError, OutputError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = err.code if isinstance(err, OutputError) else disk_full(err, path)
+        if code is None:
+            raise
+        # name the output folder, not the temporary one the file was written in
+        raise output_error(path, code, hint=" (the previous folder, if any, is unchanged)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -142,8 +210,18 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        code = disk_full(err, path)
+        if code is None:
+            raise
+        raise output_error(path, code, hint=" (the previous file, if any, is unchanged)") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: str | Path, payload: Any) -> None:

@@ -44,6 +44,15 @@ RUN_FILES = ("dvc.lock", "params.yaml", "results.tar.gz")  # under <remote>/runs
 _CODE_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo")
 
 
+class MissingCacheError(RuntimeError):
+    """Recorded outputs whose data is in neither the view's DVC cache nor the remote: pushing would
+    publish a dvc.lock that no ``dvc pull`` can satisfy. Names every missing file."""
+
+    def __init__(self, message: str, missing: Sequence[str]) -> None:
+        super().__init__(message)
+        self.missing = list(missing)
+
+
 def code_root() -> Path:
     """The installed ``spo`` package: its files are the repository's ``src/spo`` files."""
     import spo
@@ -248,6 +257,15 @@ def push_run(view_dir: str | Path, remote_url: str, *, endpoint_url: str | None 
             conf["remote"][remote_name] = remote
             conf["core"]["remote"] = remote_name
     with _repo(view) as repo:
+        # DVC itself only warns (naming an md5) and pushes the rest: refuse before anything is sent
+        status = repo.status(cloud=True, remote=remote_name, jobs=jobs)
+        missing = sorted(path for path, state in status.items() if state == "missing")
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise MissingCacheError(
+                f"{view}: {len(missing)} recorded output file(s) are in neither the DVC cache "
+                f"({view / '.dvc' / 'cache'}) nor remote {remote_name!r}: {shown}; nothing was pushed "
+                "(rerun the stage that writes them, or restore them, then push again)", missing)
         pushed = repo.push(remote=remote_name, jobs=jobs)
         uploaded: list[str] = []
         if run_id:

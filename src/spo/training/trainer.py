@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from spo.config import TrainConfig
 from spo.errors import StageFailed
-from spo.io import InputError, write_json
+from spo.io import InputError, disk_full, output_error, write_json
 from spo.training.data import SIDES, PackedBatch, PairCollator, PairExample, epoch_batches, kl_partners, tokenize_pairs
 from spo.training.forward import SPOModule
 from spo.training.metrics import Accumulator, MetricsWriter, peak_memory_mb, save_confusion
@@ -62,6 +62,46 @@ HEADS_SEED_OFFSET = 7919
 
 class NonFiniteLossError(StageFailed):
     """A non-finite loss or gradient with ``nan_policy: raise``."""
+
+
+class CheckpointError(StageFailed):
+    """``train.resume`` found checkpoints but none is usable; the message names each damaged file."""
+
+
+def _file_problem(path: Path) -> str | None:
+    """A cheap completeness check of one checkpoint file (reads headers and tails, not the tensors):
+    a safetensors header must parse and cover the whole file; a torch.save zip archive must have
+    its central directory (a truncated copy has lost it)."""
+    import zipfile
+
+    if path.suffix not in (".safetensors", ".bin", ".pkl", ".pt"):
+        return None
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if path.suffix == ".safetensors":
+            if len(head) < 8:
+                return f"truncated ({size} bytes)"
+            length = int.from_bytes(head, "little")
+            if length <= 0 or 8 + length > size:
+                return f"truncated or not a safetensors file (a header of {length} bytes in a file of {size})"
+            try:
+                header = json.loads(handle.read(length))
+            except ValueError:
+                return "its safetensors header is not valid JSON (garbled)"
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+            if ends and 8 + length + max(ends) != size:
+                return f"truncated: its header describes {8 + length + max(ends)} bytes, the file has {size}"
+            return None
+    if head[:2] == b"PK":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            return f"truncated or garbled ({size} bytes, no intact zip directory)"
+    elif size == 0:
+        return "empty"
+    return None
 
 
 def _is_peft(model: Any) -> bool:
@@ -617,18 +657,54 @@ class PreferenceTrainer:
         return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
     def save_checkpoint(self) -> Path | None:
+        """``checkpoints/step-N``: accelerate's state, then trainer_state.json, written last (a folder
+        without it is an interrupted save and is never resumed). A failed save removes its folder;
+        a full disk is an :class:`~spo.io.OutputError` naming the folder and ENOSPC."""
         root = self._checkpoint_dir()
         if root is None:
             return None
         acc = self.accelerator
         target = root / f"step-{self.state.step}"
-        acc.save_state(str(target))
+        try:
+            acc.save_state(str(target))
+            if acc.is_main_process:
+                write_json(target / STATE_FILE, {"step": self.state.step, "config_hash": self.state.config_hash})
+        except Exception as err:
+            code = disk_full(err, target)
+            if acc.is_main_process:
+                shutil.rmtree(target, ignore_errors=True)  # never half a checkpoint (nor its space) left behind
+            if code is None:
+                raise
+            kept = [p.name for p in self._checkpoints()]
+            raise output_error(target, code, "cannot write the checkpoint",
+                               f" with train.resume=true (it resumes from {kept[-1]})" if kept else "") from None
         if acc.is_main_process:
-            write_json(target / STATE_FILE, {"step": self.state.step, "config_hash": self.state.config_hash})
             for old in self._checkpoints()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return target
+
+    def _unusable(self, checkpoint: Path) -> str | None:
+        """Why a checkpoint cannot be resumed (naming the file), or None: its trainer_state.json
+        must parse and name its step, its model weights and optimizer state must be there, and a
+        safetensors file must have a readable header covering the whole file (a truncated copy does not)."""
+        state_file = checkpoint / STATE_FILE
+        try:
+            saved = json.loads(state_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            return f"{state_file}: unreadable ({type(err).__name__}: {err})"
+        if not isinstance(saved, dict) or not isinstance(saved.get("step"), int):
+            return f"{state_file}: no step recorded"
+        names = {p.name for p in checkpoint.iterdir()}
+        # files, or folders of a sharded (FSDP) state: pytorch_model_fsdp_0/, optimizer_0/
+        if not any(n.startswith(("model", "pytorch_model")) for n in names):
+            return f"{checkpoint / 'model.safetensors'}: missing (no model weights in the checkpoint)"
+        if not any(n.startswith("optimizer") for n in names):
+            return f"{checkpoint / 'optimizer.bin'}: missing (no optimizer state in the checkpoint)"
+        for name in sorted(names):
+            if (checkpoint / name).is_file() and (problem := _file_problem(checkpoint / name)):
+                return f"{checkpoint / name}: {problem}"
+        return None
 
     def _maybe_resume(self) -> int:
         checkpoints = self._checkpoints()
@@ -639,20 +715,44 @@ class PreferenceTrainer:
                 shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
             self.accelerator.wait_for_everyone()
             return 0
-        last = checkpoints[-1]
-        saved = json.loads((last / STATE_FILE).read_text())
-        if saved.get("config_hash") != self.state.config_hash:
-            log.warning("%s was written with another config or data (hash %s, now %s): starting afresh",
-                        last, saved.get("config_hash"), self.state.config_hash)
-            self.cfg.resume = False
-            try:
-                return self._maybe_resume()
-            finally:
-                self.cfg.resume = True
-        self.accelerator.load_state(str(last))
-        self.writer.truncate_after(self.state.step)
-        log.info("resuming from %s (step %d of %d)", last, self.state.step, self.total_steps)
-        return self.state.step
+        problems: list[str] = []
+        # newest first; a damaged one is passed over for the one before (the files are the same for every process)
+        for last in reversed(checkpoints):
+            problem = self._unusable(last)
+            if problem is None:
+                saved = json.loads((last / STATE_FILE).read_text())
+                if saved.get("config_hash") != self.state.config_hash:
+                    log.warning("%s was written with another config or data (hash %s, now %s): starting afresh",
+                                last, saved.get("config_hash"), self.state.config_hash)
+                    self.cfg.resume = False
+                    try:
+                        return self._maybe_resume()
+                    finally:
+                        self.cfg.resume = True
+                try:
+                    self.accelerator.load_state(str(last))
+                except Exception as err:  # damage the checks above cannot see (torch.load's own words)
+                    problem = f"{last}: cannot be loaded ({type(err).__name__}: {str(err).strip().splitlines()[0][:300]})"
+            if problem is not None:
+                problems.append(problem)
+                log.warning("checkpoint %s is not usable, passing over it: %s", last.name, problem)
+                continue
+            if problems and self.accelerator.is_main_process:
+                # set the damaged newer ones aside (kept for a look; removed by the next fresh start), so
+                # that the pruning of old checkpoints never keeps them in place of the good ones
+                for damaged in checkpoints[checkpoints.index(last) + 1:]:
+                    aside = damaged.with_name(f"damaged-{damaged.name}")
+                    shutil.rmtree(aside, ignore_errors=True)
+                    damaged.rename(aside)
+                    log.warning("moved %s aside to %s", damaged, aside.name)
+            self.accelerator.wait_for_everyone()
+            self.writer.truncate_after(self.state.step)
+            log.info("resuming from %s (step %d of %d)", last, self.state.step, self.total_steps)
+            return self.state.step
+        raise CheckpointError(
+            f"no usable checkpoint to resume in {self._checkpoint_dir()}: {'; '.join(problems)}; delete the folder or "
+            "rerun with -S train.resume=false to start afresh"
+        )
 
     # ---------------------------------------------------------------- eval
 
