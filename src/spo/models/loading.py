@@ -73,10 +73,20 @@ def resolve_ref(ref: str | Path, what: str = "model") -> tuple[str, bool]:
     raise InputError(f"{text}: {what} path does not exist (and is not a hub id of the form org/name)")
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What a missing, truncated or garbled model file raises (a truncated safetensors file is a
+    SafetensorError, a garbled torch pickle an UnpicklingError or EOFError): a user's file, not a bug."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError
+
+
 def _from_pretrained(loader: Any, ref: str, is_local: bool, what: str, **kwargs: Any) -> Any:
     try:
         return loader(ref, **kwargs)
-    except (OSError, ValueError) as err:
+    except _load_errors() as err:
         where = "local folder" if is_local else "hub id (offline, private, misspelt or missing revision?)"
         raise InputError(f"{ref}: cannot load {what} from this {where}: {err}") from None
 
@@ -274,7 +284,7 @@ def load_trained(
     model = load_causal_lm(base_ref, model_cfg, trainable=False)
     try:
         model = PeftModel.from_pretrained(model, ref, is_trainable=trainable and not merge)
-    except (OSError, ValueError) as err:
+    except _load_errors() as err:
         raise InputError(f"{ref}: cannot load the LoRA adapter on {base_ref}: {err}") from None
     if merge:
         model = model.merge_and_unload()
