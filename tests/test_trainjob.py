@@ -199,7 +199,11 @@ def test_trainjob_runs_the_train_stage_under_torchrun_on_the_train_pool() -> Non
     pod_spec = pod["spec"]
     assert {"name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "run-abc-kfp-workspace"}} in pod_spec["volumes"]
     assert pod_spec["containers"] == [{"name": "node", "volumeMounts": [
-        {"name": "kfp-workspace", "mountPath": "/kfp-workspace"}, {"name": "dshm", "mountPath": "/dev/shm"}]}]
+        {"name": "kfp-workspace", "mountPath": "/kfp-workspace"}, {"name": "dshm", "mountPath": "/dev/shm"}],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]
+    # the restricted Pod Security Standard, as the chart's own pods: the image's non-root user
+    assert pod_spec["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+                                           "fsGroup": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
     assert pod_spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod_spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod_spec["imagePullSecrets"] == [{"name": "regcred"}]

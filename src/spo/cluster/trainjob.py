@@ -159,14 +159,24 @@ def _resources(pool: Pool) -> dict[str, Any]:
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
 
 
+# The image's own user (docker/Dockerfile: USER 1000:1000), non-root, no privilege escalation, no
+# capabilities, the runtime's seccomp profile: the restricted Pod Security Standard, as the chart's pods.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
 def _pod_patch(platform: Platform, pool: Pool, workspace: WorkspaceMount) -> dict[str, Any]:
     """The trainer pods' additions: the workspace, a RAM-backed /dev/shm (NCCL and DataLoader
-    workers need more than the container runtime's 64 MiB), placement and pull secrets."""
+    workers need more than the container runtime's 64 MiB), the restricted security context,
+    placement and pull secrets."""
     spec: dict[str, Any] = {
+        "securityContext": POD_SECURITY,
         "volumes": [{"name": workspace.volume, "persistentVolumeClaim": {"claimName": workspace.claim}},
                     {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
-        "containers": [{"name": TRAINER_NODE, "volumeMounts": [{"name": workspace.volume, "mountPath": workspace.path},
-                                                               {"name": "dshm", "mountPath": "/dev/shm"}]}],
+        "containers": [{"name": TRAINER_NODE, "securityContext": CONTAINER_SECURITY,
+                        "volumeMounts": [{"name": workspace.volume, "mountPath": workspace.path},
+                                         {"name": "dshm", "mountPath": "/dev/shm"}]}],
     }
     if pool.node_selector:
         spec["nodeSelector"] = dict(pool.node_selector)
