@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from spo.config import SpoConfig
-from spo.io import InputError, file_sha256, read_jsonl, tree_sha256, write_json, write_jsonl, write_provenance
+from spo.io import InputError, atomic_dir, file_sha256, read_jsonl, tree_sha256, write_json, write_jsonl, write_provenance
 
 log = logging.getLogger("spo.generate")
 
@@ -109,70 +109,73 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     }
     metrics: dict[str, Any] = {}
     inputs: dict[str, Any] = {"prompts": tree_sha256(rows_file)}
-    for name, path in models.items():
-        model_started = time.perf_counter()
-        tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
-        prompts = encode_prompts(tokenizer, rows, gen.max_prompt_length)
-        prompts_cut = sum(p.truncated for p in prompts)
-        if prompts_cut:
-            log.info("generate %s: %d of %d prompts cut to %d tokens (template head and generation prompt kept)",
-                     name, prompts_cut, len(prompts), gen.max_prompt_length)
-        stops = stop_strings_for(tokenizer, {row["source"] for row in rows})
-        if gen.backend == "vllm":
-            result = generate_texts_vllm(
-                path, tokenizer, prompts, gen.sampling, seed=cfg.seed,
-                stop_strings=stops, dtype=cfg.model.dtype, adapter_base=adapter_base(path),
-            )
-        else:
-            # a LoRA adapter folded into its base: the same function, without the adapter's extra
-            # matmuls in every layer at every generated token
-            model = load_trained(path, cfg.model, merge=True)
-            model.eval()
-            with torch.no_grad():
-                result = generate_texts(
-                    model, tokenizer, prompts, gen.sampling, batch_size=gen.batch_size, seed=cfg.seed,
-                    stop_strings=stops, desc=f"generate {name}",
+    # whole or not at all: a killed run leaves the previous generations folder (or none), never
+    # some models' files of this run beside another run's
+    with atomic_dir(out_dir) as building:
+        for name, path in models.items():
+            model_started = time.perf_counter()
+            tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
+            prompts = encode_prompts(tokenizer, rows, gen.max_prompt_length)
+            prompts_cut = sum(p.truncated for p in prompts)
+            if prompts_cut:
+                log.info("generate %s: %d of %d prompts cut to %d tokens (template head and generation prompt kept)",
+                         name, prompts_cut, len(prompts), gen.max_prompt_length)
+            stops = stop_strings_for(tokenizer, {row["source"] for row in rows})
+            if gen.backend == "vllm":
+                result = generate_texts_vllm(
+                    path, tokenizer, prompts, gen.sampling, seed=cfg.seed,
+                    stop_strings=stops, dtype=cfg.model.dtype, adapter_base=adapter_base(path),
                 )
-            del model
-        shas = weights_sha256(path)
-        model_settings = settings | {"stop_strings": stops}
-        lines = [
-            {
-                "id": row.get("id"),
-                "prompt": row["prompt"],
-                "response": text,
-                "sample": k,
-                "model": name,
-                "model_path": str(path),
-                "settings": model_settings,
-                "provenance": {"model_sha256": shas},
+            else:
+                # a LoRA adapter folded into its base: the same function, without the adapter's extra
+                # matmuls in every layer at every generated token
+                model = load_trained(path, cfg.model, merge=True)
+                model.eval()
+                with torch.no_grad():
+                    result = generate_texts(
+                        model, tokenizer, prompts, gen.sampling, batch_size=gen.batch_size, seed=cfg.seed,
+                        stop_strings=stops, desc=f"generate {name}",
+                    )
+                del model
+            shas = weights_sha256(path)
+            model_settings = settings | {"stop_strings": stops}
+            lines = [
+                {
+                    "id": row.get("id"),
+                    "prompt": row["prompt"],
+                    "response": text,
+                    "sample": k,
+                    "model": name,
+                    "model_path": str(path),
+                    "settings": model_settings,
+                    "provenance": {"model_sha256": shas},
+                }
+                for row, texts in zip(rows, result.texts)
+                for k, text in enumerate(texts)
+            ]
+            write_jsonl(building / f"{name}.jsonl", lines)
+            n_samples = len(lines)
+            lengths = [len(line["response"]) for line in lines]
+            metrics[name] = {
+                "prompts": len(rows),
+                "prompts_truncated": prompts_cut,
+                "samples": n_samples,
+                "generated_tokens": result.generated_tokens,
+                "tokens_per_second": round(result.tokens_per_second, 2) if result.tokens_per_second else None,
+                "generate_seconds": round(result.seconds, 3),
+                "seconds": round(time.perf_counter() - model_started, 3),
+                "mean_response_chars": sum(lengths) / n_samples if n_samples else 0.0,
+                "mean_response_tokens": result.generated_tokens / n_samples if n_samples else 0.0,
+                "empty_responses": sum(1 for n in lengths if n == 0),
             }
-            for row, texts in zip(rows, result.texts)
-            for k, text in enumerate(texts)
-        ]
-        write_jsonl(out_dir / f"{name}.jsonl", lines)
-        n_samples = len(lines)
-        lengths = [len(line["response"]) for line in lines]
-        metrics[name] = {
-            "prompts": len(rows),
-            "prompts_truncated": prompts_cut,
-            "samples": n_samples,
-            "generated_tokens": result.generated_tokens,
-            "tokens_per_second": round(result.tokens_per_second, 2) if result.tokens_per_second else None,
-            "generate_seconds": round(result.seconds, 3),
-            "seconds": round(time.perf_counter() - model_started, 3),
-            "mean_response_chars": sum(lengths) / n_samples if n_samples else 0.0,
-            "mean_response_tokens": result.generated_tokens / n_samples if n_samples else 0.0,
-            "empty_responses": sum(1 for n in lengths if n == 0),
-        }
-        inputs[name] = shas
-        log.info(
-            "generate %s: %d prompts x %d samples, %d tokens in %.1fs (%.0f tok/s, %s), %s -> %s",
-            name, len(rows), gen.sampling.num_samples, result.generated_tokens, result.seconds,
-            result.tokens_per_second or 0.0, gen.backend, path, out_dir / f"{name}.jsonl",
-        )
+            inputs[name] = shas
+            log.info(
+                "generate %s: %d prompts x %d samples, %d tokens in %.1fs (%.0f tok/s, %s), %s -> %s",
+                name, len(rows), gen.sampling.num_samples, result.generated_tokens, result.seconds,
+                result.tokens_per_second or 0.0, gen.backend, path, out_dir / f"{name}.jsonl",
+            )
+        write_provenance(building, stage="generate", config_hash=cfg.section_hash("model", "generate"), inputs=inputs)
     write_json(gen.metrics_file, metrics)
-    write_provenance(out_dir, stage="generate", config_hash=cfg.section_hash("model", "generate"), inputs=inputs)
     return {
         "models": list(gen.models), "prompts": len(rows), "out_dir": str(out_dir),
         "seconds": round(time.perf_counter() - started, 2),

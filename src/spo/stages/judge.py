@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from spo.config import SpoConfig
-from spo.io import InputError, file_sha256, save_figure, write_json, write_jsonl, write_provenance
+from spo.io import InputError, atomic_dir, file_sha256, save_figure, write_json, write_jsonl, write_provenance
 from spo.judging.base import BudgetExhausted, Judge, Verdict
 from spo.judging.comparisons import DATASET_SIDES, build_comparison, load_rows, needed_ids, requests_for
 from spo.judging.statistics import (
@@ -116,65 +116,68 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     not_judged_total = 0
     try:
-        for comp in built:
-            verdicts = _judge(judge, requests_for(comp.items), comp.name) if comp.items else []
-            lines, outcomes, len_a, len_b = [], [], [], []
-            for i, item in enumerate(comp.items):
-                v_ab, v_ba = verdicts[2 * i], verdicts[2 * i + 1]
-                result = outcome(v_ab, v_ba)
-                outcomes.append(result)
-                len_a.append(len(item.response_a))
-                len_b.append(len(item.response_b))
-                lines.append({
-                    "id": item.id, "task": item.task, "a": comp.a, "b": comp.b,
-                    "outcome": result, "score": SCORE.get(result),
-                    "chars_a": len(item.response_a), "chars_b": len(item.response_b),
-                    "ab": _verdict_json(v_ab, "ab"), "ba": _verdict_json(v_ba, "ba"),
+        # whole or not at all: a killed run leaves the previous judgments folder (or none), never
+        # some comparisons of this run beside another run's
+        with atomic_dir(out_dir) as building:
+            for comp in built:
+                verdicts = _judge(judge, requests_for(comp.items), comp.name) if comp.items else []
+                lines, outcomes, len_a, len_b = [], [], [], []
+                for i, item in enumerate(comp.items):
+                    v_ab, v_ba = verdicts[2 * i], verdicts[2 * i + 1]
+                    result = outcome(v_ab, v_ba)
+                    outcomes.append(result)
+                    len_a.append(len(item.response_a))
+                    len_b.append(len(item.response_b))
+                    lines.append({
+                        "id": item.id, "task": item.task, "a": comp.a, "b": comp.b,
+                        "outcome": result, "score": SCORE.get(result),
+                        "chars_a": len(item.response_a), "chars_b": len(item.response_b),
+                        "ab": _verdict_json(v_ab, "ab"), "ba": _verdict_json(v_ba, "ba"),
+                        "judge_id": judge_id, "prompt_version": prompt_version,
+                    })
+                write_jsonl(building / f"{comp.name}.jsonl", lines)
+                stats = summarize(outcomes, len_a, len_b, jc.bootstrap_samples, cfg.seed)
+                stats.update({
+                    "a": comp.a, "b": comp.b, "only_a": comp.only_a, "only_b": comp.only_b,
                     "judge_id": judge_id, "prompt_version": prompt_version,
+                    "cached_verdicts": sum(1 for v in verdicts if v is not None and v.cached),
+                    "prompt_tokens": sum(v.prompt_tokens for v in verdicts if v is not None),
+                    "completion_tokens": sum(v.completion_tokens for v in verdicts if v is not None),
                 })
-            write_jsonl(out_dir / f"{comp.name}.jsonl", lines)
-            stats = summarize(outcomes, len_a, len_b, jc.bootstrap_samples, cfg.seed)
-            stats.update({
-                "a": comp.a, "b": comp.b, "only_a": comp.only_a, "only_b": comp.only_b,
-                "judge_id": judge_id, "prompt_version": prompt_version,
-                "cached_verdicts": sum(1 for v in verdicts if v is not None and v.cached),
-                "prompt_tokens": sum(v.prompt_tokens for v in verdicts if v is not None),
-                "completion_tokens": sum(v.completion_tokens for v in verdicts if v is not None),
-            })
-            if "tldr" in comp.sources:
-                if rouge_metric is None:
-                    rouge_metric = load_rouge()
-                stats["rouge"] = {}
-                for side_name, attr in ((comp.a, "response_a"), (comp.b, "response_b")):
-                    if side_name == "chosen":
-                        continue  # the reference itself
-                    scored = [it for it in comp.items if it.source == "tldr" and it.reference is not None]
-                    stats["rouge"][side_name] = rouge_scores(
-                        [getattr(it, attr) for it in scored], [it.reference for it in scored], rouge_metric
+                if "tldr" in comp.sources:
+                    if rouge_metric is None:
+                        rouge_metric = load_rouge()
+                    stats["rouge"] = {}
+                    for side_name, attr in ((comp.a, "response_a"), (comp.b, "response_b")):
+                        if side_name == "chosen":
+                            continue  # the reference itself
+                        scored = [it for it in comp.items if it.source == "tldr" and it.reference is not None]
+                        stats["rouge"][side_name] = rouge_scores(
+                            [getattr(it, attr) for it in scored], [it.reference for it in scored], rouge_metric
+                        )
+                results[comp.name] = stats
+                not_judged_total += stats["not_judged"]
+                log.info("%s", format_summary(comp.name, stats))
+                if stats["not_judged"]:
+                    log.warning(
+                        "%s: the judge's budget ran out; %d of %d items not judged (partial results written)",
+                        comp.name, stats["not_judged"], stats["items"],
                     )
-            results[comp.name] = stats
-            not_judged_total += stats["not_judged"]
-            log.info("%s", format_summary(comp.name, stats))
-            if stats["not_judged"]:
-                log.warning(
-                    "%s: the judge's budget ran out; %d of %d items not judged (partial results written)",
-                    comp.name, stats["not_judged"], stats["items"],
-                )
+
+            write_json(building / WINRATES_JSON, results)
+            _plot(results, building / WINRATES_PNG, judge_id)
+            inputs: dict[str, Any] = {"rows": {str(p): file_sha256(p) for p in row_files}}
+            for comp in built:
+                for side, path in comp.files.items():
+                    if side not in DATASET_SIDES:
+                        inputs.setdefault("generations", {})[path] = file_sha256(path)
+            inputs["judge_id"] = judge_id
+            inputs["prompt_version"] = prompt_version
+            write_provenance(building, stage="judge", config_hash=cfg.section_hash("judge"), inputs=inputs)
     finally:
         if closer is not None:
             closer.close()
-
-    write_json(out_dir / WINRATES_JSON, results)
     write_json(Path(jc.metrics_file), results)
-    _plot(results, out_dir / WINRATES_PNG, judge_id)
-    inputs: dict[str, Any] = {"rows": {str(p): file_sha256(p) for p in row_files}}
-    for comp in built:
-        for side, path in comp.files.items():
-            if side not in DATASET_SIDES:
-                inputs.setdefault("generations", {})[path] = file_sha256(path)
-    inputs["judge_id"] = judge_id
-    inputs["prompt_version"] = prompt_version
-    write_provenance(out_dir, stage="judge", config_hash=cfg.section_hash("judge"), inputs=inputs)
     if not_judged_total:
         log.warning("judge: budget stopped the run; %d items in total were not judged", not_judged_total)
     seconds = time.perf_counter() - started

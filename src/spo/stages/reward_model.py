@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from spo.config import SpoConfig, check_sequence_and_batch
-from spo.io import InputError, read_jsonl, tree_sha256, write_json, write_provenance
+from spo.io import InputError, atomic_dir, read_jsonl, tree_sha256, write_json, write_provenance
 
 log = logging.getLogger("spo.reward_model")
 
@@ -169,7 +169,6 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         # The adapter would record the SFT adapter's *base* as its base (the SFT weights were
         # merged in memory), so it could not be loaded correctly: save merged full weights.
         model.lm = model.lm.merge_and_unload()
-    model.save(out_dir, tokenizer)
     metrics = {
         "train_pairs": len(train),
         "held_out_pairs": len(held),
@@ -185,11 +184,14 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),
     }
+    # whole or not at all: a killed run leaves the previous reward model folder (or none), never some of its files
+    with atomic_dir(out_dir) as building:
+        model.save(building, tokenizer)
+        write_provenance(
+            building, stage="reward_model", config_hash=cfg.section_hash("model", "reward_model"),
+            inputs={rm.split: tree_sha256(rows_path), "sft": tree_sha256(sft_dir)},
+        )
     write_json(rm.metrics_file, metrics)
-    write_provenance(
-        out_dir, stage="reward_model", config_hash=cfg.section_hash("model", "reward_model"),
-        inputs={rm.split: tree_sha256(rows_path), "sft": tree_sha256(sft_dir)},
-    )
     log.info(
         "reward_model: %d train / %d held-out pairs, %d steps (%s, %s trainable params), held-out accuracy %.3f -> %.3f, "
         "loss %.3f -> %.3f, %s -> %s in %.1fs",

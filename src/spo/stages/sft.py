@@ -27,7 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from spo.config import SpoConfig, check_sequence_and_batch
-from spo.io import InputError, read_jsonl, tree_sha256, write_json, write_provenance
+from spo.io import InputError, atomic_dir, read_jsonl, tree_sha256, write_json, write_provenance
 
 log = logging.getLogger("spo.sft")
 
@@ -206,7 +206,6 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     shutil.rmtree(scratch, ignore_errors=True)
 
     model = trainer.model
-    save_model(model, tokenizer, out_dir)
     samples = _samples(model, tokenizer, eval_rows[: sft.sample_prompts], sft.max_prompt_length)
     for sample in samples:
         log.info("sample after SFT:\n  prompt: ...%s\n  completion: %r", sample["prompt"][-200:], sample["completion"])
@@ -238,11 +237,14 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     }
     if not math.isfinite(eval_after):
         raise InputError(f"sft: eval loss is {eval_after} after training; lower sft.optim.learning_rate")
+    # whole or not at all: a killed run leaves the previous model folder (or none), never some of its files
+    with atomic_dir(out_dir) as building:
+        save_model(model, tokenizer, building)
+        write_provenance(
+            building, stage="sft", config_hash=cfg.section_hash("model", "sft"),
+            inputs={"train": tree_sha256(train_file), "eval": tree_sha256(eval_file), "base": tree_sha256(base_dir)},
+        )
     write_json(sft.metrics_file, metrics)
-    write_provenance(
-        out_dir, stage="sft", config_hash=cfg.section_hash("model", "sft"),
-        inputs={"train": tree_sha256(train_file), "eval": tree_sha256(eval_file), "base": tree_sha256(base_dir)},
-    )
     log.info(
         "sft: %d train rows, %d steps (%s, %s trainable params), eval loss %.3f -> %.3f, %.0f tok/s, %s -> %s in %.1fs",
         len(train_examples), steps, "LoRA" if sft.lora.enabled else "full", f"{n_trainable:,}",
