@@ -103,6 +103,23 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path: Path, lora: bool
     assert losses_a == losses_b
 
 
+def test_a_fresh_start_over_a_finished_policy_removes_its_old_model_first(tmp_path: Path) -> None:
+    """Found by the kill matrix: the policy folder is kept between runs for its checkpoints, so a
+    retrain killed before its final save left the previous run's weights beside the new run's logs,
+    for a hand-run `spo generate` to take as the new policy."""
+    out = tmp_path / "policy"
+    cfg = dict(optim={"max_steps": 4}, save_steps=2, resume=True)
+    _trainer(train_cfg(**cfg), out_dir=out).train()
+    (out / "provenance.json").write_text("{}")  # as the train stage writes it after the trainer
+    assert (out / "model.safetensors").is_file() and (out / "degree_heads.safetensors").is_file()
+    changed = train_cfg(**{**cfg, "beta": 0.2})  # other params: nothing to resume, a fresh start
+    _trainer(changed, out_dir=out).train(stop_after=3)  # killed after a checkpoint, before the final save
+    left = sorted(p.name for p in out.iterdir())
+    assert not {"model.safetensors", "config.json", "degree_heads.safetensors", "degree_heads.json",
+                "degree_confusion.json", "provenance.json"} & set(left), left
+    assert "checkpoints" in left and "metrics.jsonl" in left  # the new run's own progress is kept
+
+
 TRAIN_KEYS = {
     "step", "split", "loss", "loss_align", "loss_degree_w", "loss_degree_l", "rewards/chosen", "rewards/rejected",
     "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",

@@ -684,6 +684,21 @@ class PreferenceTrainer:
         acc.wait_for_everyone()
         return target
 
+    # what a finished run leaves beside its checkpoints: the model (full weights or an adapter), the
+    # degree heads, the confusion matrix, and the stage's summary and provenance
+    FINAL_OUTPUTS = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+                     "adapter_config.json", "degree_heads.json", "degree_confusion.*", "train_summary.json",
+                     "provenance.json")
+
+    def _clear_final_outputs(self) -> None:
+        """A fresh start removes the previous run's final model first: the folder is kept between
+        runs for its checkpoints (DVC ``persist``), and a run killed before its own final save must
+        not leave the old weights for a hand-run ``spo generate`` to take as this run's."""
+        for pattern in self.FINAL_OUTPUTS:
+            for old in self.out_dir.glob(pattern):
+                if old.is_file():
+                    old.unlink()
+
     def _unusable(self, checkpoint: Path) -> str | None:
         """Why a checkpoint cannot be resumed (naming the file), or None: its trainer_state.json
         must parse and name its step, its model weights and optimizer state must be there, and a
@@ -713,6 +728,7 @@ class PreferenceTrainer:
                 shutil.rmtree(self.out_dir / CHECKPOINTS, ignore_errors=True)
                 (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
                 shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
+                self._clear_final_outputs()
             self.accelerator.wait_for_everyone()
             return 0
         problems: list[str] = []
