@@ -406,7 +406,8 @@ def canary_judge_step(report: Output[Artifact]) -> None:
     logging.getLogger("canary").error("the judge failed: %s", error)
     status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
     result = {"error": error, "calls": len(calls), "uid": os.getuid(), "key_set": bool(os.environ.get("SPO_CANARY_JUDGE_KEY")),
-              "CapEff": status.get("CapEff", "").strip(), "NoNewPrivs": status.get("NoNewPrivs", "").strip()}
+              "CapEff": status.get("CapEff", "").strip(), "CapBnd": status.get("CapBnd", "").strip(),
+              "NoNewPrivs": status.get("NoNewPrivs", "").strip()}
     print(json.dumps(result))
     with open(os.path.join(report.path, "result.json"), "w") as f:
         json.dump(result, f)
@@ -438,6 +439,8 @@ def test_a_kfp_local_container_step_with_the_key_leaves_no_key(tmp_path: Path, t
     result = json.loads((out / "result.json").read_text())
     assert result["key_set"] and result["calls"] == 2 and result["uid"] != 0, result
     assert "401" in result["error"] and "***" in result["error"], result  # failed on the echoed key, masked
+    # the runner drops every capability, the bounding set included, and forbids privilege escalation
+    assert (result["CapEff"], result["CapBnd"], result["NoNewPrivs"]) == ("0" * 16, "0" * 16, "1"), result
     captured = capfd.readouterr()
     scan = Scanner()
     scan.text("kfp.local stdout (container logs)", captured.out)

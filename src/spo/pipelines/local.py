@@ -119,7 +119,9 @@ def _runner(kind: str, root: Path, workspace: Path) -> Any:
                 os.chown(path, IMAGE_UID, IMAGE_UID)
     else:
         user = f"{os.getuid()}:{os.getgid()}"
-    kwargs: dict[str, Any] = {"network_mode": "none", "environment": dict(OFFLINE_ENV)}
+    # no network, no capabilities (not even in the bounding set), no privilege escalation
+    kwargs: dict[str, Any] = {"network_mode": "none", "environment": dict(OFFLINE_ENV), "cap_drop": ["ALL"],
+                              "security_opt": ["no-new-privileges"]}
     if user:
         kwargs["user"] = user
     return local.DockerRunner(**kwargs)
