@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spo.training.losses import degree_loss, dpo_loss, ipo_loss, kto_loss
+from spo.training.losses import degree_loss, dpo_loss, ipo_loss, kto_loss, level_weights
 
 BETA = 0.1
 
@@ -192,3 +192,38 @@ def test_degree_loss_empty_is_attached_zero(m: int) -> None:
     assert loss.requires_grad
     loss.backward()
     assert logits.grad is not None and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_level_weights_make_every_level_count_alike_under_sampling() -> None:
+    """m of N levels per response, level 0 always in: level 0 by (m-1)/(N-1), so each level's
+    expected weight per response is the same (counted over every draw of the sampler)."""
+    from spo.training.data import sample_levels
+
+    assert level_weights(4, None) is None and level_weights(4, 4) is None  # all levels: balanced already
+    w = level_weights(4, 2)
+    assert w is not None and w.tolist() == pytest.approx([1 / 3, 1.0, 1.0, 1.0])
+    counts = torch.zeros(4)
+    for step in range(300):
+        for k in sample_levels(4, 2, 0, step, 0, "chosen"):
+            counts[k] += 1
+    weighted = counts * w
+    assert (weighted / weighted.sum()).tolist() == pytest.approx([0.25] * 4, abs=0.03)
+    assert counts[0] / counts.sum() == pytest.approx(0.5)  # unweighted, half the labels are 0
+
+
+def test_degree_loss_weighted_hand_values() -> None:
+    # labels [0, 2] with weights [1/3, 1, 1, 1]: (1/3·CE_0 + 1·CE_2) / (1/3 + 1)
+    logits = torch.tensor([[math.log(3), 0.0, -1e9, -1e9], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    weights = torch.tensor([1 / 3, 1.0, 1.0, 1.0])
+    loss = degree_loss(logits, torch.tensor([0, 2]), level_weights=weights)
+    expected = (math.log(4 / 3) / 3 + math.log(4)) / (4 / 3)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # spread over passes: each pass divides its weighted sum by the summed weight of all of them
+    first = degree_loss(logits[:1], torch.tensor([0]), total=4 / 3, level_weights=weights)
+    second = degree_loss(logits[1:], torch.tensor([2]), total=4 / 3, level_weights=weights)
+    assert (first + second).item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # the level-0 row's gradient is scaled by its weight share: (1/3)/(4/3) of an unweighted row's
+    plain = torch.tensor([[math.log(3), 0.0, -1e9, -1e9]], requires_grad=True)
+    degree_loss(plain, torch.tensor([0])).backward()
+    assert torch.allclose(logits.grad[0], plain.grad[0] * 0.25, atol=1e-7)

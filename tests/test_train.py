@@ -425,6 +425,17 @@ def test_schedules_and_optimizers() -> None:
         params = [torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))]
         opt = build_optimizer(params, OptimConfig(optimizer=name, weight_decay=0.1))
         assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # no decay on 1-D tensors
+    # the degree heads' own rate: their groups start at it, and the schedule scales both alike
+    body, head = [torch.nn.Parameter(torch.ones(3, 3))], [torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))]
+    cfg = OptimConfig(learning_rate=1e-4, warmup_steps=2, weight_decay=0.1)
+    opt = build_optimizer(body + head, cfg, head_params=head, head_learning_rate=1e-2)
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in opt.param_groups] == [
+        (1e-4, 0.1, 1), (1e-2, 0.1, 1), (1e-2, 0.0, 1)]
+    sched = build_scheduler(opt, cfg, 10)
+    opt.step()
+    sched.step()
+    assert sched.get_last_lr() == pytest.approx([0.5e-4, 0.5e-2, 0.5e-2])
+    assert len(build_optimizer(body + head, cfg, head_params=head).param_groups) == 2  # None: one rate
     tr = _trainer(train_cfg(optim={"max_steps": 2, "optimizer": "sgd", "lr_scheduler": "cosine"}))
     assert tr.train()["steps"] == 2
 
@@ -467,11 +478,14 @@ def test_bad_settings_are_refused_before_training() -> None:
         PreferenceTrainer.from_rows(model, tok, train_cfg(), rows[:8], degs[:8], progress=False)
 
 
-def test_separate_variant_passes_give_the_joint_pass_loss_and_gradients() -> None:
-    """variant_passes: separate bounds memory by N-independent passes; the step must not change."""
+@pytest.mark.parametrize("levels", [None, 2])
+def test_separate_variant_passes_give_the_joint_pass_loss_and_gradients(levels: int | None) -> None:
+    """variant_passes: separate bounds memory by N-independent passes; the step must not change,
+    the level-weighted mean of sampled levels (levels_per_step 2, balance_levels) included."""
     def step(mode: str) -> tuple[dict, dict[str, torch.Tensor]]:
-        tr = _trainer(train_cfg(spo={"variant_passes": mode}, optim={"max_steps": 1, "batch_size": 4,
-                                                                      "micro_batch_size": 4}))
+        tr = _trainer(train_cfg(spo={"variant_passes": mode, "levels_per_step": levels},
+                                optim={"max_steps": 1, "batch_size": 4, "micro_batch_size": 4}))
+        assert (tr.level_weights is None) == (levels is None)
         batches = tr._epoch_batches(0)
         grads: dict[str, torch.Tensor] = {}
         passes = tr.collator.variant_passes
@@ -494,11 +508,21 @@ def test_separate_variant_passes_give_the_joint_pass_loss_and_gradients() -> Non
     joint, g_joint = step("joint")
     assert n_passes == []
     separate, g_separate = step("separate")
-    assert n_passes and n_passes[0] >= 2  # the variants needed more than one pass of their own
+    assert n_passes and n_passes[0] >= (2 if levels is None else 1)  # all levels needed more than one pass of their own
     for key in ("loss", "loss_align", "loss_degree_w", "loss_degree_l", "degree/accuracy_w"):
         assert separate[key] == pytest.approx(joint[key], rel=1e-5), key
-    a = _trainer(train_cfg(spo={"variant_passes": "joint"})).batch_loss([0, 1, 2, 3])
-    b = _trainer(train_cfg(spo={"variant_passes": "separate"})).batch_loss([0, 1, 2, 3])
+    a = _trainer(train_cfg(spo={"variant_passes": "joint", "levels_per_step": levels})).batch_loss([0, 1, 2, 3])
+    b = _trainer(train_cfg(spo={"variant_passes": "separate", "levels_per_step": levels})).batch_loss([0, 1, 2, 3])
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["loss_degree_l"] == pytest.approx(a["loss_degree_l"], rel=1e-5)
     assert g_joint.keys() == g_separate.keys() and g_joint
     assert all(torch.allclose(g_joint[k], g_separate[k], atol=1e-6, rtol=1e-4) for k in g_joint)
+
+
+def test_balance_levels_reweights_level_zero_only_when_levels_are_sampled() -> None:
+    idx = [0, 1, 2, 3]
+
+    def degree_w(**spo) -> float:
+        return _trainer(train_cfg(spo=spo)).batch_loss(idx)["loss_degree_w"]
+
+    assert degree_w(levels_per_step=2) != pytest.approx(degree_w(levels_per_step=2, balance_levels=False), rel=1e-4)
+    assert degree_w() == pytest.approx(degree_w(balance_levels=False), rel=1e-9)  # all levels: nothing to balance

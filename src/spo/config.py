@@ -278,6 +278,16 @@ class DegreeLossConfig(_Section):
     levels_per_step: int | None = Field(
         default=None, description="Sample this many levels (>= 2) per response per step (level 0 always in); None: all."
     )
+    balance_levels: bool = Field(
+        default=True,
+        description="With levels_per_step m < N, level 0 is in every sample and each other level in only (m-1)/(N-1) "
+        "of them: weight level 0's cross-entropy by (m-1)/(N-1) so every level counts alike (else always answering 0 "
+        "scores 1/m). No effect when all levels are scored.",
+    )
+    head_learning_rate: float | None = Field(
+        default=None, gt=0.0,
+        description="Learning rate of the degree heads (fresh MLPs); None: train.optim.learning_rate, tuned for the policy.",
+    )
     lambda_w: float = Field(default=0.1, ge=0.0)
     lambda_l: float = Field(default=0.1, ge=0.0)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dpo_loss", "ipo_loss", "kto_loss", "degree_loss"]
+__all__ = ["dpo_loss", "ipo_loss", "kto_loss", "degree_loss", "level_weights"]
 
 
 def _rewards(policy: Tensor, reference: Tensor, beta: float) -> Tensor:
@@ -128,19 +128,36 @@ def kto_loss(
     )
 
 
-def degree_loss(logits: Tensor, labels: Tensor, total: int | None = None) -> Tensor:
+def degree_loss(logits: Tensor, labels: Tensor, total: float | None = None, level_weights: Tensor | None = None) -> Tensor:
     """Mean cross-entropy of a degree head over its variants (logits [M, N], labels [M] int64).
 
     Labels of −100 are ignored (e.g. responses excluded because their levels are not distinct).
     If nothing is left (all ignored, or M == 0) the result is ``logits.sum() * 0``: a zero that
     stays attached to the graph, because ``F.cross_entropy`` would return NaN (0/0 mean), and a
     detached constant would break ``backward()`` / make DDP see unused head parameters.
-    ``total``: divide the summed cross-entropy by this many variants instead — the variants of
-    all the passes one mean is spread over (``train.spo.variant_passes: separate``), so that the
-    passes' losses add up to the one mean.
+    ``level_weights`` [N]: a weighted mean, Σ w_y·CE / Σ w_y (``train.spo.balance_levels``, see
+    :func:`level_weights`). ``total``: divide the (weighted) summed cross-entropy by this instead —
+    the summed weight of the samples of all the passes one mean is spread over
+    (``train.spo.variant_passes: separate``), so that the passes' losses add up to the one mean.
     """
     if labels.numel() == 0 or bool((labels == -100).all()):
         return logits.sum() * 0.0
+    weight = None if level_weights is None else level_weights.to(device=logits.device, dtype=torch.float32)
     if total is None:
-        return F.cross_entropy(logits.float(), labels.long(), ignore_index=-100)
-    return F.cross_entropy(logits.float(), labels.long(), ignore_index=-100, reduction="sum") / max(total, 1)
+        return F.cross_entropy(logits.float(), labels.long(), weight=weight, ignore_index=-100)
+    return F.cross_entropy(logits.float(), labels.long(), weight=weight, ignore_index=-100, reduction="sum") / max(total, 1e-12)
+
+
+def level_weights(n_levels: int, levels_per_step: int | None) -> Tensor | None:
+    """Per-level weights that undo the level-0 bias of sampling ``levels_per_step`` m < N levels.
+
+    Level 0 is drawn for every response, each level k > 0 with probability (m−1)/(N−1), so
+    weighting level 0 by (m−1)/(N−1) gives every level the same expected weight per response.
+    None (unweighted) when all levels are scored: the labels are balanced already.
+    """
+    m = levels_per_step
+    if m is None or m >= n_levels or n_levels < 2:
+        return None
+    weights = torch.ones(n_levels)
+    weights[0] = (m - 1) / (n_levels - 1)
+    return weights

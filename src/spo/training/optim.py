@@ -23,13 +23,25 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
     return min(steps, total_steps)
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer over the trainable ``params``, with decay on tensors of 2 or more dimensions only."""
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, *, head_params: Iterable[nn.Parameter] = (),
+                    head_learning_rate: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer over the trainable ``params``, with decay on tensors of 2 or more dimensions only.
+
+    ``head_params`` (among ``params``) get ``head_learning_rate`` instead of ``cfg.learning_rate``:
+    SPO's degree heads start from random init while the policy is pretrained, so the rate that
+    nudges a LoRA policy barely moves a fresh MLP in a few dozen steps. The schedule scales every
+    group by the same factor, so warm-up and decay apply to both.
+    """
+    head_ids = {id(p) for p in head_params} if head_learning_rate is not None else set()
     trainable = [p for p in params if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    groups = []
+    for is_head in (False, True):
+        mine = [p for p in trainable if (id(p) in head_ids) == is_head]
+        lr = {"lr": head_learning_rate} if is_head else {}
+        groups += [
+            {"params": [p for p in mine if p.ndim >= 2], "weight_decay": cfg.weight_decay, **lr},
+            {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, **lr},
+        ]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer in ("adamw_torch", "adamw_torch_fused"):
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,

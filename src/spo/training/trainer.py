@@ -281,6 +281,10 @@ class PreferenceTrainer:
             frozen = copy.deepcopy(model).eval().requires_grad_(False)
             reference_copy = SPOModule(frozen, None, cfg.logits_chunk).to(acc.device)
 
+        from spo.training.losses import level_weights
+
+        # (m-1)/(N-1) on level 0 when m < N levels are sampled per step: else the head can learn the prior alone
+        self.level_weights = level_weights(n_levels, spo.levels_per_step) if spo.balance_levels else None
         self.collator = PairCollator(tokenizer.pad_token_id, self.degree_mode, spo.levels_per_step, seed,
                                      separate_variants=spo.variant_passes == "separate")
         self.state = TrainerState(n_levels)
@@ -288,7 +292,8 @@ class PreferenceTrainer:
         weights = reference_fingerprint or weights_fingerprint(model)
         self.state.config_hash = self._config_hash(weights)
 
-        optimizer = build_optimizer(self.module.parameters(), oc)
+        optimizer = build_optimizer(self.module.parameters(), oc, head_params=self.heads.parameters() if self.heads else (),
+                                    head_learning_rate=spo.head_learning_rate)
         self.scheduler = build_scheduler(optimizer, oc, self.total_steps)
         # the scheduler is not prepared: AcceleratedScheduler steps once per process per step
         # model and optimizer in ONE call: FSDP2 shards the parameters and rebinds the optimizer to them
@@ -522,10 +527,10 @@ class PreferenceTrainer:
                                       cfg.undesirable_weight, kl=z0)
         return (losses if cfg.kto_reduction == "pair" else losses / 2), cr, rj, z0
 
-    def degree_losses(self, out: dict[str, Any], batch: PackedBatch, totals: Sequence[int] | None = None,
+    def degree_losses(self, out: dict[str, Any], batch: PackedBatch, totals: Sequence[float] | None = None,
                       metrics: Accumulator | None = None) -> tuple[Tensor | float, dict[int, float]]:
         """λ_w·L_w + λ_l·L_l of the batch's samples and each side's L (detached); ``totals``: the
-        samples per side over all of a micro-batch's passes (the mean's denominator)."""
+        samples' summed level weight per side over all of a micro-batch's passes (the mean's denominator)."""
         from spo.training.losses import degree_loss
 
         loss: Tensor | float = 0.0
@@ -536,7 +541,7 @@ class PreferenceTrainer:
             logits = out[f"degree_{side}"]
             sel = batch.deg_side == s
             labels = batch.deg_label[sel] if sel.any() else torch.full((1,), -100, device=logits.device)
-            dl = degree_loss(logits, labels, None if totals is None else totals[s])
+            dl = degree_loss(logits, labels, None if totals is None else totals[s], self.level_weights)
             loss = loss + (self.cfg.spo.lambda_w, self.cfg.spo.lambda_l)[s] * dl
             parts[s] = float(dl.detach())
             if metrics is not None and labels.ne(-100).any():
@@ -544,18 +549,25 @@ class PreferenceTrainer:
         return loss, parts
 
     def _variant_passes(self, examples: list[PairExample], indices: Sequence[int], step: int,
-                        batch: PackedBatch) -> tuple[list[PackedBatch], list[int]]:
+                        batch: PackedBatch) -> tuple[list[PackedBatch], list[float]]:
         """The micro-batch's variant passes (on the device) and its samples per side over all passes."""
         passes = [p.to(self.accelerator.device) for p in self.collator.variant_passes(examples, indices, step, batch.n_tokens)]
-        return passes, [sum(int((p.deg_side == s).sum()) for p in (batch, *passes)) for s in range(2)]
+        return passes, [sum(self._sample_weight(p, s) for p in (batch, *passes)) for s in range(2)]
 
-    def variant_pass(self, batch: PackedBatch, totals: Sequence[int], metrics: Accumulator | None) -> tuple[Tensor, dict[int, float]]:
+    def _sample_weight(self, batch: PackedBatch, side: int) -> float:
+        """The summed level weight of a pass's degree samples of one side (their count when unweighted)."""
+        labels = batch.deg_label[(batch.deg_side == side) & (batch.deg_label != -100)]
+        if self.level_weights is None:
+            return float(labels.numel())
+        return float(self.level_weights.to(labels.device)[labels].sum())
+
+    def variant_pass(self, batch: PackedBatch, totals: Sequence[float], metrics: Accumulator | None) -> tuple[Tensor, dict[int, float]]:
         """The degree loss of one pass of variants (``variant_passes: separate``): no alignment rows."""
         loss, parts = self.degree_losses(self.concatenated_forward(batch), batch, totals, metrics)
         return loss, parts  # type: ignore[return-value]
 
     def _forward_loss(self, batch: PackedBatch, split: str, train: bool, metrics: Accumulator | None,
-                      z0: Tensor | None = None, totals: Sequence[int] | None = None,
+                      z0: Tensor | None = None, totals: Sequence[float] | None = None,
                       carried: dict[int, float] | None = None) -> StepOutput:
         """The alignment pass's loss; ``carried``: the degree losses the micro-batch's variant passes
         already back-propagated, added to the reported parts only."""
