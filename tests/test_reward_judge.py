@@ -178,3 +178,32 @@ def test_scoring_builds_no_autograd_graph(workdir: Path, trained: dict) -> None:
     model.score = lambda ids, mask: (seen.append(torch.is_grad_enabled()), score(ids, mask))[1]  # type: ignore[method-assign]
     scores = score_sequences(model, [[5, 6, 7], [5, 6], [8]], pad_id=0, batch_size=2)
     assert len(scores) == 3 and seen == [False, False] and torch.is_grad_enabled()
+
+
+def test_probe_fits_the_value_head_alone_on_the_frozen_sft_backbone(workdir: Path, tmp_path: Path) -> None:
+    """train_backbone false: the backbone saved is the SFT one, bit for bit; the head ranks the
+    held-out pairs, and the judge, scoring the same rows its own way, finds the same accuracy."""
+    from safetensors.torch import load_file
+
+    from spo.judging.reward import pair_accuracy
+
+    cfg = _cfg(workdir)
+    cfg.reward_model = cfg.reward_model.model_copy(update={
+        "out_dir": str(tmp_path / "probe"), "metrics_file": str(tmp_path / "m.json"), "train_backbone": False})
+    metrics = stage.run(cfg)
+    assert metrics["steps"] == 0 and metrics["trainable_params"] == TINY.hidden_size + 1
+    assert metrics["held_out_accuracy_after"] >= 0.85 > metrics["held_out_accuracy_before"], metrics
+    assert metrics["probe_l2"] in cfg.reward_model.probe_l2 and len(metrics["probe_cv_accuracy"]) == len(cfg.reward_model.probe_l2)
+    sft, saved = load_file(str(workdir / "sft" / "model.safetensors")), load_file(str(tmp_path / "probe" / "model.safetensors"))
+    assert sft.keys() == saved.keys() and all(torch.equal(sft[k], saved[k]) for k in sft)
+    held = [r for r in read_jsonl(workdir / "rows" / "eval.jsonl") if stage.is_held_out(r, cfg.reward_model.held_out_fraction)]
+    judge = RewardJudge(tmp_path / "probe")
+    scores = judge.scores([JudgeRequest(r["prompt"], r["chosen"], r["rejected"], "dialogue") for r in held], progress=False)
+    assert pair_accuracy([a for a, _ in scores], [b for _, b in scores]) == pytest.approx(metrics["held_out_accuracy_after"])
+
+
+def test_probe_with_lora_adapters_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="lora.enabled false"):
+        SpoConfig.model_validate({"reward_model": {"train_backbone": False, "lora": {"enabled": True}}})

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spo.io import InputError
 
@@ -460,6 +460,24 @@ class RewardModelConfig(_Section):
     max_prompt_length: int = Field(default=192, ge=8)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(learning_rate=1e-4, epochs=2.0, max_steps=None))
+    train_backbone: bool = Field(
+        default=True,
+        description="false: a linear probe. The SFT backbone stays frozen, each response's feature is computed once, "
+        "and only the value head is fitted (L2-regularised Bradley-Terry, solved to convergence; optim is unused). "
+        "On a CPU it sees every pair for the cost of one forward pass each.",
+    )
+    probe_l2: list[float] = Field(
+        default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0], min_length=1,
+        description="train_backbone false: the L2 strengths tried; the best by cross-validation on the train pairs wins.",
+    )
+    probe_folds: int = Field(default=5, ge=2, description="train_backbone false: cross-validation folds, by prompt group.")
+
+    @model_validator(mode="after")
+    def _probe_has_no_adapters(self) -> RewardModelConfig:
+        if not self.train_backbone and self.lora.enabled:
+            raise ValueError("reward_model.train_backbone false fits the value head alone on a frozen backbone: "
+                             "LoRA adapters would stay untrained; set reward_model.lora.enabled false")
+        return self
 
 
 class ReportConfig(_Section):

@@ -88,14 +88,18 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return self.value_head.weight.device
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One reward per row, read at the last position whose mask is 1 (either padding side)."""
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the value head reads: the final hidden state at the last position whose mask is 1
+        (either padding side), in float32, [B, d]."""
         out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (attention_mask.long() * (positions + 1)).argmax(dim=1)  # last index with mask 1
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.value_head(picked.float()).squeeze(-1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One reward per row: the value head on :meth:`features`."""
+        return self.value_head(self.features(input_ids, attention_mask)).squeeze(-1)
 
     forward = score
 
@@ -158,6 +162,25 @@ def encode(tokenizer: Any, prompt: str, response: str, source: str, *, max_promp
         tokenizer, prompt, response, source, max_prompt_length=max_prompt_length, max_length=max_length
     )
     return enc.prompt_ids + enc.response_ids
+
+
+@torch.no_grad()
+def sequence_features(model: RewardModel, sequences: Sequence[Sequence[int]], pad_id: int, *, batch_size: int = 16,
+                      desc: str = "reward features") -> torch.Tensor:
+    """:meth:`RewardModel.features` of many token sequences, in their order ([len, d], CPU; no grad)."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit=" batches", leave=False, disable=None):
+        chunk = order[start : start + batch_size]
+        ids, mask = collate([sequences[i] for i in chunk], pad_id, model.device)
+        for i, row in zip(chunk, model.features(ids, mask).cpu()):
+            out[i] = row
+    model.train(was_training)
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 @torch.no_grad()

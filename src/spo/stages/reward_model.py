@@ -84,11 +84,14 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         raise InputError(f"{rows_path}: {len(rows)} pairs give {len(train)} train and {len(held)} held-out pairs; both must be non-empty")
 
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
-    # Full fine-tuning trains the SFT weights; LoRA puts fresh adapters on the (merged) SFT model.
-    lm = load_trained(sft_dir, cfg.model, trainable=True, merge=True)
+    # Full fine-tuning trains the SFT weights; LoRA puts fresh adapters on the (merged) SFT model;
+    # a probe (train_backbone false) trains none of them.
+    lm = load_trained(sft_dir, cfg.model, trainable=rm.train_backbone, merge=True)
     if rm.lora.enabled:
         lm = apply_lora(lm, rm.lora, seed=cfg.seed)
     model = RewardModel(lm, seed=cfg.seed)
+    if not rm.train_backbone:
+        model.lm.requires_grad_(False)
     model.value_head.requires_grad_(True)
     model.max_length, model.max_prompt_length = rm.max_length, rm.max_prompt_length
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,6 +123,9 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         scores = score_sequences(model, held_c + held_r, pad_id, batch_size=optim.micro_batch_size * 2)
         return pair_accuracy(scores[: len(held_c)], scores[len(held_c):])
 
+    if not rm.train_backbone:
+        return _finish(cfg, model, tokenizer, rows_path, sft_dir, started, prompts_cut, n_trainable,
+                       _fit_probe(cfg, model, train, held, (train_c, train_r, held_c, held_r), pad_id))
     acc_before = held_accuracy()
 
     accum = optim.batch_size // optim.micro_batch_size
@@ -169,19 +175,74 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         # The adapter would record the SFT adapter's *base* as its base (the SFT weights were
         # merged in memory), so it could not be loaded correctly: save merged full weights.
         model.lm = model.lm.merge_and_unload()
-    metrics = {
+    fitted = {
         "train_pairs": len(train),
         "held_out_pairs": len(held),
-        "prompts_truncated": prompts_cut,
         "held_out_accuracy_before": acc_before,
         "held_out_accuracy_after": acc_after,
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
         "steps": len(losses),
         "epochs": len(losses) * optim.batch_size / len(train),
+        "train_seconds": round(train_seconds, 2),
+    }
+    return _finish(cfg, model, tokenizer, rows_path, sft_dir, started, prompts_cut, n_trainable, fitted)
+
+
+def _fit_probe(cfg: SpoConfig, model: Any, train: list[dict[str, Any]], held: list[dict[str, Any]],
+               sequences: tuple[list[list[int]], ...], pad_id: int) -> dict[str, Any]:
+    """train_backbone false: every response's feature once, then the value head fitted exactly
+    (:func:`spo.judging.probe.fit_linear_probe`); accuracies from the same features the judge scores."""
+    import torch
+
+    from spo.judging.probe import fit_linear_probe
+    from spo.judging.reward import pair_accuracy, sequence_features
+
+    rm = cfg.reward_model
+    started = time.perf_counter()
+    flat = [seq for part in sequences for seq in part]
+    feats = sequence_features(model, flat, pad_id, batch_size=rm.optim.micro_batch_size * 2)
+    n_train, n_held = len(train), len(held)
+    train_c, train_r = feats[:n_train], feats[n_train : 2 * n_train]
+    held_c, held_r = feats[2 * n_train : 2 * n_train + n_held], feats[2 * n_train + n_held :]
+    head = model.value_head
+
+    def accuracy() -> float:
+        with torch.no_grad():
+            score = lambda x: head(x.to(head.weight.device)).squeeze(-1).tolist()  # noqa: E731
+            return pair_accuracy(score(held_c), score(held_r))
+
+    before = accuracy()
+    fit = fit_linear_probe(train_c, train_r, [str(r.get("group") or r["id"]) for r in train], rm.probe_l2, rm.probe_folds)
+    with torch.no_grad():
+        head.weight.copy_(fit.weight.view(1, -1))
+        head.bias.fill_(fit.bias)
+    log.info("reward_model: probe L2 %g chosen by %d-fold CV on the train pairs (CV accuracy %s)", fit.l2, rm.probe_folds,
+             ", ".join(f"{k:g}: {v:.3f}" for k, v in fit.cv_accuracy.items()))
+    return {
+        "train_pairs": n_train,
+        "held_out_pairs": n_held,
+        "held_out_accuracy_before": before,
+        "held_out_accuracy_after": accuracy(),
+        "train_accuracy": fit.train_accuracy,
+        "probe_l2": fit.l2,
+        "probe_cv_accuracy": {f"{k:g}": v for k, v in fit.cv_accuracy.items()},
+        "steps": 0,
+        "epochs": None,
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _finish(cfg: SpoConfig, model: Any, tokenizer: Any, rows_path: Path, sft_dir: Path, started: float,
+            prompts_cut: int, n_trainable: int, fitted: dict[str, Any]) -> dict[str, Any]:
+    """Save the reward model whole, its metrics and the one-line summary."""
+    rm = cfg.reward_model
+    out_dir = Path(rm.out_dir)
+    metrics = {
+        **fitted,
+        "prompts_truncated": prompts_cut,
         "trainable_params": n_trainable,
         "lora": rm.lora.enabled,
-        "train_seconds": round(train_seconds, 2),
         "seconds": round(time.perf_counter() - started, 2),
     }
     # whole or not at all: a killed run leaves the previous reward model folder (or none), never some of its files
@@ -192,11 +253,11 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
             inputs={rm.split: tree_sha256(rows_path), "sft": tree_sha256(sft_dir)},
         )
     write_json(rm.metrics_file, metrics)
+    how = "probe" if not rm.train_backbone else f"{metrics['steps']} steps, " + ("LoRA" if rm.lora.enabled else "full")
     log.info(
-        "reward_model: %d train / %d held-out pairs, %d steps (%s, %s trainable params), held-out accuracy %.3f -> %.3f, "
-        "loss %.3f -> %.3f, %s -> %s in %.1fs",
-        len(train), len(held), len(losses), "LoRA" if rm.lora.enabled else "full", f"{n_trainable:,}",
-        acc_before, acc_after, metrics["train_loss_first"] or float("nan"), metrics["train_loss_last"] or float("nan"),
-        rows_path, out_dir, metrics["seconds"],
+        "reward_model: %d train / %d held-out pairs (%s, %s trainable params), held-out accuracy %.3f -> %.3f, "
+        "%s -> %s in %.1fs",
+        metrics["train_pairs"], metrics["held_out_pairs"], how, f"{n_trainable:,}",
+        metrics["held_out_accuracy_before"], metrics["held_out_accuracy_after"], rows_path, out_dir, metrics["seconds"],
     )
     return metrics | {"out_dir": str(out_dir)}
