@@ -74,7 +74,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     check_sequence_and_batch("reward_model", rm.max_length, rm.max_prompt_length, optim)
     set_seed(cfg.seed, deterministic=False)
 
-    rows_dir, sft_dir, out_dir = Path(rm.rows_dir), Path(rm.sft_dir), Path(rm.out_dir)
+    rows_dir, sft_dir = Path(rm.rows_dir), Path(rm.sft_dir)
     rows, rows_path = _read(rows_dir, rm.split, _FIELDS)
     others = {f"{s}.jsonl": _read(rows_dir, s, ())[0] for s in ("train", "test") if s != rm.split}
     check_disjoint(rows, rows_path, others)
