@@ -35,7 +35,8 @@ def test_the_table_shows_each_comparison_with_n_interval_ties_and_the_judges_acc
     metrics = _metrics(tmp_path / "metrics")
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "report.md").write_text("# report\n")
-    assert main(["results", "--metrics-dir", str(metrics), "--reports-dir", str(tmp_path / "reports")]) == 0
+    assert main(["results", "--metrics-dir", str(metrics), "--reports-dir", str(tmp_path / "reports"),
+                 "--policy-dir", str(tmp_path / "none")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("Win rates") and "judge reward:models/reward" in out[0]
     assert "held-out pair accuracy 64.0% [58.4, 69.2] on 300 pairs (chance 50%)" in out[0]
@@ -46,9 +47,27 @@ def test_the_table_shows_each_comparison_with_n_interval_ties_and_the_judges_acc
 
 def test_an_api_judge_has_no_accuracy_line_and_json_is_there_too(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     metrics = _metrics(tmp_path / "metrics", judge_id="openai:gpt-4o@api.openai.com")
-    assert main(["results", "--metrics-dir", str(metrics), "--json"]) == 0
+    assert main(["results", "--metrics-dir", str(metrics), "--json", "--policy-dir", str(tmp_path / "none")]) == 0
     found = json.loads(capsys.readouterr().out)
     assert found["judge"] == {"id": "openai:gpt-4o@api.openai.com"} and list(found["win_rates"]) == ["dpo_spo_vs_dpo"]
+    assert found["degrees"] == {}
+
+
+def test_degree_heads_are_shown_per_head_and_level_against_chance(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    metrics = _metrics(tmp_path / "metrics")
+    (tmp_path / "policy" / "dpo_spo").mkdir(parents=True)
+    # 4 levels, 10 eval variants per true level: head w gets 10, 5, 3, 2 right (20 of 40); head l always says 0
+    w = [[10, 0, 0, 0], [3, 5, 2, 0], [1, 3, 3, 3], [0, 2, 6, 2]]
+    l_ = [[10, 0, 0, 0]] * 4
+    (tmp_path / "policy" / "dpo_spo" / "degree_confusion.json").write_text(json.dumps({"w": w, "l": l_}))
+    assert main(["results", "--metrics-dir", str(metrics), "--policy-dir", str(tmp_path / "policy")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = out.index(next(line for line in out if line.startswith("Degree heads")))
+    assert out[at + 2].split() == ["policy", "head", "n", "accuracy", "95%", "interval", "chance", "per", "level"]
+    low, high = wilson_interval(20, 40)
+    assert out[at + 3].split() == ["dpo_spo", "chosen", "40", "50.0%", f"[{100 * low:.1f},", f"{100 * high:.1f}]", "25%",
+                                   "1.00", "0.50", "0.30", "0.20"]
+    assert out[at + 4].split()[:4] == ["dpo_spo", "rejected", "40", "25.0%"] and out[at + 4].split()[-4:] == ["1.00", "0.00", "0.00", "0.00"]
 
 
 def test_no_judge_metrics_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

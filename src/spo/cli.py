@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     res = sub.add_parser("results", help="the run's win-rate table, its judge's accuracy and where the report is")
     res.add_argument("--metrics-dir", default="metrics", help="the metrics files (default: metrics)")
     res.add_argument("--reports-dir", default="reports", help="where report.md/.html are (default: reports)")
+    res.add_argument("--policy-dir", default="models/policy", help="the policies' degree_confusion.json (default: models/policy)")
     res.add_argument("--json", action="store_true", help="the same as JSON")
     _exp_parser(sub)
     _pipeline_parser(sub)
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "results":
             from spo.results import results, win_rate_table
 
-            found = results(args.metrics_dir, args.reports_dir)
+            found = results(args.metrics_dir, args.reports_dir, args.policy_dir)
             print(json.dumps(found, indent=2) if args.json else win_rate_table(found))
             return 0
         cfg = load_config(args.params, args.overrides)

@@ -3,8 +3,9 @@
 `dvc metrics show` prints every number of every metrics file (some 300 columns); what a reader
 wants after a run is the win-rate table: each comparison with its n, win rate, 95% interval,
 tie rate and length-controlled win rate, under the judge that made it and how good that judge is
-(the local reward judge's held-out pair accuracy, with its Wilson interval), and where the full
-report is.
+(the local reward judge's held-out pair accuracy, with its Wilson interval), the SPO degree
+heads' accuracy on the eval pairs against chance 1/N (per head and per level, from each policy's
+``degree_confusion.json``), and where the full report is.
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ from typing import Any
 
 from spo.io import InputError
 
-__all__ = ["results", "win_rate_table"]
+__all__ = ["results", "win_rate_table", "degree_accuracy"]
+
+HEADS = {"w": "chosen", "l": "rejected"}
 
 
-def results(metrics_dir: str | Path = "metrics", reports_dir: str | Path = "reports") -> dict[str, Any]:
-    """The win rates and the judge's quality, from the judge and reward_model metrics files."""
+def results(metrics_dir: str | Path = "metrics", reports_dir: str | Path = "reports",
+            policy_dir: str | Path = "models/policy") -> dict[str, Any]:
+    """The win rates and the judge's quality, from the judge and reward_model metrics files, and
+    the degree heads' accuracy of every policy under ``policy_dir`` that has them."""
     metrics_dir, reports_dir = Path(metrics_dir), Path(reports_dir)
     judge_file = metrics_dir / "judge.json"
     if not judge_file.is_file():
@@ -30,8 +35,35 @@ def results(metrics_dir: str | Path = "metrics", reports_dir: str | Path = "repo
         raise InputError(f"{judge_file}: not JSON ({err})") from None
     rows = {name: r for name, r in judged.items() if isinstance(r, dict) and "win_rate" in r}
     out: dict[str, Any] = {"win_rates": rows, "judge": _judge(rows, metrics_dir / "reward_model.json"),
+                           "degrees": degree_accuracy(policy_dir),
                            "report": [str(reports_dir / name) for name in ("report.md", "report.html")
                                       if (reports_dir / name).is_file()]}
+    return out
+
+
+def degree_accuracy(policy_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Per policy and head: the eval predictions n, accuracy with its 95% Wilson interval, chance
+    1/N, and the accuracy per true level (rows of the confusion matrix: true level, columns: predicted)."""
+    from spo.judging.statistics import wilson_interval
+
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(policy_dir).glob("*/degree_confusion.json")):
+        try:
+            confusion = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise InputError(f"{path}: not JSON ({err})") from None
+        heads: dict[str, Any] = {}
+        for key, matrix in confusion.items():
+            if key not in HEADS or not matrix:
+                continue
+            n = sum(sum(row) for row in matrix)
+            right = sum(matrix[k][k] for k in range(len(matrix)))
+            low, high = wilson_interval(right, n)
+            heads[key] = {"head": HEADS[key], "n": n, "accuracy": right / n if n else None, "ci_low": low, "ci_high": high,
+                          "chance": 1 / len(matrix),
+                          "per_level": [row[k] / sum(row) if sum(row) else None for k, row in enumerate(matrix)]}
+        if heads:
+            out[path.parent.name] = heads
     return out
 
 
@@ -69,6 +101,20 @@ def win_rate_table(summary: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    degrees = summary.get("degrees") or {}
+    if degrees:
+        lines += ["", "Degree heads on the eval pairs (accuracy, 95% Wilson interval; per level: true level 0..N-1)", ""]
+        table = [("policy", "head", "n", "accuracy", "95% interval", "chance", "per level")]
+        for policy, heads in degrees.items():
+            for h in heads.values():
+                acc = f"{100 * h['accuracy']:.1f}%" if h["accuracy"] is not None else "–"
+                interval = f"[{100 * h['ci_low']:.1f}, {100 * h['ci_high']:.1f}]" if h["ci_low"] is not None else "–"
+                levels = " ".join("–" if v is None else f"{v:.2f}" for v in h["per_level"])
+                table.append((policy, h["head"], str(h["n"]), acc, interval, f"{100 * h['chance']:.0f}%", levels))
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for row in table:
+            lines.append("  ".join(cell.ljust(w) if i in (0, 1, 6) else cell.rjust(w)
+                                   for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
     lines.append("")
     lines.append("Report: " + (" and ".join(summary["report"]) if summary["report"] else "not written (spo report)"))
     return "\n".join(lines)
