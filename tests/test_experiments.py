@@ -18,7 +18,8 @@ from spo.cli import main
 from spo.config import ConfigError
 
 ALL_EXPERIMENTS = {"spo_on_off", "loss_x_spo", "extractor", "n_levels", "lambda", "heads", "positional_encoding",
-                   "degree_mode", "dataset", "real", "real_extractor", "real_positional_encoding", "real_structure"}
+                   "degree_mode", "dataset", "real", "real_degrees", "real_extractor", "real_positional_encoding",
+                   "real_structure"}
 
 
 def test_every_preset_run_is_a_valid_config_of_the_repo_params() -> None:
@@ -70,6 +71,10 @@ def test_common_overrides_come_first_in_every_run_and_a_runs_own_win(tmp_path: P
     assert demo["command"][:6] == ["dvc", "exp", "run", "-n", "real-base", "-S"]  # no --temp: the workspace's outputs
     with pytest.raises(ConfigError, match="one run"):
         experiments.run_preset("real", presets, params=REPO / "params.yaml", dry_run=True, in_workspace=True)
+    # a preset's targets end the command: those stages and what they depend on, no more
+    [heads] = experiments.run_preset("real_degrees", experiments.load_presets(REPO / "experiments.yaml"),
+                                     params=REPO / "params.yaml", dry_run=True, only=["without_pe"])
+    assert heads["command"][-3:] == ["-S", "train.spo.positional_encoding=false", "train@dpo_spo"]
     presets_file.write_text(presets_file.read_text().replace("degrees.n_levels=3", "degrees.n_levels=1"))
     with pytest.raises(ConfigError, match="n_levels"):  # a bad common override fails every run before DVC
         experiments.run_preset("real", experiments.load_presets(presets_file), params=REPO / "params.yaml", dry_run=True)

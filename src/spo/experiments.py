@@ -39,6 +39,8 @@ class Preset(BaseModel):
     common: list[str] = Field(default_factory=list, description="Overrides every run starts from, before its own "
                               "(e.g. the real-model settings, shared by YAML anchor across presets).")
     runs: dict[str, list[str]] = Field(description="Run name -> `dvc exp run -S` overrides.")
+    targets: list[str] = Field(default_factory=list, description="Stages to reproduce (with what they depend on), "
+                               "e.g. [train@dpo_spo] when a question needs one policy's metrics only; empty: all.")
 
     def overrides(self, run: str) -> list[str]:
         """The run's overrides: the preset's common ones, then its own (which win)."""
@@ -81,10 +83,11 @@ def check_run(params: str | Path, overrides: list[str]) -> None:
 
 
 def dvc_command(preset: str, run: str, overrides: list[str], *, queue: bool = False, force: bool = False,
-                in_workspace: bool = False) -> list[str]:
+                in_workspace: bool = False, targets: list[str] | None = None) -> list[str]:
     """`dvc exp run` in a temporary copy of the workspace (or queued): a series of runs never
     edits the user's params.yaml nor leaves one run's outputs behind for the next.
-    ``in_workspace``: in the workspace itself, whose outputs are then that run's (a demo)."""
+    ``in_workspace``: in the workspace itself, whose outputs are then that run's (a demo).
+    ``targets``: only these stages and their dependencies."""
     cmd = ["dvc", "exp", "run", "-n", f"{preset}-{run}"]
     if queue or not in_workspace:
         cmd.append("--queue" if queue else "--temp")
@@ -92,7 +95,7 @@ def dvc_command(preset: str, run: str, overrides: list[str], *, queue: bool = Fa
         cmd.append("--force")
     for override in overrides:
         cmd += ["-S", override]
-    return cmd
+    return cmd + list(targets or [])
 
 
 def run_preset(
@@ -129,7 +132,8 @@ def run_preset(
         env["SPO_DATA_DIR"] = str(Path(env["SPO_DATA_DIR"]).resolve())
     results: list[dict[str, Any]] = []
     for run, overrides in selected.items():
-        cmd = dvc_command(name, run, overrides, queue=queue, force=force, in_workspace=in_workspace)
+        cmd = dvc_command(name, run, overrides, queue=queue, force=force, in_workspace=in_workspace,
+                          targets=presets[name].targets)
         log.info("%s", " ".join(cmd))
         if dry_run:
             results.append({"run": run, "command": cmd, "returncode": None, "seconds": 0.0})
