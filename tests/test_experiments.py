@@ -154,3 +154,22 @@ def test_preset_runs_are_dvc_experiments_and_the_summary_shows_them(scratch: Pat
     assert (scratch / "out/experiments.png").stat().st_size > 1000
     assert "data:image/png;base64," in (scratch / "out/experiments.html").read_text()
     assert json.loads((scratch / "out/experiments.json").read_text())[1]["params"]["keywords.method"] == "yake"
+
+
+def test_degree_heads_per_level_carry_n_intervals_and_chance(tmp_path: Path) -> None:
+    """48 eval pairs, 2 of them not distinct on the chosen side: each level is predicted 46 times."""
+    from spo.judging.statistics import wilson_interval
+
+    ev = {"pairs": 48.0, "excluded_w": 2.0, "degree/accuracy_w": 0.5,
+          **{f"degree/accuracy_w/level_{k}": v for k, v in enumerate([1.0, 0.5, 0.25, 0.25])}}
+    rows = [{"name": "real_degrees-random", "training": {"dpo_spo": ev, "dpo": {"rewards/accuracies": 0.5}}}]
+    [head] = experiments.degree_levels(rows)
+    assert (head["head"], head["n"], head["chance"]) == ("chosen", 4 * 46, 0.25)
+    assert (head["ci_low"], head["ci_high"]) == wilson_interval(92, 184)
+    assert [(lv["level"], lv["n"]) for lv in head["levels"]] == [(0, 46), (1, 46), (2, 46), (3, 46)]
+    assert (head["levels"][1]["ci_low"], head["levels"][1]["ci_high"]) == wilson_interval(23, 46)
+    assert experiments.plot_degrees([head], tmp_path / "d.png") and (tmp_path / "d.png").stat().st_size > 1000
+    from spo.report import to_markdown
+
+    md = to_markdown(experiments.summary_doc([{**rows[0], "rev": "x", "params": {}, "win_rates": {}}]))
+    assert "| real_degrees-random | dpo_spo | chosen | 184 | 0.500 |" in md

@@ -257,7 +257,71 @@ def summary_doc(rows: list[dict[str, Any]]) -> Any:
     keys = ["rewards/accuracies", "rewards/margins", "degree/accuracy_w", "degree/accuracy_l"]
     doc.table(["Experiment", "Policy", *keys],
               [[r["name"], policy, *(fmt(ev.get(k)) for k in keys)] for r in rows for policy, ev in r["training"].items()])
+    series = degree_levels(rows)
+    if series:
+        doc.h(2, "Degree heads per level")
+        doc.p("Eval accuracy of each degree head, over all levels with its 95% Wilson interval and n predictions, "
+              "against chance 1/N, then per true level (each level is predicted once per eval pair).")
+        doc.table(["Experiment", "Policy", "Head", "n", "Accuracy", "95% interval", "Chance", "Per level"],
+                  [[s["experiment"], s["policy"], s["head"], str(s["n"]), fmt(s["accuracy"]),
+                    f"[{fmt(s['ci_low'])}, {fmt(s['ci_high'])}]", fmt(s["chance"]),
+                    " ".join(fmt(lv["accuracy"]) for lv in s["levels"])] for s in series])
+        doc.img("degree accuracy per level", "experiments_degrees.png")
     return doc
+
+
+def degree_levels(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per experiment, policy and head: the eval accuracy per true level with its 95% Wilson
+    interval, and chance 1/N. Each level is predicted once per eval pair whose levels are distinct
+    (``pairs`` − ``excluded_<side>``), so that is every level's n."""
+    from spo.judging.statistics import wilson_interval
+
+    out = []
+    for r in rows:
+        for policy, ev in r["training"].items():
+            for side, head in (("w", "chosen"), ("l", "rejected")):
+                levels = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in ev.items()
+                                if k.startswith(f"degree/accuracy_{side}/level_") and isinstance(v, (int, float)))
+                if not levels or not isinstance(ev.get("pairs"), (int, float)):
+                    continue
+                n = int(ev["pairs"] - (ev.get(f"excluded_{side}") or 0))
+                per_level = [{"level": k, "accuracy": v, "n": n,
+                              **dict(zip(("ci_low", "ci_high"), wilson_interval(round(v * n), n)))} for k, v in levels]
+                overall = ev.get(f"degree/accuracy_{side}")
+                low, high = wilson_interval(round(overall * n * len(levels)), n * len(levels)) if overall is not None else (None, None)
+                out.append({"experiment": r["name"], "policy": policy, "head": head, "n": n * len(levels),
+                            "accuracy": overall, "ci_low": low, "ci_high": high, "chance": 1 / len(levels),
+                            "levels": per_level})
+    return out
+
+
+def plot_degrees(series: list[dict[str, Any]], path: Path) -> bool:
+    """Degree accuracy per true level, one line per experiment (95% Wilson intervals), chance dashed."""
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spo.io import save_figure
+
+    heads = list(dict.fromkeys(s["head"] for s in series))
+    fig, axes = plt.subplots(1, len(heads), figsize=(5.2 * len(heads), 3.8), squeeze=False)
+    for ax, head in zip(axes[0], heads):
+        mine = [s for s in series if s["head"] == head]
+        for j, s in enumerate(mine):
+            x = [lv["level"] + 0.06 * (j - (len(mine) - 1) / 2) for lv in s["levels"]]
+            y = [lv["accuracy"] for lv in s["levels"]]
+            err = [[v - (lv["ci_low"] or v) for v, lv in zip(y, s["levels"])], [(lv["ci_high"] or v) - v for v, lv in zip(y, s["levels"])]]
+            ax.errorbar(x, y, yerr=err, fmt="o-", capsize=2, lw=1, ms=3, label=f"{s['experiment']} ({s['policy']})")
+            ax.hlines(s["chance"], -0.2, len(s["levels"]) - 0.8, colors="grey", linestyles=":", lw=0.8)
+        ax.set(title=f"degree head, {head} responses", xlabel="true level", ylabel="eval accuracy", ylim=(0, 1.02))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return True
 
 
 def plot_summary(rows: list[dict[str, Any]], path: Path) -> bool:
@@ -308,6 +372,7 @@ def write_summary(rows: list[dict[str, Any]], out_dir: str | Path = "reports") -
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_summary(rows, out_dir / "experiments.png")
+    plot_degrees(degree_levels(rows), out_dir / "experiments_degrees.png")
     doc = summary_doc(rows)
     write_json(out_dir / "experiments.json", rows)
     for name, text in (("experiments.md", to_markdown(doc)), ("experiments.html", to_html(doc, out_dir, title="SPO experiments"))):
