@@ -59,7 +59,7 @@ def test_degree_heads_are_shown_per_head_and_level_against_chance(tmp_path: Path
     # 4 levels, 10 eval variants per true level: head w gets 10, 5, 3, 2 right (20 of 40); head l always says 0
     w = [[10, 0, 0, 0], [3, 5, 2, 0], [1, 3, 3, 3], [0, 2, 6, 2]]
     l_ = [[10, 0, 0, 0]] * 4
-    (tmp_path / "policy" / "dpo_spo" / "degree_confusion.json").write_text(json.dumps({"w": w, "l": l_}))
+    (tmp_path / "policy" / "dpo_spo" / "degree_confusion.json").write_text(json.dumps({"l": l_, "w": w}))
     assert main(["results", "--metrics-dir", str(metrics), "--policy-dir", str(tmp_path / "policy")]) == 0
     out = capsys.readouterr().out.splitlines()
     at = out.index(next(line for line in out if line.startswith("Degree heads")))

@@ -53,8 +53,9 @@ def degree_accuracy(policy_dir: str | Path) -> dict[str, dict[str, Any]]:
         except ValueError as err:
             raise InputError(f"{path}: not JSON ({err})") from None
         heads: dict[str, Any] = {}
-        for key, matrix in confusion.items():
-            if key not in HEADS or not matrix:
+        for key in HEADS:  # chosen first, whatever the file's order
+            matrix = confusion.get(key)
+            if not matrix:
                 continue
             n = sum(sum(row) for row in matrix)
             right = sum(matrix[k][k] for k in range(len(matrix)))
