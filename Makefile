@@ -48,7 +48,7 @@ demo-tldr: setup
 	$(BIN)/spo results
 
 ## The real-model run (SmolLM2-135M-Instruct, LoRA; experiments.yaml preset `real`), in the workspace:
-## about an hour on 2 cores; then its win rates with the judge's accuracy (docs/experiments.md).
+## 38 min on 2 cores; then its win rates with the judge's accuracy and the degree heads (docs/experiments.md).
 demo-real: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/spo exp run real --in-workspace
 	$(BIN)/spo results
