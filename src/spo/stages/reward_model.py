@@ -4,7 +4,9 @@ Trains on the pairs of ``reward_model.split`` (the eval split), which must share
 no prompt ``group`` with train.jsonl (the policy's pairs) or test.jsonl (the prompts the judge
 will grade); a violation is an InputError.  A deterministic ``held_out_fraction`` of those
 pairs (by hash of the group, else the id) is kept aside to measure the judge's own pair
-accuracy before and after training.  A plain torch loop (see docs/reward_judge.md for why).
+accuracy before and after training.  A plain torch loop (see docs/reward_judge.md for why), or,
+with ``train_backbone: false``, a linear probe: the frozen backbone's features computed once and
+the value head fitted to convergence (:mod:`spo.judging.probe`).
 """
 
 from __future__ import annotations
