@@ -526,3 +526,8 @@ def test_balance_levels_reweights_level_zero_only_when_levels_are_sampled() -> N
 
     assert degree_w(levels_per_step=2) != pytest.approx(degree_w(levels_per_step=2, balance_levels=False), rel=1e-4)
     assert degree_w() == pytest.approx(degree_w(balance_levels=False), rel=1e-9)  # all levels: nothing to balance
+    # eval scores every level, so its labels are balanced already: no weights there, only on sampled batches
+    tr = _trainer(train_cfg(spo={"levels_per_step": 2}))
+    examples = [tr.train_examples[i] for i in idx]
+    assert tr._weights(tr.collator(examples, idx, step=0, all_levels=True)) is None
+    assert tr._weights(tr.collator(examples, idx, step=0)) is tr.level_weights is not None

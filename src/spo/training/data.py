@@ -440,6 +440,7 @@ class PackedBatch:
     deg_label: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     deg_side: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     excluded: list[int] = field(default_factory=lambda: [0, 0])  # [chosen, rejected] responses without degree loss
+    levels_sampled: bool = False  # levels_per_step drew some levels (level 0 always): the labels are not balanced
 
     def to(self, device: torch.device) -> PackedBatch:
         for name, value in list(self.__dict__.items()):
@@ -594,6 +595,7 @@ class PairCollator:
             segments.append(mine)
         batch = self._build(examples, indices, segments, levels)
         batch.excluded = [sum(lv[s] is None for lv in levels) for s in range(2)] if degrees and self.degree_mode else [0, 0]
+        batch.levels_sampled = degrees and not all_levels and self.levels_per_step is not None
         return batch
 
     def variant_passes(self, examples: Sequence[PairExample], indices: Sequence[int], step: int,
@@ -618,7 +620,10 @@ class PairCollator:
                     used += cost
         if used:
             passes.append(current)
-        return [self._build(examples, indices, segs, levels) for segs in passes]
+        built = [self._build(examples, indices, segs, levels) for segs in passes]
+        for batch in built:
+            batch.levels_sampled = self.levels_per_step is not None
+        return built
 
     def _build(self, examples: Sequence[PairExample], indices: Sequence[int], segments: list[list[_Segment]],
                levels: list[list[list[int] | None]]) -> PackedBatch:

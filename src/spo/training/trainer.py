@@ -541,7 +541,7 @@ class PreferenceTrainer:
             logits = out[f"degree_{side}"]
             sel = batch.deg_side == s
             labels = batch.deg_label[sel] if sel.any() else torch.full((1,), -100, device=logits.device)
-            dl = degree_loss(logits, labels, None if totals is None else totals[s], self.level_weights)
+            dl = degree_loss(logits, labels, None if totals is None else totals[s], self._weights(batch))
             loss = loss + (self.cfg.spo.lambda_w, self.cfg.spo.lambda_l)[s] * dl
             parts[s] = float(dl.detach())
             if metrics is not None and labels.ne(-100).any():
@@ -554,12 +554,17 @@ class PreferenceTrainer:
         passes = [p.to(self.accelerator.device) for p in self.collator.variant_passes(examples, indices, step, batch.n_tokens)]
         return passes, [sum(self._sample_weight(p, s) for p in (batch, *passes)) for s in range(2)]
 
+    def _weights(self, batch: PackedBatch) -> Tensor | None:
+        """The level weights where the batch's levels were sampled; an all-levels (eval) batch is balanced already."""
+        return self.level_weights if batch.levels_sampled else None
+
     def _sample_weight(self, batch: PackedBatch, side: int) -> float:
         """The summed level weight of a pass's degree samples of one side (their count when unweighted)."""
         labels = batch.deg_label[(batch.deg_side == side) & (batch.deg_label != -100)]
-        if self.level_weights is None:
+        weights = self._weights(batch)
+        if weights is None:
             return float(labels.numel())
-        return float(self.level_weights.to(labels.device)[labels].sum())
+        return float(weights.to(labels.device)[labels].sum())
 
     def variant_pass(self, batch: PackedBatch, totals: Sequence[float], metrics: Accumulator | None) -> tuple[Tensor, dict[int, float]]:
         """The degree loss of one pass of variants (``variant_passes: separate``): no alignment rows."""
