@@ -154,6 +154,8 @@ def test_preset_runs_are_dvc_experiments_and_the_summary_shows_them(scratch: Pat
     assert (scratch / "out/experiments.png").stat().st_size > 1000
     assert "data:image/png;base64," in (scratch / "out/experiments.html").read_text()
     assert json.loads((scratch / "out/experiments.json").read_text())[1]["params"]["keywords.method"] == "yake"
+    assert main(["exp", "summary", "-o", "only", "--match", "yake$"]) == 0
+    assert [r["name"] for r in json.loads((scratch / "only/experiments.json").read_text())] == ["extractor-yake"]
 
 
 def test_degree_heads_per_level_carry_n_intervals_and_chance(tmp_path: Path) -> None:
@@ -173,3 +175,15 @@ def test_degree_heads_per_level_carry_n_intervals_and_chance(tmp_path: Path) -> 
 
     md = to_markdown(experiments.summary_doc([{**rows[0], "rev": "x", "params": {}, "win_rates": {}}]))
     assert "| real_degrees-random | dpo_spo | chosen | 184 | 0.500 |" in md
+
+
+def test_a_targeted_runs_summary_shows_only_the_metrics_it_produced() -> None:
+    """real_degrees runs train@dpo_spo: its judge.json and train_dpo.json are the baseline's files."""
+    presets = experiments.load_presets(REPO / "experiments.yaml")
+    ev = {"rewards/accuracies": 0.4}
+    row = {"name": "real_degrees-random", "win_rates": {"dpo_spo_vs_dpo": {"win_rate": 0.57}},
+           "training": {"dpo": ev, "dpo_spo": ev}}
+    full = {**row, "name": "real-hh"}
+    kept, untouched = experiments.only_what_ran([row, full], presets)
+    assert kept["win_rates"] == {} and list(kept["training"]) == ["dpo_spo"]
+    assert untouched == full  # a preset without targets ran everything

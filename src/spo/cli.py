@@ -197,6 +197,7 @@ def _exp_parser(sub: argparse._SubParsersAction) -> None:
     summary = actions.add_parser("summary", help="`dvc exp show` as reports/experiments.{md,html,json,png}")
     summary.add_argument("-o", "--out-dir", default="reports")
     summary.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only HEAD")
+    summary.add_argument("--match", metavar="REGEX", help="only the experiments whose name matches, e.g. '^real'")
 
 
 def _exp(args: argparse.Namespace) -> int:
@@ -221,7 +222,11 @@ def _exp(args: argparse.Namespace) -> int:
             for result in results:
                 print(" ".join(repr(c) if " " in c else c for c in result["command"]))
         return 1 if any(r["returncode"] for r in results) else 0
-    rows = experiments.parse_exp_show(experiments.exp_show(args.all_commits))
+    rows = experiments.only_what_ran(experiments.parse_exp_show(experiments.exp_show(args.all_commits)), presets)
+    if args.match:
+        import re
+
+        rows = [r for r in rows if re.search(args.match, r["name"])]
     written = experiments.write_summary(rows, args.out_dir)
     print(written["md"])
     return 0

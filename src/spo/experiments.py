@@ -270,6 +270,26 @@ def summary_doc(rows: list[dict[str, Any]]) -> Any:
     return doc
 
 
+def only_what_ran(rows: list[dict[str, Any]], presets: dict[str, Preset]) -> list[dict[str, Any]]:
+    """Drop the metrics an experiment did not produce. A preset with ``targets`` reproduces those
+    stages and what they depend on, so its metrics files for other stages are the baseline's
+    (e.g. the committed demo's judge.json) and would be shown as that run's. Win rates are the
+    run's own only if ``judge`` or ``report`` was a target; a policy's eval only if its train stage
+    ran (``train@<policy>``, ``train``, or a stage downstream of every policy)."""
+    out = []
+    for row in rows:
+        targets = next((p.targets for name, p in presets.items() if p.targets and row["name"].startswith(f"{name}-")
+                        and row["name"][len(name) + 1:] in p.runs), None)
+        if targets:
+            downstream = {"generate", "judge", "report"} & set(targets)
+            row = {**row,
+                   "win_rates": row["win_rates"] if {"judge", "report"} & set(targets) else {},
+                   "training": {k: v for k, v in row["training"].items()
+                                if downstream or "train" in targets or f"train@{k}" in targets}}
+        out.append(row)
+    return out
+
+
 def degree_levels(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per experiment, policy and head: the eval accuracy per true level with its 95% Wilson
     interval, and chance 1/N. Each level is predicted once per eval pair whose levels are distinct
@@ -316,7 +336,8 @@ def plot_degrees(series: list[dict[str, Any]], path: Path) -> bool:
             err = [[v - (lv["ci_low"] or v) for v, lv in zip(y, s["levels"])], [(lv["ci_high"] or v) - v for v, lv in zip(y, s["levels"])]]
             ax.errorbar(x, y, yerr=err, fmt="o-", capsize=2, lw=1, ms=3, label=f"{s['experiment']} ({s['policy']})")
             ax.hlines(s["chance"], -0.2, len(s["levels"]) - 0.8, colors="grey", linestyles=":", lw=0.8)
-        ax.set(title=f"degree head, {head} responses", xlabel="true level", ylabel="eval accuracy", ylim=(0, 1.02))
+        ax.set(title=f"degree head, {head} responses", xlabel="true level", ylabel="eval accuracy", ylim=(0, 1.02),
+               xticks=range(max(len(s["levels"]) for s in mine)))
         ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
