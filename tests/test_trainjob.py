@@ -426,6 +426,16 @@ def test_sigterm_while_running_deletes_the_job_then_propagates(server: TrainJobA
     assert signal.getsignal(signal.SIGTERM).__name__ == "stray"  # the previous handler is back
 
 
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """Python's own SIGINT handler for the test: a runner started in the background by a shell
+    without job control inherits SIGINT ignored, and then no KeyboardInterrupt would ever come."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("python_sigint")
 def test_keyboard_interrupt_deletes_the_job_then_propagates(server: TrainJobApi, api: k8s.CustomObjectsApi) -> None:
     server.script = [running()]
     log = Lines()
@@ -437,6 +447,7 @@ def test_keyboard_interrupt_deletes_the_job_then_propagates(server: TrainJobApi,
     assert "cancelled (interrupted)" in log.text()
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_a_cancel_whose_delete_fails_says_how_to_delete_by_hand(server: TrainJobApi, api: k8s.CustomObjectsApi) -> None:
     server.script = [running()]
     server.inject("DELETE", Fault(403, "cannot delete"))
