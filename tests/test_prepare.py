@@ -152,19 +152,41 @@ def test_bad_raw_lines_are_quarantined_with_file_line_and_field(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("gz", [False, True])
-def test_a_bom_is_no_bad_row_and_blank_lines_are_counted_not_dropped(tmp_path: Path, shared_data: Path, gz: bool) -> None:
-    """Found by a new user: a file saved with a UTF-8 BOM lost its first (good) row to quarantine, and
-    blank or whitespace-only lines vanished without being counted."""
+def test_a_bom_is_no_bad_row_and_blank_lines_are_counted_not_quarantined(tmp_path: Path, shared_data: Path,
+                                                                         gz: bool) -> None:
+    """Found by a new user: a file saved with a UTF-8 BOM lost its first (good) row to quarantine.
+    Blank or whitespace-only lines hold no row: they are skipped and counted as ``blank_lines``
+    (issue 21: quarantined as bad rows they failed validation of a clean folder), never dropped
+    uncounted."""
     good = read_gz(shared_data / "hh" / "train.jsonl.gz", limit=4)
     folder = tmp_path / "raw"
     first = b"\xef\xbb\xbf" + json.dumps(good[0]).encode()
     write_raw(folder, "hh", "train", [first, good[1], "", "   \t", good[2]], gz=gz)
-    write_raw(folder, "hh", "test", [good[3]], gz=gz)
+    write_raw(folder, "hh", "test", [good[3], ""], gz=gz)
     summary = prepare.run(tmp_config(tmp_path, folder))
     prepared, quarantined = _outputs(tmp_path)
-    assert summary["rows_read"] == 6 and sum(len(v) for v in prepared.values()) == 4  # the BOM row is prepared
-    assert sorted((q["line"], q["reasons"][0]["reason"]) for q in quarantined) == [
-        (3, "a blank line (no JSON)"), (4, "a blank line (no JSON)")]
+    assert (summary["rows_read"], summary["blank_lines"], summary["rows_quarantined"]) == (4, 3, 0)
+    assert sum(len(v) for v in prepared.values()) == 4  # the BOM row is prepared
+    assert not quarantined
+    written = json.loads((tmp_path / "data/prepared/summary.json").read_text())
+    assert written["blank_lines"] == 3 and written["rows_read"] == 4
+
+
+def test_blank_lines_do_not_count_towards_the_bad_fraction(tmp_path: Path, shared_data: Path) -> None:
+    """Issue 21: 41 good rows and 3 blank lines (trailing newlines, a separator) failed validation at
+    6.8% bad; they are no rows, so the folder validates with 0 bad and every row is used."""
+    from spo.stages import validate
+
+    good = read_gz(shared_data / "hh" / "train.jsonl.gz", limit=41)
+    folder = tmp_path / "raw"
+    write_raw(folder, "hh", "train", [*good[:20], "", *good[20:36], "  ", ""], gz=False)
+    write_raw(folder, "hh", "test", good[36:], gz=False)
+    cfg = tmp_config(tmp_path, folder)
+    summary = prepare.run(cfg)
+    assert (summary["rows_read"], summary["blank_lines"]) == (41, 3)
+    checked = validate.run(cfg)
+    assert checked["bad_fraction"] == 0.0
+    assert sum(len(read_jsonl(p)) for p in (tmp_path / "data/validated").glob("*.jsonl")) == 41
 
 
 def test_invalid_utf8_bytes_survive_prepare_for_validation_to_quarantine(tmp_path: Path, shared_data: Path) -> None:

@@ -27,6 +27,7 @@ class RawRecord:
     row: dict[str, Any] | None
     error: str | None = None
     text: str | None = None
+    blank: bool = False  # a blank or whitespace-only line: no row at all, counted apart (``blank_lines``)
 
 
 def local_files(folder: Path, dataset: str) -> dict[str, Path]:
@@ -56,8 +57,8 @@ def _read_local(path: Path, origin: str, split: str, limit: int | None) -> Itera
             for line_no, line in enumerate(handle, start=1):
                 if limit is not None and yielded >= limit:
                     return
-                if not line.strip():  # counted and reported like any other refused line, never dropped
-                    yield RawRecord(split, origin, line_no, None, "a blank line (no JSON)", line)
+                if not line.strip():  # a trailing newline or a separator: not a bad row, but counted
+                    yield RawRecord(split, origin, line_no, None, text=line, blank=True)
                     continue
                 yielded += 1
                 try:

@@ -1,7 +1,9 @@
 """Stage ``prepare``: raw HH / TL;DR rows -> normalised ``id, source, prompt, chosen, rejected``.
 
 Every raw row ends up in exactly one place: a split file, or the prepare quarantine with the
-file, line and field that made it unusable.  The same pair read twice (TL;DR pairs labelled by
+file, line and field that made it unusable.  Blank or whitespace-only lines (a trailing newline,
+a separator between blocks) hold no row: they are skipped and counted as ``blank_lines``, so
+they neither count as bad rows towards ``validate.max_bad_fraction`` nor vanish uncounted.  The same pair read twice (TL;DR pairs labelled by
 several workers) is one row: later copies are merged into the first, which lists them under
 ``merged`` with their origin and original record, so the rows stay unique and nothing is lost.
 The same pair labelled both ways (annotators who disagree) would train the policy on both
@@ -39,8 +41,11 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     quarantined: list[dict[str, Any]] = []
     by_id: dict[str, dict[str, Any]] = {}
     orders: dict[str, list[str]] = {}  # unordered pair -> the ids of the orders it was read in
-    read = 0
+    read = blank_lines = 0
     for record in tqdm(records, desc="prepare", unit=" rows", leave=False, disable=None):
+        if record.blank:
+            blank_lines += 1
+            continue
         read += 1
         where = {"origin": record.origin, "line": record.line, "source_split": record.source_split}
         if record.row is None:
@@ -80,6 +85,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     write_jsonl(cfg.prepare.quarantine_file, quarantined)
     summary = {
         "rows_read": read,
+        "blank_lines": blank_lines,
         "rows_prepared": len(rows),
         "rows_merged": merged,
         "rows_outvoted": outvoted,
@@ -93,9 +99,9 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     write_provenance(out_dir, stage="prepare", config_hash=cfg.section_hash("data", "prepare"), inputs=description)
     seconds = time.perf_counter() - started
     log.info(
-        "prepare: read %d %s rows from %s, wrote %s to %s, merged %d repeated pairs, settled %d pairs "
+        "prepare: read %d %s rows (and skipped %d blank lines) from %s, wrote %s to %s, merged %d repeated pairs, settled %d pairs "
         "labelled both ways (%s, %d copies outvoted), quarantined %d to %s (%.1f s)",
-        read, source, cfg.data.resolved_local_dir() or description.get("path"),
+        read, source, blank_lines, cfg.data.resolved_local_dir() or description.get("path"),
         " / ".join(f"{counts.get(s, 0)} {s}" for s in SPLITS), out_dir, merged, len(disputed),
         cfg.prepare.disagreement, outvoted, len(quarantined), cfg.prepare.quarantine_file, seconds,
     )
