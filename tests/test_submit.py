@@ -13,14 +13,16 @@ import hashlib
 import logging
 import os
 import secrets
+import socket
 import tempfile
-import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import kfp.client.client
 import pytest
 import yaml
+from fake_clock import FakeClock
 
 from conftest import REPO
 from kfp_api_server import KfpApiServer
@@ -58,7 +60,26 @@ def server(token: str):
 
 def _submit(server: KfpApiServer, tmp_path: Path, **kw) -> str:
     kw.setdefault("params", REPO / "params.yaml")
-    return submit(server.url, platform=PLATFORM, token_file=tmp_path / "no-token-file", poll_interval=0.01, **kw)
+    kw.setdefault("poll_interval", 0.01)
+    return submit(server.url, platform=PLATFORM, token_file=tmp_path / "no-token-file", **kw)
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every ``time.sleep`` asked for during the test (kfp.Client's retries 5 s apart included),
+    recorded instead of slept: "fails fast" is then "waited for nothing", whatever the machine's speed."""
+    asked: list[float] = []
+    monkeypatch.setattr(time, "sleep", asked.append)
+    return asked
+
+
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    """A loopback URL that refuses connections: its port stays bound (so no other process can take
+    it while the test runs) but is never listened on."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
 
 
 def _compiled_digest(tmp_path: Path, params: Path) -> str:
@@ -208,12 +229,13 @@ def test_wait_raises_the_runs_error_when_it_does_not_succeed(token: str, tmp_pat
 
 
 def test_wait_gives_up_after_the_timeout(token: str, tmp_path: Path) -> None:
+    clock = FakeClock()  # the timeout is measured on it: the same polls on any machine
     with KfpApiServer(token, run_states=("RUNNING",)) as server:
-        started = time.monotonic()
-        with pytest.raises(SubmitError, match=r"still RUNNING after 0\.3 s"):
-            _submit(server, tmp_path, wait=True, timeout=0.3)
-        assert time.monotonic() - started < 15
-        assert 2 <= len(server.calls("GET", RUNS + "/.+")) < 100  # polled, at the poll interval, then stopped
+        with pytest.raises(SubmitError, match=r"still RUNNING after 40 s \(it goes on running\)"):
+            _submit(server, tmp_path, wait=True, timeout=40, poll_interval=15, clock=clock, sleep=clock.sleep)
+        # polled at 0, 15, 30 and 40 s: the poll interval, the last wait cut to what was left, then stopped
+        assert len(server.calls("GET", RUNS + "/.+")) == 4
+    assert clock.sleeps == [15, 15, 10] and clock.now == 40
 
 
 def test_wait_rides_out_transient_errors_but_not_too_many(token: str, tmp_path: Path) -> None:
@@ -227,17 +249,17 @@ def test_wait_rides_out_transient_errors_but_not_too_many(token: str, tmp_path: 
 
 def test_a_wrong_token_is_a_clear_error_that_never_shows_the_token(
         tmp_path: Path, token: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, sleeps: list[float]) -> None:
     caplog.set_level(logging.DEBUG)  # kfp_server_api logs response bodies at DEBUG: the echoed header too
     wrong = f"kfp-wrong-{secrets.token_hex(12)}"
     monkeypatch.setenv("KFP_TOKEN", wrong)
     with KfpApiServer(token, echo_auth=True) as server:
-        started = time.monotonic()
         with pytest.raises(SubmitError) as err:
             _submit(server, tmp_path)
-        assert time.monotonic() - started < 10  # not kfp.Client's five health checks 5 s apart
-        assert server.calls()[0].headers["authorization"] == f"Bearer {wrong}"  # it was sent, and refused
-        assert not server.calls("POST")
+        # one health check, ours, and no wait: not kfp.Client's five health checks 5 s apart
+        (only,) = server.calls()
+        assert only.path == "/apis/v2beta1/healthz" and not sleeps
+        assert only.headers["authorization"] == f"Bearer {wrong}"  # it was sent, and refused
     message = str(err.value)
     assert "refused the credentials (HTTP 401" in message and "the token in $KFP_TOKEN" in message
     assert "***" in message  # the server quoted it back; we did not
@@ -266,30 +288,32 @@ def test_the_token_from_a_service_account_file_or_a_named_variable(
 
 def test_a_rotated_service_account_token_is_read_again_while_following_a_run(
         tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, token: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The kubelet rotates a projected token (often hourly); a day-long --wait must send the new one."""
+    """The kubelet rotates a projected token (often hourly); a day-long --wait must send the new one.
+
+    The rotation happens during the first wait between two polls of the run (through the
+    injected clock), so the polls before and after it are known exactly, with no thread racing them.
+    """
     monkeypatch.delenv("KFP_TOKEN")
     token_file = tmp_path_factory.mktemp("projected") / "token"
     token_file.write_text(token + "\n")
     rotated = token + "-rotated"
-    with KfpApiServer(token, run_states=("PENDING",) * 40 + ("SUCCEEDED",)) as server:
-        def rotate() -> None:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not server.state.runs:
-                time.sleep(0.01)
+    with KfpApiServer(token, run_states=("PENDING", "PENDING", "SUCCEEDED")) as server:
+        def rotate(sleeps: int) -> None:
+            if sleeps != 1:
+                return
             server.token = (token, rotated)
             staged = token_file.with_name("token.new")  # the kubelet swaps the file atomically: never half-written
             staged.write_text(rotated + "\n")
             os.replace(staged, token_file)
 
-        rotator = threading.Thread(target=rotate)
-        rotator.start()
-        try:
-            submit(server.url, params=REPO / "params.yaml", platform=PLATFORM, token_file=token_file, wait=True,
-                   poll_interval=0.02)
-        finally:
-            rotator.join(timeout=30)
+        clock = FakeClock(on_sleep=rotate)
+        submit(server.url, params=REPO / "params.yaml", platform=PLATFORM, token_file=token_file, wait=True,
+               poll_interval=20, clock=clock, sleep=clock.sleep)
         sent = [r.headers.get("authorization") for r in server.requests]
+        polls = [r.headers.get("authorization") for r in server.calls("GET", RUNS + "/.+")]
+    assert clock.sleeps == [20, 20]
     assert sent[0] == f"Bearer {token}" and sent[-1] == f"Bearer {rotated}"
+    assert polls == [f"Bearer {token}", f"Bearer {rotated}", f"Bearer {rotated}"]  # re-read at every request
 
 
 def test_the_token_never_leaks_even_when_the_server_echoes_it(
@@ -322,13 +346,10 @@ def test_multi_user_needs_a_namespace_and_puts_everything_there(token: str, tmp_
         assert server.state.runs[run_id]["experiment_id"] == experiment["experiment_id"]
 
 
-def test_an_unreachable_host_fails_fast(token: str, tmp_path: Path) -> None:
-    with KfpApiServer(token) as server:
-        url = server.url  # closed on leaving the block: nothing listens there any more
-    started = time.monotonic()
-    with pytest.raises(SubmitError, match=f"connecting: cannot reach the KFP API at {url}"):
-        submit(url, params=REPO / "params.yaml", platform=PLATFORM, token_file=tmp_path / "none")
-    assert time.monotonic() - started < 10
+def test_an_unreachable_host_fails_fast(token: str, tmp_path: Path, refusing_url: str, sleeps: list[float]) -> None:
+    with pytest.raises(SubmitError, match=f"connecting: cannot reach the KFP API at {refusing_url}"):
+        submit(refusing_url, params=REPO / "params.yaml", platform=PLATFORM, token_file=tmp_path / "none")
+    assert sleeps == []  # failed at the refused connection: no retry waited for (kfp.Client's are 5 s apart)
 
 
 def test_the_cli_exits_non_zero_with_the_error(server: KfpApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -157,7 +157,8 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
            wait: bool = False, timeout: float = 24 * 3600.0, poll_interval: float = 10.0,
            token_env: str = TOKEN_ENV, token_file: str | Path = SA_TOKEN_FILE, action: str = "run",
            schedule: str | None = None, schedule_name: str | None = None, store: str = "api",
-           kubernetes_api: Any | None = None) -> str:
+           kubernetes_api: Any | None = None, clock: Callable[[], float] = time.monotonic,
+           sleep: Callable[[float], None] = time.sleep) -> str:
     """Compile, upload or reuse the version, start a run in ``experiment``; print its link, return its id.
 
     ``action``: ``run`` (the default), ``upload`` (no run; returns the version id), ``schedule``
@@ -172,6 +173,8 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
     (``knob=value``) set pipeline parameters. ``namespace`` is the profile namespace of a
     multi-user KFP: the pipeline, the experiment and the run go there. ``wait`` follows the run
     to its end and raises :class:`SubmitError` unless it succeeds within ``timeout`` seconds.
+    ``clock`` and ``sleep`` measure that timeout and wait between polls; they are parameters so
+    that tests can inject a fake clock instead of waiting (and depending on the machine's speed).
     """
     host = host.rstrip("/")
     if not host.startswith(("http://", "https://")):
@@ -238,7 +241,7 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
     print(link, flush=True)
     if wait:
         with _scrubbed_logs(auth), _api_step(auth, host, f"following run {run.run_id}"):
-            _follow(client, host, run.run_id, auth, timeout, poll_interval)
+            _follow(client, host, run.run_id, auth, timeout, poll_interval, clock=clock, sleep=sleep)
     return run.run_id
 
 
@@ -383,17 +386,19 @@ def _find_version(client: Any, pipeline_id: str, marker: str) -> str | None:
     return None
 
 
-def _follow(client: Any, host: str, run_id: str, auth: Auth, timeout: float, poll_interval: float) -> None:
+def _follow(client: Any, host: str, run_id: str, auth: Auth, timeout: float, poll_interval: float, *,
+            clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
     """Poll the run until it ends (logging each new state); raise unless it SUCCEEDED in time.
 
     Not ``Client.wait_for_run_completion``: it never returns on CANCELED, logs no states, has
-    no request timeout and, on a 401, asks Google Cloud for a new token.
+    no request timeout and, on a 401, asks Google Cloud for a new token. ``clock`` and ``sleep``
+    are injectable so that tests can follow a run on a fake clock.
     """
     import kfp_server_api
     import urllib3
 
     link = f"{host}/#/runs/details/{run_id}"
-    deadline = time.monotonic() + timeout
+    deadline = clock() + timeout
     state, errors = None, 0
     while True:
         try:
@@ -413,10 +418,10 @@ def _follow(client: Any, host: str, run_id: str, auth: Auth, timeout: float, pol
                 return
             if state in FAILED_STATES:
                 raise SubmitError(auth.scrub(_failure(run, link)))
-        remaining = deadline - time.monotonic()
+        remaining = deadline - clock()
         if remaining <= 0:
             raise SubmitError(f"run {run_id} still {state} after {timeout:g} s (it goes on running): {link}")
-        time.sleep(min(poll_interval, remaining))
+        sleep(min(poll_interval, remaining))
 
 
 def _failure(run: Any, link: str) -> str:
