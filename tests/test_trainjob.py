@@ -8,13 +8,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 import shutil
 import signal
 import socket
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -22,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fake_clock import FakeClock
 from k8s_api_server import Fault, TrainJobApi, complete, failed, running
 from kubernetes import client as k8s
 
@@ -331,10 +329,13 @@ def test_trainers_own_deadline_comes_back_as_a_failure(server: TrainJobApi, api:
 def test_the_launchers_deadline_deletes_the_job(server: TrainJobApi, api: k8s.CustomObjectsApi) -> None:
     server.script = [running()]
     log = Lines()
-    started = time.monotonic()
-    with pytest.raises(TrainJobTimeout, match="did not finish within 0m00s and was deleted"):
-        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, deadline_seconds=0.3, log=log.append)
-    assert 0.3 <= time.monotonic() - started < 5
+    clock = FakeClock()  # the deadline is measured on it: the same polls on any machine
+    with pytest.raises(TrainJobTimeout, match="did not finish within 1m00s and was deleted"):
+        launch(a_job(), namespace=NS, api=api, poll_seconds=15, deadline_seconds=60, log=log.append, clock=clock,
+               sleep=clock.sleep)
+    # looked at it at 0, 15, 30, 45 and 60 s, then deleted it: not before the deadline, and at once when it came
+    assert len(server.calls("GET")) == 5 and clock.sleeps == [15] * 4 and clock.now == 60
+    assert "not finished after the launcher's deadline of 1m00s" in log.text()
     (deleted,) = server.calls("DELETE")
     assert deleted.path.endswith("/trainjobs/spo-dpo-1234abcd-0a0b")
     assert deleted.query == {"propagationPolicy": ["Foreground"]}  # gone only once its pods are
@@ -373,29 +374,30 @@ def test_transient_errors_are_retried_a_bounded_number_of_times(server: TrainJob
 
 
 def test_an_unreachable_api_server_is_a_clear_error() -> None:
-    with socket.socket() as probe:  # a port nobody listens on
+    clock = FakeClock()
+    with socket.socket() as probe:  # a port nobody listens on: kept bound, so no other process takes it meanwhile
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    configuration = k8s.Configuration(host=f"http://127.0.0.1:{port}")
-    configuration.retries = 0
-    with k8s.ApiClient(configuration) as api_client:
-        with pytest.raises(TrainJobApiError, match="cannot reach the Kubernetes API after 2 tries") as caught:
-            launch(a_job(), namespace=NS, api=k8s.CustomObjectsApi(api_client), poll_seconds=POLL,
-                   log=Lines().append, attempts=2)
+        configuration = k8s.Configuration(host=f"http://127.0.0.1:{probe.getsockname()[1]}")
+        configuration.retries = 0
+        with k8s.ApiClient(configuration) as api_client:
+            with pytest.raises(TrainJobApiError, match="cannot reach the Kubernetes API after 2 tries") as caught:
+                launch(a_job(), namespace=NS, api=k8s.CustomObjectsApi(api_client), poll_seconds=POLL,
+                       log=Lines().append, attempts=2, clock=clock, sleep=clock.sleep)
     assert caught.value.status == 0
+    assert clock.sleeps == [POLL]  # one retry, after the first backoff (the poll interval)
 
 
-def _signal_when_running(server: TrainJobApi, signum: int) -> threading.Thread:
-    """Send ``signum`` to this process once the launcher has polled the running job twice."""
-    def fire() -> None:
-        deadline = time.monotonic() + 10
-        while server.gets < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        os.kill(os.getpid(), signum)
+def _signal_when_running(server: TrainJobApi, signum: int) -> FakeClock:
+    """A clock for :func:`launch` that delivers ``signum`` to this process during its second wait
+    between polls, i.e. once the launcher has polled the running job twice: at that exact point,
+    not whenever a thread got to it. ``signal.raise_signal`` delivers it to the calling (main)
+    thread, whose Python handler runs before the call returns."""
+    def fire(sleeps: int) -> None:
+        if sleeps == 2:
+            assert server.gets == 2
+            signal.raise_signal(signum)
 
-    thread = threading.Thread(target=fire, daemon=True)
-    thread.start()
-    return thread
+    return FakeClock(on_sleep=fire)
 
 
 class _Stray(Exception):
@@ -417,10 +419,10 @@ def guarded_sigterm() -> Iterator[None]:
 def test_sigterm_while_running_deletes_the_job_then_propagates(server: TrainJobApi, api: k8s.CustomObjectsApi) -> None:
     server.script = [running()]
     log = Lines()
-    thread = _signal_when_running(server, signal.SIGTERM)
+    clock = _signal_when_running(server, signal.SIGTERM)
     with pytest.raises(Terminated):
-        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=log.append)
-    thread.join(timeout=5)
+        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=log.append, clock=clock, sleep=clock.sleep)
+    assert len(server.calls("GET")) == 2 and clock.sleeps == [POLL, POLL]  # stopped following at the signal
     assert len(server.calls("DELETE")) == 1 and not server.jobs  # not left running
     assert "cancelled (SIGTERM)" in log.text() and log[-1].endswith(": deleted")
     assert signal.getsignal(signal.SIGTERM).__name__ == "stray"  # the previous handler is back
@@ -439,10 +441,10 @@ def python_sigint() -> Iterator[None]:
 def test_keyboard_interrupt_deletes_the_job_then_propagates(server: TrainJobApi, api: k8s.CustomObjectsApi) -> None:
     server.script = [running()]
     log = Lines()
-    thread = _signal_when_running(server, signal.SIGINT)
+    clock = _signal_when_running(server, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=log.append)
-    thread.join(timeout=5)
+        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=log.append, clock=clock, sleep=clock.sleep)
+    assert len(server.calls("GET")) == 2 and clock.sleeps == [POLL, POLL]
     assert len(server.calls("DELETE")) == 1 and not server.jobs
     assert "cancelled (interrupted)" in log.text()
 
@@ -452,10 +454,10 @@ def test_a_cancel_whose_delete_fails_says_how_to_delete_by_hand(server: TrainJob
     server.script = [running()]
     server.inject("DELETE", Fault(403, "cannot delete"))
     log = Lines()
-    thread = _signal_when_running(server, signal.SIGINT)
+    clock = _signal_when_running(server, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=log.append)
-    thread.join(timeout=5)
+        launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=log.append, clock=clock, sleep=clock.sleep)
+    assert len(server.calls("DELETE")) == 1  # tried once: a 403 is not retried
     assert "could NOT delete it" in log.text() and f"kubectl delete trainjob -n {NS} spo-dpo-1234abcd-0a0b" in log.text()
 
 

@@ -119,11 +119,14 @@ def pipeline_run_id(api: Any, namespace: str) -> str | None:
 
 def launch(manifest: Mapping[str, Any], *, namespace: str, api: Any | None = None, poll_seconds: float = 15.0,
            deadline_seconds: float | None = None, log: Callable[[str], None] | None = None, attempts: int = 5,
-           request_timeout: float = 60.0) -> dict[str, Any]:
+           request_timeout: float = 60.0, clock: Callable[[], float] = time.monotonic,
+           sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
     """Create the TrainJob ``manifest`` in ``namespace`` and follow it until it completes (see the module doc).
 
     ``deadline_seconds`` counts from the call; ``attempts`` bounds the tries of each API call
     (transient errors only); ``log`` gets one line per event (default: the ``spo.trainjob`` logger).
+    ``clock`` and ``sleep`` measure the deadline and the heartbeat and wait between polls and
+    retries; they are parameters so that tests can inject a fake clock instead of waiting.
     """
     metadata = manifest.get("metadata") or {}
     name = metadata.get("name")
@@ -137,15 +140,16 @@ def launch(manifest: Mapping[str, Any], *, namespace: str, api: Any | None = Non
     def say(text: str) -> None:
         write(f"{_now()} {where}: {text}")
 
-    client = _Client(api or custom_objects_api(), namespace, name, where, attempts, request_timeout, poll_seconds, say)
+    client = _Client(api or custom_objects_api(), namespace, name, where, attempts, request_timeout, poll_seconds, say,
+                     sleep)
     body = {**manifest, "metadata": {**metadata, "namespace": namespace}}
     hints = _hints(namespace, name, int((manifest.get("spec", {}).get("trainer") or {}).get("numNodes") or 1))
-    started = time.monotonic()
+    started = clock()
     with _sigterm_raises():
         try:
             client.create(body)
             say(f"created ({_shape(manifest)}); follow it with:\n{hints}")
-            return _follow(client, say, hints, started, poll_seconds, deadline_seconds)
+            return _follow(client, say, hints, started, poll_seconds, deadline_seconds, clock, sleep)
         except (KeyboardInterrupt, Terminated) as stop:
             say(f"cancelled ({'SIGTERM' if isinstance(stop, Terminated) else 'interrupted'}); deleting the job so "
                 "its pods do not keep running")
@@ -154,13 +158,13 @@ def launch(manifest: Mapping[str, Any], *, namespace: str, api: Any | None = Non
 
 
 def _follow(client: _Client, say: Callable[[str], None], hints: str, started: float, poll_seconds: float,
-            deadline_seconds: float | None) -> dict[str, Any]:
+            deadline_seconds: float | None, clock: Callable[[], float], sleep: Callable[[float], None]) -> dict[str, Any]:
     last: tuple[Any, ...] | None = None
-    last_said = time.monotonic()
+    last_said = clock()
     while True:
         job = client.get()
         state = _state(job)
-        now = time.monotonic()
+        now = clock()
         if state != last:
             say(f"status after {_elapsed(now - started)}: {_describe(state)}")
             last, last_said = state, now
@@ -182,16 +186,17 @@ def _follow(client: _Client, say: Callable[[str], None], hints: str, started: fl
             client.delete()
             raise TrainJobTimeout(f"{client.where} did not finish within {_elapsed(deadline_seconds)} and was deleted "
                                   f"(with its pods)\n  last status: {_describe(state)}")
-        time.sleep(poll_seconds)
+        sleep(poll_seconds)
 
 
 class _Client:
     """The three calls, each with bounded retries of transient failures and errors that say what they mean."""
 
     def __init__(self, api: Any, namespace: str, name: str, where: str, attempts: int, timeout: float,
-                 pause: float, say: Callable[[str], None]) -> None:
+                 pause: float, say: Callable[[str], None], sleep: Callable[[float], None] = time.sleep) -> None:
         self.api, self.namespace, self.name, self.where = api, namespace, name, where
         self.attempts, self.timeout, self.pause, self.say = max(1, attempts), timeout, pause, say
+        self.sleep = sleep  # the wait before a retry: injectable, as launch's
 
     def create(self, body: Mapping[str, Any]) -> None:
         # Strict: the API server rejects (instead of pruning) a field its CRD does not know
@@ -239,7 +244,7 @@ class _Client:
                 problem = f"{type(err).__name__}: {err}"
             wait = min(self.pause * 2 ** (attempt - 1), MAX_RETRY_WAIT)
             self.say(f"{action}: {problem}; try {attempt + 1}/{self.attempts} in {wait:.1f} s")
-            time.sleep(wait)
+            self.sleep(wait)
 
 
 def _api_message(where: str, namespace: str, action: str, err: Any, tries: int) -> str:
