@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,132 @@ def pull_and_check(clone: Path, bundle: Path, outputs_from: Path | None, remote:
     assert json.loads(_dvc_out(clone, "status", "--json", env=env)) == {}
     dry = _dvc_out(clone, "repro", "--dry", env=env)
     assert "Running stage" not in dry and "didn't change" in dry, dry
+
+
+# ------------------------------------------------------------------------------ holding a subprocess
+
+# A generous bound on waiting for a subprocess (a stage, `dvc repro`) to reach a point it always
+# reaches in seconds: only a guard against a genuine hang, never a measure of speed (a loaded
+# 2-core machine may take minutes to import torch, yet never this long).
+HANG_GUARD_S = 1800
+
+HOLD_HOOK = '''
+"""Test hook (tests/pipeline_helpers.py, Hold): stop this process at a chosen point.
+
+SPO_TEST_HOLD_REPLACE=<regex>: at the first os.replace whose destination matches, the file
+complete but not yet renamed. SPO_TEST_HOLD_DVC_LOCK_MARKER set: once DVC's repository lock
+(.dvc/tmp/lock) has been taken the first time. Either writes <prefix>_MARKER ("<pid> <what>"),
+then waits until <prefix>_RELEASE exists, or, without one, until the test kills it. Once per
+marker, across processes (the first to claim it holds); an orphaned holder exits.
+"""
+import os, re, time
+
+_real_replace = os.replace
+
+
+def _hold(prefix, what):
+    marker = os.environ[prefix + "_MARKER"]
+    try:
+        os.close(os.open(marker + ".claim", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    with open(marker + ".tmp", "w") as handle:
+        handle.write(f"{os.getpid()} {what}\\n")
+    _real_replace(marker + ".tmp", marker)  # the marker appears whole
+    release, parent = os.environ.get(prefix + "_RELEASE"), os.getppid()
+    while not (release and os.path.exists(release)):
+        if os.getppid() != parent:
+            os._exit(70)  # the test that held us is gone: never carry on unobserved
+        time.sleep(0.05)
+
+
+_pattern = os.environ.get("SPO_TEST_HOLD_REPLACE")
+if _pattern:
+    _rx = re.compile(_pattern)
+
+    def _held_replace(src, dst, *args, **kwargs):
+        target = os.path.abspath(os.fspath(dst))
+        if _rx.search(target):
+            _hold("SPO_TEST_HOLD_REPLACE", f"{os.path.abspath(os.fspath(src))} -> {target}")
+        return _real_replace(src, dst, *args, **kwargs)
+
+    os.replace = _held_replace
+
+if os.environ.get("SPO_TEST_HOLD_DVC_LOCK_MARKER"):
+    import dvc.lock as _dvc_lock
+
+    _do_lock = _dvc_lock.Lock._do_lock
+
+    def _held_do_lock(self):
+        _do_lock(self)
+        if os.path.basename(self.lockfile) == "lock":  # the repository lock, not rwlock.lock
+            _hold("SPO_TEST_HOLD_DVC_LOCK", f"holds {self.lockfile}")
+
+    _dvc_lock.Lock._do_lock = _held_do_lock
+'''
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A point where a subprocess started with :func:`held_env` stops, so that a test acts on it
+    there (kills it, or runs something against it) at that exact point instead of racing it with
+    a poll: at the first ``os.replace`` onto a path matching ``pattern``, or (``pattern`` None)
+    once it holds DVC's repository lock. ``releasable``: it carries on after :meth:`release`;
+    otherwise it waits there until killed."""
+
+    folder: Path
+    pattern: str | None = None
+    releasable: bool = False
+
+    @property
+    def prefix(self) -> str:
+        return "SPO_TEST_HOLD_REPLACE" if self.pattern is not None else "SPO_TEST_HOLD_DVC_LOCK"
+
+    @property
+    def marker(self) -> Path:
+        return self.folder / f"{self.prefix.lower()}.held"
+
+    @property
+    def release_file(self) -> Path:
+        return self.folder / f"{self.prefix.lower()}.release"
+
+    def env(self) -> dict[str, str]:
+        env = {f"{self.prefix}_MARKER": str(self.marker)}
+        if self.pattern is not None:
+            env[self.prefix] = self.pattern
+        if self.releasable:
+            env[f"{self.prefix}_RELEASE"] = str(self.release_file)
+        return env
+
+    def wait(self, proc: subprocess.Popen, log: Path, what: str) -> tuple[int, str]:
+        """Until the process is held here: (the held process's pid, what it holds). Fails if ``proc``
+        ends first; HANG_GUARD_S only stops a run that hangs before getting there."""
+        import time
+
+        import pytest
+
+        deadline = time.monotonic() + HANG_GUARD_S  # a hang guard, not a speed limit: see HANG_GUARD_S
+        while not self.marker.is_file():
+            if proc.poll() is not None:
+                text = log.read_text(errors="replace")[-6000:] if log.exists() else ""
+                pytest.fail(f"the process ended (rc {proc.returncode}) before {what}\n{text}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"hung: no {what} after {HANG_GUARD_S} s")
+            time.sleep(0.02)
+        pid, held = self.marker.read_text().rstrip("\n").split(" ", 1)
+        return int(pid), held
+
+    def release(self) -> None:
+        assert self.releasable, "this hold lasts until the process is killed"
+        self.release_file.touch()
+
+
+def held_env(env: dict[str, str], folder: Path, *holds: Hold) -> dict[str, str]:
+    """``env`` with the hook of :data:`HOLD_HOOK` first on PYTHONPATH (every Python process started
+    with it, and their children, imports it as ``sitecustomize``) and ``holds`` set up."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(HOLD_HOOK)
+    held = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(folder), env.get("PYTHONPATH", "")) if p)}
+    for hold in holds:
+        held.update(hold.env())
+    return held

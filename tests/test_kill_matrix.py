@@ -20,13 +20,15 @@ is mid-way, and it is started again. Each case asserts:
    the wall clock).
 
 Kill points. The tiny models make most stages finish within a second, which a poll would race,
-so those cases stop the stage at a chosen write: a ``sitecustomize`` put on the subprocess's
-``PYTHONPATH`` (written by :func:`_hook_dir`) wraps ``os.replace``, and when the destination
-matches the case's pattern it writes a marker file and sleeps, the temporary file complete but
-not yet renamed. The test polls for the marker (bounded) and SIGKILLs. The patterns name the
-output folder as ``\\.?name[^/]*`` so they match a write into the final folder as well as into
-its temporary sibling: a stage that wrote in place would be caught by assertion 2, not hang.
-``train`` needs no hook: its checkpoints are the marker (a step takes about a second).
+so every case stops the stage at a chosen write: a ``sitecustomize`` put on the subprocess's
+``PYTHONPATH`` (pipeline_helpers.Hold) wraps ``os.replace``, and when the destination matches the
+case's pattern it writes a marker file and waits there, the temporary file complete but not yet
+renamed, until it is killed. The test waits for the marker and SIGKILLs: the kill point is the
+same on any machine, however fast or loaded. The patterns name the output folder as
+``\\.?name[^/]*`` so they match a write into the final folder as well as into its temporary
+sibling: a stage that wrote in place would be caught by assertion 2, not hang. ``train`` is held
+at the write that would complete its checkpoint of step 3 (``trainer_state.json``): steps 1 and 2
+are complete checkpoints, step 3's folder is half written, and the rerun must resume from step 2.
 
 The DVC side of a killed train (``dvc repro`` killed, the lock, ``dvc repro`` resuming) is
 tests/test_pipeline_reliability.py's; its helpers are reused here.
@@ -42,11 +44,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import _env, read_params, small_project, write_params
+from pipeline_helpers import Hold, _env, held_env, read_params, small_project, write_params
 from test_pipeline_reliability import _checkpoint_steps, _tail
 
 pytestmark = pytest.mark.slow
@@ -63,36 +64,13 @@ CHAIN = [["prepare"], ["validate"], ["keywords"], ["degrees"], ["base_model"], [
           "-S", "train.metrics_file=metrics/train_dpo.json"],
          ["train", *TRAIN_ARGS], ["generate"], ["reward_model"], ["judge"]]
 TIMING_KEYS = re.compile(r"per_s|seconds|memory")  # metrics.jsonl / train_summary.json fields that measure time
-DEADLINE_S = 240  # for any one wait; the cases take seconds
+# a generous bound on a stage's rerun, which takes seconds: only a guard against a hang
+RUN_HANG_GUARD_S = 1800
+# where train is held and killed: the write that would complete the checkpoint of step 3
+TRAIN_HELD_AT = r"/checkpoints/step-3/trainer_state\.json$"
 
 
 # ------------------------------------------------------------------------------ helpers
-
-HOOK = '''
-"""Test hook (tests/test_kill_matrix.py): hold the process at a chosen os.replace."""
-import os, re, time
-
-_pattern = os.environ.get("KILL_MATRIX_HOLD")
-if _pattern:
-    _rx, _marker, _replace = re.compile(_pattern), os.environ["KILL_MATRIX_MARKER"], os.replace
-
-    def _held_replace(src, dst, *args, **kwargs):
-        target = os.path.abspath(os.fspath(dst))
-        if _rx.search(target):
-            with open(_marker, "w") as handle:
-                handle.write(f"{os.getpid()} {os.path.abspath(os.fspath(src))} -> {target}\\n")
-            time.sleep(600)  # the test kills the process long before
-        return _replace(src, dst, *args, **kwargs)
-
-    os.replace = _held_replace
-'''
-
-
-def _hook_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "hook"
-    folder.mkdir(exist_ok=True)
-    (folder / "sitecustomize.py").write_text(HOOK)
-    return folder
 
 
 def _spo(*args: str) -> list[str]:
@@ -124,24 +102,14 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             member.kill()
         except psutil.NoSuchProcess:
             pass
-    proc.wait(timeout=60)
-    _, alive = psutil.wait_procs(family, timeout=30)
+    # SIGKILL cannot be caught: these bounds only stop a test whose processes never die (a hang)
+    proc.wait(timeout=300)
+    _, alive = psutil.wait_procs(family, timeout=300)
     assert not alive, f"still running after SIGKILL: {alive}"
 
 
-def _wait_for(proc: subprocess.Popen, log: Path, ready, what: str) -> None:
-    """Poll ``ready()`` until true; fail if the process ends first or after DEADLINE_S."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"the stage ended (rc {proc.returncode}) before {what}\n" + _tail(log))
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {what} after {DEADLINE_S} s\n" + _tail(log))
-        time.sleep(0.02)
-
-
 def _run(cmd: list[str], work: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=RUN_HANG_GUARD_S)
     assert result.returncode == 0, f"{' '.join(cmd)} failed (rc {result.returncode}):\n{result.stderr[-6000:]}"
     return result
 
@@ -258,17 +226,15 @@ def test_killed_stage_leaves_its_previous_output_and_reruns_identically(
     expected = _hashes(pipeline / out_rel)
     assert expected and _hashes(final) == expected
     before = _snapshot(final, metrics)
-    env, marker, log = _env(hh_slice), tmp_path / "held", tmp_path / "killed.log"
-    held_env = {**env, "PYTHONPATH": os.pathsep.join([str(_hook_dir(tmp_path)), env.get("PYTHONPATH", "")]),
-                "KILL_MATRIX_HOLD": pattern, "KILL_MATRIX_MARKER": str(marker)}
+    env, log, hold = _env(hh_slice), tmp_path / "killed.log", Hold(tmp_path / "hold", pattern)
 
-    proc = _start(_spo(stage), project, held_env, log)
+    proc = _start(_spo(stage), project, held_env(env, tmp_path / "hold", hold), log)
     try:
-        _wait_for(proc, log, marker.is_file, f"the write matching {pattern!r}")
+        _, held = hold.wait(proc, log, f"the write matching {pattern!r}")
     finally:
         _kill_tree(proc)
     assert proc.returncode == -signal.SIGKILL, _tail(log)
-    src = Path(marker.read_text().split()[1])
+    src = Path(held.split(" -> ")[0])
     assert src.is_file(), f"the held write's temporary file {src} must be there"
 
     # 2. the previous output and metrics, untouched; this run's work only in a temporary sibling
@@ -293,9 +259,11 @@ POLICY_SKIP = re.compile(r"^(metrics\.jsonl|train_summary\.json|tensorboard/.*)$
 
 
 def _assert_killed_policy(policy: Path, metrics_file: Path) -> int:
-    """What a killed training run leaves (2.): complete checkpoints, no final output. The last step."""
+    """What a training run killed at TRAIN_HELD_AT leaves (2.): the complete checkpoints of steps 1
+    and 2, step 3's half written (no trainer_state.json), no final output. The last complete step."""
     steps = _checkpoint_steps(policy)
-    assert steps and 1 <= steps[-1] < TRAIN_STEPS, steps
+    assert steps == [1, 2], steps
+    assert (policy / "checkpoints" / "step-3").is_dir() and not (policy / "checkpoints" / "step-3" / "trainer_state.json").exists()
     for name in ("model.safetensors", "degree_heads.safetensors", "train_summary.json", "provenance.json"):
         assert not (policy / name).exists(), f"the killed run left {name}: it would look finished"
     assert not metrics_file.exists()
@@ -328,11 +296,11 @@ def test_killed_train_resumes_from_its_last_checkpoint_bit_identically(
     policy, metrics_file = project / POLICY, project / "metrics/train_dpo_spo.json"
     shutil.rmtree(policy)
     metrics_file.unlink()
-    env, log = _env(hh_slice), tmp_path / "killed.log"
+    env, log, hold = _env(hh_slice), tmp_path / "killed.log", Hold(tmp_path / "hold", TRAIN_HELD_AT)
 
-    proc = _start(_spo("train", *TRAIN_ARGS), project, env, log)
+    proc = _start(_spo("train", *TRAIN_ARGS), project, held_env(env, tmp_path / "hold", hold), log)
     try:
-        _wait_for(proc, log, lambda: (s := _checkpoint_steps(policy)) and s[-1] >= 2, "a checkpoint of step >= 2")
+        hold.wait(proc, log, "the write completing the checkpoint of step 3")
     finally:
         _kill_tree(proc)
     assert proc.returncode == -signal.SIGKILL, _tail(log)
@@ -360,10 +328,10 @@ def test_killed_two_process_train_resumes_from_its_last_checkpoint_bit_identical
     reference = Path(shutil.move(policy, tmp_path / "reference"))
     metrics_file.unlink()
 
-    log = tmp_path / "killed.log"
-    proc = _start(cmd, project, env, log)
+    log, hold = tmp_path / "killed.log", Hold(tmp_path / "hold", TRAIN_HELD_AT)
+    proc = _start(cmd, project, held_env(env, tmp_path / "hold", hold), log)
     try:
-        _wait_for(proc, log, lambda: (s := _checkpoint_steps(policy)) and s[-1] >= 2, "a checkpoint of step >= 2")
+        hold.wait(proc, log, "the write completing the checkpoint of step 3 (on rank 0)")
     finally:
         _kill_tree(proc)  # torchrun and both workers
     assert proc.returncode == -signal.SIGKILL, _tail(log)

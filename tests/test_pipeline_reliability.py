@@ -8,7 +8,11 @@
 
 SIGKILL is the honest crash: an OOM kill, a preempted VM, a closed laptop lid. Nothing in the
 trainer or in DVC gets to run on the way out, so the resume can only use what was already on
-disk. (Ctrl-C sends SIGINT to the foreground process group; DVC ignores it while the stage
+disk.
+
+Both tests act on the running `dvc repro` at exact points, not after a poll that might come
+too late on a loaded machine: a ``sitecustomize`` hook (pipeline_helpers.Hold) stops the process
+there (at a chosen write, or once DVC holds its lock) until the test kills or releases it. (Ctrl-C sends SIGINT to the foreground process group; DVC ignores it while the stage
 runs and the stage process dies with a KeyboardInterrupt, which also leaves only the periodic
 checkpoints behind: the same state, reached more gently.)
 """
@@ -20,19 +24,20 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import DVC, _env, _project_copy, read_params, small_project, write_params
+from pipeline_helpers import DVC, HANG_GUARD_S, Hold, _env, _project_copy, held_env, read_params, small_project, write_params
 
 from spo.io import read_jsonl
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 16
+MAX_STEPS = 8
 SAVE_STEPS = 2
 POLICY = Path("models/policy/dpo_spo")
+# the kill point: the write that would complete the checkpoint of step 4 (step 2's is complete)
+KILLED_AT = rf"/{POLICY}/checkpoints/step-4/trainer_state\.json$"
 TRAIN = "train@dpo_spo"
 DATA_STAGES = ("prepare", "validate", "keywords", "degrees")
 # dvc/lock.py FAILED_TO_LOCK_MESSAGE (the repository lock) and dvc/rwlock.py (a stage's paths)
@@ -60,7 +65,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    proc.wait(timeout=60)
+    proc.wait(timeout=300)  # SIGKILL cannot be caught: only a process that never dies (a hang) reaches this
 
 
 def _checkpoint_steps(policy: Path) -> list[int]:
@@ -84,31 +89,24 @@ def test_a_killed_dvc_repro_resumes_training_from_the_last_checkpoint(tmp_path: 
     params["train"]["optim"]["max_steps"] = MAX_STEPS
     write_params(work, params)
     env, policy, log = _env(hh_slice), work / POLICY, tmp_path / "killed_run.log"
+    hold = Hold(tmp_path / "hold", KILLED_AT)  # `spo train` waits there, mid-checkpoint, until killed
 
-    proc = _popen(work, env, log, "repro", TRAIN)
+    proc = _popen(work, held_env(env, tmp_path / "hold", hold), log, "repro", TRAIN)
     try:
-        deadline = time.monotonic() + 900
-        while not (steps := _checkpoint_steps(policy)) or steps[-1] < 2:
-            if proc.poll() is not None:
-                pytest.fail(f"`dvc repro {TRAIN}` ended (rc {proc.returncode}) before a checkpoint of step >= 2 "
-                            f"appeared in {POLICY}/checkpoints (raise train.optim.max_steps if it trained too fast)\n"
-                            + _tail(log))
-            if time.monotonic() > deadline:
-                pytest.fail(f"no checkpoint of step >= 2 in {POLICY}/checkpoints after 15 minutes\n" + _tail(log))
-            time.sleep(0.02)
+        hold.wait(proc, log, f"the write completing {POLICY}/checkpoints/step-4")
     finally:
         _kill_group(proc)  # the crash: dvc, the shell and `spo train` all at once
     assert proc.returncode == -signal.SIGKILL, f"the run had already ended (rc {proc.returncode}): not an interruption\n" + _tail(log)
 
     left = _checkpoint_steps(policy)
-    assert left and 2 <= left[-1] < MAX_STEPS, left
+    assert left == [2], left  # step 4's checkpoint is half written: not complete, not resumed
     last = left[-1]
     assert not (work / f"metrics/train_{POLICY.name}.json").exists(), "the killed run must not have finished training"
     assert not (policy / "train_summary.json").exists()
     lock = (work / "dvc.lock").read_text()
     assert "sft:" in lock and f"{TRAIN}:" not in lock, "upstream stages are committed, the killed one is not"
 
-    rerun = subprocess.run([*DVC, "repro", TRAIN], cwd=work, env=env, capture_output=True, text=True)
+    rerun = subprocess.run([*DVC, "repro", TRAIN], cwd=work, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     output = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, output[-6000:]
     assert re.findall(r"Running stage '([^']+)'", rerun.stdout) == [TRAIN], "only the interrupted stage reruns"
@@ -148,47 +146,9 @@ def _holds_repo_lock(work: Path, pid: int) -> bool:
     return False
 
 
-def _stopped(pid: int) -> bool:
-    import psutil
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if psutil.Process(pid).status() == psutil.STATUS_STOPPED:
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def _stage_processes(pid: int) -> list:
-    """The running stage command of dvc process pid: its shell, `spo <stage>` and any workers."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _pause_tree(pid: int) -> list:
-    """SIGSTOP every descendant of pid, again until no new one appears (a shell may fork meanwhile)."""
-    import psutil
-
-    paused: dict[int, object] = {}
-    while True:
-        fresh = [p for p in _stage_processes(pid) if p.pid not in paused]
-        if not fresh:
-            return list(paused.values())
-        for process in fresh:
-            try:
-                process.suspend()
-            except psutil.NoSuchProcess:
-                continue
-            paused[process.pid] = process
-
-
 @pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="needs Linux /proc/locks to see who holds DVC's lock")
 def test_a_second_dvc_repro_fails_on_the_lock_and_the_first_finishes(tmp_path: Path, hh_slice: Path) -> None:
-    """Made deterministic by pausing the first run (SIGSTOP) at the moment the second must meet it.
+    """Made deterministic by holding the first run exactly where the second must meet it.
 
     DVC 3 has two locks: the repository lock (.dvc/tmp/lock) is held while DVC itself works
     (collecting stages, hashing, committing) but released while a stage's command runs; the
@@ -196,52 +156,38 @@ def test_a_second_dvc_repro_fails_on_the_lock_and_the_first_finishes(tmp_path: P
     first, with a different message, in each case:
     1. the first holds the repository lock: "Unable to acquire lock ...";
     2. the first runs a stage command: "'<out>' is busy, it is being blocked by: (PID <first>)".
+    The first run is held (pipeline_helpers.Hold) once it has taken the repository lock, then in
+    its first stage command, `spo prepare`, at the write of data/prepared/train.jsonl; each hold
+    lasts until the second run has met it, so no poll races the first run's progress.
     """
     work = _project_copy(tmp_path)
     env, log = _env(hh_slice), tmp_path / "first.log"
-    first = _popen(work, env, log, "repro", "degrees")
+    locked = Hold(tmp_path / "hold", releasable=True)
+    in_stage = Hold(tmp_path / "hold", r"/data/prepared/train\.jsonl$", releasable=True)
+    first = _popen(work, held_env(env, tmp_path / "hold", locked, in_stage), log, "repro", "degrees")
     try:
-        # 1. the first run holds the repository lock (collecting or committing): pause it right there
-        deadline = time.monotonic() + 300
-        while True:
-            if first.poll() is not None:
-                pytest.fail(f"the first dvc repro ended (rc {first.returncode}) before it was seen holding the lock\n" + _tail(log))
-            if time.monotonic() > deadline:
-                pytest.fail("the first dvc repro never held .dvc/tmp/lock\n" + _tail(log))
-            if _holds_repo_lock(work, first.pid):
-                os.kill(first.pid, signal.SIGSTOP)
-                assert _stopped(first.pid)
-                if _holds_repo_lock(work, first.pid):
-                    break  # paused while holding it
-                os.kill(first.pid, signal.SIGCONT)  # it let go in between: try again
-            time.sleep(0.005)
-        second = subprocess.run([*DVC, "repro", "degrees"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
-        os.kill(first.pid, signal.SIGCONT)
+        # 1. the first run holds the repository lock (collecting the stages) and waits there
+        pid, _ = locked.wait(first, log, "the first dvc repro holding .dvc/tmp/lock")
+        assert pid == first.pid and _holds_repo_lock(work, first.pid)
+        second = subprocess.run([*DVC, "repro", "degrees"], cwd=work, env=env, capture_output=True, text=True,
+                                timeout=HANG_GUARD_S)
+        locked.release()
         assert second.returncode != 0, second.stdout + second.stderr
         assert REPO_LOCK_MESSAGE in second.stderr, second.stdout + second.stderr
         assert "Running stage" not in second.stdout
 
-        # 2. the first run executes a stage's command: pause the command (the first dvc waits on it)
-        deadline = time.monotonic() + 300
-        while not _stage_processes(first.pid):
-            if first.poll() is not None:
-                pytest.fail(f"the first dvc repro ended (rc {first.returncode}) before a stage command was seen\n" + _tail(log))
-            if time.monotonic() > deadline:
-                pytest.fail("no stage command of the first dvc repro started\n" + _tail(log))
-            time.sleep(0.005)
-        paused = _pause_tree(first.pid)
-        try:
-            running = [s for s in DATA_STAGES if any(f"spo {s}" in " ".join(p.cmdline()) for p in paused)]
-            assert running, [p.cmdline() for p in paused]
-            second = subprocess.run([*DVC, "repro", "degrees"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
-        finally:
-            for process in paused:
-                process.resume()
+        # 2. the first run executes `spo prepare` (the first dvc waits on it), held at its first write
+        _, held = in_stage.wait(first, log, "`spo prepare` of the first dvc repro writing data/prepared/train.jsonl")
+        assert held.endswith(str(work / "data/prepared/train.jsonl")), held
+        assert not _holds_repo_lock(work, first.pid)  # released while the stage's command runs
+        second = subprocess.run([*DVC, "repro", "degrees"], cwd=work, env=env, capture_output=True, text=True,
+                                timeout=HANG_GUARD_S)
+        in_stage.release()
         assert second.returncode != 0, second.stdout + second.stderr
         assert RWLOCK_MESSAGE in second.stderr and f"(PID {first.pid})" in second.stderr, second.stdout + second.stderr
-        assert f"Running stage '{running[0]}'" not in second.stdout
+        assert "Running stage 'prepare'" not in second.stdout
 
-        assert first.wait(timeout=600) == 0, _tail(log)
+        assert first.wait(timeout=HANG_GUARD_S) == 0, _tail(log)  # a hang guard: the rest takes seconds
     finally:
         if first.poll() is None:
             _kill_group(first)
