@@ -47,6 +47,10 @@ KEY = "sk-canary-" + secrets.token_hex(16)  # new every session: no earlier run'
 KEY_ENV = "SPO_CANARY_JUDGE_KEY"
 USER_ENV = {KEY_ENV: KEY, "OPENAI_API_KEY": KEY}  # as exported by a user running the demo
 CHUNK = 8 << 20
+# The judge's per-request timeout against the loopback endpoints here, which answer in
+# milliseconds: only a guard against a hang. A tight one (it was 5 s) turns a slow answer on a
+# loaded machine into a retry, and a retry changes the calls and verdicts these tests count.
+REQUEST_HANG_GUARD_S = 120.0
 
 
 # --------------------------------------------------------------------------- the scanner
@@ -279,7 +283,8 @@ def test_the_demo_path_with_the_openai_judge_leaves_no_key(tmp_path: Path, hh_sl
                                comparisons=[{"name": "dpo_spo_vs_chosen", "a": "dpo_spo", "b": "chosen"}])
         params["judge"]["openai"].update(base_url=server.base_url, model="judge-canary", api_key_env=KEY_ENV,
                                          concurrency=2)
-        params["judge"]["openai"]["retry"].update(max_retries=3, initial_backoff=0.01, max_backoff=0.05, timeout=5.0)
+        params["judge"]["openai"]["retry"].update(max_retries=3, initial_backoff=0.01, max_backoff=0.05,
+                                                  timeout=REQUEST_HANG_GUARD_S)
         write_params(work, params)
 
         server.default = echo_key_401  # a bad-key answer that quotes the key back
@@ -395,7 +400,8 @@ def canary_judge_step(report: Output[Artifact]) -> None:
     os.makedirs(report.path, exist_ok=True)
     cfg = OpenAIJudgeConfig(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="judge-canary",
                             api_key_env="SPO_CANARY_JUDGE_KEY",
-                            retry=RetryConfig(max_retries=2, initial_backoff=0.01, max_backoff=0.05, timeout=5.0))
+                            retry=RetryConfig(max_retries=2, initial_backoff=0.01, max_backoff=0.05,
+                                              timeout=120.0))  # a hang guard: see REQUEST_HANG_GUARD_S
     judge = OpenAIJudge(cfg, "v1", JudgeCache(os.path.join(report.path, "judge_cache.sqlite")))
     try:
         judge.judge_many([JudgeRequest("\n\nHuman: hi?\n\nAssistant:", " a", " b", "dialogue")], progress=True)
