@@ -8,13 +8,25 @@ cache entry) by :class:`spo.judging.openai_judge.OpenAIJudge` with the concurren
 of params.yaml's ``judge.openai`` (only the request timeout is lowered, to ``--timeout``, so that an
 injected timeout costs seconds, not a minute), against the loopback server of tests/judge_server.py.
 Every request first waits a random latency (uniform in ``--latency-ms``), then fails with
-probability p500 (HTTP 500), p429 (429, ``Retry-After: 0.05``) or ptimeout (answers only after the
-client's timeout), else delivers a verdict.  Checked: the run completes, the cache holds every
-verdict exactly once, the server delivered exactly one verdict per item (a paid call is repeated
-only when it failed), a rerun makes zero calls.  Prints throughput, latency percentiles (per HTTP
-call and per judgment, retries included), retries and wall time; writes bench/results/judge_load.json
-when bench/results exists (``--out`` to put it elsewhere).  tests/test_faults.py runs the same
-function with ~1 ms latency.
+probability p500 (HTTP 500), p429 (429, ``Retry-After: 0.05``) or ptimeout (a reply that hangs
+until the client gives up), else delivers a verdict.
+
+Checked, from what the client itself asks for, receives and caches — so that no check depends on
+how fast or loaded the machine is:
+
+* every request ends judged or recorded as not judged with its reason (retries exhausted); the
+  cache holds each judged request exactly once;
+* the client received exactly one verdict per judged request (no retry was started after a
+  verdict arrived) and none for the others;
+* a verdict the server wrote after the client had given up on that call (a timeout: possible for
+  any call on a loaded machine, and no client can prevent it) is counted as
+  ``served_after_client_gave_up``, and there are never more of them for a request than calls the
+  client abandoned;
+* a rerun asks for exactly the requests not judged (none, normally) and for nothing cached.
+
+Prints throughput, latency percentiles (per HTTP call and per judgment, retries included), retries
+and wall time; writes bench/results/judge_load.json when bench/results exists (``--out`` to put it
+elsewhere).  tests/test_faults.py runs the same function with ~1 ms latency.
 """
 
 from __future__ import annotations
@@ -40,10 +52,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from judge_server import JudgeServer, Reply, rate_limited, server_error, verdict  # noqa: E402
+from judge_server import JudgeServer, Reply, hang, rate_limited, server_error, verdict  # noqa: E402
 from spo.config import load_config  # noqa: E402
 from spo.judging import prompts  # noqa: E402
-from spo.judging.base import JudgeRequest  # noqa: E402
+from spo.judging.base import JudgeRequest, NotJudged, Verdict  # noqa: E402
 from spo.judging.cache import JudgeCache, cache_key  # noqa: E402
 from spo.judging.openai_judge import OpenAIJudge  # noqa: E402
 
@@ -54,12 +66,11 @@ RETRY_AFTER = 0.05
 class FaultyEndpoint:
     """The server's behaviour: latency, then 500 / 429 / timeout / verdict, drawn per request (seeded)."""
 
-    def __init__(self, latency: tuple[float, float], p500: float, p429: float, ptimeout: float, timeout: float,
-                 seed: int) -> None:
-        self.latency, self.p500, self.p429, self.ptimeout, self.timeout = latency, p500, p429, ptimeout, timeout
+    def __init__(self, latency: tuple[float, float], p500: float, p429: float, ptimeout: float, seed: int) -> None:
+        self.latency, self.p500, self.p429, self.ptimeout = latency, p500, p429, ptimeout
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
-        self.verdicts: Counter[str] = Counter()  # per request text: verdicts delivered
+        self.verdicts: Counter[str] = Counter()  # per request text: verdicts served
         self.injected: Counter[str] = Counter()
 
     def __call__(self, record: Any) -> Reply:
@@ -71,8 +82,7 @@ class FaultyEndpoint:
         elif draw < self.p500 + self.p429:
             kind, reply = "429", rate_limited(RETRY_AFTER)
         elif draw < self.p500 + self.p429 + self.ptimeout:
-            kind, reply = "timeout", verdict("A")
-            delay = self.timeout + 0.3  # the client has given up by then: a failed call, retried
+            kind, reply = "timeout", hang()  # answered only once the client has given up: a failed call, retried
         else:
             kind, reply = "verdict", verdict("A")
         reply.delay = delay
@@ -104,7 +114,7 @@ def run_load(pairs: int = 1000, latency: tuple[float, float] = (0.02, 0.08), p50
     The judge's settings are params' ``judge.openai`` but for the request ``timeout`` (and
     ``initial_backoff`` when given: the fast test's)."""
     os.environ.setdefault(KEY_ENV, "sk-bench-not-a-real-key")
-    endpoint = FaultyEndpoint(latency, p500, p429, ptimeout, timeout, seed)
+    endpoint = FaultyEndpoint(latency, p500, p429, ptimeout, seed)
     requests = _requests(pairs)
     with tempfile.TemporaryDirectory() as scratch, JudgeServer(default=endpoint) as server:
         cfg = load_config(params).judge.openai.model_copy(deep=True)
@@ -119,16 +129,25 @@ def run_load(pairs: int = 1000, latency: tuple[float, float] = (0.02, 0.08), p50
         judge = OpenAIJudge(cfg, "v1", cache)
         call_seconds: list[float] = []
         item_seconds: list[float] = []
+        received: Counter[str] = Counter()  # per request text: verdicts the client got back
+        abandoned: Counter[str] = Counter()  # per request text: calls that failed on the client's side
         lock = threading.Lock()
         call_once, judge_one = judge._call_once, judge._judge_one
 
-        def timed_call(text: str):  # noqa: ANN202 - one HTTP attempt
+        def counted_call(text: str):  # noqa: ANN202 - one HTTP attempt
             t0 = time.perf_counter()
             try:
-                return call_once(text)
+                result = call_once(text)
+            except Exception:
+                with lock:
+                    abandoned[text] += 1
+                raise
             finally:
                 with lock:
                     call_seconds.append(time.perf_counter() - t0)
+            with lock:
+                received[text] += 1
+            return result
 
         def timed_item(task: str, text: str, key: str):  # noqa: ANN202 - one judgment, retries included
             t0 = time.perf_counter()
@@ -138,38 +157,47 @@ def run_load(pairs: int = 1000, latency: tuple[float, float] = (0.02, 0.08), p50
                 with lock:
                     item_seconds.append(time.perf_counter() - t0)
 
-        judge._call_once, judge._judge_one = timed_call, timed_item
+        judge._call_once, judge._judge_one = counted_call, timed_item
         started = time.perf_counter()
         verdicts = judge.judge_many(requests, progress=False)
         wall = time.perf_counter() - started
         stats = judge.stats
         calls = server.calls
         max_in_flight = server.max_in_flight
+        decreases, lowest = judge.limit.decreases, judge.limit.lowest
         judge.close()
-        cache.close()
 
-        # the invariants
-        assert all(v is not None and v.winner in ("A", "B") for v in verdicts), "every item judged"
-        keys = {cache_key(judge.judge_id, "v1", prompts.render("v1", r)) for r in requests}
-        assert len(keys) == len(requests)
+        # the invariants, all from what the client asked for, received and cached
+        texts = [prompts.render("v1", r) for r in requests]
+        keys = [cache_key(judge.judge_id, "v1", text) for text in texts]
+        assert len(set(keys)) == len(requests)
+        judged = {t for t, v in zip(texts, verdicts) if isinstance(v, Verdict) and v.winner in ("A", "B")}
+        missing = [v for v in verdicts if isinstance(v, NotJudged)]
+        assert len(judged) + len(missing) == len(requests), "every request judged or recorded as not judged"
+        attempts = cfg.retry.max_retries + 1
+        assert all(v.attempts == attempts and not v.budget for v in missing), "given up only after every retry"
         with sqlite3.connect(cache_path) as conn:
             rows = conn.execute("SELECT key, COUNT(*) FROM judgments GROUP BY key").fetchall()
-        assert {k for k, _ in rows} == keys and all(n == 1 for _, n in rows), "the cache holds each verdict once"
-        per_item = Counter(endpoint.verdicts.values())
-        assert len(endpoint.verdicts) == len(requests) and set(per_item) == {1}, f"verdicts per item: {per_item}"
-        failed = sum(n for kind, n in endpoint.injected.items() if kind != "verdict")
-        assert calls == len(requests) + failed, (calls, len(requests), failed)
-        assert stats.retries == failed, (stats.retries, failed)
+        judged_keys = {k for t, k in zip(texts, keys) if t in judged}
+        assert {k for k, _ in rows} == judged_keys and all(n == 1 for _, n in rows), "the cache holds each verdict once"
+        assert all(received[t] == 1 for t in judged), "no retry after a verdict arrived"
+        assert not any(received[t] for t in texts if t not in judged), "nothing received for a request not judged"
+        served_late = {t: endpoint.verdicts[t] - received[t] for t in texts}
+        assert all(0 <= n <= abandoned[t] for t, n in served_late.items()), "late verdicts only for abandoned calls"
+        assert stats.retries == sum(abandoned.values()) - len(missing), "every failed call retried but the last"
+        per_item = Counter(received[t] for t in judged)
 
         rerun_cache = JudgeCache(cache_path)
         rerun = OpenAIJudge(cfg, "v1", rerun_cache)
+        served_before = Counter(endpoint.verdicts)
         t0 = time.perf_counter()
         again = rerun.judge_many(requests, progress=False)
         rerun_wall = time.perf_counter() - t0
         rerun.close()
-        rerun_cache.close()
         rerun_calls = server.calls - calls
-        assert rerun_calls == 0 and all(v.cached for v in again), "a rerun makes no call"
+        asked_again = {t for t in texts if endpoint.verdicts[t] > served_before[t]}
+        assert asked_again <= {t for t in texts if t not in judged}, "a rerun asks for nothing judged"
+        assert all(v.cached for t, v in zip(texts, again) if t in judged), "a rerun reuses every verdict"
 
     return {
         "benchmark": "judge_load", "items": len(requests), "pairs": pairs, "orders": 2,
@@ -187,6 +215,10 @@ def run_load(pairs: int = 1000, latency: tuple[float, float] = (0.02, 0.08), p50
                             "p99": round(1000 * _percentile(item_seconds, 0.99), 1),
                             "max": round(1000 * max(item_seconds), 1)},
         "cache_entries": len(rows), "verdicts_per_item": {str(k): v for k, v in per_item.items()},
+        "not_judged": len(missing), "abandoned_calls": sum(abandoned.values()),
+        "served_after_client_gave_up": sum(served_late.values()),
+        "replies_written_after_client_gave_up": server.served_after_client_gave_up,
+        "limit_decreases": decreases, "lowest_limit": lowest,
         "rerun_calls": rerun_calls, "rerun_wall_s": round(rerun_wall, 3),
     }
 

@@ -1,20 +1,28 @@
-"""The OpenAI-compatible judge against a scripted loopback server (no network beyond 127.0.0.1)."""
+"""The OpenAI-compatible judge against a scripted loopback server (no network beyond 127.0.0.1).
+
+No assertion here depends on how fast the machine is: the judge's backoffs and Retry-After
+pauses run on a :class:`~judge_server.FakeClock` (recorded, not waited for), a timeout is a
+reply that hangs until the server stops, and parallelism is shown with a barrier that only
+opens when every call is in flight at once.
+"""
 
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from judge_server import (JudgeServer, Reply, echo_key_401, garbage, prefers_position_a, rate_limited,
-                          server_error, slow, verdict)
+from judge_server import (FakeClock, JudgeServer, Reply, echo_key_401, garbage, hang, prefers_position_a,
+                          quota_exhausted, rate_limited, server_error, verdict)
 from spo.config import BudgetConfig, OpenAIJudgeConfig, RetryConfig
 from spo.judging import prompts
-from spo.judging.base import Judge, JudgeRequest, Verdict
+from spo.judging.base import Judge, JudgeRequest, NotJudged, Verdict
 from spo.judging.cache import JudgeCache
-from spo.judging.openai_judge import JudgeAPIError, JudgeConfigError, OpenAIJudge
+from spo.judging.openai_judge import JudgeAPIError, JudgeCannotJudge, JudgeConfigError, OpenAIJudge
+from spo.judging.throttle import AdaptiveLimit
 
 SECRET = "sk-test-SECRET123"
 KEY_ENV = "SPO_TEST_JUDGE_KEY"
@@ -37,13 +45,16 @@ def make_cfg(server: JudgeServer, **kw) -> OpenAIJudgeConfig:
     budget = kw.pop("budget", {})
     return OpenAIJudgeConfig(
         base_url=server.base_url, model="judge-test", api_key_env=KEY_ENV, concurrency=kw.pop("concurrency", 4),
-        retry=RetryConfig(**{"max_retries": 3, "initial_backoff": 0.01, "max_backoff": 2.0, "timeout": 5.0, **retry}),
+        retry=RetryConfig(**{"max_retries": 3, "initial_backoff": 0.01, "max_backoff": 2.0, "timeout": 30.0, **retry}),
         budget=BudgetConfig(**budget), **kw,
     )
 
 
-def make_judge(server, tmp_path: Path, cache_name: str = "cache.sqlite", **kw) -> OpenAIJudge:
-    return OpenAIJudge(make_cfg(server, **kw), "v1", JudgeCache(tmp_path / cache_name))
+def make_judge(server, tmp_path: Path, cache_name: str = "cache.sqlite", clock: FakeClock | None = None,
+               **kw) -> OpenAIJudge:
+    clock = clock or FakeClock()
+    return OpenAIJudge(make_cfg(server, **kw), "v1", JudgeCache(tmp_path / cache_name), clock=clock.clock,
+                       sleep=clock.sleep)
 
 
 def reqs(n: int, task: str = "dialogue") -> list[JudgeRequest]:
@@ -116,11 +127,29 @@ def test_key_never_leaks(server, tmp_path, caplog, capsys):
     assert SECRET not in repr(out)
 
 
-def test_other_4xx_fails_clearly_without_retry(server, tmp_path):
+def test_a_refusal_of_one_request_is_not_retried_and_stops_nothing_else(server, tmp_path):
+    """HTTP 400 (e.g. a context too long) concerns that request alone: not retried, recorded with its
+    reason, the others judged; nothing was paid for, so nothing is cached for it."""
     server.push(Reply(status=400, body={"error": {"message": "context too long"}}))
     judge = make_judge(server, tmp_path, concurrency=1)
-    with pytest.raises(JudgeAPIError, match="HTTP 400.*context too long"):
-        judge.judge_many(reqs(1), progress=False)
+    out = judge.judge_many(reqs(3), progress=False)
+    assert isinstance(out[0], NotJudged) and out[0].reason == "refused: HTTP 400" and out[0].attempts == 1
+    assert "context too long" in out[0].detail and not out[0].budget
+    assert [v.winner for v in out[1:]] == ["A", "A"] and server.calls == 3
+    assert len(JudgeCache(tmp_path / "cache.sqlite")) == 2
+
+
+@pytest.mark.parametrize(("reply", "expected"), [
+    (Reply(status=404, body={"error": {"message": "The model `judge-test` does not exist"}}), "HTTP 404"),
+    (quota_exhausted(), "quota is exhausted"),
+])
+def test_a_refusal_of_every_request_fails_clearly_without_retry(server, tmp_path, reply, expected):
+    """A wrong model (404) or an account out of credit (429 insufficient_quota) would refuse every
+    request: the judge stops at once instead of asking for each item, and says why."""
+    server.push(reply)
+    judge = make_judge(server, tmp_path, concurrency=1)
+    with pytest.raises(JudgeAPIError, match=expected):
+        judge.judge_many(reqs(3), progress=False)
     assert server.calls == 1
 
 
@@ -128,43 +157,67 @@ def test_other_4xx_fails_clearly_without_retry(server, tmp_path):
 
 def test_retry_after_on_429_is_honoured(server, tmp_path):
     server.push(rate_limited(1))
-    judge = make_judge(server, tmp_path, retry={"initial_backoff": 0.0})
+    clock = FakeClock()
+    judge = make_judge(server, tmp_path, clock=clock, retry={"initial_backoff": 0.0})
     out = judge.judge_many(reqs(1), progress=False)
     assert out[0].winner == "A" and server.calls == 2 and judge.stats.retries == 1
-    gap = server.requests[1].t - server.requests[0].t
-    assert 0.95 <= gap < 2.0
+    assert clock.sleeps == [1.0]  # Retry-After, not the (zero) backoff
 
 
 def test_retry_after_capped_by_max_backoff(server, tmp_path):
     server.push(rate_limited(30))
-    judge = make_judge(server, tmp_path, retry={"max_backoff": 0.2})
-    t0 = time.monotonic()
+    clock = FakeClock()
+    judge = make_judge(server, tmp_path, clock=clock, retry={"max_backoff": 0.2})
     assert judge.judge_many(reqs(1), progress=False)[0].winner == "A"
-    assert time.monotonic() - t0 < 2.0 and server.calls == 2
+    assert server.calls == 2 and clock.sleeps == [0.2]
 
 
-def test_retries_5xx_and_gives_up(server, tmp_path):
+def test_backoff_doubles_with_full_jitter_up_to_max_backoff(server, tmp_path):
+    server.push(*[server_error(503)] * 5)
+    clock = FakeClock()
+    judge = make_judge(server, tmp_path, clock=clock, concurrency=1,
+                       retry={"max_retries": 5, "initial_backoff": 1.0, "max_backoff": 4.0})
+    assert judge.judge_many(reqs(1), progress=False)[0].winner == "A"
+    assert len(clock.sleeps) == 5 and server.calls == 6
+    for attempt, delay in enumerate(clock.sleeps):
+        assert 0.0 <= delay <= min(4.0, 2.0**attempt)
+
+
+def test_retries_5xx_and_gives_up_on_that_item_alone(server, tmp_path):
     server.push(server_error(500), server_error(503))
     judge = make_judge(server, tmp_path)
     assert judge.judge_many(reqs(1), progress=False)[0].winner == "A"
     assert server.calls == 3 and judge.stats.retries == 2
-    server.default = server_error(502)
-    judge2 = make_judge(server, tmp_path, cache_name="c2.sqlite", retry={"max_retries": 2})
-    with pytest.raises(JudgeAPIError, match="giving up after 3 attempts"):
-        judge2.judge_many(reqs(1), progress=False)
-    assert server.calls == 3 + 3
+    assert judge.stats.retry_reasons == {"HTTP 500": 1, "HTTP 503": 1}
+
+    # question 1 always fails: it is given up after 3 attempts, the other two are judged, nothing raises
+    server.default = lambda rec: server_error(502) if "question 1?" in rec.body["messages"][0]["content"] else verdict("B")
+    judge2 = make_judge(server, tmp_path, cache_name="c2.sqlite", concurrency=1, retry={"max_retries": 2})
+    out = judge2.judge_many(reqs(3), progress=False)
+    assert [getattr(v, "winner", None) for v in out] == ["B", None, "B"]
+    assert isinstance(out[1], NotJudged) and (out[1].reason, out[1].attempts) == ("HTTP 502", 3)
+    assert "giving up after 3 attempts: HTTP 502" in out[1].detail and judge2.judge_id in out[1].detail
+    assert server.calls == 3 + 5 and judge2.stats.not_judged == 1
+    # a rerun asks only for the one left, and gets it once the endpoint is healthy
+    server.default = verdict("A")
+    again = make_judge(server, tmp_path, cache_name="c2.sqlite").judge_many(reqs(3), progress=False)
+    assert [v.winner for v in again] == ["B", "A", "B"] and [v.cached for v in again] == [True, False, True]
+    assert server.calls == 9
 
 
 def test_retries_on_timeout(server, tmp_path):
-    server.push(slow(1.5))
-    judge = make_judge(server, tmp_path, retry={"timeout": 0.5})
-    t0 = time.monotonic()
+    """The first reply hangs until the server stops, so the client's timeout ends that call whatever
+    the load; the retry is judged."""
+    server.push(hang())
+    judge = make_judge(server, tmp_path, retry={"timeout": 1.0})
     out = judge.judge_many(reqs(1), progress=False)
-    assert out[0].winner == "A" and server.calls == 2 and judge.stats.retries == 1
-    assert time.monotonic() - t0 < 3.0  # calls == 2 already proves the first one timed out
+    assert out[0].winner == "A" and judge.stats.retries == server.calls - 1 >= 1
+    assert judge.stats.retry_reasons["timed out"] >= 1
+    assert server.wait_idle()  # the hanging reply ends once the client has given up ...
+    assert server.requests[0].client_gone and server.served_after_client_gave_up >= 1  # ... and is counted as such
 
 
-def test_garbage_is_retried_once_then_invalid(server, tmp_path):
+def test_garbage_is_asked_once_more_then_invalid_and_paid_once(server, tmp_path):
     server.push(garbage("hmm"), verdict("B"))
     judge = make_judge(server, tmp_path, concurrency=1)
     v = judge.judge_many(reqs(1), progress=False)[0]
@@ -174,10 +227,15 @@ def test_garbage_is_retried_once_then_invalid(server, tmp_path):
     v2 = judge.judge_many(reqs(2)[1:], progress=False)[0]
     assert v2.winner is None and v2.raw == "no idea\n---\nno idea" and server.calls == 4
     assert judge.stats.invalid == 1
-    # an invalid answer is not cached as final: a rerun asks again for it alone, and can recover it
+    assert judge.tokens_used == 4 * 120  # the invalid answers count in the budget like any other
+    # an invalid answer was paid for: it is cached, and a rerun does not pay for it again ...
     server.default = verdict("A")
-    again = judge.judge_many(reqs(2), progress=False)
-    assert again[0].cached and again[1].winner == "A" and not again[1].cached and server.calls == 5
+    again = make_judge(server, tmp_path).judge_many(reqs(2), progress=False)
+    assert again[1].winner is None and again[1].cached and server.calls == 4
+    # ... unless asked to (spo judge --retry-invalid), which recovers it
+    retried = make_judge(server, tmp_path, retry_invalid=True).judge_many(reqs(2), progress=False)
+    assert retried[0].cached and retried[1].winner == "A" and not retried[1].cached and server.calls == 5
+    assert make_judge(server, tmp_path).judge_many(reqs(2), progress=False)[1].winner == "A"  # the new answer is kept
 
 
 # -- cache, budget, resumption --------------------------------------------------------------------
@@ -204,32 +262,38 @@ def test_cache_rerun_makes_no_call_and_order_matters(server, tmp_path):
     assert server.calls == 10
 
 
+def budget_stopped(v: Verdict | NotJudged) -> bool:
+    return isinstance(v, NotJudged) and v.budget
+
+
 def test_budget_stops_cleanly(server, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     judge = make_judge(server, tmp_path, concurrency=4, budget={"max_calls": 3})
     out = judge.judge_many(reqs(10), progress=False)
     assert server.calls == 3
-    assert sum(v is not None for v in out) == 3 and sum(v is None for v in out) == 7
+    assert sum(isinstance(v, Verdict) for v in out) == 3 and sum(budget_stopped(v) for v in out) == 7
     assert judge.stopped_reason and "max_calls=3" in judge.stopped_reason
     assert len(JudgeCache(tmp_path / "cache.sqlite")) == 3
-    assert "3 calls" in caplog.text and "stopped" in caplog.text
+    judge.close()
+    assert "3 calls" in caplog.text and "stopped: budget: max_calls=3" in caplog.text
 
 
 def test_token_and_cost_budgets(server, tmp_path):
     judge = make_judge(server, tmp_path, concurrency=1, budget={"max_tokens": 250})  # 120 per call
     out = judge.judge_many(reqs(5), progress=False)
-    assert server.calls == 3 and sum(v is None for v in out) == 2 and "max_tokens" in judge.stopped_reason
+    assert server.calls == 3 and sum(budget_stopped(v) for v in out) == 2 and "max_tokens" in judge.stopped_reason
     judge2 = make_judge(server, tmp_path, cache_name="c2.sqlite", concurrency=1,
                         budget={"max_cost_usd": 0.001, "usd_per_1k_prompt_tokens": 5.0, "usd_per_1k_completion_tokens": 0.0})
     out2 = judge2.judge_many(reqs(5), progress=False)  # 0.5 $ per call: one call then stop
-    assert server.calls == 4 and out2[0] is not None and out2[1:] == [None] * 4 and "max_cost_usd" in judge2.stopped_reason
+    assert server.calls == 4 and isinstance(out2[0], Verdict) and all(budget_stopped(v) for v in out2[1:])
+    assert "max_cost_usd" in judge2.stopped_reason
 
 
 def test_resume_after_stop_judges_only_the_missing(server, tmp_path):
     batch = reqs(10)
     first = make_judge(server, tmp_path, budget={"max_calls": 4}).judge_many(batch, progress=False)
     assert server.calls == 4
-    judged_first = [i for i, v in enumerate(first) if v is not None]
+    judged_first = [i for i, v in enumerate(first) if isinstance(v, Verdict)]
     second = make_judge(server, tmp_path).judge_many(batch, progress=False)
     assert server.calls == 10 and all(isinstance(v, Verdict) for v in second)
     assert [i for i, v in enumerate(second) if v.cached] == judged_first
@@ -238,11 +302,153 @@ def test_resume_after_stop_judges_only_the_missing(server, tmp_path):
 # -- concurrency -------------------------------------------------------------------------------
 
 def test_concurrency_is_parallel(server, tmp_path):
-    server.default = slow(0.5)
-    judge = make_judge(server, tmp_path, concurrency=8)
-    t0 = time.monotonic()
+    """Every reply waits at a barrier that opens only when all 8 calls are in flight at once: a
+    client that sent them one after another would break it (and get 500s) instead."""
+    gate = threading.Barrier(8, timeout=120)  # a hang guard: opens at once when the client is parallel
+
+    def together(record) -> Reply:  # noqa: ANN001
+        try:
+            gate.wait()
+        except threading.BrokenBarrierError:
+            return server_error(500)
+        return verdict("A")
+
+    server.default = together
+    judge = make_judge(server, tmp_path, concurrency=8, retry={"max_retries": 0})
     out = judge.judge_many(reqs(8), progress=False)
-    elapsed = time.monotonic() - t0
-    assert all(v.winner == "A" for v in out)
-    assert elapsed < 2.5, elapsed  # serial would take 4 s
-    assert server.max_in_flight == 8
+    assert all(isinstance(v, Verdict) and v.winner == "A" for v in out)
+    assert server.max_in_flight == 8 and server.calls == 8
+
+
+# -- sustained rate limits: fewer calls in flight, Retry-After for everyone -------------------------------
+
+def test_adaptive_limit_halves_once_per_window_and_regains_one_by_one():
+    clock = FakeClock()
+    limit = AdaptiveLimit(8, clock=clock.clock, sleep=clock.sleep)
+    windows = [limit.acquire() for _ in range(8)]
+    assert windows == [0] * 8 and limit.limit == 8
+    limit.release(windows[0], throttled=True)
+    assert limit.limit == 4  # halved
+    for w in windows[1:4]:  # 429s of calls sent before the decrease: already answered by it
+        limit.release(w, throttled=True)
+    assert (limit.limit, limit.decreases) == (4, 1)
+    for w in windows[4:]:
+        limit.release(w)  # other failures say nothing about capacity
+    w = limit.acquire()
+    limit.release(w, throttled=True)
+    assert (limit.limit, limit.lowest, limit.decreases) == (2, 2, 2)
+    for _ in range(2):  # after `limit` successes in a row: one more
+        limit.release(limit.acquire(), ok=True)
+    assert limit.limit == 3
+    for _ in range(3 + 4 + 5 + 6 + 7 + 8):
+        limit.release(limit.acquire(), ok=True)
+    assert limit.limit == 8  # never above the configured concurrency
+    with pytest.raises(ValueError):
+        AdaptiveLimit(0)
+
+
+def test_adaptive_limit_blocks_at_the_limit_and_honours_retry_after_for_every_call():
+    clock = FakeClock()
+    limit = AdaptiveLimit(2, clock=clock.clock, sleep=clock.sleep)
+    first, second = limit.acquire(), limit.acquire()
+    third_in = threading.Event()
+    waiter = threading.Thread(target=lambda: (limit.acquire(), third_in.set()))
+    waiter.start()
+    assert not third_in.wait(0.2)  # two in flight: the third waits (a missing wait would set it at once)
+    limit.release(first, throttled=True, retry_after=5.0)  # limit 1, and a pause of 5 s for everyone
+    assert limit.limit == 1 and not third_in.is_set()  # one still in flight: at the new limit
+    limit.release(second)
+    waiter.join(timeout=60)
+    assert third_in.is_set() and clock.sleeps == [5.0]  # it waited out the endpoint's pause, not its own
+
+
+def test_sustained_429s_lower_the_calls_in_flight(server, tmp_path):
+    """The endpoint allows 2 calls at once and answers 429 (Retry-After 1 s) beyond that: the judge
+    lowers its limit from 8, honours the pause, and judges every item without running out of retries."""
+    lock = threading.Lock()
+    state = {"in_flight": 0, "throttled": 0}
+    release = threading.Event()
+
+    def capped(record) -> Reply:  # noqa: ANN001
+        with lock:
+            state["in_flight"] += 1
+            over = state["in_flight"] > 2
+            state["throttled"] += over
+        try:
+            if over:
+                return rate_limited(1)
+            release.wait(0.05)  # hold the slot briefly so that calls overlap
+            return verdict("A")
+        finally:
+            with lock:
+                state["in_flight"] -= 1
+
+    server.default = capped
+    clock = FakeClock()
+    judge = make_judge(server, tmp_path, clock=clock, concurrency=8, retry={"max_retries": 8})
+    out = judge.judge_many(reqs(40), progress=False)
+    assert all(isinstance(v, Verdict) for v in out)
+    assert judge.stats.retries == state["throttled"] == server.calls - 40
+    if state["throttled"]:  # any 429 halves the limit and pauses for its Retry-After
+        assert judge.limit.decreases >= 1 and judge.limit.lowest <= 4 and 1.0 in clock.sleeps
+
+
+# -- a judge that cannot judge fails fast --------------------------------------------------------------
+
+def test_a_judge_that_never_gives_a_verdict_fails_fast(server, tmp_path):
+    """Issue 21: every answer lacked a verdict, and the stage paid for every item twice and exited 0.
+    Now the first 20 requests are judged alone; all without a verdict, the judge stops, names itself,
+    the prompt version and an example, having paid for those 20 (asked twice each) and no more."""
+    server.default = garbage("As an AI, I think both answers have merit.")
+    judge = make_judge(server, tmp_path, concurrency=4)
+    with pytest.raises(JudgeCannotJudge) as caught:
+        judge.judge_many(reqs(60), progress=False)
+    message = str(caught.value)
+    assert server.calls == 40 and judge.calls_made == 40
+    assert judge.judge_id in message and "prompt version v1" in message and "both answers have merit" in message
+    assert "20 of the first 20 new requests ended without a verdict" in message and "--retry-invalid" in message
+    assert "\n" not in message and SECRET not in message
+    assert len(JudgeCache(tmp_path / "cache.sqlite")) == 20  # paid for: kept, never paid again
+    # a rerun against the same broken judge pays for no answer twice (20 new ones, then stops again)
+    with pytest.raises(JudgeCannotJudge):
+        make_judge(server, tmp_path, concurrency=4).judge_many(reqs(60), progress=False)
+    assert server.calls == 80
+
+
+def test_an_unreachable_endpoint_fails_fast_not_item_by_item(tmp_path):
+    """Nothing listens: the first 20 requests exhaust their retries, then the judge stops (it does
+    not try the other 80 items, each with its retries and backoff)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dead = SimpleNamespace(base_url=f"http://127.0.0.1:{port}/v1")  # nothing listens there
+    clock = FakeClock()
+    judge = OpenAIJudge(make_cfg(dead, retry={"max_retries": 1}), "v1", JudgeCache(tmp_path / "c.sqlite"),
+                        clock=clock.clock, sleep=clock.sleep)
+    with pytest.raises(JudgeCannotJudge, match="connection error: 20") as caught:
+        judge.judge_many(reqs(100), progress=False)
+    assert judge.calls_made == 40 and "giving up after 2 attempts: connection error" in str(caught.value)
+
+
+def test_a_moderate_share_of_invalid_answers_does_not_stop_the_judge(server, tmp_path):
+    server.default = lambda rec: garbage() if int(rec.body["messages"][0]["content"].split("question ")[1].split("?")[0]) % 3 == 0 \
+        else verdict("A")
+    judge = make_judge(server, tmp_path, concurrency=4)
+    out = judge.judge_many(reqs(30), progress=False)
+    assert sum(v.winner is None for v in out) == 10 and judge.stats.invalid == 10
+
+
+# -- quiet logs ------------------------------------------------------------------------------------
+
+def test_the_http_clients_per_request_lines_are_debug_only(server, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    judge = make_judge(server, tmp_path)
+    judge.judge_many(reqs(3), progress=False)
+    assert not [r for r in caplog.records if "HTTP Request" in r.getMessage()]
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    judge.judge_many(reqs(5)[3:], progress=False)
+    lines = [r for r in caplog.records if r.name == "httpx2" and r.getMessage().startswith("HTTP Request: POST")]
+    assert len(lines) == 2 and {r.levelname for r in lines} == {"DEBUG"}

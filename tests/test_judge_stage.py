@@ -11,7 +11,8 @@ import pytest
 
 from spo.config import ComparisonConfig, SpoConfig
 from spo.io import read_jsonl, write_jsonl
-from spo.judging.base import Judge, JudgeRequest, Verdict
+from spo.errors import StageFailed
+from spo.judging.base import Judge, JudgeRequest, NotJudged, Verdict
 from spo.judging.comparisons import build_comparison, load_rows, requests_for
 from spo.stages import judge as judge_stage
 
@@ -22,21 +23,27 @@ WINRATE_FIELDS = {
 
 
 class LongerWins:
-    """Prefers the longer response; 'garbage' responses make it answer unparseably; stops after `budget`."""
+    """Prefers the longer response; 'garbage' responses make it answer unparseably; stops after `budget`;
+    gives up on the requests whose response a contains one of `fails_on` (as after exhausted retries)."""
 
     judge_id = "fake:longer"
 
-    def __init__(self, budget: int | None = None) -> None:
+    def __init__(self, budget: int | None = None, fails_on: tuple[str, ...] = ()) -> None:
         self.budget = budget
+        self.fails_on = fails_on
         self.calls = 0
         self.seen: list[JudgeRequest] = []
 
-    def judge_many(self, requests: Sequence[JudgeRequest], progress: bool = True) -> list[Verdict | None]:
-        out: list[Verdict | None] = []
+    def judge_many(self, requests: Sequence[JudgeRequest], progress: bool = True) -> list[Verdict | NotJudged]:
+        out: list[Verdict | NotJudged] = []
         for request in requests:
             self.seen.append(request)
             if self.budget is not None and self.calls >= self.budget:
-                out.append(None)
+                out.append(NotJudged("budget", f"budget: max_calls={self.budget} reached", budget=True))
+                continue
+            if any(marker in request.prompt for marker in self.fails_on):
+                self.calls += 6
+                out.append(NotJudged("HTTP 429", "giving up after 6 attempts: HTTP 429: Rate limit reached", 6))
                 continue
             self.calls += 1
             if "garbage" in request.response_a + request.response_b:
@@ -160,8 +167,46 @@ def test_budget_stop_writes_partial_results(workspace: Path, monkeypatch: pytest
     assert vs_chosen["not_judged"] == 7 and vs_chosen["invalid"] == 1 and vs_chosen["n"] == 2
     assert winrates["dpo_spo_vs_sft"]["not_judged"] == 5 and winrates["dpo_spo_vs_sft"]["win_rate"] is None
     assert (workspace / "outputs/judgments/winrates.png").is_file()
+    assert (vs_chosen["not_judged_budget"], vs_chosen["not_judged_failed"]) == (7, 0)
+    assert (workspace / "outputs/judgments/winrates.png").is_file()
     warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("not judged" in m and "7 of 10" in m for m in warnings)
+    assert any("budget stopped the run" in m and "12 of 15 items" in m for m in warnings)
+    line = read_jsonl(workspace / "outputs/judgments/dpo_spo_vs_chosen.jsonl")[3]
+    assert line["outcome"] == "not_judged" and line["ab"]["winner"] == "A"
+    assert line["ba"] == {"not_judged": "budget", "detail": "budget: max_calls=7 reached", "attempts": 0, "budget": True}
+
+
+def test_items_the_judge_fails_on_do_not_stop_the_others(workspace: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 21: one unlucky item used to fail the whole stage, and the comparisons after it never
+    started. Now every item and comparison is judged, the failed ones are written with their reason,
+    and the stage then fails in one line saying how many are left (a rerun asks only for those)."""
+    fake = LongerWins(fails_on=("question 2?", "question 4?"))
+    monkeypatch.setattr(judge_stage, "make_judge", lambda cfg: (fake, None))
+    caplog.set_level(logging.INFO, logger="spo.judge")
+    cfg = _cfg(workspace)
+    with pytest.raises(StageFailed) as caught:
+        judge_stage.run(cfg)
+    message = str(caught.value)
+    assert message.startswith("judge: 4 of 15 items not judged after 6 attempts (HTTP 429: 8): rerun to retry only "
+                              "those"), message
+    assert "judge.max_unjudged_fraction 0.0" in message and "\n" not in message
+    winrates = json.loads((workspace / "outputs/judgments/winrates.json").read_text())
+    assert json.loads((workspace / "metrics/judge.json").read_text()) == winrates
+    for name, n in (("dpo_spo_vs_chosen", 7), ("dpo_spo_vs_sft", 2)):  # both comparisons judged the rest (h0: invalid)
+        stats = winrates[name]
+        assert (stats["not_judged_failed"], stats["not_judged_budget"], stats["n"]) == (2, 0, n)
+        assert stats["not_judged_reasons"] == {"HTTP 429": 4}
+    lines = {r["id"]: r for r in read_jsonl(workspace / "outputs/judgments/dpo_spo_vs_chosen.jsonl")}
+    assert lines["h2"]["outcome"] == "not_judged" and lines["h2"]["ab"]["not_judged"] == "HTTP 429"
+    assert lines["h2"]["ab"]["attempts"] == 6 and "Rate limit" in lines["h2"]["ab"]["detail"]
+
+    cfg.judge.max_unjudged_fraction = 0.3  # a small share accepted: the stage ends normally, and says so
+    caplog.clear()
+    summary = judge_stage.run(cfg)
+    assert summary["not_judged"] == 4
+    assert any(r.levelno == logging.WARNING and r.getMessage().startswith("judge: 4 of 15 items not judged")
+               for r in caplog.records)
 
 
 def test_rows_are_read_only_until_the_needed_ids_are_found(workspace: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spo.judging.base import Verdict
+from spo.judging.base import NotJudged, Verdict
 from spo.judging.statistics import (
     INVALID, LOSS, NOT_JUDGED, TIE, WIN,
     bootstrap_ci, format_summary, length_controlled_win_rate, load_rouge, outcome,
@@ -33,9 +33,11 @@ def test_outcome_rules(ab, ba, expected) -> None:
 
 
 def test_missing_verdict_is_not_judged() -> None:
-    assert outcome(None, v("A")) == NOT_JUDGED
-    assert outcome(v("A"), None) == NOT_JUDGED
-    assert outcome(None, v(None)) == NOT_JUDGED
+    budget = NotJudged("budget", "budget: max_calls=3 reached", budget=True)
+    failed = NotJudged("HTTP 429", "giving up after 6 attempts: HTTP 429", attempts=6)
+    assert outcome(budget, v("A")) == NOT_JUDGED
+    assert outcome(v("A"), failed) == NOT_JUDGED
+    assert outcome(failed, v(None)) == NOT_JUDGED
 
 
 def test_win_rate_counts_ties_as_half_and_skips_invalid() -> None:

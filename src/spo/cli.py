@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
         )
         stage.add_argument("--json", action="store_true", help="print the stage summary as JSON on stdout")
         stage.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+        if name == "judge":
+            stage.add_argument("--retry-invalid", action="store_true",
+                               help="ask again for the answers the cache holds without a verdict "
+                               "(= -S judge.openai.retry_invalid=true; by default a rerun reuses them)")
     show = sub.add_parser("config", help="print the resolved configuration as YAML")
     show.add_argument("-p", "--params", default="params.yaml")
     show.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -251,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
             found = results(args.metrics_dir, args.reports_dir, args.policy_dir)
             print(json.dumps(found, indent=2) if args.json else win_rate_table(found))
             return 0
-        cfg = load_config(args.params, args.overrides)
+        overrides = list(args.overrides)
+        if getattr(args, "retry_invalid", False):
+            overrides.append("judge.openai.retry_invalid=true")
+        cfg = load_config(args.params, overrides)
         if args.command == "config":
             import yaml
 

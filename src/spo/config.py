@@ -415,9 +415,26 @@ class OpenAIJudgeConfig(_Section):
     api_key_env: str = Field(default="OPENAI_API_KEY", description="Name of the environment variable holding the key.")
     temperature: float = Field(default=0.0, ge=0.0)
     max_tokens: int = Field(default=256, ge=1)
-    concurrency: int = Field(default=8, ge=1)
+    concurrency: int = Field(
+        default=8, ge=1, description="Calls in flight at most; halved on a 429, regained one by one as calls succeed."
+    )
     retry: RetryConfig = Field(default_factory=RetryConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    fail_fast_after: int = Field(
+        default=20, ge=1,
+        description="Fail fast: this many new requests are judged before any other, and from then on the share of "
+        "new requests that ended without a verdict is checked after every one.",
+    )
+    fail_fast_fraction: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Fail fast: more than this share of new requests without a verdict (an answer with none, a "
+        "refusal, retries exhausted) stops the stage, having paid for no more than those requests.",
+    )
+    retry_invalid: bool = Field(
+        default=False,
+        description="Ask again for the answers the cache holds as invalid (no verdict); by default a rerun reuses "
+        "them and pays for nothing twice. `spo judge --retry-invalid` sets it.",
+    )
 
 
 class ComparisonConfig(_Section):
@@ -443,6 +460,11 @@ class JudgeConfig(_Section):
         default_factory=list, description="More comparisons (one with an automatic comparison's name replaces it)."
     )
     bootstrap_samples: int = Field(default=2000, ge=100)
+    max_unjudged_fraction: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="Items the judge failed on (retries exhausted, or refused) are recorded and the others judged; "
+        "the stage then fails when more than this share of all items is left, so that a rerun retries only those.",
+    )
     openai: OpenAIJudgeConfig = Field(default_factory=OpenAIJudgeConfig)
     reward_model_dir: str = Field(default="models/reward", description="The local judge (backend: reward).")
 

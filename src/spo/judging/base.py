@@ -27,6 +27,20 @@ class Verdict:
     completion_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class NotJudged:
+    """A request the judge gave up on, and why: the stage records it, counts it and carries on.
+
+    ``budget`` marks the ones the budget stopped (the user's own limit) apart from the ones that
+    failed (retries exhausted, or the endpoint refused that one request).
+    """
+
+    reason: str  # short, for grouping: "HTTP 429", "timed out", "refused: HTTP 400", "budget", ...
+    detail: str  # the full message (key-free)
+    attempts: int = 0  # HTTP calls made for it
+    budget: bool = False
+
+
 class BudgetExhausted(RuntimeError):
     """The call, token or cost budget is spent; no further API call may be made."""
 
@@ -35,6 +49,7 @@ class BudgetExhausted(RuntimeError):
 class Judge(Protocol):
     judge_id: str  # for the cache key and outputs (e.g. "openai:gpt-4o@<base_url host>")
 
-    def judge_many(self, requests: Sequence[JudgeRequest], progress: bool = True) -> list[Verdict | None]:
-        """Same order as requests; None = not judged because the budget stopped the run (partial results are kept)."""
+    def judge_many(self, requests: Sequence[JudgeRequest], progress: bool = True) -> list[Verdict | NotJudged]:
+        """Same order as requests; a :class:`NotJudged` where the judge gave up on a request (budget
+        spent, retries exhausted): the others are still judged, and partial results are kept."""
         ...

@@ -27,7 +27,7 @@ from torch import nn
 
 from spo.config import ModelConfig
 from spo.io import InputError
-from spo.judging.base import JudgeRequest, Verdict
+from spo.judging.base import JudgeRequest, NotJudged, Verdict
 
 log = logging.getLogger("spo.judging.reward")
 
@@ -257,8 +257,8 @@ class RewardJudge:
         flat = score_sequences(self.model, sequences, self.tokenizer.pad_token_id, batch_size=self.batch_size, progress=progress, desc="reward judge")
         return list(zip(flat[0::2], flat[1::2]))
 
-    def judge_many(self, requests: Sequence[JudgeRequest], progress: bool = True) -> list[Verdict | None]:
-        verdicts: list[Verdict | None] = []
+    def judge_many(self, requests: Sequence[JudgeRequest], progress: bool = True) -> list[Verdict | NotJudged]:
+        verdicts: list[Verdict | NotJudged] = []
         for r_a, r_b in self.scores(requests, progress=progress):
             verdicts.append(Verdict(winner="A" if r_a >= r_b else "B", raw=f"reward A={r_a:.4f} B={r_b:.4f}", explanation=None))
         return verdicts

@@ -5,7 +5,8 @@ Every item is judged twice, once with a shown first (order "ab") and once with b
 
 * both orders prefer a -> ``win``; both prefer b -> ``loss``; they disagree -> ``tie``;
 * either verdict unparseable (``winner is None``) -> ``invalid``: counted, left out of every rate;
-* either verdict missing (``None``, the budget stopped the run) -> ``not_judged``: counted, left out.
+* either verdict missing (a :class:`~spo.judging.base.NotJudged`: the budget stopped the run, or
+  the request failed for good) -> ``not_judged``: counted, left out.
 
 The win rate is a's, over valid items (win, loss, tie), **a tie counting as half a win**:
 ``(wins + 0.5 * ties) / n``.  Its 95% confidence interval is a percentile bootstrap over items
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from spo.judging.base import Verdict
+from spo.judging.base import NotJudged, Verdict
 
 WIN, LOSS, TIE, INVALID, NOT_JUDGED = "win", "loss", "tie", "invalid", "not_judged"
 OUTCOMES = (WIN, LOSS, TIE, INVALID, NOT_JUDGED)
@@ -41,17 +42,17 @@ LC_RIDGE = 1e-3
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 
-def preferred_side(verdict: Verdict | None, order: str) -> str | None:
+def preferred_side(verdict: Verdict | NotJudged, order: str) -> str | None:
     """Which side ("a" or "b") a verdict prefers, given the order it was shown in ("ab" or "ba")."""
-    if verdict is None or verdict.winner not in ("A", "B"):
+    if not isinstance(verdict, Verdict) or verdict.winner not in ("A", "B"):
         return None
     first, second = ("a", "b") if order == "ab" else ("b", "a")
     return first if verdict.winner == "A" else second
 
 
-def outcome(verdict_ab: Verdict | None, verdict_ba: Verdict | None) -> str:
+def outcome(verdict_ab: Verdict | NotJudged, verdict_ba: Verdict | NotJudged) -> str:
     """Combine the two orders' verdicts into win / loss / tie / invalid / not_judged (for side a)."""
-    if verdict_ab is None or verdict_ba is None:
+    if not isinstance(verdict_ab, Verdict) or not isinstance(verdict_ba, Verdict):
         return NOT_JUDGED
     first, second = preferred_side(verdict_ab, "ab"), preferred_side(verdict_ba, "ba")
     if first is None or second is None:

@@ -15,20 +15,27 @@ statistics of :mod:`spo.judging.statistics` are computed.  Writes, under ``judge
 * ``provenance.json``;
 
 and the same per-comparison record (keyed by comparison name) as DVC metrics at
-``judge.metrics_file``.  If the judge's budget ran out, every file is still written, with the
-items not judged marked ``not_judged``, and a WARNING says how many.
+``judge.metrics_file``.
+
+Items the judge gave up on do not stop the others, nor the other comparisons: every file is
+written with them marked ``not_judged`` and their reason.  If the budget ran out, a WARNING says
+how many were left.  If requests failed (retries exhausted, or refused one by one) on more than
+``judge.max_unjudged_fraction`` of the items, the stage then fails with one line saying how many
+and why: a rerun asks only for those, since every answer is cached.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from spo.config import SpoConfig
+from spo.errors import StageFailed
 from spo.io import InputError, atomic_dir, file_sha256, save_figure, write_json, write_jsonl, write_provenance
-from spo.judging.base import BudgetExhausted, Judge, Verdict
+from spo.judging.base import BudgetExhausted, Judge, JudgeRequest, NotJudged, Verdict
 from spo.judging.comparisons import DATASET_SIDES, build_comparison, load_rows, needed_ids, requests_for
 from spo.judging.statistics import (
     SCORE,
@@ -46,7 +53,7 @@ WINRATES_PNG = "winrates.png"
 
 
 def make_judge(cfg: SpoConfig) -> tuple[Judge, Any]:
-    """The configured judge and something to close afterwards (the OpenAI cache) or None.
+    """The configured judge and something to close afterwards (the OpenAI judge: its client and cache) or None.
 
     Tests replace this function to inject a fake judge.
     """
@@ -56,7 +63,12 @@ def make_judge(cfg: SpoConfig) -> tuple[Judge, Any]:
         from spo.judging.openai_judge import OpenAIJudge
 
         cache = JudgeCache(jc.cache_file)
-        return OpenAIJudge(jc.openai, jc.prompt_version, cache), cache
+        try:
+            judge = OpenAIJudge(jc.openai, jc.prompt_version, cache)
+        except BaseException:
+            cache.close()
+            raise
+        return judge, judge
     if jc.backend == "reward":
         from spo.judging.reward import RewardJudge
 
@@ -66,9 +78,10 @@ def make_judge(cfg: SpoConfig) -> tuple[Judge, Any]:
     raise InputError(f"unknown judge backend {jc.backend!r}")
 
 
-def _verdict_json(verdict: Verdict | None, order: str) -> dict[str, Any] | None:
-    if verdict is None:
-        return None
+def _verdict_json(verdict: Verdict | NotJudged, order: str) -> dict[str, Any]:
+    if isinstance(verdict, NotJudged):
+        return {"not_judged": verdict.reason, "detail": verdict.detail, "attempts": verdict.attempts,
+                "budget": verdict.budget}
     return {
         "winner": verdict.winner,
         "prefers": preferred_side(verdict, order),
@@ -80,12 +93,12 @@ def _verdict_json(verdict: Verdict | None, order: str) -> dict[str, Any] | None:
     }
 
 
-def _judge(judge: Judge, requests: list, name: str) -> list[Verdict | None]:
+def _judge(judge: Judge, requests: list[JudgeRequest], name: str) -> list[Verdict | NotJudged]:
     try:
         verdicts = list(judge.judge_many(requests, progress=True))
-    except BudgetExhausted as err:  # the contract returns None entries, but stay safe if a judge raises
+    except BudgetExhausted as err:  # the contract returns NotJudged entries, but stay safe if a judge raises
         log.warning("%s: judge budget exhausted before any verdict was returned: %s", name, err)
-        return [None] * len(requests)
+        return [NotJudged("budget", str(err), budget=True)] * len(requests)
     if len(verdicts) != len(requests):
         raise RuntimeError(f"{name}: judge returned {len(verdicts)} verdicts for {len(requests)} requests")
     return verdicts
@@ -114,7 +127,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     prompt_version = jc.prompt_version if jc.backend == "openai" else None
     rouge_metric = None
     results: dict[str, Any] = {}
-    not_judged_total = 0
+    failed: list[NotJudged] = []  # the requests the judge gave up on (not the budget's), all comparisons
     try:
         # whole or not at all: a killed run leaves the previous judgments folder (or none), never
         # some comparisons of this run beside another run's
@@ -137,13 +150,17 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
                     })
                 write_jsonl(building / f"{comp.name}.jsonl", lines)
                 stats = summarize(outcomes, len_a, len_b, jc.bootstrap_samples, cfg.seed)
+                answered = [v for v in verdicts if isinstance(v, Verdict)]
+                missing = [v for v in verdicts if isinstance(v, NotJudged)]
                 stats.update({
                     "a": comp.a, "b": comp.b, "only_a": comp.only_a, "only_b": comp.only_b,
                     "judge_id": judge_id, "prompt_version": prompt_version,
-                    "cached_verdicts": sum(1 for v in verdicts if v is not None and v.cached),
-                    "prompt_tokens": sum(v.prompt_tokens for v in verdicts if v is not None),
-                    "completion_tokens": sum(v.completion_tokens for v in verdicts if v is not None),
+                    "cached_verdicts": sum(1 for v in answered if v.cached),
+                    "prompt_tokens": sum(v.prompt_tokens for v in answered),
+                    "completion_tokens": sum(v.completion_tokens for v in answered),
+                    **_not_judged_counts(verdicts),
                 })
+                failed += [v for v in missing if not v.budget]
                 if "tldr" in comp.sources:
                     if rouge_metric is None:
                         rouge_metric = load_rouge()
@@ -156,13 +173,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
                             [getattr(it, attr) for it in scored], [it.reference for it in scored], rouge_metric
                         )
                 results[comp.name] = stats
-                not_judged_total += stats["not_judged"]
                 log.info("%s", format_summary(comp.name, stats))
-                if stats["not_judged"]:
-                    log.warning(
-                        "%s: the judge's budget ran out; %d of %d items not judged (partial results written)",
-                        comp.name, stats["not_judged"], stats["items"],
-                    )
 
             write_json(building / WINRATES_JSON, results)
             _plot(results, building / WINRATES_PNG, judge_id)
@@ -178,13 +189,46 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         if closer is not None:
             closer.close()
     write_json(Path(jc.metrics_file), results)
-    if not_judged_total:
-        log.warning("judge: budget stopped the run; %d items in total were not judged", not_judged_total)
+    items = sum(r["items"] for r in results.values())
+    by_budget = sum(r["not_judged_budget"] for r in results.values())
+    unjudged = sum(r["not_judged_failed"] for r in results.values())
+    if by_budget:
+        log.warning("judge: the budget stopped the run; %d of %d items not judged (partial results written; "
+                    "a rerun with a larger budget judges only those)", by_budget, items)
     seconds = time.perf_counter() - started
-    log.info("judge: %d comparisons with %s, wrote %s and %s (%.1f s)",
-             len(results), judge_id, out_dir, jc.metrics_file, seconds)
-    return {"comparisons": results, "not_judged": not_judged_total, "plot": str(out_dir / WINRATES_PNG),
+    log.info("judge: %d comparisons with %s, %d items, %d not judged, wrote %s and %s (%.1f s)",
+             len(results), judge_id, items, by_budget + unjudged, out_dir, jc.metrics_file, seconds)
+    if unjudged:
+        message = _unjudged_message(unjudged, items, failed, jc.max_unjudged_fraction)
+        if unjudged > jc.max_unjudged_fraction * items:
+            raise StageFailed(message)
+        log.warning("%s", message)
+    return {"comparisons": results, "not_judged": by_budget + unjudged, "plot": str(out_dir / WINRATES_PNG),
             "seconds": round(seconds, 3)}
+
+
+def _not_judged_counts(verdicts: list[Verdict | NotJudged]) -> dict[str, Any]:
+    """Items not judged because of the budget, or because the judge failed on them (either order), and the
+    failed requests' reasons."""
+    by_budget = failed = 0
+    reasons: Counter[str] = Counter()
+    for v_ab, v_ba in zip(verdicts[0::2], verdicts[1::2]):
+        missing = [v for v in (v_ab, v_ba) if isinstance(v, NotJudged)]
+        if any(not v.budget for v in missing):
+            failed += 1
+        elif missing:
+            by_budget += 1
+        reasons.update(v.reason for v in missing)
+    return {"not_judged_failed": failed, "not_judged_budget": by_budget, "not_judged_reasons": dict(reasons)}
+
+
+def _unjudged_message(unjudged: int, items: int, failed: list[NotJudged], allowed: float) -> str:
+    attempts = sorted({v.attempts for v in failed})
+    after = f"after {attempts[0]} attempts" if len(attempts) == 1 else f"after up to {attempts[-1]} attempts"
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in Counter(v.reason for v in failed).most_common())
+    example = failed[0].detail if failed else ""
+    return (f"judge: {unjudged} of {items} items not judged {after} ({reasons}): rerun to retry only those, the "
+            f"other answers are cached (judge.max_unjudged_fraction {allowed}; e.g. {example})")
 
 
 def _plot(results: dict[str, Any], path: Path, judge_id: str) -> None:
