@@ -65,6 +65,7 @@ RETRYABLE = frozenset({408, 429})  # and every 5xx
 HTTP_CLIENT_LOGGERS = ("httpx2", "httpx")  # the openai client's HTTP layer logs every request at INFO
 EXAMPLE_CHARS = 200
 STOPPED = "stopped"  # the reason of a request never asked because the judge stopped first
+NO_VERDICT = "answers without a verdict"
 
 
 class _DemoteToDebug(logging.Filter):
@@ -360,7 +361,7 @@ class OpenAIJudge:
         with self._lock:
             ff.settled += 1
             if isinstance(outcome, Verdict):
-                kind = None if outcome.winner is not None else "answers without a verdict"
+                kind = None if outcome.winner is not None else NO_VERDICT
                 example = outcome.raw
             else:
                 kind, example = outcome.reason, outcome.detail
@@ -373,13 +374,14 @@ class OpenAIJudge:
             if ff.settled < needed or ff.without_verdict <= self.cfg.fail_fast_fraction * ff.settled:
                 return None
             example_text = " ".join((ff.example or "").split())[:EXAMPLE_CHARS]
+            hint = "Check the endpoint, the model and the prompt version"
+            if ff.kinds[NO_VERDICT]:
+                hint += "; `spo judge --retry-invalid` asks again for the cached answers without a verdict"
             return (
                 f"judge {self.judge_id} with prompt version {self.prompt_version} cannot judge: {ff.without_verdict} "
                 f"of the first {ff.settled} new requests ended without a verdict ({_counts(ff.kinds)}; "
                 f"judge.openai.fail_fast_fraction {self.cfg.fail_fast_fraction}); stopped after {self.calls_made} "
-                f"calls, the answers paid for are cached; e.g. {self._scrub(example_text)!r}. Check the model, the "
-                f"endpoint and the prompt version; `spo judge --retry-invalid` asks again for the cached answers "
-                f"without a verdict"
+                f"calls, the answers paid for are cached; e.g. {self._scrub(example_text)!r}. {hint}"
             )
 
     # -- the batch ---------------------------------------------------------------------------
@@ -463,7 +465,7 @@ class OpenAIJudge:
                         if stop is not None and failure is None:
                             failure = JudgeCannotJudge(stop)
                             abort.set()
-                        bar.set_postfix(in_flight_max=self.limit.limit, retries=self.stats.retries, refresh=False)
+                        bar.set_postfix(in_flight_limit=self.limit.limit, retries=self.stats.retries, refresh=False)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
