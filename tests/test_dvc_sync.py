@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,12 +70,6 @@ def test_push_to_a_folder_remote_and_pull_into_a_fresh_clone(repro: Path, view: 
     assert push_run(view, str(remote), remote_name="local")["pushed"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A moto S3 server on a loopback port with the bucket ``spo-dvc``; the keys only in the environment."""
@@ -89,10 +82,11 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
         monkeypatch.delenv(name, raising=False)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    # port 0: the server binds a free port itself. A port probed and released beforehand could be
+    # taken by another process in between, and then start() would wait forever for its thread.
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = "http://{}:{}".format(*server.get_host_and_port())
     try:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="spo-dvc")
         yield endpoint
