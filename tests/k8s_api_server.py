@@ -130,7 +130,7 @@ class TrainJobApi:
             self._server.shutdown()
             self._server.server_close()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=5)  # shutdown() returned once serve_forever did: a hang guard only
 
     # ------------------------------------------------------------------ requests
 

@@ -149,7 +149,7 @@ class KfpApiServer:
     def __exit__(self, *exc: object) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=5)  # shutdown() returned once serve_forever did: a hang guard only
 
     def fail(self, method: str, path: str, status: int, times: int = 1,
              action: Callable[[Request], None] | None = None, after: int = 0) -> None:

@@ -523,7 +523,7 @@ def image_facts() -> dict[str, Any]:
                                       cap_drop=["ALL"], security_opt=["no-new-privileges"], read_only=True,
                                       tmpfs={"/tmp": "rw,size=64m"})
     try:
-        status = container.wait(timeout=300)["StatusCode"]
+        status = container.wait(timeout=300)["StatusCode"]  # a hang guard: the script takes seconds
         out = container.logs(stdout=True, stderr=False).decode()
         err = container.logs(stdout=False, stderr=True).decode()
     finally:

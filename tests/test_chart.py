@@ -276,7 +276,8 @@ def _checkov(folder: Path, skips: list[str]) -> dict[str, Any]:
                "--skip-download", "--quiet", "--soft-fail"]
     if skips:
         command += ["--skip-check", ",".join(skips)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+    # a hang guard only, generous because checkov is CPU-bound and may share the machine with other tests
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"})
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
@@ -325,6 +326,7 @@ def _run_pod(doc: dict[str, Any], config: dict[str, str], root: Path, host: str,
     (paths["/var/run/secrets/kfp"] / "token").write_text(token)  # the projected service-account token
     env = {"PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}", "HOME": str(paths["/work"]),
            "TMPDIR": str(paths["/work"]), "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1", **(extra_env or {})}
+    # the hook takes seconds: the bound only stops a hang (e.g. a wait on a server that never answers)
     return subprocess.run(_hook_command(doc, paths, host), capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -405,7 +407,7 @@ def test_the_hook_runs_in_the_image_as_its_pod_spec_says(tmp_path: Path) -> None
         environment={e["name"]: e["value"] for e in container["env"]},
         volumes={str(config): {"bind": "/etc/spo", "mode": "ro"}, str(kfp): {"bind": "/var/run/secrets/kfp", "mode": "ro"}})
     try:
-        status = run.wait(timeout=300)["StatusCode"]
+        status = run.wait(timeout=300)["StatusCode"]  # a hang guard: the hook fails within seconds here
         logs = run.logs().decode(errors="replace")
     finally:
         run.remove(force=True)

@@ -33,7 +33,7 @@ def _run(image: str, command: list[str], **kwargs) -> str:
     client = docker_client()
     container = client.containers.run(image, command, detach=True, network_mode="none", **kwargs)
     try:
-        status = container.wait(timeout=600)["StatusCode"]
+        status = container.wait(timeout=600)["StatusCode"]  # a hang guard: the commands take seconds
         stdout = container.logs(stdout=True, stderr=False).decode(errors="replace")
         stderr = container.logs(stdout=False, stderr=True).decode(errors="replace")
     finally:

@@ -29,6 +29,7 @@ def _tool(name: str) -> str:
 
 
 def _run(cmd: list[str]) -> str:
+    # a run takes 10-40 s: the bound only stops a hang (a collective that never completes)
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stderr
