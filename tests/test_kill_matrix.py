@@ -47,7 +47,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import Hold, _env, held_env, read_params, small_project, write_params
+from pipeline_helpers import (
+    Hold,
+    _env,
+    held_env,
+    read_params,
+    small_project,
+    write_params,
+)
 from test_pipeline_reliability import _checkpoint_steps, _tail
 
 pytestmark = pytest.mark.slow

@@ -27,7 +27,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import DVC, HANG_GUARD_S, Hold, _env, _project_copy, held_env, read_params, small_project, write_params
+from pipeline_helpers import (
+    DVC,
+    HANG_GUARD_S,
+    Hold,
+    _env,
+    _project_copy,
+    held_env,
+    read_params,
+    small_project,
+    write_params,
+)
 
 from spo.io import read_jsonl
 
