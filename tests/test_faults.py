@@ -186,7 +186,8 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
 
     def make_judge(cfg: SpoConfig):  # noqa: ANN202
         jc = cfg.judge
-        judge = OpenAIJudge(jc.openai, jc.prompt_version, JudgeCache(jc.cache_file), clock=clock.clock, sleep=clock.sleep)
+        judge = OpenAIJudge(jc.openai, jc.prompt_version, JudgeCache(jc.cache_file), clock=clock.clock,
+                            sleep=clock.sleep)
         return judge, judge
 
     monkeypatch.setattr(judge_stage, "make_judge", make_judge)
