@@ -9,6 +9,7 @@ Not a test module: imported as ``from fake_clock import FakeClock`` (pytest puts
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,17 +21,24 @@ class FakeClock:
     ``on_sleep`` (optional) is called with the number of sleeps so far (1 for the first) after
     each one: a test's way to make something happen at an exact point of the code's waiting
     (a token rotated between two polls, a signal while a job runs) instead of racing a thread.
+
+    Thread-safe (the judge's workers share one clock): sleeps from several threads each move the
+    time on by their own length, one after the other.
     """
 
     now: float = 0.0
     sleeps: list[float] = field(default_factory=list)
     on_sleep: Callable[[int], None] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __call__(self) -> float:
-        return self.now
+        with self._lock:
+            return self.now
 
     def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+        with self._lock:
+            self.sleeps.append(seconds)
+            self.now += max(0.0, seconds)
+            count = len(self.sleeps)
         if self.on_sleep is not None:
-            self.on_sleep(len(self.sleeps))
+            self.on_sleep(count)

@@ -20,7 +20,7 @@ request may still be served, which no client can prevent, and tests count it ins
 failing on it.  (The look and the write are not atomic: a client that gives up in between is
 missed by this count; tests that need exact figures reconcile with what the client received.)
 
-:class:`FakeClock` is the judge's clock and sleep in tests: backoffs and Retry-After pauses are
+The judge's tests run its backoffs and Retry-After pauses on ``fake_clock.FakeClock``:
 recorded, not waited for.
 """
 
@@ -109,24 +109,6 @@ def client_closed(connection: socket.socket) -> bool:
         return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         return True
-
-
-class FakeClock:
-    """``clock()`` and ``sleep(s)`` for the judge: a sleep is recorded and moves the clock on at once."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps: list[float] = []
-        self._lock = threading.Lock()
-
-    def clock(self) -> float:
-        with self._lock:
-            return self.now
-
-    def sleep(self, seconds: float) -> None:
-        with self._lock:
-            self.sleeps.append(seconds)
-            self.now += max(0.0, seconds)
 
 
 @dataclass

@@ -42,7 +42,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from judge_server import FakeClock, JudgeServer, Reply, RequestRecord, garbage, hang, rate_limited, verdict
+from fake_clock import FakeClock
+from judge_server import JudgeServer, Reply, RequestRecord, garbage, hang, rate_limited, verdict
 from spo.config import ComparisonConfig, SpoConfig
 from spo.io import read_jsonl, write_jsonl
 
@@ -186,7 +187,7 @@ def fake_clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
 
     def make_judge(cfg: SpoConfig):  # noqa: ANN202
         jc = cfg.judge
-        judge = OpenAIJudge(jc.openai, jc.prompt_version, JudgeCache(jc.cache_file), clock=clock.clock,
+        judge = OpenAIJudge(jc.openai, jc.prompt_version, JudgeCache(jc.cache_file), clock=clock,
                             sleep=clock.sleep)
         return judge, judge
 
@@ -203,13 +204,13 @@ def test_judge_endpoint_down_then_back(judge_workspace: Path) -> None:
     """(1) Port closed: `spo judge` (a real process) fails fast — every request exhausts its retries, so
     the judge cannot judge — and exits 2 with one line naming the endpoint, writing no win rates; once
     the endpoint listens on that port again a rerun judges everything once."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    params = judge_params(judge_workspace, f"http://127.0.0.1:{port}/v1", max_retries=1)
-    env = {**_env(), KEY_ENV: SECRET}
-    cmd = [sys.executable, "-m", "spo", "judge", "-p", str(params)]
-    down = subprocess.run(cmd, cwd=judge_workspace, env=env, capture_output=True, text=True, timeout=300)
+    with socket.socket() as held:  # bound, never listening: refused, and no other process can take the port
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        params = judge_params(judge_workspace, f"http://127.0.0.1:{port}/v1", max_retries=1)
+        env = {**_env(), KEY_ENV: SECRET}
+        cmd = [sys.executable, "-m", "spo", "judge", "-p", str(params)]
+        down = subprocess.run(cmd, cwd=judge_workspace, env=env, capture_output=True, text=True, timeout=300)
     assert down.returncode == 2, down.stderr[-4000:]
     line = one_error_line(down.stderr)
     assert f"openai:judge-test@127.0.0.1:{port}" in line and "giving up after 2 attempts: connection error" in line
@@ -228,28 +229,28 @@ def test_judge_endpoint_down_then_back(judge_workspace: Path) -> None:
 
 def test_judge_slower_than_the_timeout(judge_workspace: Path, caplog: pytest.LogCaptureFixture,
                                        capsys: pytest.CaptureFixture, fake_clock: FakeClock) -> None:
-    """(2) Items 4 and 5 never answer before the client gives up (3 s, twice): the other items are
-    judged and written, then the stage exits 2 in one line saying 2 of 6 items are left; the verdicts
-    that did arrive are cached; the rerun asks only for the rest."""
+    """(2) Item 5 never answers before the client gives up (5 s, twice): the other items are judged
+    and written, then the stage exits 2 in one line saying 1 of 6 items is left; the verdicts that did
+    arrive are cached; the rerun asks only for the rest. (5 s: only a hanging reply outlasts it.)"""
     healthy = threading.Event()
 
     def plan(content: str, attempt: int) -> tuple[str, Reply]:
-        if item_of(content) >= 4 and not healthy.is_set():
+        if item_of(content) == 5 and not healthy.is_set():
             return "timeout", hang()
         return "verdict", longer_wins(content)
 
     ledger = Ledger(plan)
     with JudgeServer(default=ledger) as server:
-        params = judge_params(judge_workspace, server.base_url, max_retries=1, timeout=3.0)
+        params = judge_params(judge_workspace, server.base_url, max_retries=1, timeout=5.0)
         caplog.set_level(logging.INFO)
         message = cli_error(run_judge(params), caplog, capsys)
-        assert message.startswith("judge: 2 of 6 items not judged after 2 attempts (timed out: 4): rerun to retry "
+        assert message.startswith("judge: 1 of 6 items not judged after 2 attempts (timed out: 2): rerun to retry "
                                   "only those"), message
-        assert "timed out after 3.0s" in message and server.base_url.split("//")[1].split("/")[0] in message
-        stats = winrates(judge_workspace)  # written: the 4 items judged, the 2 left marked with their reason
-        assert (stats["n"], stats["not_judged_failed"], stats["not_judged_reasons"]) == (4, 2, {"timed out": 4})
+        assert "timed out after 5.0s" in message and server.base_url.split("//")[1].split("/")[0] in message
+        stats = winrates(judge_workspace)  # written: the 5 items judged, the one left marked with its reason
+        assert (stats["n"], stats["not_judged_failed"], stats["not_judged_reasons"]) == (5, 1, {"timed out": 2})
         first_calls, paid_first = ledger.calls(), sum(ledger.delivered().values())
-        assert paid_first == 8 and first_calls == 8 + 4 * 2
+        assert paid_first == 10
 
         healthy.set()
         caplog.clear()

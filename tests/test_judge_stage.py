@@ -228,19 +228,20 @@ def test_a_missing_key_or_an_unreachable_endpoint_is_a_message_and_exit_2(
     cfg = _cfg(workspace)
     cfg.judge.backend = "openai"
     cfg.judge.openai.api_key_env = "SPO_TEST_JUDGE_KEY"
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg.judge.openai.base_url = f"http://127.0.0.1:{port}/v1"
-    cfg.judge.openai.retry.max_retries = 1
-    cfg.judge.openai.retry.initial_backoff = 0.01
-    cfg.judge.openai.retry.timeout = 2.0
-    params = workspace / "params.yaml"
-    params.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True)))
-    monkeypatch.delenv("SPO_TEST_JUDGE_KEY", raising=False)
-    assert main(["judge", "-p", str(params)]) == 2
-    assert "environment variable SPO_TEST_JUDGE_KEY, which is unset or empty" in caplog.text
-    caplog.clear()
-    monkeypatch.setenv("SPO_TEST_JUDGE_KEY", "sk-test-not-a-real-key")
-    assert main(["judge", "-p", str(params)]) == 2
+    held = socket.socket()  # bound, never listening: refused, and no other process can take the port
+    held.bind(("127.0.0.1", 0))
+    try:
+        cfg.judge.openai.base_url = f"http://127.0.0.1:{held.getsockname()[1]}/v1"
+        cfg.judge.openai.retry.max_retries = 1
+        cfg.judge.openai.retry.initial_backoff = 0.01
+        params = workspace / "params.yaml"
+        params.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True)))
+        monkeypatch.delenv("SPO_TEST_JUDGE_KEY", raising=False)
+        assert main(["judge", "-p", str(params)]) == 2
+        assert "environment variable SPO_TEST_JUDGE_KEY, which is unset or empty" in caplog.text
+        caplog.clear()
+        monkeypatch.setenv("SPO_TEST_JUDGE_KEY", "sk-test-not-a-real-key")
+        assert main(["judge", "-p", str(params)]) == 2
+    finally:
+        held.close()
     assert "giving up after 2 attempts" in caplog.text and "sk-test-not-a-real-key" not in caplog.text
