@@ -99,9 +99,9 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     write_provenance(out_dir, stage="prepare", config_hash=cfg.section_hash("data", "prepare"), inputs=description)
     seconds = time.perf_counter() - started
     log.info(
-        "prepare: read %d %s rows (and skipped %d blank lines) from %s, wrote %s to %s, merged %d repeated pairs, settled %d pairs "
-        "labelled both ways (%s, %d copies outvoted), quarantined %d to %s (%.1f s)",
-        read, source, blank_lines, cfg.data.resolved_local_dir() or description.get("path"),
+        "prepare: read %d %s rows from %s (skipped %d blank lines), wrote %s to %s, merged %d repeated pairs, "
+        "settled %d pairs labelled both ways (%s, %d copies outvoted), quarantined %d to %s (%.1f s)",
+        read, source, cfg.data.resolved_local_dir() or description.get("path"), blank_lines,
         " / ".join(f"{counts.get(s, 0)} {s}" for s in SPLITS), out_dir, merged, len(disputed),
         cfg.prepare.disagreement, outvoted, len(quarantined), cfg.prepare.quarantine_file, seconds,
     )
