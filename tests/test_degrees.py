@@ -44,9 +44,16 @@ def tokens(text: str) -> list[str]:
     return [t.casefold() for t in TOKEN_RE.findall(text)]
 
 
+def same_word(level_word: str, text_word: str) -> bool:
+    """Equal, or equal but for a first letter raised to upper case (a word that removal made a
+    sentence start)."""
+    return level_word == text_word or level_word == text_word[0].upper() + text_word[1:]
+
+
 def is_subsequence(small: list[str], big: list[str]) -> bool:
+    """Up to a raised first letter (:func:`same_word`), on either side."""
     it = iter(big)
-    return all(any(x == y for y in it) for x in small)
+    return all(any(same_word(x, y) or same_word(y, x) for y in it) for x in small)
 
 
 def contains(seq: list[str], sub: list[str]) -> bool:
@@ -55,11 +62,12 @@ def contains(seq: list[str], sub: list[str]) -> bool:
 
 
 def kept_origins(text: str, spans) -> list[int]:
-    """The origins of the non-space characters of a rendering, checked to be their own."""
+    """The origins of the non-space characters of a rendering, checked to be their own (a letter
+    that removal made a sentence start may be raised to upper case)."""
     level, origins = render_with_origins(text, spans)
     assert len(origins) == len(level) and level == render(text, spans)
     solid = [(c, o) for c, o in zip(level, origins) if not c.isspace()]
-    assert all(0 <= o < len(text) and text[o] == c for c, o in solid), (text, spans, level, origins)
+    assert all(0 <= o < len(text) and c in (text[o], text[o].upper()) for c, o in solid), (text, spans, level, origins)
     assert all(a < b for (_, a), (_, b) in zip(solid, solid[1:])), (text, spans, level, origins)
     assert all(o == -1 or 0 <= o < len(text) for o in origins)
     return [o for _, o in solid]
@@ -111,13 +119,14 @@ def test_worked_example_levels() -> None:
         " About of butterflies live in Oregon, with about are moths, and about are common here year-round, "
         "and are seen here year-round. I suggest you keep an eye out for skippers, and."
     )
-    # a separator after a removal point goes with the removed text: no orphan "for, and."
+    # a separator that still separates something stays (it is not part of the removed words); one
+    # that removal orphans goes: "for skippers, gossamer wings, and" minus the items is "for, and"
     assert dv.levels[2] == (
-        " About of in Oregon, with about are moths, and about are common here and are here. "
-        "I you keep an eye out for and."
+        " About of in Oregon, with about are moths, and about are common here, and are here. "
+        "I you keep an eye out for, and."
     )
-    assert dv.levels[3] == " About of in with about are and about are here and are here. I you an out for and."
-    assert all("for, and." not in level for level in dv.levels[2:])
+    assert dv.levels[3] == " About of in, with about are, and about are here, and are here. I you an out for, and."
+    assert all(", ," not in level and " ," not in level for level in dv.levels)
     # level 1 removes the six top phrases' occurrences, nothing else
     removed = "".join(BUTTERFLIES[s:e] + "|" for s, e in dv.removed_spans[1])
     assert removed == "150 species|100 species|20 species|another 10 species|gossamer wings|red admirals|"
@@ -149,30 +158,33 @@ def test_matching_is_case_insensitive_on_word_boundaries_across_whitespace() -> 
     dv = build_degree_variants("Look: Red\n admirals fly.", ["red admirals"], 2)
     assert dv.removed_spans[1] == [(6, 9), (11, 19)]
     assert build_levels("The party was art.", ["art"], 2)[1] == "The party was."
-    assert build_levels("ART and Art and art", ["art"], 2)[1] == "and and"
+    assert build_levels("ART and Art and art", ["art"], 2)[1] == "And and"
 
 
 def test_debris_cleaning() -> None:
     assert build_levels("skippers, gossamer wings, and red admirals.", ["gossamer wings", "red admirals"], 2)[1] == (
         "skippers, and."
     )
-    assert build_levels("Red, blue, green.", ["red"], 2)[1] == "blue, green."
+    # a text (or sentence) whose first word goes starts with the next one, capitalised as it was
+    assert build_levels("Red, blue, green.", ["red"], 2)[1] == "Blue, green."
     assert build_levels("one two three", ["two"], 2)[1] == "one three"
-    assert build_levels("here year-round, and", ["year", "round"], 2)[1] == "here and"
+    assert build_levels("here year-round, and", ["year", "round"], 2)[1] == "here, and"
     assert build_levels("a (red admirals) b", ["red admirals"], 2)[1] == "a b"
     assert build_levels("a (red admirals). b", ["red admirals"], 2)[1] == "a. b"
     assert build_levels("A. B. C.", ["b"], 2)[1] == "A. C."
     assert build_levels("List:\n- red\n- blue\n\nEnd", ["red"], 2)[1] == "List:\n- blue\n\nEnd"
     assert build_levels("List:\n- red\n- blue\n\nEnd", ["red", "blue"], 2)[1] == "List:\n\nEnd"
-    # separators go with the removed text before them; terminals stay
+    # separators stay while they separate something; those removal orphans go (", ," -> ",",
+    # ", ." -> ".", no leading ","), the last of a run kept; terminals stay
     assert build_levels("out for skippers, gossamer wings, and red admirals.",
-                        ["skippers", "gossamer wings", "red admirals"], 2)[1] == "out for and."
+                        ["skippers", "gossamer wings", "red admirals"], 2)[1] == "out for, and."
+    assert build_levels("in Oregon, with moths", ["oregon"], 2)[1] == "in, with moths"
     assert build_levels("A, B, C.", ["b"], 2)[1] == "A, C."
-    assert build_levels("A, B; C: D.", ["b", "c"], 2)[1] == "A, D."
+    assert build_levels("A, B; C: D.", ["b", "c"], 2)[1] == "A: D."
     assert build_levels("A, B. C", ["b"], 2)[1] == "A. C"
     assert build_levels("Buy A , , red B", ["red"], 2)[1] == "Buy A, B"
     # text away from removal points stays as it was, double spaces included
-    assert build_levels("Keep  this , odd text. Drop me.", ["drop"], 2)[1] == "Keep  this , odd text. me."
+    assert build_levels("Keep  this , odd text. Drop me.", ["drop"], 2)[1] == "Keep  this , odd text. Me."
 
 
 def test_leading_space_is_kept_and_ends_are_stripped() -> None:
@@ -199,7 +211,7 @@ def test_every_level_has_the_same_end_normalisation() -> None:
     assert normalise("   ") == "" and normalise("") == ""
     # level 0 goes through the same normalisation: trailing whitespace tells no level apart
     dv = build_degree_variants(" Red admirals fly.  \n", ["red admirals"], 2)
-    assert dv.levels == [" Red admirals fly.", " fly."]
+    assert dv.levels == [" Red admirals fly.", " Fly."]
     assert dv.removed_spans[1] == [(1, 13)]  # coordinates of the original text
     for level in dv.levels:
         assert level == normalise(level) and level == level.rstrip()
@@ -225,12 +237,13 @@ def test_render_with_origins_worked_example() -> None:
         last_and = BUTTERFLIES.rindex("and")
         assert origins[-4:-1] == [last_and, last_and + 1, last_and + 2]
     assert_nested(BUTTERFLIES, dv.removed_spans)
-    # a kept comma carries its own index: level 1's "skippers, and" keeps the comma after skippers
+    # a kept comma carries its own index: of ", ," (level 1's "skippers, [gossamer wings], and")
+    # the last is kept, the one after "wings"
     level, origins = render_with_origins(BUTTERFLIES, dv.removed_spans[1])
     comma = level.rindex(", and.")
-    assert origins[comma] == BUTTERFLIES.index("skippers,") + len("skippers")
-    # the space that joins "skippers," to "and" stands for the removed "gossamer wings,": synthesised
-    assert level[comma + 1] == " " and origins[comma + 1] == -1
+    assert origins[comma] == BUTTERFLIES.index("wings,") + len("wings")
+    # and the space after it is the text's own, not a synthesised one
+    assert level[comma + 1] == " " and origins[comma + 1] == origins[comma] + 1
 
 
 def test_render_with_origins_on_a_prefix() -> None:
@@ -358,7 +371,7 @@ def test_level_properties(data, n_levels, cut_at) -> None:
             assert dv.removed_fraction[k] <= dv.removed_fraction[k + 1]
         # the words of a level are the words of the text outside the removed spans
         kept = [m.group() for m in re.finditer(r"\w+", text) if not any(s <= m.start() < e for s, e in spans)]
-        assert words(levels[k]) == kept
+        assert len(words(levels[k])) == len(kept) and all(map(same_word, words(levels[k]), kept))
         level_tokens = tokens(levels[k])
         for phrase in phrases[: dv.phrases_removed[k]]:
             seq = tokens(phrase)
@@ -423,7 +436,7 @@ def test_stage_writes_variants_metrics_and_plot(tmp_path) -> None:
     assert r1["rejected"]["phrases_removed"] == [0, 1, 1, 1] and not r1["rejected"]["distinct"]
     # the duplicate "Moths" is dropped before levels are built
     assert out["train"][1]["chosen"]["n_phrases"] == 3
-    assert out["train"][1]["chosen"]["levels"][1:] == ["skippers and moths.", "and moths.", "and."]
+    assert out["train"][1]["chosen"]["levels"][1:] == ["Skippers and moths.", "And moths.", "And."]
 
     metrics = json.loads((tmp_path / "metrics" / "degrees.json").read_text())
     responses = [r[side] for split in out.values() for r in split for side in ("chosen", "rejected")]

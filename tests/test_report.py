@@ -71,7 +71,13 @@ def _fake_run(root: Path) -> None:
                                  "rows_read_prepare": 4466, "rows_valid": 4442})
     _write(m / "keywords.json", {"method": "rake", "phrases_per_response_mean": 11.74, "phrases_per_response_median": 9.0,
                                  "covered_char_fraction_mean": 0.5, "responses": 8884, "responses_without_phrases": 43})
-    _write(m / "degrees.json", {"n_levels": 4, "responses": 8884, **{
+    audit = {"split": "train", "chance": 0.25, "train_responses": 1606, "test_responses": 1544, "judged": True,
+             "max_above_chance": 0.05, "shortcuts": {"punctuation": 0.31},
+             "probes": {"whitespace": {"accuracy": 0.253, "ci_low": 0.251, "ci_high": 0.254,
+                                       "per_level": [0.72, 0.0, 0.02, 0.27]},
+                        "punctuation": {"accuracy": 0.31, "ci_low": 0.3, "ci_high": 0.32, "per_level": [0.3] * 4},
+                        "length": {"accuracy": 0.33, "ci_low": 0.321, "ci_high": 0.339, "per_level": [0.33] * 4}}}
+    _write(m / "degrees.json", {"n_levels": 4, "responses": 8884, "shortcut_audit": audit, **{
         f"level_{i}": {"phrases_removed_mean": 4.0 * i, "removed_fraction_mean": 0.15 * i,
                        "removed_fraction_median": 0.15 * i} for i in range(4)}})
     _write(m / "sft.json", {"eval_loss_before": 8.3296, "eval_loss_after": 6.2540, "train_loss_first": 8.3,
@@ -132,6 +138,10 @@ def test_report_numbers_equal_the_judge_metrics(tmp_path: Path, monkeypatch: pyt
     # the other sections carry the real values
     assert "8.330 | 6.254" in md and "0.532 | 0.596" in md and "| rake |" in md and "| 4466 | 4452 | 4442 |" in md
     assert "not_blank:chosen" in md and "178.6" in md and "abababababababab" in md and "<details>" in md
+    # the shortcut audit: every probe with its kind, interval and verdict
+    assert "| whitespace | formatting | 25.3% | [25.1%, 25.4%] | 0.72 0.00 0.02 0.27 | ok |" in md
+    assert "| punctuation | formatting | 31.0% | [30.0%, 32.0%] | 0.30 0.30 0.30 0.30 | SHORTCUT |" in md
+    assert "| length | length | 33.0% | [32.1%, 33.9%] | 0.33 0.33 0.33 0.33 | reported |" in md
     # degree examples: the row with repeated levels is skipped, long text truncated, pipes escaped
     assert "Row r1" in md and "Row r2" in md and "Row same" not in md
     assert "…" in md and "one \\| two" in md

@@ -73,3 +73,23 @@ def test_degree_heads_are_shown_per_head_and_level_against_chance(tmp_path: Path
 def test_no_judge_metrics_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert main(["results", "--metrics-dir", str(tmp_path)]) == 2
     assert f"{tmp_path}/judge.json: no judge metrics (run the pipeline first: dvc repro)" in caplog.text
+
+
+def test_the_shortcut_audit_is_shown_beside_the_heads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    metrics = _metrics(tmp_path / "metrics")
+    probes = {name: {"accuracy": acc, "ci_low": acc - 0.01, "ci_high": acc + 0.01, "per_level": [acc] * 4}
+              for name, acc in (("whitespace", 0.253), ("formatting", 0.283), ("length", 0.33),
+                                ("word_length", 0.548), ("length_all", 0.57))}
+    audit = {"chance": 0.25, "test_responses": 1544, "judged": True, "shortcuts": {}, "formatting_max": 0.283,
+             "probes": probes}
+    (metrics / "degrees.json").write_text(json.dumps({"n_levels": 4, "shortcut_audit": audit}))
+    assert main(["results", "--metrics-dir", str(metrics), "--policy-dir", str(tmp_path / "none")]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Shortcut audit"))
+    assert line == ("Shortcut audit of the degree levels (1544 held-out responses, chance 25%): formatting at most "
+                    "28.3% (within the limit); length 33.0%, word length 54.8%, all length probes 57.0%")
+    audit["shortcuts"] = {"whitespace": 0.37}
+    (metrics / "degrees.json").write_text(json.dumps({"n_levels": 4, "shortcut_audit": audit}))
+    assert main(["results", "--metrics-dir", str(metrics), "--json", "--policy-dir", str(tmp_path / "none")]) == 0
+    assert json.loads(capsys.readouterr().out)["shortcut_audit"]["shortcuts"] == {"whitespace": 0.37}
+    assert main(["results", "--metrics-dir", str(metrics), "--policy-dir", str(tmp_path / "none")]) == 0
+    assert "(SHORTCUT in whitespace)" in capsys.readouterr().out

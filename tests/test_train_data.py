@@ -81,8 +81,10 @@ def test_reencode_levels_are_nested_cut_where_level0_is_and_share_its_end(max_le
 
 
 def _subsequence(small: list[str], big: list[str]) -> bool:
+    """Up to a first letter raised to upper case: a word that removal made a sentence start
+    (spo.degrees._capitalise_new_sentence_starts)."""
     it = iter(big)
-    return all(any(x == y for y in it) for x in small)
+    return all(any(x in (y, y[:1].upper() + y[1:]) for y in it) for x in small)
 
 
 def test_kept_tokens_carry_their_own_original_position() -> None:

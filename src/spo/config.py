@@ -159,12 +159,29 @@ class KeywordsConfig(_Section):
     random: RandomOptions = Field(default_factory=RandomOptions)
 
 
+class DegreeAuditConfig(_Section):
+    """The shortcut audit of the degree variants (docs/degrees.md, "The shortcut audit")."""
+
+    enabled: bool = True
+    max_above_chance: float = Field(
+        default=0.05, ge=0.0, le=1.0,
+        description="A formatting probe more than this above chance 1/N is a shortcut.")
+    on_shortcut: Literal["warn", "fail"] = Field(
+        default="warn", description="warn: log it and go on; fail: stop the stage (after writing its outputs).")
+    min_responses: int = Field(
+        default=200, ge=1,
+        description="Held-out responses below which the audit is reported but not judged (too noisy).")
+    seed: int = Field(default=0, description="Seeds the response split and the bootstrap.")
+    bootstrap: int = Field(default=1000, ge=0, description="Bootstrap resamples of the held-out responses.")
+
+
 class DegreesConfig(_Section):
     in_dir: str = "data/validated"
     keywords_dir: str = "data/keywords"
     out_dir: str = "data/degrees"
     metrics_file: str = "metrics/degrees.json"
     n_levels: int = Field(default=4, ge=2, description="N: level 0 is the response, N-1 removes all key content.")
+    audit: DegreeAuditConfig = Field(default_factory=DegreeAuditConfig)
 
     @field_validator("n_levels")
     @classmethod

@@ -22,6 +22,7 @@ from spo.plots import degree_levels, policy_plots, win_rate_plot
 import yaml
 
 from spo.config import SpoConfig
+from spo.degree_audit import FORMATTING_PROBES
 
 log = logging.getLogger("spo.report")
 
@@ -407,7 +408,37 @@ class Builder:
             if nd:
                 d.p(f"Responses whose levels are not all distinct: {fmt(nd.get('count'))} "
                     f"({pct(nd.get('fraction'))}) of {fmt(deg.get('responses'))}.")
+            self.shortcut_audit(deg.get("shortcut_audit"))
         self.degree_examples()
+
+    def shortcut_audit(self, audit: Any) -> None:
+        """The degrees stage's shortcut audit: what content-free probes make of the levels."""
+        d = self.doc
+        d.h(3, "Shortcut audit")
+        if not isinstance(audit, dict) or not isinstance(audit.get("probes"), dict):
+            d.not_run("Shortcut audit")
+            return
+        d.p(f"Held-out accuracy of classifiers that see no content, on {fmt(audit.get('test_responses'))} "
+            f"{audit.get('split', '?')} responses (trained on {fmt(audit.get('train_responses'))}); chance "
+            f"{pct(audit.get('chance'))}. Formatting probes must stay within "
+            f"{pct(audit.get('max_above_chance'))} of chance; length probes are what removing content "
+            "changes by design, the floor a degree head must clear (docs/degrees.md).")
+        shortcuts = audit.get("shortcuts") or {}
+        rows = []
+        for name, probe in audit["probes"].items():
+            if not isinstance(probe, dict):
+                continue
+            kind = "formatting" if name in FORMATTING_PROBES else "length"
+            verdict = "SHORTCUT" if name in shortcuts else ("ok" if kind == "formatting" else "reported")
+            interval = (f"[{pct(probe.get('ci_low'))}, {pct(probe.get('ci_high'))}]"
+                        if probe.get("ci_low") is not None else "–")
+            rows.append([name, kind, pct(probe.get("accuracy")), interval,
+                         " ".join(fmt(v, 2) for v in probe.get("per_level") or []), verdict])
+        d.table(["Probe", "Kind", "Accuracy", "95% interval", "Per level", ""], rows)
+        if not audit.get("judged", True):
+            d.p("Too few held-out responses to judge the formatting probes.")
+        if self._copy_image(self.metrics_dir / "degrees_shortcut_audit.png", "degrees_shortcut_audit.png"):
+            d.img("shortcut audit", "degrees_shortcut_audit.png")
 
     def degree_examples(self) -> None:
         d = self.doc

@@ -5,7 +5,8 @@ wants after a run is the win-rate table: each comparison with its n, win rate, 9
 tie rate and length-controlled win rate, under the judge that made it and how good that judge is
 (the local reward judge's held-out pair accuracy, with its Wilson interval), the SPO degree
 heads' accuracy on the eval pairs against chance 1/N (per head and per level, from each policy's
-``degree_confusion.json``), and where the full report is.
+``degree_confusion.json``) with the degrees stage's shortcut audit beside it (what a head must
+beat: the length probes), and where the full report is.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def results(metrics_dir: str | Path = "metrics", reports_dir: str | Path = "repo
     rows = {name: r for name, r in judged.items() if isinstance(r, dict) and "win_rate" in r}
     out: dict[str, Any] = {"win_rates": rows, "judge": _judge(rows, metrics_dir / "reward_model.json"),
                            "degrees": degree_accuracy(policy_dir),
+                           "shortcut_audit": _shortcut_audit(metrics_dir / "degrees.json"),
                            "report": [str(reports_dir / name) for name in ("report.md", "report.html")
                                       if (reports_dir / name).is_file()]}
     return out
@@ -82,6 +84,34 @@ def _judge(rows: dict[str, Any], reward_file: Path) -> dict[str, Any]:
     return judge
 
 
+def _shortcut_audit(degrees_file: Path) -> dict[str, Any] | None:
+    """The degrees stage's shortcut audit, when it ran (metrics/degrees.json)."""
+    if not degrees_file.is_file():
+        return None
+    try:
+        audit = json.loads(degrees_file.read_text(encoding="utf-8")).get("shortcut_audit")
+    except (ValueError, AttributeError):
+        raise InputError(f"{degrees_file}: not a JSON object") from None
+    return audit if isinstance(audit, dict) and isinstance(audit.get("probes"), dict) else None
+
+
+def _audit_line(audit: dict[str, Any]) -> str:
+    """One line: the best formatting probe, and the length probes a head must beat."""
+    probes = audit["probes"]
+
+    def acc(name: str) -> str:
+        value = (probes.get(name) or {}).get("accuracy")
+        return f"{100 * value:.1f}%" if value is not None else "–"
+
+    formatting = audit.get("formatting_max")
+    verdict = (f"SHORTCUT in {', '.join(audit['shortcuts'])}" if audit.get("shortcuts")
+               else "within the limit" if audit.get("judged") else "not judged (too few responses)")
+    return (f"Shortcut audit of the degree levels ({audit.get('test_responses')} held-out responses, chance "
+            f"{100 * audit['chance']:.0f}%): formatting at most "
+            f"{'–' if formatting is None else f'{100 * formatting:.1f}%'} ({verdict}); "
+            f"length {acc('length')}, word length {acc('word_length')}, all length probes {acc('length_all')}")
+
+
 def win_rate_table(summary: dict[str, Any]) -> str:
     """The terminal table of :func:`results`."""
     judge = summary["judge"]
@@ -116,6 +146,8 @@ def win_rate_table(summary: dict[str, Any]) -> str:
         for row in table:
             lines.append("  ".join(cell.ljust(w) if i in (0, 1, 6) else cell.rjust(w)
                                    for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    if summary.get("shortcut_audit"):
+        lines += ["", _audit_line(summary["shortcut_audit"])]
     lines.append("")
     lines.append("Report: " + (" and ".join(summary["report"]) if summary["report"] else "not written (spo report)"))
     return "\n".join(lines)

@@ -5,6 +5,12 @@ same order) for every split present, writes ``{out_dir}/{split}.jsonl`` with, pe
 the levels, labels, removed character spans, phrases removed, phrase count, the ``distinct``
 flag and the removed fraction per level; a provenance record; DVC metrics at
 ``degrees.metrics_file`` and a box plot of the removed fraction per level beside it.
+
+Then the shortcut audit (:mod:`spo.degree_audit`, ``degrees.audit``): on the train split's
+responses with distinct levels, how well content-free probes tell the level.  Its result goes
+into the metrics and a bar chart beside them; a formatting probe more than
+``max_above_chance`` above chance is logged as a warning or, with ``on_shortcut: fail``, stops
+the stage after everything is written.
 """
 
 from __future__ import annotations
@@ -18,14 +24,26 @@ from typing import Any
 
 from tqdm import tqdm
 
-from spo.config import SPLITS, SpoConfig
+from spo.config import SPLITS, DegreeAuditConfig, SpoConfig
+from spo.degree_audit import FORMATTING_PROBES, AuditResult, audit
 from spo.degrees import TOKEN_RE, build_degree_variants
-from spo.io import (InputError, atomic_dir, check_aligned, read_jsonl, save_figure, tree_sha256, write_json, write_jsonl,
-                    write_provenance)
+from spo.errors import StageFailed
+from spo.io import (
+    InputError,
+    atomic_dir,
+    check_aligned,
+    read_jsonl,
+    save_figure,
+    tree_sha256,
+    write_json,
+    write_jsonl,
+    write_provenance,
+)
 
 log = logging.getLogger("spo.degrees")
 SIDES = ("chosen", "rejected")
 PLOT_NAME = "degrees_removed_fraction.png"
+AUDIT_PLOT_NAME = "degrees_shortcut_audit.png"
 
 
 def _phrases(entry: dict[str, Any], side: str, where: str) -> list[str]:
@@ -81,6 +99,8 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     removed_counts: list[list[int]] = [[] for _ in range(n_levels)]
     not_distinct = dict.fromkeys(SIDES, 0)
     per_split: dict[str, int] = {}
+    audit_split = "train" if "train" in inputs else next(iter(inputs))
+    audited: list[tuple[str, list[str]]] = []  # (row id, levels) of the audit split's distinct responses
 
     def variants(split: str):
         rows_path, rows, kw_path, keywords = inputs[split]
@@ -98,6 +118,8 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
                 out[side] = dv.to_json()
                 if not dv.distinct:
                     not_distinct[side] += 1
+                elif split == audit_split and dc.audit.enabled:
+                    audited.append((str(row["id"]), dv.levels))
                 for k in range(n_levels):
                     fractions[k].append(dv.removed_fraction[k])
                     removed_counts[k].append(dv.phrases_removed[k])
@@ -137,6 +159,11 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
             "phrases_removed_mean": math.fsum(counts) / len(counts) if counts else 0.0,
         }
     metrics_path = Path(dc.metrics_file)
+    shortcut = None
+    if dc.audit.enabled:
+        shortcut = _audit(dc.audit, audit_split, audited, metrics_path.parent / AUDIT_PLOT_NAME)
+    if shortcut is not None:
+        metrics["shortcut_audit"] = shortcut
     write_json(metrics_path, metrics)
     plot_path = metrics_path.parent / PLOT_NAME
     _plot(fractions, plot_path)
@@ -149,7 +176,77 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         2 * rows_total, n_levels, out_dir, metrics["responses_not_distinct"]["total"]["count"],
         2 * rows_total, metrics_path, seconds,
     )
+    if shortcut is not None and shortcut["shortcuts"] and dc.audit.on_shortcut == "fail":
+        raise StageFailed(_shortcut_message(shortcut, metrics_path))
     return {**metrics, "plot": str(plot_path), "seconds": round(seconds, 3)}
+
+
+def _shortcut_message(shortcut: dict[str, Any], metrics_path: Path) -> str:
+    found = ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in shortcut["shortcuts"].items())
+    return (f"degrees: formatting probes tell the degree level without reading the content: {found} "
+            f"(chance {100 * shortcut['chance']:.1f}%, allowed +{100 * shortcut['max_above_chance']:.1f} points; "
+            f"{shortcut['test_responses']} held-out {shortcut['split']} responses; see {metrics_path} and "
+            "docs/degrees.md, \"The shortcut audit\")")
+
+
+def _audit(ac: DegreeAuditConfig, split: str, responses: list[tuple[str, list[str]]], plot_path: Path,
+           ) -> dict[str, Any] | None:
+    """Run the shortcut audit, log its one-line result (a warning on a shortcut), plot it and
+    return its metrics entry; None when no response has distinct levels."""
+    if not responses:
+        log.warning("degrees: shortcut audit skipped: no %s response has %s", split, "distinct levels")
+        return None
+    result: AuditResult = audit(responses, seed=ac.seed, bootstrap=ac.bootstrap)
+    judged = result.test_responses >= ac.min_responses
+    shortcuts = result.shortcuts(ac.max_above_chance) if judged else {}
+    entry = {**result.to_json(), "split": split, "max_above_chance": ac.max_above_chance,
+             "judged": judged, "shortcuts": shortcuts}
+    probes = result.probes
+    line = (f"degrees: shortcut audit on {result.test_responses} held-out {split} responses "
+            f"(trained on {result.train_responses}): formatting probes at most "
+            f"{100 * (entry['formatting_max'] or 0):.1f}%, length {100 * probes['length'].accuracy:.1f}%, "
+            f"all length probes {100 * probes['length_all'].accuracy:.1f}% (chance {100 * result.chance:.1f}%)"
+            if probes else f"degrees: shortcut audit: too few {split} responses to fit a probe")
+    if shortcuts:
+        log.warning("%s; SHORTCUT: %s", line, ", ".join(f"{n} {100 * a:.1f}%" for n, a in shortcuts.items()))
+    elif probes and not judged:
+        log.info("%s; not judged: fewer than %d held-out responses", line, ac.min_responses)
+    else:
+        log.info("%s", line)
+    if probes:
+        _plot_audit(result, ac.max_above_chance, plot_path)
+    return entry
+
+
+def _plot_audit(result: AuditResult, margin: float, path: Path) -> None:
+    """Bar chart of every probe's held-out accuracy with its interval, chance and the allowed margin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(result.probes)
+    fig, ax = plt.subplots(figsize=(1.0 * len(names) + 2, 3.8))
+    try:
+        accuracy = [result.probes[n].accuracy for n in names]
+        intervals = [result.probes[n].interval for n in names]
+        low = [a - (lo if lo is not None else a) for a, (lo, _) in zip(accuracy, intervals, strict=True)]
+        high = [(hi if hi is not None else a) - a for a, (_, hi) in zip(accuracy, intervals, strict=True)]
+        colours = ["tab:blue" if n in FORMATTING_PROBES else "tab:gray" for n in names]
+        ax.bar(range(len(names)), accuracy, yerr=[low, high], color=colours, capsize=3)
+        ax.axhline(result.chance, color="black", linewidth=1, label=f"chance {100 * result.chance:.0f}%")
+        ax.axhline(result.chance + margin, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"formatting limit +{100 * margin:.0f} points")
+        ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
+        ax.set_ylabel("held-out accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title("Shortcut audit: level from content-free features (blue: formatting, grey: length)")
+        ax.legend(fontsize=8, loc="upper left")
+        fig.tight_layout()
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _plot(fractions: list[list[float]], path: Path) -> None:
