@@ -64,6 +64,45 @@ def test_degree_loss_with_lora_trains_adapters_not_base() -> None:
     assert base and all(p.grad is None and not p.requires_grad for p in base)
 
 
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_the_arms_of_a_comparison_train_on_the_same_pairs_in_the_same_order(
+        loss: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22: batches were grouped by a length that counted the degree variants, so DPO+SPO got
+    other batches than DPO.  Now every step of both arms (and KTO's mismatched partners) holds the
+    same pair ids, with batches still grouped by length; the run's summary says so by a hash."""
+    from spo.training.data import PairCollator
+
+    seen: list[tuple[str, int, list[str]]] = []
+    call, kl = PairCollator.__call__, PairCollator.kl
+
+    def spy_call(self, examples, indices, step=0, **kw):  # noqa: ANN001, ANN202
+        seen.append(("batch", step, [e.id for e in examples]))
+        return call(self, examples, indices, step=step, **kw)
+
+    def spy_kl(self, examples, partners, indices, max_length):  # noqa: ANN001, ANN202
+        seen.append(("kl", -1, [f"{e.id}>{p.id}" for e, p in zip(examples, partners, strict=True)]))
+        return kl(self, examples, partners, indices, max_length)
+
+    monkeypatch.setattr(PairCollator, "__call__", spy_call)
+    monkeypatch.setattr(PairCollator, "kl", spy_kl)
+    runs = {}
+    for spo in (False, True):
+        seen.clear()
+        tr = _trainer(train_cfg(loss=loss, spo={"enabled": spo}, optim={"max_steps": 6}))
+        assert tr.cfg.group_by_length and (tr.heads is not None) == spo
+        summary = tr.train()
+        runs[spo] = (list(seen), summary["pair_order_sha256"], tr.pair_order())
+    plain, with_spo = runs[False], runs[True]
+    assert plain[0] == with_spo[0] and plain[1] == with_spo[1] and plain[2] == with_spo[2]
+    assert len(plain[2]) == 6 and all(len(batch) == 4 for batch in plain[2])
+    assert [ids for kind, _, ids in plain[0] if kind == "batch"] == [
+        ids[i: i + 2] for ids in plain[2] for i in (0, 2)]  # the plan is what was trained on
+    assert any(kind == "kl" for kind, _, _ in plain[0]) == (loss == "kto")
+    # the variants do change the packed length, which is why it must not order the batches
+    tr = _trainer(train_cfg(spo={"enabled": True}))
+    assert any(e.length != e.alignment_length for e in tr.train_examples)
+
+
 def test_lambda_zero_is_bit_identical_to_plain_dpo() -> None:
     plain = _trainer(train_cfg(spo={"enabled": False}, optim={"max_steps": 4}))
     plain.train()

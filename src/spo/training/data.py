@@ -86,9 +86,20 @@ class PairExample:
 
     @property
     def length(self) -> int:
-        """Tokens of the pair's packed row with every degree variant (the length batches are grouped by)."""
+        """Tokens of the pair's packed row with every degree variant."""
         variants = sum(len(v) for sd in self.degrees.values() for v in sd.variant_ids)
-        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids) + variants
+        return self.alignment_length + variants
+
+    @property
+    def alignment_length(self) -> int:
+        """Tokens of prompt + chosen + rejected: the length batches are grouped by.
+
+        Never the packed length: the degree variants exist only when the SPO loss is on, and
+        grouping by them would give a DPO+SPO policy other batches than its DPO twin (an audit
+        found the two arms sharing 145 of 320 pairs and no batch), so that every difference
+        between the arms would mix SPO with a different data sample.
+        """
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
     def response(self, side: str) -> list[int]:
         return self.chosen_ids if side == "chosen" else self.rejected_ids
@@ -369,6 +380,8 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     The incomplete last batch is dropped (every process must run the same number of steps).
     ``group_by_length``: the shuffled order is cut into mega-chunks of 32 global batches, each
     sorted by length (so a micro-batch holds similar lengths), then the batches are shuffled.
+    ``lengths`` must not depend on the loss options (:attr:`PairExample.alignment_length`), so
+    that every policy of a comparison gets the same batches.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=g).tolist()

@@ -420,8 +420,23 @@ class PreferenceTrainer:
         return self.train_examples if split == "train" else self.eval_examples
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        lengths = [e.length for e in self.train_examples]
+        lengths = [e.alignment_length for e in self.train_examples]
         return epoch_batches(lengths, self.cfg.optim.batch_size, self.seed, epoch, self.cfg.group_by_length)
+
+    def pair_order(self) -> list[list[str]]:
+        """The pair ids of every optimizer step's global batch, in order: the run's data plan.
+
+        It depends on the rows, the seed, the batch size and the alignment lengths only, never on
+        the loss options, so the policies of a comparison share it; its hash is in the summary
+        (``pair_order_sha256``) for anyone to check that they did.
+        """
+        order: list[list[str]] = []
+        for step in range(self.total_steps):
+            epoch, pos = divmod(step, self.steps_per_epoch)
+            if pos == 0:
+                batches = self._epoch_batches(epoch)
+            order.append([self.train_examples[i].id for i in batches[pos]])
+        return order
 
     def _alignment_batch(self, indices: Sequence[int], split: str) -> PackedBatch:
         examples = self._examples(split)
@@ -933,6 +948,7 @@ class PreferenceTrainer:
             "reference_reused": getattr(self, "reference_reused", False),
             "accumulation_steps": self.accum, "num_processes": acc.num_processes,
             "tokens_total": self.state.tokens_total,
+            "pair_order_sha256": hashlib.sha256(json.dumps(self.pair_order()).encode()).hexdigest(),
         }
         if self.state.step < self.total_steps:  # stopped early (simulated kill / timing)
             return summary
