@@ -423,6 +423,28 @@ def test_bf16_mixed_precision_keeps_float32_weights_and_fp16_on_cpu_is_refused(f
         _trainer(train_cfg(mixed_precision="fp16"))
 
 
+def test_the_reference_runs_under_the_policys_precision(fresh_accelerator_state) -> None:
+    """Issue 22: under bf16 mixed precision the frozen copy ran outside autocast while the policy
+    and the precomputed table ran inside it, so precompute_reference true and false were different
+    runs (their step-0 log-ratios differed by about 0.01).  Now both give the step-0 log-ratios of
+    a policy compared with itself: zero, up to bf16 rounding of differently packed batches."""
+    idx = list(range(8))
+
+    def step0_log_ratios(precompute: bool) -> torch.Tensor:
+        tr = _trainer(train_cfg(mixed_precision="bf16", precompute_reference=precompute))
+        assert tr.reference.kind == ("precomputed" if precompute else "copy")
+        batch = tr._alignment_batch(idx, "train")
+        with torch.no_grad():
+            policy = tr.model(batch)["logps"].float()  # the prepared policy: under autocast
+            reference = tr.reference.logps("train", batch).float()
+        return policy - reference
+
+    copy, table = step0_log_ratios(False), step0_log_ratios(True)
+    assert torch.equal(copy, torch.zeros_like(copy))  # the same weights, batch and precision: exactly itself
+    assert table.abs().max() < 2e-3  # bf16 rounding of the table's own packing (the bug gave ~1e-2)
+    assert torch.allclose(copy, table, atol=2e-3)
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(lora: bool) -> None:
     def grads(checkpointing: bool) -> tuple[float, dict[str, torch.Tensor]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,16 @@ class Reference:
     kinds: "adapter" (the policy module, adapters off), "copy" (a frozen copy), "precomputed".
     """
 
-    def __init__(self, kind: str, model: nn.Module | None = None, table: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(self, kind: str, model: nn.Module | None = None, table: dict[str, dict[str, Any]] | None = None,
+                 autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+        """``autocast``: the policy's mixed-precision context.  The policy is prepared by Accelerate,
+        which wraps its forward in autocast; a frozen copy is not, and must run under the same
+        context, or its log-probs differ from the policy's own at step 0 (and from a table
+        precomputed by the prepared policy) by the bf16 rounding of the whole forward."""
         self.kind = kind
         self.model = model
         self.table = table
+        self.autocast = autocast
         self.forwards = 0  # reference forward passes run during training/eval
 
     @torch.no_grad()
@@ -105,7 +112,8 @@ class Reference:
             return torch.cat((part["chosen"][idx], part["rejected"][idx]))
         assert self.model is not None
         self.forwards += 1
-        return forward_logps(self.model, batch)
+        with self.autocast():
+            return forward_logps(self.model, batch)
 
 
 @torch.no_grad()

@@ -465,7 +465,9 @@ class PreferenceTrainer:
 
     def _setup_reference(self, reference_copy: nn.Module | None, cache: str | Path | None, fingerprint: str) -> Reference:
         if not self.cfg.precompute_reference:
-            return Reference("copy", model=reference_copy) if reference_copy is not None else Reference("adapter", model=self.model)
+            if reference_copy is not None:  # not prepared by Accelerate: the policy's autocast made explicit
+                return Reference("copy", model=reference_copy, autocast=self.accelerator.autocast)
+            return Reference("adapter", model=self.model)
         acc = self.accelerator
         lm = self.module.lm
         splits = {"train": self.train_examples}
