@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from spo.cli import main
-from spo.judging.statistics import wilson_interval
+from spo.judging.statistics import bootstrap_ci, wilson_interval
 
 
 def test_wilson_interval_matches_hand_derived_values() -> None:
@@ -60,14 +61,22 @@ def test_degree_heads_are_shown_per_head_and_level_against_chance(tmp_path: Path
     w = [[10, 0, 0, 0], [3, 5, 2, 0], [1, 3, 3, 3], [0, 2, 6, 2]]
     l_ = [[10, 0, 0, 0]] * 4
     (tmp_path / "policy" / "dpo_spo" / "degree_confusion.json").write_text(json.dumps({"l": l_, "w": w}))
+    # the 40 predictions are 10 responses x 4 levels: five responses all right, five all wrong
+    rows = [[f"e{i}", 4 if i < 5 else 0, 4] for i in range(10)]
+    (tmp_path / "policy" / "dpo_spo" / "degree_responses.json").write_text(json.dumps({"n_levels": 4, "w": rows}))
     assert main(["results", "--metrics-dir", str(metrics), "--policy-dir", str(tmp_path / "policy")]) == 0
     out = capsys.readouterr().out.splitlines()
     at = out.index(next(line for line in out if line.startswith("Degree heads")))
+    assert "bootstrap interval over responses" in out[at]
     assert out[at + 2].split() == ["policy", "head", "n", "accuracy", "95%", "interval", "chance", "per", "level"]
-    low, high = wilson_interval(20, 40)
+    low, high = bootstrap_ci(np.array([1.0] * 5 + [0.0] * 5), 2000, 0)
     assert out[at + 3].split() == ["dpo_spo", "chosen", "40", "50.0%", f"[{100 * low:.1f},", f"{100 * high:.1f}]", "25%",
                                    "1.00", "0.50", "0.30", "0.20"]
-    assert out[at + 4].split()[:4] == ["dpo_spo", "rejected", "40", "25.0%"] and out[at + 4].split()[-4:] == ["1.00", "0.00", "0.00", "0.00"]
+    # ten correlated responses are not forty trials: the interval is much wider than Wilson's over 40
+    wilson_low, wilson_high = wilson_interval(20, 40)
+    assert high - low > 1.5 * (wilson_high - wilson_low)
+    assert out[at + 4].split()[:5] == ["dpo_spo", "rejected", "40", "25.0%", "–"]  # no responses file for it
+    assert out[at + 4].split()[-4:] == ["1.00", "0.00", "0.00", "0.00"]
 
 
 def test_no_judge_metrics_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -189,6 +189,18 @@ def test_metrics_checkpoints_and_final_files(tmp_path: Path) -> None:
     confusion = json.loads((out / "degree_confusion.json").read_text())
     assert len(confusion["w"]) == 4 and sum(map(sum, confusion["w"])) > 0
     assert summary["eval"]["pairs"] == 8
+    # per eval response, its predictions (all 4 levels) and how many were right: the same counts as
+    # the confusion matrix, and the logged interval is the bootstrap over those responses
+    responses = json.loads((out / "degree_responses.json").read_text())
+    eval_ids = {e.id for e in tr.eval_examples}
+    for key in ("w", "l"):
+        rows = responses[key]
+        assert rows and {r[0] for r in rows} <= eval_ids and all(r[2] == 4 and 0 <= r[1] <= 4 for r in rows)
+        matrix = confusion[key]
+        assert sum(r[1] for r in rows) == sum(matrix[k][k] for k in range(4))
+        assert sum(r[2] for r in rows) == sum(map(sum, matrix))
+        low, high = summary["eval"][f"degree/accuracy_{key}/ci_low"], summary["eval"][f"degree/accuracy_{key}/ci_high"]
+        assert low <= summary["eval"][f"degree/accuracy_{key}"] <= high
     from spo.training.heads import load_classifier
 
     heads = load_classifier(out)
@@ -562,7 +574,7 @@ def test_separate_variant_passes_give_the_joint_pass_loss_and_gradients(levels: 
             {n: p.grad.clone() for n, p in tr.module.named_parameters() if p.grad is not None})
         tr._train_step(0, batches)
         tr.optimizer.step = original  # type: ignore[method-assign]
-        values, _ = tr.state.window.summarise(tr.accelerator, tr.sides)
+        values, _, _ = tr.state.window.summarise(tr.accelerator, tr.sides)
         return values, grads
 
     n_passes: list[int] = []
@@ -577,6 +589,22 @@ def test_separate_variant_passes_give_the_joint_pass_loss_and_gradients(levels: 
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["loss_degree_l"] == pytest.approx(a["loss_degree_l"], rel=1e-5)
     assert g_joint.keys() == g_separate.keys() and g_joint
     assert all(torch.allclose(g_joint[k], g_separate[k], atol=1e-6, rtol=1e-4) for k in g_joint)
+
+
+def test_training_degree_accuracy_is_balanced_over_levels() -> None:
+    """Issue 22: with levels_per_step 2 every sample has level 0 and each other level a third of
+    them, so a head that always says 0 was right half the time.  Balanced, it is at chance."""
+    from accelerate import Accelerator
+
+    from spo.training.metrics import Accumulator
+
+    window = Accumulator(4)
+    # 6 responses, levels_per_step 2: level 0 and one other level each; the head always says 0
+    labels = torch.tensor([0, 1, 0, 2, 0, 3, 0, 1, 0, 2, 0, 3])
+    window.add_confusion(0, labels, torch.zeros_like(labels))
+    values, _, _ = window.summarise(Accelerator(cpu=True), (True, False))
+    assert values["degree/accuracy_w/level_0"] == 1.0 and values["degree/accuracy_w/level_3"] == 0.0
+    assert values["degree/accuracy_w"] == 0.25  # not 6 / 12
 
 
 def test_balance_levels_reweights_level_zero_only_when_levels_are_sampled() -> None:

@@ -293,7 +293,10 @@ def only_what_ran(rows: list[dict[str, Any]], presets: dict[str, Preset]) -> lis
 def degree_levels(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per experiment, policy and head: the eval accuracy per true level with its 95% Wilson
     interval, and chance 1/N. Each level is predicted once per eval pair whose levels are distinct
-    (``pairs`` − ``excluded_<side>``), so that is every level's n."""
+    (``pairs`` − ``excluded_<side>``), so that is every level's n: within a level the responses
+    are independent trials.  Over all levels they are not (the N levels of a response are
+    correlated), so the overall interval is the trainer's bootstrap over responses
+    (``degree/accuracy_<side>/ci_low``, ``ci_high``), none where an older run did not log it."""
     from spo.judging.statistics import wilson_interval
 
     out = []
@@ -308,7 +311,7 @@ def degree_levels(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 per_level = [{"level": k, "accuracy": v, "n": n,
                               **dict(zip(("ci_low", "ci_high"), wilson_interval(round(v * n), n)))} for k, v in levels]
                 overall = ev.get(f"degree/accuracy_{side}")
-                low, high = wilson_interval(round(overall * n * len(levels)), n * len(levels)) if overall is not None else (None, None)
+                low, high = ev.get(f"degree/accuracy_{side}/ci_low"), ev.get(f"degree/accuracy_{side}/ci_high")
                 out.append({"experiment": r["name"], "policy": policy, "head": head, "n": n * len(levels),
                             "accuracy": overall, "ci_low": low, "ci_high": high, "chance": 1 / len(levels),
                             "levels": per_level})

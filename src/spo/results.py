@@ -44,16 +44,19 @@ def results(metrics_dir: str | Path = "metrics", reports_dir: str | Path = "repo
 
 
 def degree_accuracy(policy_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Per policy and head: the eval predictions n, accuracy with its 95% Wilson interval, chance
-    1/N, and the accuracy per true level (rows of the confusion matrix: true level, columns: predicted)."""
-    from spo.judging.statistics import wilson_interval
+    """Per policy and head: the eval predictions n, accuracy with its 95% interval, chance 1/N, and
+    the accuracy per true level (rows of the confusion matrix: true level, columns: predicted).
 
+    The interval is a bootstrap over eval responses (``degree_responses.json``), all N levels of a
+    response resampled together: a binomial interval over the N x responses predictions would
+    treat the levels of one response as independent trials and be too narrow.  A policy trained
+    before the trainer wrote that file has no interval.
+    """
     out: dict[str, dict[str, Any]] = {}
     for path in sorted(Path(policy_dir).glob("*/degree_confusion.json")):
-        try:
-            confusion = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as err:
-            raise InputError(f"{path}: not JSON ({err})") from None
+        confusion = _read_json(path)
+        responses_path = path.with_name("degree_responses.json")
+        responses = _read_json(responses_path) if responses_path.is_file() else {}
         heads: dict[str, Any] = {}
         for key in HEADS:  # chosen first, whatever the file's order
             matrix = confusion.get(key)
@@ -61,13 +64,34 @@ def degree_accuracy(policy_dir: str | Path) -> dict[str, dict[str, Any]]:
                 continue
             n = sum(sum(row) for row in matrix)
             right = sum(matrix[k][k] for k in range(len(matrix)))
-            low, high = wilson_interval(right, n)
-            heads[key] = {"head": HEADS[key], "n": n, "accuracy": right / n if n else None, "ci_low": low, "ci_high": high,
+            low, high = response_bootstrap(responses.get(key) or [], seed=0)
+            heads[key] = {"head": HEADS[key], "n": n, "responses": len(responses.get(key) or []),
+                          "accuracy": right / n if n else None, "ci_low": low, "ci_high": high,
                           "chance": 1 / len(matrix),
                           "per_level": [row[k] / sum(row) if sum(row) else None for k, row in enumerate(matrix)]}
         if heads:
             out[path.parent.name] = heads
     return out
+
+
+def response_bootstrap(rows: list[list[Any]], seed: int, samples: int = 2000) -> tuple[float | None, float | None]:
+    """95% percentile interval of the accuracy over ``[id, right, seen]`` rows, resampling rows
+    (responses); the trainer logs the same interval (spo.training.metrics)."""
+    import numpy as np
+
+    from spo.judging.statistics import bootstrap_ci
+
+    return bootstrap_ci(np.array([r[1] / r[2] for r in rows], dtype=np.float64), samples, seed)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise InputError(f"{path}: not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: not a JSON object")
+    return data
 
 
 def _judge(rows: dict[str, Any], reward_file: Path) -> dict[str, Any]:
@@ -134,7 +158,8 @@ def win_rate_table(summary: dict[str, Any]) -> str:
         lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
     degrees = summary.get("degrees") or {}
     if degrees:
-        lines += ["", "Degree heads on the eval pairs (accuracy, 95% Wilson interval; per level: true level 0..N-1)", ""]
+        lines += ["", "Degree heads on the eval pairs (accuracy, 95% bootstrap interval over responses; per level: "
+                  "true level 0..N-1)", ""]
         table = [("policy", "head", "n", "accuracy", "95% interval", "chance", "per level")]
         for policy, heads in degrees.items():
             for h in heads.values():

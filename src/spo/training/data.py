@@ -452,6 +452,7 @@ class PackedBatch:
     deg_pos: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     deg_label: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     deg_side: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    deg_pair: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # per sample: its pair's index
     excluded: list[int] = field(default_factory=lambda: [0, 0])  # [chosen, rejected] responses without degree loss
     levels_sampled: bool = False  # levels_per_step drew some levels (level 0 always): the labels are not balanced
 
@@ -660,7 +661,7 @@ class PairCollator:
                   for seg in segments[j] if seg.level is None and seg.side == s]
         batch = _scored_batch(input_ids, position_ids, segment_ids, context_ids, width, scored,
                               2 * b if scored else 0, list(indices))
-        samples: list[tuple[int, list[int], list[int], int, int]] = []  # (row, columns, positions, label, side)
+        samples: list[tuple[int, list[int], list[int], int, int, int]] = []  # (row, columns, positions, label, side, pair)
         for s, side in enumerate(SIDES):
             for j in present:
                 sd = examples[j].degrees.get(side)
@@ -675,13 +676,14 @@ class PairCollator:
                     else:
                         pos = list(range(n)) if k == 0 else sd.variant_pos[k - 1]  # type: ignore[union-attr]
                     cols = [start + t for t in range(n)] if self.degree_mode == "reencode" else [start + t for t in pos]
-                    samples.append((row, cols, pos, k, s))
+                    samples.append((row, cols, pos, k, s, indices[j]))
         if samples:
             batch.deg_index = torch.tensor([r * width + c for r, cols, *_ in samples for c in cols], dtype=torch.long)
             batch.deg_sample = torch.tensor([m for m, (_, cols, *_) in enumerate(samples) for _ in cols], dtype=torch.long)
             batch.deg_pos = torch.tensor([p for _, _, pos, *_ in samples for p in pos], dtype=torch.long)
             batch.deg_label = torch.tensor([smp[3] for smp in samples], dtype=torch.long)
             batch.deg_side = torch.tensor([smp[4] for smp in samples], dtype=torch.long)
+            batch.deg_pair = torch.tensor([smp[5] for smp in samples], dtype=torch.long)
         return batch
 
     def kl(self, examples: Sequence[PairExample], partners: Sequence[PairExample], indices: Sequence[int],

@@ -20,6 +20,7 @@ import torch
 log = logging.getLogger("spo.train")
 
 SIDE_KEYS = ("w", "l")  # w: chosen (preferred) variants, l: rejected
+RESPONSE_BOOTSTRAP = 2000  # resamples of the eval responses for the degree accuracy's interval
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -31,10 +32,13 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Accumulator:
-    """Named float sums + per-side N x N degree confusion counts."""
+    """Named float sums + per-side N x N degree confusion counts, and (eval) per response and side
+    the degree predictions made and those right: a response's N levels are not N independent
+    trials, so its interval resamples responses (spo.results)."""
 
-    def __init__(self, n_levels: int) -> None:
+    def __init__(self, n_levels: int, n_responses: int = 0) -> None:
         self.n_levels = max(n_levels, 1)
+        self.n_responses = n_responses
         self.names = [
             "loss", "loss_align", "loss_degree_w", "loss_degree_l", "kl", "micro_batches",
             "pairs", "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy",
@@ -47,6 +51,7 @@ class Accumulator:
     def reset(self) -> None:
         self.sums = torch.zeros(len(self.names), dtype=torch.float64)
         self.confusion = torch.zeros((2, self.n_levels, self.n_levels), dtype=torch.float64)
+        self.responses = torch.zeros((2, 2, self.n_responses), dtype=torch.float64)  # side, (right, seen), response
 
     def add(self, name: str, value: float | torch.Tensor) -> None:
         self.sums[self.index[name]] += float(value)
@@ -57,16 +62,32 @@ class Accumulator:
             counts = torch.bincount(flat, minlength=self.n_levels**2).double()
             self.confusion[side] += counts.view(self.n_levels, self.n_levels)
 
-    def reduced(self, accelerator: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        packed = torch.cat((self.sums, self.confusion.flatten())).to(accelerator.device)
+    def add_responses(self, side: int, responses: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor) -> None:
+        """Count each prediction under its response (an index into the eval examples)."""
+        if self.n_responses and labels.numel():
+            responses = responses.cpu().long()
+            self.responses[side, 0].index_add_(0, responses, (labels.cpu() == preds.cpu()).double())
+            self.responses[side, 1].index_add_(0, responses, torch.ones(len(responses), dtype=torch.float64))
+
+    def reduced(self, accelerator: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        packed = torch.cat((self.sums, self.confusion.flatten(), self.responses.flatten())).to(accelerator.device)
         if accelerator.num_processes > 1:
             packed = accelerator.reduce(packed, reduction="sum")
         packed = packed.cpu()
-        n = len(self.names)
-        return packed[:n], packed[n:].view(2, self.n_levels, self.n_levels)
+        n, c = len(self.names), 2 * self.n_levels**2
+        return (packed[:n], packed[n:n + c].view(2, self.n_levels, self.n_levels),
+                packed[n + c:].view(2, 2, self.n_responses))
 
-    def summarise(self, accelerator: Any, degree_sides: tuple[bool, bool]) -> tuple[dict[str, float], torch.Tensor]:
-        sums, confusion = self.reduced(accelerator)
+    def summarise(self, accelerator: Any, degree_sides: tuple[bool, bool],
+                  ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        """The logged values, the reduced confusion and the reduced per-response counts.
+
+        ``degree/accuracy_*`` is balanced: the mean of the per-level accuracies.  With
+        ``levels_per_step`` every sample has level 0 and each other level only some, so the plain
+        share of right answers would give a head that always says 0 half marks (with m = 2);
+        balanced, it gets chance.  Over all levels (eval) the two are the same.
+        """
+        sums, confusion, responses = self.reduced(accelerator)
         s = {name: float(sums[i]) for i, name in enumerate(self.names)}
         mb = max(s["micro_batches"], 1.0)
         pairs = max(s["pairs"], 1.0)
@@ -96,12 +117,22 @@ class Accumulator:
             if not degree_sides[side]:
                 continue
             conf = confusion[side]
-            total = float(conf.sum())
-            out[f"degree/accuracy_{key}"] = float(conf.trace()) / total if total else float("nan")
+            per_level = []
             for k in range(self.n_levels):
                 row = float(conf[k].sum())
                 out[f"degree/accuracy_{key}/level_{k}"] = float(conf[k, k]) / row if row else float("nan")
-        return out, confusion
+                if row:
+                    per_level.append(float(conf[k, k]) / row)
+            out[f"degree/accuracy_{key}"] = math.fsum(per_level) / len(per_level) if per_level else float("nan")
+            seen = responses[side, 1] > 0
+            if seen.any():  # eval: a bootstrap over responses, all levels of one together
+                from spo.judging.statistics import bootstrap_ci
+
+                right = (responses[side, 0][seen] / responses[side, 1][seen]).numpy()
+                low, high = bootstrap_ci(right, RESPONSE_BOOTSTRAP, seed=0)
+                out[f"degree/accuracy_{key}/ci_low"] = float("nan") if low is None else low
+                out[f"degree/accuracy_{key}/ci_high"] = float("nan") if high is None else high
+        return out, confusion, responses
 
 
 def _clean(value: float) -> float | None:
@@ -163,6 +194,20 @@ class MetricsWriter:
         if self.tb:
             self.tb.close()
         self.tb = None
+
+
+def save_responses(responses: torch.Tensor, ids: list[str], degree_sides: tuple[bool, bool], n_levels: int,
+                   out_dir: Path) -> None:
+    """degree_responses.json: per head, ``[id, right, seen]`` of every eval response the heads saw
+    (responses excluded from the degree loss are left out), for a bootstrap over responses."""
+    from spo.io import write_json
+
+    payload: dict[str, Any] = {"n_levels": n_levels}
+    for i, key in enumerate(SIDE_KEYS):
+        if degree_sides[i]:
+            payload[key] = [[ids[r], int(responses[i, 0, r]), int(responses[i, 1, r])]
+                            for r in range(len(ids)) if responses[i, 1, r] > 0]
+    write_json(out_dir / "degree_responses.json", payload)
 
 
 def save_confusion(confusion: torch.Tensor, degree_sides: tuple[bool, bool], out_dir: Path) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from spo.errors import StageFailed
 from spo.io import InputError, disk_full, output_error, write_json
 from spo.training.data import SIDES, PackedBatch, PairCollator, PairExample, epoch_batches, kl_partners, tokenize_pairs
 from spo.training.forward import SPOModule
-from spo.training.metrics import Accumulator, MetricsWriter, peak_memory_mb, save_confusion
+from spo.training.metrics import Accumulator, MetricsWriter, peak_memory_mb, save_confusion, save_responses
 from spo.training.optim import build_optimizer, build_scheduler
 from spo.training.reference import (
     KlPlan,
@@ -562,7 +562,9 @@ class PreferenceTrainer:
             loss = loss + (self.cfg.spo.lambda_w, self.cfg.spo.lambda_l)[s] * dl
             parts[s] = float(dl.detach())
             if metrics is not None and labels.ne(-100).any():
-                metrics.add_confusion(s, labels.detach(), logits.detach().argmax(-1))
+                predicted = logits.detach().argmax(-1)
+                metrics.add_confusion(s, labels.detach(), predicted)
+                metrics.add_responses(s, batch.deg_pair[sel], labels.detach(), predicted)
         return loss, parts
 
     def _variant_passes(self, examples: list[PairExample], indices: Sequence[int], step: int,
@@ -814,7 +816,7 @@ class PreferenceTrainer:
         counted), as a sharded model's forward is a collective.
         """
         acc = self.accelerator
-        metrics = Accumulator(self.n_levels)
+        metrics = Accumulator(self.n_levels, len(self.eval_examples))
         if not self.eval_examples:
             return {}
         n = len(self.eval_examples)
@@ -834,8 +836,8 @@ class PreferenceTrainer:
                 self._forward_loss(batch, "eval", False, metrics if c is not None else None, z0)
         finally:
             self.model.train(was)
-        values, confusion = metrics.summarise(acc, self.sides)
-        self.last_eval_confusion = confusion
+        values, confusion, responses = metrics.summarise(acc, self.sides)
+        self.last_eval_confusion, self.last_eval_responses = confusion, responses
         return values
 
     # ---------------------------------------------------------------- the loop
@@ -963,7 +965,7 @@ class PreferenceTrainer:
         return summary
 
     def _window_values(self, seconds: float, grad_norms: list[float]) -> dict[str, float]:
-        values, _ = self.state.window.summarise(self.accelerator, self.sides)
+        values, _, _ = self.state.window.summarise(self.accelerator, self.sides)
         values["tokens_per_s"] = values["tokens"] / seconds if seconds > 0 else 0.0
         values["peak_memory_mb"] = self._peak_memory()
         values["learning_rate"] = self.scheduler.get_last_lr()[0]
@@ -1008,6 +1010,8 @@ class PreferenceTrainer:
             save_classifier(heads, self.out_dir)
         if self.degree_active and final_eval and hasattr(self, "last_eval_confusion"):
             save_confusion(self.last_eval_confusion, self.sides, self.out_dir)
+            save_responses(self.last_eval_responses, [e.id for e in self.eval_examples], self.sides, self.n_levels,
+                           self.out_dir)
             out["confusion"] = str(self.out_dir / "degree_confusion.png")
         if not self.cfg.keep_checkpoints_at_end:  # only a crash needs them; the final model is saved
             shutil.rmtree(self.out_dir / CHECKPOINTS, ignore_errors=True)
