@@ -150,6 +150,39 @@ def test_stage_end_to_end(workspace: Path, monkeypatch: pytest.MonkeyPatch, capl
     assert summary["not_judged"] == 0
 
 
+def test_spo_against_its_twin_is_a_paired_difference_on_the_same_prompts(
+        workspace: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture) -> None:
+    """Issue 22: DPO and DPO+SPO are judged against the same opponent on the same prompts; their
+    difference gets a paired bootstrap over those prompts (not two independent intervals)."""
+    import numpy as np
+
+    from spo.cli import main
+    from spo.judging.statistics import bootstrap_ci
+
+    rows = read_jsonl(workspace / "data/validated/test.jsonl")
+    write_jsonl(workspace / "outputs/generations/dpo.jsonl",
+                [{"id": r["id"], "prompt": r["prompt"], "response": " ok", "sample": 0, "model": "dpo"} for r in rows])
+    cfg = _cfg(workspace)
+    cfg.judge.comparisons = [*cfg.judge.comparisons, ComparisonConfig(name="dpo_vs_chosen", a="dpo", b="chosen")]
+    monkeypatch.setattr(judge_stage, "make_judge", lambda cfg: (LongerWins(), None))
+    caplog.set_level(logging.INFO, logger="spo.judge")
+    judge_stage.run(cfg)
+    judged = json.loads((workspace / "metrics/judge.json").read_text())
+    paired = judged["paired_differences"]
+    assert list(paired) == ["dpo_spo_minus_dpo_vs_chosen"]  # dpo_spo_vs_sft has no twin judged against sft
+    diff = paired["dpo_spo_minus_dpo_vs_chosen"]
+    # dpo's " ok" loses every item; dpo_spo wins 8, ties t3, and h0 is invalid: dropped from both arms
+    assert (diff["a"], diff["twin"], diff["b"], diff["n"]) == ("dpo_spo", "dpo", "chosen", 9)
+    assert diff["difference"] == pytest.approx(8.5 / 9)
+    assert (diff["ci_low"], diff["ci_high"]) == bootstrap_ci(np.array([1.0] * 8 + [0.5]), 200, cfg.seed)
+    assert diff["comparisons"] == ["dpo_spo_vs_chosen", "dpo_vs_chosen"]
+    assert "dpo_spo_minus_dpo_vs_chosen: +94.4 points [" in caplog.text and "on 9 prompts (paired bootstrap)" in caplog.text
+    assert set(judged) - {"paired_differences"} == {"dpo_spo_vs_chosen", "dpo_spo_vs_sft", "dpo_vs_chosen"}
+    assert main(["results", "--metrics-dir", str(workspace / "metrics"), "--policy-dir", str(workspace / "none")]) == 0
+    assert "  dpo_spo_minus_dpo_vs_chosen: +94.4 points [" in capsys.readouterr().out
+
+
 def _r1_long() -> float:
     from spo.judging.statistics import rouge_scores
 

@@ -327,6 +327,10 @@ class TrainConfig(_Section):
     metrics_file: str = Field(
         default="metrics/train.json", description="DVC metrics file (one per variant, e.g. metrics/train_dpo_spo.json)."
     )
+    seed: int | None = Field(
+        default=None,
+        description="Seeds the training alone (batch order, LoRA and degree-head init, sampled levels); null: the "
+        "run's seed, which also splits the data. A seed sweep sets this, so every seed trains on the same data.")
     loss: Literal["dpo", "ipo", "kto"] = "dpo"
     beta: float = Field(default=0.1, gt=0.0)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5, description="DPO only (conservative DPO).")

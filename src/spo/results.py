@@ -35,7 +35,9 @@ def results(metrics_dir: str | Path = "metrics", reports_dir: str | Path = "repo
     except ValueError as err:
         raise InputError(f"{judge_file}: not JSON ({err})") from None
     rows = {name: r for name, r in judged.items() if isinstance(r, dict) and "win_rate" in r}
+    paired = judged.get("paired_differences")
     out: dict[str, Any] = {"win_rates": rows, "judge": _judge(rows, metrics_dir / "reward_model.json"),
+                           "paired_differences": paired if isinstance(paired, dict) else {},
                            "degrees": degree_accuracy(policy_dir),
                            "shortcut_audit": _shortcut_audit(metrics_dir / "degrees.json"),
                            "report": [str(reports_dir / name) for name in ("report.md", "report.html")
@@ -156,6 +158,13 @@ def win_rate_table(summary: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    paired = summary.get("paired_differences") or {}
+    if paired:
+        from spo.stages.judge import format_difference
+
+        lines += ["", "SPO against its twin without SPO (same pairs in training; same prompts and judge; "
+                  "difference of win rates, 95% paired bootstrap interval):", ""]
+        lines += [f"  {format_difference(name, diff)}" for name, diff in paired.items()]
     degrees = summary.get("degrees") or {}
     if degrees:
         lines += ["", "Degree heads on the eval pairs (accuracy, 95% bootstrap interval over responses; per level: "

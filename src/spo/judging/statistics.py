@@ -93,6 +93,21 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def paired_difference(a: dict[str, str], b: dict[str, str], samples: int, seed: int) -> dict[str, Any]:
+    """Win-rate difference of two arms judged against the same opponent on the same prompts.
+
+    ``a`` and ``b`` map item id -> outcome.  Only the items both arms have a valid outcome for
+    count; the interval is a paired bootstrap (prompts resampled, each with both arms' scores),
+    which is narrower than two independent intervals would suggest when the prompts' difficulty
+    varies, and honest about the pairing.
+    """
+    common = [i for i in a if i in b and a[i] in SCORE and b[i] in SCORE]
+    diff = np.array([SCORE[a[i]] - SCORE[b[i]] for i in common], dtype=np.float64)
+    low, high = bootstrap_ci(diff, samples, seed)
+    return {"n": len(common), "difference": float(diff.mean()) if diff.size else None, "ci_low": low,
+            "ci_high": high, "ci_level": 0.95}
+
+
 def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float | None, float | None]:
     """Wilson score interval of a proportion (a judge's held-out pair accuracy): unlike the
     normal approximation it stays inside [0, 1] and is honest for small n."""

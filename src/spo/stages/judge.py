@@ -42,6 +42,7 @@ from spo.judging.statistics import (
     format_summary,
     load_rouge,
     outcome,
+    paired_difference,
     preferred_side,
     rouge_scores,
     summarize,
@@ -50,6 +51,7 @@ from spo.judging.statistics import (
 log = logging.getLogger("spo.judge")
 WINRATES_JSON = "winrates.json"
 WINRATES_PNG = "winrates.png"
+PAIRED = "paired_differences"  # the key of the SPO-vs-twin differences beside the comparisons
 
 
 def make_judge(cfg: SpoConfig) -> tuple[Judge, Any]:
@@ -127,6 +129,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     prompt_version = jc.prompt_version if jc.backend == "openai" else None
     rouge_metric = None
     results: dict[str, Any] = {}
+    by_item: dict[str, dict[str, str]] = {}  # comparison -> item id -> outcome (the paired differences)
     failed: list[NotJudged] = []  # the requests the judge gave up on (not the budget's), all comparisons
     try:
         # whole or not at all: a killed run leaves the previous judgments folder (or none), never
@@ -135,10 +138,12 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
             for comp in built:
                 verdicts = _judge(judge, requests_for(comp.items), comp.name) if comp.items else []
                 lines, outcomes, len_a, len_b = [], [], [], []
+                by_item[comp.name] = {}
                 for i, item in enumerate(comp.items):
                     v_ab, v_ba = verdicts[2 * i], verdicts[2 * i + 1]
                     result = outcome(v_ab, v_ba)
                     outcomes.append(result)
+                    by_item[comp.name][item.id] = result
                     len_a.append(len(item.response_a))
                     len_b.append(len(item.response_b))
                     lines.append({
@@ -175,8 +180,13 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
                 results[comp.name] = stats
                 log.info("%s", format_summary(comp.name, stats))
 
+            paired = _paired_differences(results, by_item, jc.bootstrap_samples, cfg.seed)
+            if paired:
+                results[PAIRED] = paired
+                for name, diff in paired.items():
+                    log.info("%s", format_difference(name, diff))
             write_json(building / WINRATES_JSON, results)
-            _plot(results, building / WINRATES_PNG, judge_id)
+            _plot({k: v for k, v in results.items() if k != PAIRED}, building / WINRATES_PNG, judge_id)
             inputs: dict[str, Any] = {"rows": {str(p): file_sha256(p) for p in row_files}}
             for comp in built:
                 for side, path in comp.files.items():
@@ -189,9 +199,10 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         if closer is not None:
             closer.close()
     write_json(Path(jc.metrics_file), results)
-    items = sum(r["items"] for r in results.values())
-    by_budget = sum(r["not_judged_budget"] for r in results.values())
-    unjudged = sum(r["not_judged_failed"] for r in results.values())
+    compared = [r for name, r in results.items() if name != PAIRED]
+    items = sum(r["items"] for r in compared)
+    by_budget = sum(r["not_judged_budget"] for r in compared)
+    unjudged = sum(r["not_judged_failed"] for r in compared)
     if by_budget:
         log.warning("judge: the budget stopped the run; %d of %d items not judged (partial results written; "
                     "a rerun with a larger budget judges only those)", by_budget, items)
@@ -205,6 +216,33 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         log.warning("%s", message)
     return {"comparisons": results, "not_judged": by_budget + unjudged, "plot": str(out_dir / WINRATES_PNG),
             "seconds": round(seconds, 3)}
+
+
+def _paired_differences(results: dict[str, Any], by_item: dict[str, dict[str, str]], samples: int,
+                        seed: int) -> dict[str, Any]:
+    """Each SPO policy against its twin without SPO (``<x>_spo`` and ``<x>``), judged against the
+    same opponent on the same prompts: the win-rate difference with a paired bootstrap interval.
+    The arms train on the same pairs in the same order, so this isolates what SPO adds."""
+    out: dict[str, Any] = {}
+    for name, stats in results.items():
+        a, b = stats["a"], stats["b"]
+        if not a.endswith("_spo"):
+            continue
+        twin = next((other for other, s in results.items() if s["a"] == a.removesuffix("_spo") and s["b"] == b), None)
+        if twin is None:
+            continue
+        diff = paired_difference(by_item[name], by_item[twin], samples, seed)
+        out[f"{a}_minus_{stats['a'].removesuffix('_spo')}_vs_{b}"] = {
+            "a": a, "twin": a.removesuffix("_spo"), "b": b, "comparisons": [name, twin], **diff}
+    return out
+
+
+def format_difference(name: str, diff: dict[str, Any]) -> str:
+    """``dpo_spo_minus_dpo_vs_chosen: +4.0 points [-1.2, 9.1] on 100 prompts (paired)``."""
+    if diff["difference"] is None:
+        return f"{name}: no prompt judged for both arms"
+    return (f"{name}: {100 * diff['difference']:+.1f} points [{100 * diff['ci_low']:+.1f}, "
+            f"{100 * diff['ci_high']:+.1f}] on {diff['n']} prompts (paired bootstrap)")
 
 
 def _not_judged_counts(verdicts: list[Verdict | NotJudged]) -> dict[str, Any]:

@@ -58,8 +58,9 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
     tokenizer.padding_side = "right"
     model = load_trained(sft_dir, cfg.model, trainable=True, merge=True)
+    seed = tc.seed if tc.seed is not None else cfg.seed  # the training's own, so a seed sweep keeps the data
     if tc.lora.enabled:
-        model = apply_lora(model, tc.lora, seed=cfg.seed)
+        model = apply_lora(model, tc.lora, seed=seed)
 
     common = dict(max_length=tc.max_length, max_prompt_length=tc.max_prompt_length, degree_mode=mode)
     train_ex, train_stats = tokenize_pairs(train_rows, train_deg, tokenizer, where=str(rows_dir / "train.jsonl"), **common)
@@ -70,7 +71,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     sft_hash = {k: v for k, v in tree_sha256(sft_dir).items() if not k.startswith("reference_logps")}
     fingerprint = str(sorted(sft_hash.items()))
     trainer = PreferenceTrainer(
-        model, tokenizer, tc, train_ex, eval_ex, seed=cfg.seed, out_dir=out_dir,
+        model, tokenizer, tc, train_ex, eval_ex, seed=seed, out_dir=out_dir,
         reference_cache=sft_dir / "reference_logps", reference_fingerprint=fingerprint,
     )
     summary = trainer.train()
