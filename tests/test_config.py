@@ -53,6 +53,26 @@ def test_section_hash_changes_only_with_its_sections() -> None:
     assert base.section_hash("validate") == other.section_hash("validate")
 
 
+def test_train_seed_reseeds_the_training_alone() -> None:
+    """A seed sweep sets train.seed: the data stages (which read the run's seed) stay as they are,
+    so every seed trains on the same data; train.seed null falls back to the run's seed."""
+    base = load_config(REPO / "params.yaml")
+    assert base.train.seed is None and base.training_seed == base.seed
+    swept = load_config(REPO / "params.yaml", ["train.seed=7"])
+    assert swept.training_seed == 7 and swept.seed == base.seed
+    for stage in ("prepare", "validate", "keywords", "degrees", "sft"):
+        assert swept.section_hash(stage) == base.section_hash(stage), stage
+    assert swept.section_hash("train") != base.section_hash("train")
+    # the run's seed, by contrast, reaches every stage
+    assert load_config(REPO / "params.yaml", ["seed=7"]).section_hash("prepare") != base.section_hash("prepare")
+
+
+def test_twin_is_the_same_loss_without_spo() -> None:
+    cfg = load_config(REPO / "params.yaml", ["variants.ipo_spo={loss: ipo, spo: true}", "variants.base={loss: ipo, spo: false}"])
+    assert cfg.twin("dpo_spo") == "dpo" and cfg.twin("ipo_spo") == "base"
+    assert cfg.twin("dpo") is None and cfg.twin("nope") is None
+
+
 def test_generation_and_comparisons_follow_the_variants() -> None:
     cfg = load_config(REPO / "params.yaml", [  # adds to the params file's dpo and dpo_spo
         "variants.ipo={loss: ipo, spo: false}",

@@ -75,6 +75,14 @@ def test_common_overrides_come_first_in_every_run_and_a_runs_own_win(tmp_path: P
     [heads] = experiments.run_preset("real_degrees", experiments.load_presets(REPO / "experiments.yaml"),
                                      params=REPO / "params.yaml", dry_run=True, only=["without_pe"])
     assert heads["command"][-3:] == ["-S", "train.spo.positional_encoding=false", "train@dpo_spo"]
+    # --seeds: every run once per training seed, train.seed set last, named <preset>-<run>-s<seed>
+    seeded = experiments.run_preset("real", presets, params=REPO / "params.yaml", dry_run=True, only=["base"],
+                                    seeds=[0, 1, 2])
+    assert [r["command"][4] for r in seeded] == ["real-base-s0", "real-base-s1", "real-base-s2"]
+    assert [r["command"][-2:] for r in seeded] == [["-S", f"train.seed={s}"] for s in (0, 1, 2)]
+    with pytest.raises(ConfigError, match="one run"):
+        experiments.run_preset("real", presets, params=REPO / "params.yaml", dry_run=True, only=["base"],
+                               in_workspace=True, seeds=[0, 1])
     presets_file.write_text(presets_file.read_text().replace("degrees.n_levels=3", "degrees.n_levels=1"))
     with pytest.raises(ConfigError, match="n_levels"):  # a bad common override fails every run before DVC
         experiments.run_preset("real", experiments.load_presets(presets_file), params=REPO / "params.yaml", dry_run=True)
@@ -189,3 +197,22 @@ def test_a_targeted_runs_summary_shows_only_the_metrics_it_produced() -> None:
     kept, untouched = experiments.only_what_ran([row, full], presets)
     assert kept["win_rates"] == {} and list(kept["training"]) == ["dpo_spo"]
     assert untouched == full  # a preset without targets ran everything
+
+
+def test_seeded_runs_give_mean_spread_and_range_per_metric() -> None:
+    def row(name: str, rate: float, acc: float) -> dict:
+        return {"name": name, "win_rates": {"dpo_spo_vs_dpo": {"win_rate": rate}},
+                "training": {"dpo_spo": {"degree/accuracy_w": acc}}, "params": {}}
+
+    rows = [row("real-base-s0", 0.50, 0.40), row("real-base-s1", 0.56, 0.44), row("real-base-s2", 0.53, 0.48),
+            row("real-other", 0.9, 0.9)]
+    [group] = experiments.seed_groups(rows)
+    assert group["run"] == "real-base" and group["seeds"] == [0, 1, 2]
+    win = group["metrics"]["win rate dpo_spo_vs_dpo"]
+    assert win["mean"] == pytest.approx(0.53) and win["sd"] == pytest.approx(0.03)  # sample sd of .50 .56 .53
+    assert (win["min"], win["max"], win["seeds"]) == (0.50, 0.56, 3)
+    assert group["metrics"]["degree accuracy dpo_spo chosen"]["sd"] == pytest.approx(0.04)
+    from spo.report import to_markdown
+
+    md = to_markdown(experiments.summary_doc(rows))
+    assert "| real-base | 0 1 2 | win rate dpo_spo_vs_dpo | 0.530 | 0.030 | 0.500 | 0.560 |" in md

@@ -198,10 +198,23 @@ def _exp_parser(sub: argparse._SubParsersAction) -> None:
                      help="run in the workspace (one run), which then holds its outputs: `spo results` shows them")
     run.add_argument("-f", "--force", action="store_true", help="rerun every stage / overwrite same-named experiments")
     run.add_argument("--dry-run", action="store_true", help="check the overrides and print the commands only")
+    run.add_argument("--seeds", type=_seed_list, metavar="S,S,...",
+                     help="every run once per training seed (train.seed), named <preset>-<run>-s<seed>; "
+                     "`spo exp summary` gives the mean and spread over them")
     summary = actions.add_parser("summary", help="`dvc exp show` as reports/experiments.{md,html,json,png}")
     summary.add_argument("-o", "--out-dir", default="reports")
     summary.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only HEAD")
     summary.add_argument("--match", metavar="REGEX", help="only the experiments whose name matches, e.g. '^real'")
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds are integers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more distinct seeds, e.g. 0,1,2")
+    return seeds
 
 
 def _exp(args: argparse.Namespace) -> int:
@@ -221,6 +234,7 @@ def _exp(args: argparse.Namespace) -> int:
         results = experiments.run_preset(
             args.preset, presets, params=args.params, only=args.only, extra=args.extra,
             queue=args.queue, force=args.force, dry_run=args.dry_run, in_workspace=args.in_workspace,
+            seeds=args.seeds,
         )
         if args.dry_run:
             for result in results:

@@ -588,13 +588,25 @@ class SpoConfig(_Section):
                 auto.append(ComparisonConfig(name=f"{name}_vs_chosen", a=name, b="chosen"))
                 if not variant.spo:
                     continue
-                partner = next((n for n, v in self.variants.items() if v.loss == variant.loss and not v.spo), None)
+                partner = self.twin(name)
                 if partner is not None:
                     auto.append(ComparisonConfig(name=f"{name}_vs_{partner}", a=name, b=partner))
                 if "sft" in generated:
                     auto.append(ComparisonConfig(name=f"{name}_vs_sft", a=name, b="sft"))
         merged = [explicit.pop(c.name, c) for c in auto]
         return merged + list(explicit.values())
+
+    def twin(self, variant: str) -> str | None:
+        """The variant with the same loss and no SPO, for an SPO variant: the arm it is compared with."""
+        spec = self.variants.get(variant)
+        if spec is None or not spec.spo:
+            return None
+        return next((n for n, v in self.variants.items() if v.loss == spec.loss and not v.spo), None)
+
+    @property
+    def training_seed(self) -> int:
+        """``train.seed``, or the run's seed when it is null (see TrainConfig.seed)."""
+        return self.train.seed if self.train.seed is not None else self.seed
 
     def section_hash(self, *names: str) -> str:
         """A short hash of the sections a stage reads, for provenance records."""

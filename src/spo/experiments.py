@@ -109,18 +109,26 @@ def run_preset(
     force: bool = False,
     dry_run: bool = False,
     in_workspace: bool = False,
+    seeds: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or queue) every run of a preset in turn, each from the committed pipeline plus the
-    workspace's uncommitted changes, in a temporary directory; the workspace is left as it was."""
+    workspace's uncommitted changes, in a temporary directory; the workspace is left as it was.
+
+    ``seeds``: every run once per seed, named ``<preset>-<run>-s<seed>`` with ``train.seed`` set:
+    the data stages are shared (DVC takes them from its cache), the training is redrawn, and
+    ``spo exp summary`` gives each run's mean and spread over its seeds."""
     if name not in presets:
         raise ConfigError(f"no preset {name!r}; presets: {', '.join(presets)}")
     runs = presets[name].runs
-    if in_workspace and (queue or len([r for r in runs if not only or r in only]) > 1):
+    if in_workspace and (queue or len([r for r in runs if not only or r in only]) * len(seeds or [0]) > 1):
         raise ConfigError("--in-workspace runs one run, not queued: the workspace holds one run's outputs")
     unknown = sorted(set(only or []) - set(runs))
     if unknown:
         raise ConfigError(f"preset {name!r} has no run {unknown}; runs: {', '.join(runs)}")
     selected = {run: [*presets[name].overrides(run), *(extra or [])] for run in runs if not only or run in only}
+    if seeds:
+        selected = {f"{run}-s{seed}": [*overrides, f"train.seed={seed}"]
+                    for run, overrides in selected.items() for seed in seeds}
     for run, overrides in selected.items():
         try:
             check_run(params, overrides)
@@ -260,14 +268,60 @@ def summary_doc(rows: list[dict[str, Any]]) -> Any:
     series = degree_levels(rows)
     if series:
         doc.h(2, "Degree heads per level")
-        doc.p("Eval accuracy of each degree head, over all levels with its 95% Wilson interval and n predictions, "
-              "against chance 1/N, then per true level (each level is predicted once per eval pair).")
+        doc.p("Eval accuracy of each degree head over all levels, with its 95% bootstrap interval over eval "
+              "responses and n predictions, against chance 1/N, then per true level (each level is predicted "
+              "once per eval pair).")
         doc.table(["Experiment", "Policy", "Head", "n", "Accuracy", "95% interval", "Chance", "Per level"],
                   [[s["experiment"], s["policy"], s["head"], str(s["n"]), fmt(s["accuracy"]),
                     f"[{fmt(s['ci_low'])}, {fmt(s['ci_high'])}]", fmt(s["chance"]),
                     " ".join(fmt(lv["accuracy"]) for lv in s["levels"])] for s in series])
         doc.img("degree accuracy per level", "experiments_degrees.png")
+    groups = seed_groups(rows)
+    if groups:
+        doc.h(2, "Over seeds")
+        doc.p("Runs of `spo exp run --seeds` (named `<run>-s<seed>`, `train.seed` set, the same data): per "
+              "metric the mean over the seeds, the sample standard deviation, and the range; the per-seed "
+              "values are the rows above.")
+        doc.table(["Run", "Seeds", "Metric", "Mean", "SD", "Min", "Max"],
+                  [[g["run"], " ".join(map(str, g["seeds"])), metric, fmt(v["mean"]), fmt(v["sd"]), fmt(v["min"]),
+                    fmt(v["max"])] for g in groups for metric, v in g["metrics"].items()])
     return doc
+
+
+_SEEDED = re.compile(r"^(?P<run>.+)-s(?P<seed>\d+)$")
+
+
+def seed_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs of ``spo exp run --seeds`` (``<name>-s<seed>``) grouped by name: per comparison the mean
+    win rate over the seeds, its sample standard deviation, min and max; per policy and head the
+    same of the degree accuracy.  A name with one seed is a group of one (no spread)."""
+    groups: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for row in rows:
+        match = _SEEDED.match(row["name"])
+        if match:
+            groups.setdefault(match["run"], []).append((int(match["seed"]), row))
+
+    def spread(values: list[float]) -> dict[str, Any]:
+        mean = math.fsum(values) / len(values)
+        sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+        return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "seeds": len(values)}
+
+    out = []
+    for run, members in groups.items():
+        members.sort(key=lambda m: m[0])
+        metrics: dict[str, dict[str, Any]] = {}
+        names = dict.fromkeys(c for _, r in members for c in r["win_rates"])
+        for comparison in names:
+            values = [r["win_rates"][comparison]["win_rate"] for _, r in members if comparison in r["win_rates"]]
+            metrics[f"win rate {comparison}"] = spread(values)
+        for policy in dict.fromkeys(p for _, r in members for p in r["training"]):
+            for side, head in (("w", "chosen"), ("l", "rejected")):
+                values = [r["training"][policy][f"degree/accuracy_{side}"] for _, r in members
+                          if isinstance(r["training"].get(policy, {}).get(f"degree/accuracy_{side}"), (int, float))]
+                if values:
+                    metrics[f"degree accuracy {policy} {head}"] = spread(values)
+        out.append({"run": run, "seeds": [seed for seed, _ in members], "metrics": metrics})
+    return out
 
 
 def only_what_ran(rows: list[dict[str, Any]], presets: dict[str, Preset]) -> list[dict[str, Any]]:

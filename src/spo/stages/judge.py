@@ -180,7 +180,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
                 results[comp.name] = stats
                 log.info("%s", format_summary(comp.name, stats))
 
-            paired = _paired_differences(results, by_item, jc.bootstrap_samples, cfg.seed)
+            paired = _paired_differences(cfg, results, by_item)
             if paired:
                 results[PAIRED] = paired
                 for name, diff in paired.items():
@@ -218,22 +218,19 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
             "seconds": round(seconds, 3)}
 
 
-def _paired_differences(results: dict[str, Any], by_item: dict[str, dict[str, str]], samples: int,
-                        seed: int) -> dict[str, Any]:
-    """Each SPO policy against its twin without SPO (``<x>_spo`` and ``<x>``), judged against the
-    same opponent on the same prompts: the win-rate difference with a paired bootstrap interval.
-    The arms train on the same pairs in the same order, so this isolates what SPO adds."""
+def _paired_differences(cfg: SpoConfig, results: dict[str, Any], by_item: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Each SPO variant against its twin without SPO (same loss, :meth:`SpoConfig.twin`), judged
+    against the same opponent on the same prompts: the win-rate difference with a paired bootstrap
+    interval.  The arms train on the same pairs in the same order, so this isolates what SPO adds."""
     out: dict[str, Any] = {}
     for name, stats in results.items():
         a, b = stats["a"], stats["b"]
-        if not a.endswith("_spo"):
+        twin = cfg.twin(a)
+        other = next((n for n, s in results.items() if twin is not None and s["a"] == twin and s["b"] == b), None)
+        if other is None:
             continue
-        twin = next((other for other, s in results.items() if s["a"] == a.removesuffix("_spo") and s["b"] == b), None)
-        if twin is None:
-            continue
-        diff = paired_difference(by_item[name], by_item[twin], samples, seed)
-        out[f"{a}_minus_{stats['a'].removesuffix('_spo')}_vs_{b}"] = {
-            "a": a, "twin": a.removesuffix("_spo"), "b": b, "comparisons": [name, twin], **diff}
+        diff = paired_difference(by_item[name], by_item[other], cfg.judge.bootstrap_samples, cfg.seed)
+        out[f"{a}_minus_{twin}_vs_{b}"] = {"a": a, "twin": twin, "b": b, "comparisons": [name, other], **diff}
     return out
 
 

@@ -58,7 +58,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
     tokenizer.padding_side = "right"
     model = load_trained(sft_dir, cfg.model, trainable=True, merge=True)
-    seed = tc.seed if tc.seed is not None else cfg.seed  # the training's own, so a seed sweep keeps the data
+    seed = cfg.training_seed  # the training's own, so a seed sweep keeps the data
     if tc.lora.enabled:
         model = apply_lora(model, tc.lora, seed=seed)
 
