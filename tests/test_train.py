@@ -383,10 +383,28 @@ def test_kto_z0_is_the_global_batch_mean_of_mismatched_pairs() -> None:
     with torch.no_grad():
         policy = tr.module(kl)["logps"]
         reference = tr.reference.logps("train", kl)
+    assert len(policy) == 8  # each pair with its partner's chosen and rejected response
     assert z0 == pytest.approx(float((policy - reference).mean()), rel=1e-5) and z0 != 0.0
     # two calls over halves of the batch each give the mean of their own half only: the trainer passes the whole
     half = float(tr.kl_estimate("train", batch[:2], partners, 0))
-    assert half == pytest.approx(float((policy - reference)[:2].mean()), rel=1e-5)
+    assert half == pytest.approx(float((policy - reference)[[0, 1, 4, 5]].mean()), rel=1e-5)
+
+
+def test_kto_z0_from_a_precomputed_reference_equals_the_frozen_copys() -> None:
+    """The precomputed table holds both mismatched responses of every pair of every epoch's plan,
+    in the order the KL batch scores them: z0 is the same whichever reference the run uses."""
+    def z0(precompute: bool) -> float:
+        tr = _trainer(train_cfg(loss="kto", spo={"enabled": False}, precompute_reference=precompute))
+        assert tr.reference.kind == ("precomputed" if precompute else "copy")
+        generator = torch.Generator().manual_seed(3)
+        with torch.no_grad():  # the same perturbation of the policy; the reference stays at the start
+            for p in tr.unwrapped_lm().parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+        batch = tr._epoch_batches(0)[0]
+        return float(tr.kl_estimate("train", batch, tr._kl_plan()["train"][0], 0))
+
+    copy, table = z0(False), z0(True)
+    assert copy != 0.0 and table == pytest.approx(copy, rel=1e-4, abs=1e-5)
 
 
 def test_dropout_is_off_in_the_policy_by_default_and_on_when_asked() -> None:

@@ -230,9 +230,10 @@ def test_kl_rows_pair_each_prompt_with_the_next_response_of_its_batch() -> None:
     partners = kl_partners(batch)
     assert partners == {5: 2, 2: 9, 9: 5} and all(partners[i] != i for i in batch)
     kl = PairCollator(tok.pad_token_id).kl([examples[i] for i in batch], [examples[partners[i]] for i in batch], batch, 96)
-    assert kl.n_scored == 3
+    # issue 22: both responses of the partner, as TRL's KTO shifts every completion (not the chosen alone)
+    assert kl.n_scored == 6
     for j, i in enumerate(batch):
         ex, other = examples[i], examples[partners[i]]
-        expected = other.chosen_ids[: 96 - len(ex.prompt_ids)]
-        assert kl.score_target[kl.score_seq == j].tolist() == expected
-        assert kl.input_ids.view(-1)[kl.score_index[kl.score_seq == j][0]] == ex.prompt_ids[-1]
+        for seq, response in ((j, other.chosen_ids), (3 + j, other.rejected_ids)):
+            assert kl.score_target[kl.score_seq == seq].tolist() == response[: 96 - len(ex.prompt_ids)]
+            assert kl.input_ids.view(-1)[kl.score_index[kl.score_seq == seq][0]] == ex.prompt_ids[-1]

@@ -688,12 +688,20 @@ class PairCollator:
 
     def kl(self, examples: Sequence[PairExample], partners: Sequence[PairExample], indices: Sequence[int],
            max_length: int) -> PackedBatch:
-        """KTO's mismatched rows: prompt i + the chosen response of its partner, cut to ``max_length``."""
-        responses = [other.chosen_ids[: max_length - len(ex.prompt_ids)] for ex, other in zip(examples, partners)]
+        """KTO's mismatched rows: prompt i + each response of its partner (chosen, then rejected),
+        cut to ``max_length``; scored sequences ``[chosen of partners..., rejected of partners...]``.
+
+        Both responses, as TRL's KTO shifts every completion (desirable and undesirable) against
+        the prompts: z0 estimates the KL on what the policy is trained on, not on the chosen
+        responses alone."""
+        b = len(examples)
+        responses = [[other.chosen_ids[: max_length - len(ex.prompt_ids)], other.rejected_ids[: max_length - len(ex.prompt_ids)]]
+                     for ex, other in zip(examples, partners)]
         input_ids, position_ids, segment_ids, context_ids, width, placed = _pack(
-            [(ex.prompt_ids, [r]) for ex, r in zip(examples, responses)], self.pad_token_id, self.pad_to_multiple_of)
-        scored = [(j, placed[j].row, placed[j].last_prompt, placed[j].starts[0], r) for j, r in enumerate(responses)]
-        return _scored_batch(input_ids, position_ids, segment_ids, context_ids, width, scored, len(examples), list(indices))
+            [(ex.prompt_ids, pair) for ex, pair in zip(examples, responses)], self.pad_token_id, self.pad_to_multiple_of)
+        scored = [(side * b + j, placed[j].row, placed[j].last_prompt, placed[j].starts[side], pair[side])
+                  for side in range(2) for j, pair in enumerate(responses)]
+        return _scored_batch(input_ids, position_ids, segment_ids, context_ids, width, scored, 2 * b, list(indices))
 
 
 def _scored_batch(input_ids: Tensor, position_ids: Tensor, segment_ids: Tensor, context_ids: Tensor, width: int,

@@ -31,7 +31,7 @@ from spo.io import InputError
 
 log = logging.getLogger("spo.train")
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: KTO rows hold both responses of the partner
 
 # a plan of KTO mismatched rows: split -> epoch (eval: 0) -> {pair index: partner index}
 KlPlan = dict[str, dict[int, dict[int, int]]]
@@ -107,8 +107,8 @@ class Reference:
             assert self.table is not None
             idx = torch.as_tensor(batch.indices, dtype=torch.long)
             part = self.table[split]
-            if kl_epoch is not None:
-                return part["kl"][kl_epoch][idx]
+            if kl_epoch is not None:  # [partners' chosen..., partners' rejected...], as the KL batch scores them
+                return part["kl"][kl_epoch][:, idx].flatten()
             return torch.cat((part["chosen"][idx], part["rejected"][idx]))
         assert self.model is not None
         self.forwards += 1
@@ -158,7 +158,7 @@ def precompute(model: nn.Module, splits: dict[str, Sequence[Any]], kl_plan: KlPl
             jobs += [(split, epoch, keys[s: s + micro_batch_size]) for s in range(0, len(keys), micro_batch_size)]
     sums = {split: {"chosen": torch.zeros(len(ex), device=device), "rejected": torch.zeros(len(ex), device=device)}
             for split, ex in splits.items()}
-    kl = {split: {epoch: torch.zeros(len(splits[split]), device=device) for epoch in by_epoch}
+    kl = {split: {epoch: torch.zeros(2, len(splits[split]), device=device) for epoch in by_epoch}
           for split, by_epoch in (kl_plan or {}).items()}
     shard = even_shards(len(jobs), rank, world)
     for job in tqdm(shard, desc="reference log-probs", disable=not progress, leave=False):
@@ -175,7 +175,7 @@ def precompute(model: nn.Module, splits: dict[str, Sequence[Any]], kl_plan: KlPl
             sums[split]["chosen"][at] = out[:b]
             sums[split]["rejected"][at] = out[b:]
         else:
-            kl[split][epoch][at] = out
+            kl[split][epoch][:, at] = out.view(2, len(idx))
     flat = [t for parts in sums.values() for t in parts.values()] + [t for parts in kl.values() for t in parts.values()]
     if world > 1:
         packed = accelerator.reduce(torch.cat(flat), reduction="sum")

@@ -509,8 +509,9 @@ class PreferenceTrainer:
 
     @torch.no_grad()
     def kl_estimate(self, split: str, indices: Sequence[int], partners: dict[int, int], epoch: int) -> Tensor:
-        """KTO's z0 before clamping: the mean over ``indices`` of all processes of
-        log π_θ(y'|x) − log π_ref(y'|x) on mismatched rows; every process must call it (all-reduce)."""
+        """KTO's z0 before clamping: the mean over ``indices`` of all processes, and over both
+        responses of each one's partner, of log π_θ(y'|x) − log π_ref(y'|x) on mismatched rows;
+        every process must call it (all-reduce)."""
         mb = self.cfg.optim.micro_batch_size
         chunks = [list(indices[i: i + mb]) for i in range(0, len(indices), mb)]
         total = torch.zeros(2, device=self.accelerator.device, dtype=torch.float64)
@@ -519,7 +520,7 @@ class PreferenceTrainer:
             policy = self.model(batch)["logps"]
             reference = self.reference.logps(split, batch, kl_epoch=epoch).to(policy.device)
             total[0] += (policy.double() - reference.double()).sum()
-            total[1] += len(idx)
+            total[1] += policy.numel()  # two rows per pair: its partner's chosen and rejected responses
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
         return (total[0] / total[1].clamp(min=1)).float()
