@@ -77,16 +77,17 @@ def keywords(params: str, validated: Input[Dataset], keywords: Output[Dataset],
 
 
 def degrees(params: str, validated: Input[Dataset], keywords: Input[Dataset],
-            degrees: Output[Dataset], metrics: Output[Metrics], plot: Output[Artifact]):
+            degrees: Output[Dataset], metrics: Output[Metrics], plot: Output[Artifact], audit_plot: Output[Artifact]):
     import os
 
     from spo.pipelines.runtime import copy_file, log_metrics, run_stage
-    from spo.stages.degrees import PLOT_NAME
+    from spo.stages.degrees import AUDIT_PLOT_NAME, PLOT_NAME
 
     run_stage("degrees", params, {
         "degrees.in_dir": validated.path, "degrees.keywords_dir": keywords.path, "degrees.out_dir": degrees.path,
         "degrees.metrics_file": metrics.path})
-    copy_file(os.path.join(os.path.dirname(metrics.path), PLOT_NAME), plot.path)  # the stage writes it beside
+    copy_file(os.path.join(os.path.dirname(metrics.path), PLOT_NAME), plot.path)  # the stage writes them beside
+    copy_file(os.path.join(os.path.dirname(metrics.path), AUDIT_PLOT_NAME), audit_plot.path)
     log_metrics(metrics, metrics.path)
 
 
@@ -202,7 +203,8 @@ def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id:
             prepared: Input[Dataset], prepare_quarantine: Input[Dataset], validated: Input[Dataset],
             validate_quarantine: Input[Dataset], validation: Input[Artifact], validate_metrics: Input[Metrics],
             keywords: Input[Dataset], keywords_metrics: Input[Metrics], degrees: Input[Dataset],
-            degrees_metrics: Input[Metrics], degrees_plot: Input[Artifact], base: Input[Model], sft: Input[Model],
+            degrees_metrics: Input[Metrics], degrees_plot: Input[Artifact], degrees_audit_plot: Input[Artifact],
+            base: Input[Model], sft: Input[Model],
             sft_metrics: Input[Metrics], policy: Input[Model], policy_spo: Input[Model], train_metrics: Input[Metrics],
             train_spo_metrics: Input[Metrics], generations: Input[Dataset], generate_metrics: Input[Metrics],
             reward: Input[Model], reward_metrics: Input[Metrics], judgments: Input[Dataset],
@@ -220,7 +222,8 @@ def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id:
         "reports/validation": validation.path, "metrics/validate.json": validate_metrics.path,
         "data/keywords": keywords.path, "metrics/keywords.json": keywords_metrics.path,
         "data/degrees": degrees.path, "metrics/degrees.json": degrees_metrics.path,
-        "metrics/degrees_removed_fraction.png": degrees_plot.path, "models/base": model_dir(base),
+        "metrics/degrees_removed_fraction.png": degrees_plot.path,
+        "metrics/degrees_shortcut_audit.png": degrees_audit_plot.path, "models/base": model_dir(base),
         "models/sft": model_dir(sft), "metrics/sft.json": sft_metrics.path,
         f"models/policy/{plain}": model_dir(policy), f"metrics/train_{plain}.json": train_metrics.path,
         f"models/policy/{with_spo}": model_dir(policy_spo), f"metrics/train_{with_spo}.json": train_spo_metrics.path,

@@ -159,9 +159,13 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
             "phrases_removed_mean": math.fsum(counts) / len(counts) if counts else 0.0,
         }
     metrics_path = Path(dc.metrics_file)
+    audit_plot = metrics_path.parent / AUDIT_PLOT_NAME
     shortcut = None
     if dc.audit.enabled:
-        shortcut = _audit(dc.audit, audit_split, audited, metrics_path.parent / AUDIT_PLOT_NAME)
+        shortcut = _audit(dc.audit, audit_split, audited, audit_plot)
+    if shortcut is None or not shortcut["probes"]:  # a declared output (DVC, KFP): it says why there is no audit
+        _plot_no_audit(audit_plot, "disabled (degrees.audit.enabled: false)" if not dc.audit.enabled
+                       else f"no {audit_split} response with distinct levels in both halves")
     if shortcut is not None:
         metrics["shortcut_audit"] = shortcut
     write_json(metrics_path, metrics)
@@ -216,6 +220,23 @@ def _audit(ac: DegreeAuditConfig, split: str, responses: list[tuple[str, list[st
     if probes:
         _plot_audit(result, ac.max_above_chance, plot_path)
     return entry
+
+
+def _plot_no_audit(path: Path, why: str) -> None:
+    """The audit's chart when there is no audit to chart: a figure that says so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 1.5))
+    try:
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"Shortcut audit: {why}", ha="center", va="center")
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _plot_audit(result: AuditResult, margin: float, path: Path) -> None:
