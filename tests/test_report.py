@@ -64,7 +64,8 @@ def _write(path: Path, payload) -> None:
 
 def _fake_run(root: Path) -> None:
     m = root / "metrics"
-    _write(m / "judge.json", JUDGE)
+    _write(m / "judge.json", {**JUDGE, "paired_differences": {"dpo_spo_minus_dpo_vs_chosen": {
+        "a": "dpo_spo", "twin": "dpo", "b": "chosen", "n": 98, "difference": 0.031, "ci_low": -0.052, "ci_high": 0.118}}})
     _write(m / "validate.json", {"bad_fraction": 0.005, "check_failures": {"not_blank:chosen": 4, "unique_id": 0},
                                  "failed": False, "max_bad_fraction": 0.05, "rows_in": 4452,
                                  "rows_quarantined_prepare": 14, "rows_quarantined_validate": 10,
@@ -138,6 +139,8 @@ def test_report_numbers_equal_the_judge_metrics(tmp_path: Path, monkeypatch: pyt
     # the other sections carry the real values
     assert "8.330 | 6.254" in md and "0.532 | 0.596" in md and "| rake |" in md and "| 4466 | 4452 | 4442 |" in md
     assert "not_blank:chosen" in md and "178.6" in md and "abababababababab" in md and "<details>" in md
+    # the paired difference of SPO and its twin, beside (not among) the comparisons
+    assert "| dpo_spo − dpo | chosen | +3.1 | [-5.2, +11.8] | 98 |" in md
     # the shortcut audit: every probe with its kind, interval and verdict
     assert "| whitespace | formatting | 25.3% | [25.1%, 25.4%] | 0.72 0.00 0.02 0.27 | ok |" in md
     assert "| punctuation | formatting | 31.0% | [30.0%, 32.0%] | 0.30 0.30 0.30 0.30 | SHORTCUT |" in md

@@ -331,6 +331,16 @@ class Builder:
         d.table(["Comparison", "Method", dataset, "Tie rate", "LC win rate", "Position consistency", "Judge"], rows)
         if self._copy_image(self.judgments_dir / "winrates.png", "winrates.png"):
             d.img("win rates", "winrates.png")
+        paired = {k: v for k, v in ((judge or {}).get("paired_differences") or {}).items() if isinstance(v, dict)}
+        if paired:
+            d.p("Each SPO policy against its twin without SPO (trained on the same pairs in the same order), both "
+                "judged against the same opponent on the same prompts: the difference of their win rates, with a "
+                "95% paired bootstrap interval over the prompts judged for both.")
+            d.table(["Difference", "Against", "Points", "95% interval", "Prompts"],
+                    [[f"{r.get('a', '?')} − {r.get('twin', '?')}", r.get("b", "?"),
+                      "–" if r.get("difference") is None else f"{100 * r['difference']:+.1f}",
+                      "–" if r.get("ci_low") is None else f"[{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]",
+                      fmt(r.get("n"))] for r in paired.values()])
         rouge: dict[str, dict[str, Any]] = {}
         for r in records.values():  # summaries: each model's ROUGE against the reference summary
             for model, scores in (r.get("rouge") or {}).items():
