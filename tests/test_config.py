@@ -68,7 +68,8 @@ def test_train_seed_reseeds_the_training_alone() -> None:
 
 
 def test_twin_is_the_same_loss_without_spo() -> None:
-    cfg = load_config(REPO / "params.yaml", ["variants.ipo_spo={loss: ipo, spo: true}", "variants.base={loss: ipo, spo: false}"])
+    cfg = load_config(REPO / "params.yaml", ["variants.ipo_spo={loss: ipo, spo: true}",
+                                             "variants.base={loss: ipo, spo: false}"])
     assert cfg.twin("dpo_spo") == "dpo" and cfg.twin("ipo_spo") == "base"
     assert cfg.twin("dpo") is None and cfg.twin("nope") is None
 

@@ -177,7 +177,8 @@ def test_spo_against_its_twin_is_a_paired_difference_on_the_same_prompts(
     assert diff["difference"] == pytest.approx(8.5 / 9)
     assert (diff["ci_low"], diff["ci_high"]) == bootstrap_ci(np.array([1.0] * 8 + [0.5]), 200, cfg.seed)
     assert diff["comparisons"] == ["dpo_spo_vs_chosen", "dpo_vs_chosen"]
-    assert "dpo_spo_minus_dpo_vs_chosen: +94.4 points [" in caplog.text and "on 9 prompts (paired bootstrap)" in caplog.text
+    assert "dpo_spo_minus_dpo_vs_chosen: +94.4 points [" in caplog.text
+    assert "on 9 prompts (paired bootstrap)" in caplog.text
     assert set(judged) - {"paired_differences"} == {"dpo_spo_vs_chosen", "dpo_spo_vs_sft", "dpo_vs_chosen"}
     assert main(["results", "--metrics-dir", str(workspace / "metrics"), "--policy-dir", str(workspace / "none")]) == 0
     assert "  dpo_spo_minus_dpo_vs_chosen: +94.4 points [" in capsys.readouterr().out

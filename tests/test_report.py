@@ -64,8 +64,9 @@ def _write(path: Path, payload) -> None:
 
 def _fake_run(root: Path) -> None:
     m = root / "metrics"
-    _write(m / "judge.json", {**JUDGE, "paired_differences": {"dpo_spo_minus_dpo_vs_chosen": {
-        "a": "dpo_spo", "twin": "dpo", "b": "chosen", "n": 98, "difference": 0.031, "ci_low": -0.052, "ci_high": 0.118}}})
+    paired = {"a": "dpo_spo", "twin": "dpo", "b": "chosen", "n": 98, "difference": 0.031, "ci_low": -0.052,
+              "ci_high": 0.118}
+    _write(m / "judge.json", {**JUDGE, "paired_differences": {"dpo_spo_minus_dpo_vs_chosen": paired}})
     _write(m / "validate.json", {"bad_fraction": 0.005, "check_failures": {"not_blank:chosen": 4, "unique_id": 0},
                                  "failed": False, "max_bad_fraction": 0.05, "rows_in": 4452,
                                  "rows_quarantined_prepare": 14, "rows_quarantined_validate": 10,

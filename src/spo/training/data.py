@@ -661,7 +661,8 @@ class PairCollator:
                   for seg in segments[j] if seg.level is None and seg.side == s]
         batch = _scored_batch(input_ids, position_ids, segment_ids, context_ids, width, scored,
                               2 * b if scored else 0, list(indices))
-        samples: list[tuple[int, list[int], list[int], int, int, int]] = []  # (row, columns, positions, label, side, pair)
+        # (row, columns, positions, label, side, pair)
+        samples: list[tuple[int, list[int], list[int], int, int, int]] = []
         for s, side in enumerate(SIDES):
             for j in present:
                 sd = examples[j].degrees.get(side)
@@ -695,10 +696,11 @@ class PairCollator:
         the prompts: z0 estimates the KL on what the policy is trained on, not on the chosen
         responses alone."""
         b = len(examples)
-        responses = [[other.chosen_ids[: max_length - len(ex.prompt_ids)], other.rejected_ids[: max_length - len(ex.prompt_ids)]]
+        responses = [[ids[: max_length - len(ex.prompt_ids)] for ids in (other.chosen_ids, other.rejected_ids)]
                      for ex, other in zip(examples, partners)]
         input_ids, position_ids, segment_ids, context_ids, width, placed = _pack(
-            [(ex.prompt_ids, pair) for ex, pair in zip(examples, responses)], self.pad_token_id, self.pad_to_multiple_of)
+            [(ex.prompt_ids, pair) for ex, pair in zip(examples, responses)], self.pad_token_id,
+            self.pad_to_multiple_of)
         scored = [(side * b + j, placed[j].row, placed[j].last_prompt, placed[j].starts[side], pair[side])
                   for side in range(2) for j, pair in enumerate(responses)]
         return _scored_batch(input_ids, position_ids, segment_ids, context_ids, width, scored, 2 * b, list(indices))
