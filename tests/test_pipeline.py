@@ -84,6 +84,8 @@ def test_whole_pipeline_end_to_end_on_a_slice(tmp_path: Path, hh_slice: Path) ->
         assert f"Running stage '{stage}'" in result.stdout, stage
 
     judge = json.loads((work / "metrics/judge.json").read_text())
+    paired = judge.pop("paired_differences")  # DPO+SPO against its twin, on the same prompts
+    assert list(paired) == ["dpo_spo_minus_dpo_vs_chosen"] and paired["dpo_spo_minus_dpo_vs_chosen"]["n"] <= 6
     assert set(judge) == {"dpo_vs_chosen", "dpo_spo_vs_chosen", "dpo_spo_vs_dpo", "dpo_spo_vs_sft"}
     assert all(c["n"] + c["invalid"] + c["not_judged"] == 6 for c in judge.values())
     report = (work / "reports/report.md").read_text()
