@@ -126,8 +126,9 @@ wheelhouse: setup
 	PYTHON=$(BIN)/python docker/wheelhouse.sh cpu
 
 ## The CUDA wheelhouse (PyPI's CUDA build of torch; several GB, needs the package index).
+## TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126: torch for CUDA 12 drivers (525-570) instead.
 wheelhouse-cuda: setup
-	PYTHON=$(BIN)/python docker/wheelhouse.sh cuda
+	PYTHON=$(BIN)/python TORCH_INDEX_URL=$(TORCH_INDEX_URL) docker/wheelhouse.sh cuda
 
 # image / image-cuda (docker/build-image.sh): tagged <name>:<version>-<flavour> and with a content
 # tag <name>:<flavour>-<12 hex of a sha256 over the Dockerfile, constraints.txt, the wheelhouse's

@@ -6,6 +6,10 @@
 #   docker/wheelhouse.sh cpu    # torch 2.13.0+cpu (this machine's pip takes it from /opt/wheels)
 #   docker/wheelhouse.sh cuda   # PyPI's CUDA build of torch 2.13.0 and its nvidia-* wheels
 #                               # (several GB; the machine's pip config is bypassed)
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 docker/wheelhouse.sh cuda
+#                               # torch 2.13.0 for another CUDA from that index (PyPI's is CUDA 13.0,
+#                               # which needs NVIDIA driver >= 580: a cluster on 525-570 drivers needs
+#                               # a CUDA 12 build; docs/images.md); everything else still from PyPI
 #
 # Idempotent and incremental: the project wheel is rebuilt only when its sources changed; when
 # the wheelhouse alone satisfies the pins (pip --no-index) nothing is looked up or downloaded,
@@ -24,7 +28,12 @@ case $FLAVOUR in
     # None of this machine's pip config files, find-links or extra indexes: PyPI only, whose
     # torch wheel for linux x86_64 is the CUDA build.
     cuda) PIP_ENV=(env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_NO_INDEX
-                   PIP_CONFIG_FILE=/dev/null) ;;
+                   PIP_CONFIG_FILE=/dev/null)
+          # torch==2.13.0 also matches the index's 2.13.0+cuXYZ, which pip prefers (a local version
+          # sorts above the bare one); the same wheelhouse folder drops the other build's wheels.
+          if [[ -n ${TORCH_INDEX_URL:-} ]]; then
+              PIP_ENV+=(PIP_INDEX_URL="$TORCH_INDEX_URL" PIP_EXTRA_INDEX_URL=https://pypi.org/simple)
+          fi ;;
     *) echo "wheelhouse: unknown flavour '$FLAVOUR' (cpu or cuda)" >&2; exit 2 ;;
 esac
 pip() { "${PIP_ENV[@]}" "$PYTHON" -m pip --disable-pip-version-check "$@"; }

@@ -99,7 +99,11 @@ def test_a_changed_platform_file_changes_only_placement(tmp_path: Path) -> None:
     def without_placement(spec: dict) -> dict:
         spec = copy.deepcopy(spec)
         for executor in spec["deploymentSpec"]["executors"].values():
-            executor["container"].pop("resources", None)
+            resources = executor["container"].pop("resources", None)
+            env = executor["container"].pop("env", [])
+            # the only variable placement adds: how many GPUs a GPU task was given (spo.accelerator)
+            gpus = (resources or {}).get("accelerator", {}).get("resourceCount")
+            assert env == ([{"name": "SPO_PLACED_GPUS", "value": str(gpus)}] if gpus else [])
             executor["container"].pop("image")
         for task in spec["root"]["dag"]["tasks"].values():
             task.pop("retryPolicy", None)

@@ -187,6 +187,8 @@ def test_trainjob_runs_the_train_stage_under_torchrun_on_the_train_pool() -> Non
     env = {e["name"]: e for e in trainer["env"]}
     assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
     assert env["NCCL_DEBUG"]["value"] == "WARN" and not any(n.startswith("PET_") for n in env)
+    # every trainer process checks it can use the node's 8 GPUs before any work (spo.accelerator)
+    assert env["SPO_PLACED_GPUS"] == {"name": "SPO_PLACED_GPUS", "value": "8"}
     assert spec["activeDeadlineSeconds"] == 86400
     template = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]
     node = template["spec"]["replicatedJobs"][0]
@@ -647,3 +649,5 @@ def test_pools_env_and_secrets_reach_single_pod_tasks_too(tmp_path: Path) -> Non
     (secret,) = executor["secretAsEnv"]
     assert secret["secretName"] == "hf" and secret["keyToEnv"] == [{"envVar": "HF_TOKEN", "secretKey": "token"}]
     assert "env" not in _container(spec, "prepare")  # the cpu pool has none
+    # a GPU task says how many GPUs it was given, so it stops at once when it cannot use them
+    assert {"name": "SPO_PLACED_GPUS", "value": "1"} in _container(spec, "sft")["env"]

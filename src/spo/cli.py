@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from spo import __version__
+from spo.accelerator import GpuUnavailableError, require_placed_gpus
 from spo.config import ConfigError, load_config
 from spo.errors import StageFailed
 from spo.io import InputError
@@ -278,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
             return 0
+        require_placed_gpus()
         summary = load_stage(args.command).run(cfg)
-    except (ConfigError, InputError, StageFailed) as err:
+    except (ConfigError, InputError, StageFailed, GpuUnavailableError) as err:
         log.error("%s", err)
         return 2
     if args.json:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from spo.accelerator import GPUS_ENV
 from spo.pipelines.platform import Platform, Pool
 
 __all__ = ["API_VERSION", "WorkspaceMount", "build_trainjob", "render_trainjob", "validate_trainjob"]
@@ -142,8 +143,10 @@ def _on_volume(path: str, mount: str) -> bool:
 
 def _env(pool: Pool) -> list[dict[str, Any]]:
     """Unbuffered Python (logs reach ``kubectl logs`` as they are written), the pool's variables,
-    and its Secrets as ``secretKeyRef``: the value never appears in the TrainJob."""
+    the GPUs each pod was given (checked before any work), and its Secrets as ``secretKeyRef``: the value never appears in the TrainJob."""
     plain = {"PYTHONUNBUFFERED": "1", **pool.env}
+    if pool.accelerator is not None:  # each process refuses to start when it cannot use them (spo.accelerator)
+        plain[GPUS_ENV] = str(pool.accelerator.count)
     env: list[dict[str, Any]] = [{"name": key, "value": value} for key, value in plain.items()]
     env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
             for key, ref in pool.secret_env.items()]

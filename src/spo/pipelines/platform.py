@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from spo.accelerator import GPUS_ENV
 from spo.io import InputError
 
 STEP_NAMES = ("configure", "prepare", "validate", "keywords", "degrees", "base_model", "sft", "train", "generate",
@@ -293,6 +294,8 @@ def place(task: Any, step: str, platform: Platform, judge_key_env: str | None = 
     if pool.accelerator is not None:
         task.set_accelerator_type(pool.accelerator.type)
         task.set_accelerator_limit(pool.accelerator.count)
+        # the step refuses to start when it cannot use them (spo.accelerator): no silent CPU fallback
+        task.set_env_variable(GPUS_ENV, str(pool.accelerator.count))
     for key, value in pool.node_selector.items():
         kubernetes.add_node_selector(task, key, value)
     for t in pool.tolerations:

@@ -110,12 +110,15 @@ def stage_config(params: str, overrides: Sequence[str], paths: Mapping[str, Any]
 
 
 def run_stage(stage: str, params: str, paths: Mapping[str, Any]) -> dict[str, Any]:
-    """Run ``spo.stages.<stage>.run`` on the task's config (logging as ``spo <stage>`` does)."""
+    """Run ``spo.stages.<stage>.run`` on the task's config (logging as ``spo <stage>`` does), after
+    checking that a task placed on GPUs can use them (spo.accelerator)."""
     import logging
 
+    from spo.accelerator import require_placed_gpus
     from spo.stages import load_stage
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    require_placed_gpus()  # a task placed on GPUs that cannot use them stops here, not after hours on the CPU
     return load_stage(stage).run(stage_config(params, [], paths))
 
 
