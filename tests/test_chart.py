@@ -239,6 +239,8 @@ BAD_VALUES = {
     "credentials in the DVC URL": ({"dvcRemote": {"enabled": True, "url": "s3://key:secret@bucket/x"}},
                                    r"/dvcRemote/url"),
     "a run on install and a schedule": ({"run": {"onInstall": True, "schedule": "0 0 3 * * *"}}, r"/run"),
+    # KFP parses cron seconds first (robfig/cron's Parse): a crontab line would run hourly (test_submit.py)
+    "a 5-field crontab schedule": ({"run": {"schedule": "0 3 * * *"}}, r"/run/schedule"),
 }
 
 

@@ -405,7 +405,11 @@ def test_a_schedule_is_created_once_kept_when_unchanged_and_replaced_when_change
 
 @pytest.mark.parametrize(("kw", "message"), [
     ({"action": "schedule"}, "a schedule"), ({"schedule": "0 3 * * *"}, "a schedule"),
-    ({"action": "schedule", "schedule": "every night"}, "cron expression"),
+    ({"action": "schedule", "schedule": "every night"}, "cron expression of 6 fields"),
+    # KFP reads cron seconds first (robfig/cron's Parse, which its ScheduledWorkflow controller calls in
+    # backend/src/crd/controller/scheduledworkflow/util/cron_schedule.go at kubeflow/pipelines 0050a80):
+    # a crontab line would run hourly at :03, so it is refused with its 6-field meaning
+    ({"action": "schedule", "schedule": "0 3 * * *"}, r"seconds first.*write '0 0 3 \* \* \*'"),
     ({"action": "upload", "wait": True}, "--wait follows a run"), ({"action": "deploy"}, "one of")])
 def test_bad_action_arguments_fail_before_any_request(server: KfpApiServer, tmp_path: Path, kw: dict,
                                                       message: str) -> None:

@@ -187,8 +187,8 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
         raise InputError(f"--store {store!r}: one of {list(STORES)}")
     if (action == "schedule") != bool(schedule):
         raise InputError("a schedule (a cron expression) goes with the schedule action, and only with it")
-    if schedule and len(schedule.split()) not in (5, 6):
-        raise InputError(f"--schedule {schedule!r}: a cron expression of 5 or 6 fields, e.g. '0 0 3 * * *'")
+    if schedule:
+        check_cron(schedule)
     if wait and action != "run":
         raise InputError("--wait follows a run: it goes with starting one")
     auth = read_token(token_env, token_file)
@@ -243,6 +243,24 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
         with _scrubbed_logs(auth), _api_step(auth, host, f"following run {run.run_id}"):
             _follow(client, host, run.run_id, auth, timeout, poll_interval, clock=clock, sleep=sleep)
     return run.run_id
+
+
+def check_cron(cron: str) -> str:
+    """Refuse what KFP would misread. Its ScheduledWorkflow controller parses cron with robfig/cron's
+    ``Parse`` (backend/src/crd/controller/scheduledworkflow/util/cron_schedule.go), whose fields are
+    ``second minute hour day-of-month month [day-of-week]``: a 5-field crontab line is accepted and
+    read with seconds first, so ``0 3 * * *`` would run every hour at :03, not daily at 03:00. Only
+    6 fields are taken; a 5-field line is refused with its 6-field meaning suggested."""
+    fields = cron.split()
+    if len(fields) == 6:
+        return cron
+    if len(fields) == 5:
+        raise InputError(f"--schedule {cron!r}: KFP reads cron with seconds first (6 fields: second minute hour "
+                         f"day-of-month month day-of-week), so these 5 fields would mean second {fields[0]}, minute "
+                         f"{fields[1]}, every hour {fields[2]}, ...; for the crontab meaning write "
+                         f"'0 {cron.strip()}'")
+    raise InputError(f"--schedule {cron!r}: a cron expression of 6 fields, seconds first, e.g. '0 0 3 * * *' "
+                     "(daily at 03:00 UTC)")
 
 
 def _connect(host: str, auth: Auth, namespace: str | None) -> Any:
