@@ -86,6 +86,10 @@ def test_gpu_platform_places_exactly_what_it_asks_for(tmp_path: Path) -> None:
         assert container["image"] == "registry.example.com/spo-pipeline:0.1.0-cuda"
     secret = k8s["deploymentSpec"]["executors"]["exec-judge"]["secretAsEnv"][0]
     assert secret["secretName"] == "spo-judge" and secret["keyToEnv"] == [{"envVar": "OPENAI_API_KEY", "secretKey": "api-key"}]
+    # optional, so a reward-judge run never waits on a Secret it does not read: KFP's driver copies the flag
+    # onto the pod's secretKeyRef (kubeflow/pipelines backend/src/v2/driver/k8s.go at 008dcd6, extendPodSpecPatch);
+    # the OpenAI judge itself stops at once without its key (test_judge_openai)
+    assert secret["optional"] is True
     assert k8s["pipelineConfig"]["workspace"]["size"] == "200Gi"
     caching = {t: tasks[t].get("cachingOptions", {}).get("enableCache", False) for t in tasks}
     # every result is an artifact (models too): every step can be reused by a later run, but publish

@@ -189,7 +189,9 @@ class OpenAIJudge:
         if not key:
             raise JudgeConfigError(
                 f"the judge API key is read from the environment variable {cfg.api_key_env}, which is "
-                f"unset or empty; export {cfg.api_key_env}=... (judge.openai.api_key_env names another variable)"
+                f"unset or empty; export {cfg.api_key_env}=... (judge.openai.api_key_env names another variable; on "
+                "a cluster it comes from the platform file's judge_api_key Secret, the chart's "
+                "judge.apiKey.existingSecret: check that Secret exists in the run's namespace and has that key)"
             )
         self._secret = key
         host = urlparse(cfg.base_url).netloc if cfg.base_url else "api.openai.com"

@@ -325,4 +325,9 @@ def place(task: Any, step: str, platform: Platform, judge_key_env: str | None = 
             keys[creds.session_token_key] = "AWS_SESSION_TOKEN"
         kubernetes.use_secret_as_env(task, creds.name, keys)
     if step == "judge" and platform.judge_api_key is not None and judge_key_env:
-        kubernetes.use_secret_as_env(task, platform.judge_api_key.name, {platform.judge_api_key.key: judge_key_env})
+        # optional: a missing Secret would hold the pod in CreateContainerConfigError (it "hangs"),
+        # even when the reward-model judge needs no key; the OpenAI judge instead fails at once,
+        # naming the variable and this Secret. KFP's driver copies the flag onto the secretKeyRef
+        # (backend/src/v2/driver/k8s.go, extendPodSpecPatch, "Get secret env information").
+        kubernetes.use_secret_as_env(task, platform.judge_api_key.name, {platform.judge_api_key.key: judge_key_env},
+                                     optional=True)
