@@ -58,7 +58,7 @@ def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_
     from spo.cluster.launcher import current_namespace, custom_objects_api, launch, pipeline_run_id
     from spo.cluster.trainjob import WorkspaceMount, build_trainjob, validate_trainjob
     from spo.pipelines.platform import Platform
-    from spo.pipelines.runtime import copy_file, stage_config, variant_names
+    from spo.pipelines.runtime import check_writable, copy_file, stage_config, variant_names
 
     platform = Platform.model_validate_json(platform_json)
     variant = variant_names(loss)[int(spo_variant)]
@@ -67,6 +67,7 @@ def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_
     paths = {"train.loss": loss, "train.spo.enabled": spo and spo_variant, "train.out_dir": folder}
     # the job's config, checked before anything is staged or scheduled
     stage_config(params, [], {**paths, **{f"train.{key}_dir": path for key, path in staged.items()}})
+    check_writable(workspace)  # the staging below and every trainer pod write there
     claim, namespace = workspace_claim(task_config, workspace), namespace or current_namespace()
     api = api if api is not None else custom_objects_api()
     run_id = run_id or pipeline_run_id(api, namespace)

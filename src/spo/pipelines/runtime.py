@@ -140,8 +140,46 @@ def _scalars(data: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, flo
     return out
 
 
+class WorkspaceNotWritable(RuntimeError):
+    """The run's workspace volume does not let this task's user write: stop with what to change."""
+
+
+def check_writable(workspace: str | Path) -> None:
+    """Fail at once, saying why and what to change, when this task cannot write on the workspace.
+
+    A freshly provisioned block volume (EBS, PD, Azure Disk, Ceph RBD) has a root-owned 0755 root,
+    and KFP sets no ``fsGroup`` on task pods (kubeflow/pipelines#3866) that would hand it to the
+    image's uid 1000; without this check the first write would fail with a bare PermissionError,
+    on every retry, after the step's GPUs were scheduled.
+    """
+    import os
+    import uuid
+
+    root = Path(workspace)
+    probe = root / f".spo-write-check-{uuid.uuid4().hex}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except PermissionError:
+        try:
+            st = root.stat()
+            found = f"owned by uid {st.st_uid} gid {st.st_gid}, mode {st.st_mode & 0o7777:04o}"
+        except OSError as err:
+            found = f"not readable ({err.strerror})"
+        raise WorkspaceNotWritable(
+            f"the run's workspace {root} is not writable by this task (uid {os.getuid()}, gid {os.getgid()}, groups "
+            f"{sorted(os.getgroups())}): it is {found}. KFP sets no fsGroup on task pods, and a new block volume's "
+            "root belongs to root. Fix: a StorageClass whose volumes are group- or world-writable (NFS, CephFS, EFS, "
+            "Filestore: ReadWriteMany, as multi-node training needs anyway), or a KFP pod-default fsGroup of 1000 "
+            "set by the cluster admin (docs/operations.md, \"Before you install\")") from None
+
+
 def workspace_dir(workspace: str, *parts: str) -> str:
-    """A folder (created): of the run's workspace volume, or of an artifact's path."""
+    """A folder (created): of the run's workspace volume (checked writable first, with a message
+    that says what to change), or of an artifact's path."""
+    root = Path(workspace)
+    if parts and root.is_dir():
+        check_writable(root)
     folder = Path(workspace, *parts)
     folder.mkdir(parents=True, exist_ok=True)
     return str(folder)
@@ -239,6 +277,7 @@ def publish(*, outputs: Mapping[str, str | Path], params_text: str, dvc_yaml: st
         Path(dvc_lock).write_text("", encoding="utf-8")
         dvc_sync.bundle_files({"params.yaml": Path(params_yaml)}, results)
         return {"pushed": None}
+    check_writable(workspace)
     view = Path(workspace) / "dvc-publish"
     if view.exists():  # a retried publish: start over
         shutil.rmtree(view)
