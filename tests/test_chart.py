@@ -94,6 +94,21 @@ def test_every_pod_meets_the_restricted_pod_security_standard(case: str) -> None
                 assert {"cpu", "memory"} <= set(container["resources"][bound]), (name, bound)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_no_pod_of_the_chart_gets_an_istio_sidecar(case: str) -> None:
+    """In a Kubeflow profile namespace (istio-injection=enabled) a sidecar would be cut off from istiod by
+    the chart's own NetworkPolicy and hold the hook until Helm's timeout. Istio's injector skips a pod
+    labelled sidecar.istio.io/inject=false whatever its namespace says (istio/istio
+    pkg/kube/inject/inject.go at 00af2c5, injectRequired: the label, preferred to the annotation, is an
+    explicit "no" that the namespace's enabled policy does not override)."""
+    docs = objects(CASES[case])
+    pod_metadata = [d["metadata"] for d in docs if d["kind"] == "Pod"]
+    pod_metadata += [d["spec"]["template"]["metadata"] for d in docs if d["kind"] == "Job"]
+    assert len(pod_metadata) >= 2
+    for metadata in pod_metadata:
+        assert metadata["labels"]["sidecar.istio.io/inject"] == "false", metadata
+
+
 def test_rbac_is_least_privilege_and_namespaced() -> None:
     docs = objects(CASES["multinode"])
     roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Role"}

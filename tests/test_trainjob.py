@@ -192,8 +192,12 @@ def test_trainjob_runs_the_train_stage_under_torchrun_on_the_train_pool() -> Non
     assert spec["activeDeadlineSeconds"] == 86400
     template = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]
     node = template["spec"]["replicatedJobs"][0]
+    # the trainer pods (only they) opt out of Istio's sidecar: under a profile namespace's deny-all it
+    # would sit between torchrun's ranks (istio/istio pkg/kube/inject/inject.go at 00af2c5, injectRequired)
     assert node["name"] == "node"
     pod = node["template"]["spec"]["template"]
+    assert pod["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+    assert "sidecar.istio.io/inject" not in node["template"]["metadata"]["labels"]
     assert pod["metadata"]["labels"]["pipeline/runid"] == "1234"  # kubectl get pods -l pipeline/runid=...
     assert job["metadata"]["labels"]["app.kubernetes.io/name"] == "spo-pipeline"
     pod_spec = pod["spec"]

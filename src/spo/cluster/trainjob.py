@@ -38,6 +38,11 @@ WORKSPACE_PATH = "/kfp-workspace"  # where KFP mounts a run's workspace (kfp.dsl
 WORKSPACE_VOLUME = "kfp-workspace"
 BASE_LABELS = {"app.kubernetes.io/name": "spo-pipeline", "app.kubernetes.io/component": "train",
                "app.kubernetes.io/managed-by": "spo-launcher"}
+# Istio's per-pod opt-out: the pod label, preferred to the annotation, is an explicit "no" that the
+# namespace's enabled policy does not override (istio/istio pkg/kube/inject/inject.go, injectRequired). In a Kubeflow profile namespace a
+# sidecar would sit under the mesh-wide deny-all between torchrun's ranks; KFP opts its own pods out
+# the same way, and Trainer's docs tell users to.
+ISTIO_INJECT = {"sidecar.istio.io/inject": "false"}
 # the train settings holding paths: each must be on the volume the pods mount
 _PATH_KEYS = ("rows_dir", "degrees_dir", "sft_dir", "out_dir", "metrics_file")
 
@@ -57,7 +62,8 @@ def build_trainjob(platform: Platform, *, name: str, params_file: str, overrides
     """The TrainJob running ``spo train -p params_file -S overrides...`` on the platform's train pool.
 
     ``labels`` (e.g. the KFP run id) go on the TrainJob and, through ``runtimePatches``, on its
-    JobSet, Jobs and pods, so ``kubectl get pods -l`` finds the trainer pods of a run.
+    JobSet, Jobs and pods, so ``kubectl get pods -l`` finds the trainer pods of a run; the pods also
+    opt out of Istio's sidecar (:data:`ISTIO_INJECT`).
     """
     pool = platform.pool("train")
     labels = {**BASE_LABELS, **(labels or {})}
@@ -79,7 +85,8 @@ def build_trainjob(platform: Platform, *, name: str, params_file: str, overrides
             "metadata": {"labels": dict(labels)},
             "spec": {"replicatedJobs": [{"name": TRAINER_NODE, "template": {
                 "metadata": {"labels": dict(labels)},
-                "spec": {"template": {"metadata": {"labels": dict(labels)}, "spec": _pod_patch(platform, pool, workspace)}},
+                "spec": {"template": {"metadata": {"labels": {**labels, **ISTIO_INJECT}},
+                                      "spec": _pod_patch(platform, pool, workspace)}},
             }}]},
         }}}],
     }

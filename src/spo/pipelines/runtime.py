@@ -158,6 +158,7 @@ def check_writable(workspace: str | Path) -> None:
     root = Path(workspace)
     probe = root / f".spo-write-check-{uuid.uuid4().hex}"
     try:
+        root.mkdir(parents=True, exist_ok=True)  # KFP mounts it; a local run (kfp.local, tests) may not have it yet
         probe.write_bytes(b"")
         probe.unlink()
     except PermissionError:
@@ -177,9 +178,8 @@ def check_writable(workspace: str | Path) -> None:
 def workspace_dir(workspace: str, *parts: str) -> str:
     """A folder (created): of the run's workspace volume (checked writable first, with a message
     that says what to change), or of an artifact's path."""
-    root = Path(workspace)
-    if parts and root.is_dir():
-        check_writable(root)
+    if parts:
+        check_writable(workspace)
     folder = Path(workspace, *parts)
     folder.mkdir(parents=True, exist_ok=True)
     return str(folder)
