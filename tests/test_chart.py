@@ -23,7 +23,7 @@ from conftest import REPO
 
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 CASES = {"default": {}, "gpu-pools": example("gpu-pools"), "multinode": example("multinode"),
-         "kubernetes-store": {"kfp": {"pipelineStore": "kubernetes", "namespace": "team-b"},
+         "kubernetes-store": {"kfp": {"pipelineStore": "kubernetes", "namespace": NAMESPACE},  # a profile namespace
                               "networkPolicy": {"apiServer": {"cidrs": ["10.96.0.1/32"]}}}}
 CHECKOV = REPO / "build" / "checkov-venv" / "bin" / "checkov"
 UPLOAD, RECURRING = r"/apis/v2beta1/pipelines/upload(_version)?", r"/apis/v2beta1/recurringruns"
@@ -348,9 +348,23 @@ def _run_pod(doc: dict[str, Any], config: dict[str, str], root: Path, host: str,
 
 
 @pytest.mark.slow
+def test_the_hook_refuses_a_release_outside_the_namespace_where_kfp_runs_the_pods(tmp_path: Path) -> None:
+    """Single-user KFP (the fake's default) runs the pods in its own namespace, kubeflow here; a release in
+    ml-team would leave prepare Pending on a PVC it cannot see. The hook says so and uploads nothing
+    (kubeflow/pipelines resource_manager.go ReplaceNamespace at 2.17.0; test_submit.py)."""
+    docs = objects({})
+    with KfpApiServer("t" * 24) as server:
+        refused = _run_pod(one(docs, "Job"), one(docs, "ConfigMap")["data"], tmp_path, server.url, "t" * 24)
+        assert refused.returncode != 0 and "pods would run in 'kubeflow'" in refused.stderr, refused.stderr[-2000:]
+        assert f"are in '{NAMESPACE}'" in refused.stderr and not server.calls("POST")
+
+
+@pytest.mark.slow
 def test_the_upload_hook_creates_nothing_when_rerun_and_helm_test_checks_its_version(tmp_path: Path) -> None:
     token = "projected-sa-token-" + "x" * 16
-    values = {"run": {"schedule": "0 0 3 * * *"}, "pipeline": {"parameters": {"train_steps": 200}}}
+    # single-user KFP runs every pipeline pod in its own namespace: the release is installed there
+    values = {"run": {"schedule": "0 0 3 * * *"}, "pipeline": {"parameters": {"train_steps": 200}},
+              "networkPolicy": {"kfpNamespace": NAMESPACE}}
     docs = objects(values)
     config, hook, check = one(docs, "ConfigMap")["data"], one(docs, "Job"), one(docs, "Pod")
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
@@ -447,7 +461,7 @@ def test_the_kubernetes_store_hook_creates_the_resources_once(tmp_path: Path) ->
     assert "--store=kubernetes" in container["args"] and "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
     uploader = one(docs, "Role", "-uploader")
     assert {"apiGroups": ["pipelines.kubeflow.org"], "resources": ["pipelineversions"], "verbs": ["get", "create"]} \
-        in uploader["rules"] and uploader["metadata"]["namespace"] == "team-b"
+        in uploader["rules"] and uploader["metadata"]["namespace"] == NAMESPACE
     policy = one(docs, "NetworkPolicy")
     assert {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}],
             "to": [{"ipBlock": {"cidr": "10.96.0.1/32"}}]} in policy["spec"]["egress"]
@@ -460,7 +474,7 @@ def test_the_kubernetes_store_hook_creates_the_resources_once(tmp_path: Path) ->
         "users": [{"name": "hook", "user": {"token": "kube-token"}}]}))
     env = {"KUBECONFIG": str(kubeconfig)}  # in the pod: the projected token and in-cluster config
     try:
-        with KfpApiServer(None) as server:
+        with KfpApiServer(None, multi_user=True) as server:  # a profile namespace: multi-user KFP
             first = _run_pod(hook, config, tmp_path / "install", server.url, "kfp-token", env)
             assert first.returncode == 0, first.stderr[-3000:]
             assert sorted(k[0] for k in cluster.kfp_objects) == ["pipelines", "pipelineversions"]

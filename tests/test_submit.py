@@ -438,12 +438,13 @@ def test_the_kubernetes_store_creates_the_resources_once_and_runs_refer_to_their
     from spo.pipelines.manifests import validate_manifests
 
     cluster, api = k8s_api
+    server.multi_user = True  # a profile namespace: multi-user KFP (single-user would refuse --namespace)
     kw = {"store": "kubernetes", "namespace": "team-a", "kubernetes_api": api}
     with pytest.raises(SubmitError, match="is not on the cluster: these values and this image were never uploaded"):
         _submit(server, tmp_path, action="check", **kw)
     digest = _compiled_digest(tmp_path, REPO / "params.yaml")
     version = _submit(server, tmp_path, action="upload", **kw)
-    assert not server.requests  # upload and check need no REST call in this mode
+    assert [r.path for r in server.requests] == ["/apis/v2beta1/healthz"] * 2  # the mode check, nothing else
     created = [r.body for r in cluster.calls("POST")]
     assert [d["kind"] for d in created] == ["Pipeline", "PipelineVersion"]
     validate_manifests(created)  # strict: the pinned KFP CRDs
@@ -458,7 +459,6 @@ def test_the_kubernetes_store_creates_the_resources_once_and_runs_refer_to_their
                                                  "namespace": "team-a"}
     server.state.versions["pipelines-uid-0"] = [{"pipeline_id": "pipelines-uid-0", "pipeline_version_id": version,
                                                  "display_name": f"spo-pipeline-{digest[:12]}"}]
-    server.multi_user = True
     _submit(server, tmp_path, **kw)
     [run] = server.calls("POST", RUNS)
     assert run.body["pipeline_version_reference"] == {"pipeline_id": "pipelines-uid-0", "pipeline_version_id": version}
@@ -475,7 +475,37 @@ def test_the_kubernetes_store_explains_a_refusal(server: KfpApiServer, token: st
     from spo.pipelines.k8s_store import StoreError
 
     cluster, api = k8s_api
+    server.multi_user = True
     cluster.inject("POST", Fault(403, 'pipelines.pipelines.kubeflow.org is forbidden: User "system:serviceaccount:'
                                       'team-a:spo" cannot create resource "pipelines"'))
     with pytest.raises(StoreError, match="HTTP 403.*lacks this verb on pipelines.kubeflow.org"):
         _submit(server, tmp_path, action="upload", store="kubernetes", namespace="team-a", kubernetes_api=api)
+
+
+# Where KFP runs a run's pods (kubeflow/pipelines at tag 2.17.0): single-user, the API server replaces
+# every namespace with "" (backend/src/apiserver/resource/resource_manager.go, ReplaceNamespace) and the
+# pods run in KFP's own namespace; multi-user, in the profile namespace the run names.
+@pytest.mark.parametrize(("multi_user", "namespace", "workload", "kfp", "refused"), [
+    (False, None, "kubeflow", "kubeflow", None),
+    (False, None, "spo", "kubeflow", r"pods would run in 'kubeflow' \(KFP is single-user.*are in 'spo'.*in 'kubeflow'"),
+    (False, "team-a", None, None, r"single-user: it ignores --namespace 'team-a'"),
+    (True, None, None, None, r"multi-user: pass --namespace"),
+    (True, "team-a", "team-a", "kubeflow", None),
+    (True, "team-a", "spo", "kubeflow", r"pods would run in 'team-a' \(KFP is multi-user.*are in 'spo'"),
+    (False, None, None, "kubeflow", None),  # outside the chart: nothing to compare
+])
+def test_the_run_namespace_follows_the_kfp_mode(multi_user: bool, namespace: str | None, workload: str | None,
+                                                kfp: str | None, refused: str | None) -> None:
+    from spo.pipelines.submit import check_namespaces
+
+    if refused is None:
+        check_namespaces("http://kfp", multi_user, namespace, workload, kfp)
+    else:
+        with pytest.raises(SubmitError, match=refused):
+            check_namespaces("http://kfp", multi_user, namespace, workload, kfp)
+
+
+def test_a_namespace_mismatch_is_refused_before_anything_is_uploaded(server: KfpApiServer, tmp_path: Path) -> None:
+    with pytest.raises(SubmitError, match="Install the release in 'kubeflow'"):
+        _submit(server, tmp_path, action="upload", workload_namespace="spo", kfp_namespace="kubeflow")
+    assert [r.path for r in server.requests] == ["/apis/v2beta1/healthz"]

@@ -84,6 +84,10 @@ def _pipeline_parser(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--image", help="the project image (replaces the platform file's)")
     submit.add_argument("--pipeline-name", help="the pipeline's name on the server (default: the compiled one)")
     submit.add_argument("--namespace", help="profile namespace on a multi-user KFP (the pipeline, experiment, run)")
+    submit.add_argument("--workload-namespace", metavar="NS", help="where the run's data volume, Secrets and launcher "
+                        "Role are (the chart's release namespace): refused unless KFP will run the pods there")
+    submit.add_argument("--kfp-namespace", metavar="NS", help="the namespace a single-user KFP runs in (its pods run "
+                        "there), checked against --workload-namespace")
     submit.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a param override for the run, e.g. -S train.beta=0.5 (repeatable)")
     submit.add_argument("-A", "--arg", dest="arguments", action="append", default=[], metavar="NAME=VALUE",
@@ -159,7 +163,8 @@ def _pipeline(args: argparse.Namespace) -> int:
                pipeline_name=args.pipeline_name, namespace=args.namespace, overrides=args.overrides,
                arguments=args.arguments, wait=args.wait, timeout=args.timeout, token_env=args.token_env,
                token_file=args.token_file, action="schedule" if args.schedule else args.action, schedule=args.schedule,
-               schedule_name=args.schedule_name, store=args.store)
+               schedule_name=args.schedule_name, store=args.store, workload_namespace=args.workload_namespace,
+               kfp_namespace=args.kfp_namespace)
         return 0
     if args.pipeline_command == "graph":
         from spo.pipelines.graph import draw

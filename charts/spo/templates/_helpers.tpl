@@ -199,6 +199,9 @@ dvc_remote:
 {{- with .Values.kfp.namespace }}
 - {{ printf "--namespace=%s" . | quote }}
 {{- end }}
+{{- /* refused unless KFP runs the pipeline's pods where this release put the PVC, Secrets and Role */}}
+- {{ printf "--workload-namespace=%s" .Release.Namespace | quote }}
+- {{ printf "--kfp-namespace=%s" .Values.networkPolicy.kfpNamespace | quote }}
 {{- if eq .Values.kfp.pipelineStore "kubernetes" }}
 - --store=kubernetes
 {{- end }}

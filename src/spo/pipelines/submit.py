@@ -157,6 +157,7 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
            wait: bool = False, timeout: float = 24 * 3600.0, poll_interval: float = 10.0,
            token_env: str = TOKEN_ENV, token_file: str | Path = SA_TOKEN_FILE, action: str = "run",
            schedule: str | None = None, schedule_name: str | None = None, store: str = "api",
+           workload_namespace: str | None = None, kfp_namespace: str | None = None,
            kubernetes_api: Any | None = None, clock: Callable[[], float] = time.monotonic,
            sleep: Callable[[float], None] = time.sleep) -> str:
     """Compile, upload or reuse the version, start a run in ``experiment``; print its link, return its id.
@@ -171,7 +172,9 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
     ``overrides`` (``section.key=value``) go into the ``overrides`` list parameter (after any
     ``-A overrides=[...]``) and are checked against ``params`` first; ``arguments``
     (``knob=value``) set pipeline parameters. ``namespace`` is the profile namespace of a
-    multi-user KFP: the pipeline, the experiment and the run go there. ``wait`` follows the run
+    multi-user KFP: the pipeline, the experiment and the run go there; ``workload_namespace`` and
+    ``kfp_namespace`` are checked against where KFP will run the pods (:func:`check_namespaces`).
+    ``wait`` follows the run
     to its end and raises :class:`SubmitError` unless it succeeds within ``timeout`` seconds.
     ``clock`` and ``sleep`` measure that timeout and wait between polls; they are parameters so
     that tests can inject a fake clock instead of waiting (and depending on the machine's speed).
@@ -204,6 +207,9 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
         name = pipeline_name or spec["pipelineInfo"]["name"]
         done: tuple[str, str] | None = None  # what an action other than run returns and prints
         with _scrubbed_logs(auth), _kfp_prints_to_log(auth):
+            with _api_step(auth, host, "connecting"):
+                multi_user = _healthz(host, auth).multi_user
+            check_namespaces(host, bool(multi_user), namespace, workload_namespace, kfp_namespace)
             if store == "kubernetes":
                 pipeline_id, version_id = _kubernetes_store(Path(tmp), action, params, platform, image, name, digest,
                                                             namespace, kubernetes_api)
@@ -263,15 +269,37 @@ def check_cron(cron: str) -> str:
                      "(daily at 03:00 UTC)")
 
 
-def _connect(host: str, auth: Auth, namespace: str | None) -> Any:
-    """A ``kfp.Client`` for ``host``, after one health check of our own.
+def check_namespaces(host: str, multi_user: bool, namespace: str | None, workload_namespace: str | None,
+                     kfp_namespace: str | None) -> None:
+    """Refuse a namespace setting under which the run's pods would not find its volumes and Secrets.
 
-    ``kfp.Client()`` itself retries the health check five times 5 s apart, logging a traceback
-    each time, so a wrong host or a refused token would surface only after 25 s; and on a
-    multi-user KFP without a namespace it guesses one from the pod and writes it to
-    ``~/.config/kfp/context.json``. Passing ``host`` keeps it from kube-config discovery.
+    Single-user KFP ignores namespaces: its API server replaces every resource's namespace with ""
+    (backend/src/apiserver/resource/resource_manager.go, ``ReplaceNamespace``, kubeflow/pipelines at
+    tag 2.17.0) and runs every pipeline pod in its own namespace. Multi-user KFP runs them in the
+    profile namespace (``namespace``). ``workload_namespace`` is where the run's data PVC, Secrets
+    and launcher Role are (the chart's release namespace); ``kfp_namespace`` is where single-user
+    KFP runs (the chart's ``networkPolicy.kfpNamespace``).
     """
-    import kfp
+    if multi_user and not namespace:
+        raise SubmitError(f"the KFP at {host} is multi-user: pass --namespace (your profile's namespace; the chart's "
+                          "kfp.namespace)")
+    if not multi_user and namespace:
+        raise SubmitError(f"the KFP at {host} is single-user: it ignores --namespace {namespace!r} and runs every "
+                          "pipeline pod in its own namespace; drop --namespace (the chart's kfp.namespace: \"\") and "
+                          "install the release in KFP's namespace")
+    if not workload_namespace:
+        return
+    pods = namespace if multi_user else kfp_namespace
+    if pods and pods != workload_namespace:
+        mode = "multi-user: the profile namespace" if multi_user else "single-user: KFP's own namespace"
+        raise SubmitError(f"the pipeline's pods would run in {pods!r} (KFP is {mode}), but the run's data volume, "
+                          f"Secrets and TrainJob launcher Role are in {workload_namespace!r}: prepare would stay "
+                          f"Pending and secret-using steps would not start. Install the release in {pods!r} "
+                          "(docs/operations.md, \"Before you install\")")
+
+
+def _healthz(host: str, auth: Auth) -> Any:
+    """KFP's ``/apis/v2beta1/healthz`` (``multi_user``, the version), asked once, with our timeout."""
     import kfp_server_api
 
     config = kfp_server_api.Configuration(host=host)
@@ -279,9 +307,20 @@ def _connect(host: str, auth: Auth, namespace: str | None) -> Any:
         config.api_key["authorization"] = auth.token
         config.api_key_prefix["authorization"] = "Bearer"
     with kfp_server_api.ApiClient(config) as api:
-        health = kfp_server_api.HealthzServiceApi(api).healthz_service_get_healthz(_request_timeout=REQUEST_TIMEOUT_S)
-    if health.multi_user and not namespace:
-        raise SubmitError(f"the KFP at {host} is multi-user: pass --namespace (your profile's namespace)")
+        return kfp_server_api.HealthzServiceApi(api).healthz_service_get_healthz(_request_timeout=REQUEST_TIMEOUT_S)
+
+
+def _connect(host: str, auth: Auth, namespace: str | None) -> Any:
+    """A ``kfp.Client`` for ``host``, after the health check of :func:`submit`.
+
+    ``kfp.Client()`` itself retries the health check five times 5 s apart, logging a traceback
+    each time, so a wrong host or a refused token would surface only after 25 s; and on a
+    multi-user KFP without a namespace it guesses one from the pod and writes it to
+    ``~/.config/kfp/context.json`` (:func:`check_namespaces` refuses that case first). Passing
+    ``host`` keeps it from kube-config discovery.
+    """
+    import kfp
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "only works with KFP v2.0.0-beta.2 and later", each time
         return kfp.Client(host=host, **auth.client_kwargs(), **({"namespace": namespace} if namespace else {}))
