@@ -185,6 +185,24 @@ def test_degree_heads_per_level_carry_n_intervals_and_chance(tmp_path: Path) -> 
 
     md = to_markdown(experiments.summary_doc([{**rows[0], "rev": "x", "params": {}, "win_rates": {}}]))
     assert "| real_degrees-random | dpo_spo | chosen | 184 | 0.500 |" in md
+    # beside the heads, what they must beat: the shortcut audit of the same degree data (metrics/degrees.json)
+    audit = {"chance": 0.25, "formatting_max": 0.271, "probes": {"length": {"accuracy": 0.33},
+             "word_length": {"accuracy": 0.548}, "length_all": {"accuracy": 0.56}}}
+    md = to_markdown(experiments.summary_doc([{**rows[0], "rev": "x", "params": {}, "win_rates": {}, "audit": audit}]))
+    assert "| real_degrees-random | 0.271 | 0.330 | 0.548 | 0.560 |" in md
+
+
+def test_a_training_only_experiment_is_a_row_of_the_summary() -> None:
+    """A targets: [train@dpo_spo] run in a workspace that never ran the judge has no judge.json at all:
+    its degree heads are still its result (dvc exp show --json's shape, as parse_exp_show reads it)."""
+    data = {"params": {"params.yaml": {"data": {"keywords": {"method": "random"}}}},
+            "metrics": {"metrics/train_dpo_spo.json": {"data": {"eval": {"degree/accuracy_w": 0.4}}},
+                        "metrics/degrees.json": {"data": {"shortcut_audit": {"chance": 0.25, "probes": {}}}}}}
+    entries = [{"rev": "a" * 40, "name": "main", "data": None,
+                "experiments": [{"revs": [{"rev": "b" * 40, "name": "real_degrees-random-s0", "data": data}]}]}]
+    [row] = experiments.parse_exp_show(entries)
+    assert row["name"] == "real_degrees-random-s0" and row["training"]["dpo_spo"]["degree/accuracy_w"] == 0.4
+    assert row["audit"] == {"chance": 0.25, "probes": {}}
 
 
 def test_a_targeted_runs_summary_shows_only_the_metrics_it_produced() -> None:

@@ -180,13 +180,16 @@ def _row(name: str, rev: str, data: dict[str, Any] | None) -> dict[str, Any] | N
         match = re.fullmatch(r"metrics/train_(.+)\.json", path)
         if match and isinstance(values.get("eval"), dict):
             training[match.group(1)] = values["eval"]
-    return {"name": name, "rev": rev[:7], "params": _flatten(params), "win_rates": win_rates, "training": training}
+    audit = (metrics.get("metrics/degrees.json") or {}).get("shortcut_audit")
+    return {"name": name, "rev": rev[:7], "params": _flatten(params), "win_rates": win_rates, "training": training,
+            "audit": audit if isinstance(audit, dict) and isinstance(audit.get("probes"), dict) else None}
 
 
 def parse_exp_show(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of ``dvc exp show --json``: each baseline commit (one of several commits with the same
     params and results) with its experiments oldest first, then the workspace if it differs from
-    all of them; rows without judge metrics are dropped."""
+    all of them; rows with neither judge nor training metrics are dropped (a ``targets: [train@...]``
+    run has only the latter)."""
     rows: list[dict[str, Any]] = []
     baselines: set[str] = set()
     workspace = None
@@ -209,7 +212,7 @@ def parse_exp_show(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r and (r["params"], r["win_rates"]) == (workspace["params"], workspace["win_rates"]) for r in rows
     ):
         rows.append(workspace)
-    return [r for r in rows if r and r["win_rates"]]
+    return [r for r in rows if r and (r["win_rates"] or r["training"])]
 
 
 def varying_params(rows: list[dict[str, Any]]) -> list[str]:
@@ -275,6 +278,15 @@ def summary_doc(rows: list[dict[str, Any]]) -> Any:
                   [[s["experiment"], s["policy"], s["head"], str(s["n"]), fmt(s["accuracy"]),
                     f"[{fmt(s['ci_low'])}, {fmt(s['ci_high'])}]", fmt(s["chance"]),
                     " ".join(fmt(lv["accuracy"]) for lv in s["levels"])] for s in series])
+        probed = list(dict.fromkeys((s["experiment"], json.dumps(s["probes"])) for s in series if s["probes"]))
+        if probed:
+            doc.p("What the heads must beat: the degrees stage's shortcut audit of the same degree data "
+                  "(classifiers on content-free features, fitted on half the responses, scored on the other half; "
+                  "docs/degrees.md). The best formatting probe must sit at chance; the length probes are what "
+                  "removing content gives away by itself.")
+            doc.table(["Experiment", "Formatting (best)", "Length", "Word length", "All length probes"],
+                      [[name, *(fmt(p.get(k)) for k in ("formatting_max", "length", "word_length", "length_all"))]
+                       for name, p in ((name, json.loads(text)) for name, text in probed)])
         doc.img("degree accuracy per level", "experiments_degrees.png")
     groups = seed_groups(rows)
     if groups:
@@ -368,8 +380,19 @@ def degree_levels(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 low, high = ev.get(f"degree/accuracy_{side}/ci_low"), ev.get(f"degree/accuracy_{side}/ci_high")
                 out.append({"experiment": r["name"], "policy": policy, "head": head, "n": n * len(levels),
                             "accuracy": overall, "ci_low": low, "ci_high": high, "chance": 1 / len(levels),
-                            "levels": per_level})
+                            "levels": per_level, "probes": _probes(r.get("audit"))})
     return out
+
+
+def _probes(audit: dict[str, Any] | None) -> dict[str, float | None]:
+    """What a head must beat, from the degrees stage's shortcut audit of the same data (spo.degree_audit):
+    the best formatting probe (which must sit at chance) and the length probes (which removal cannot
+    avoid). Empty for a run from before the audit."""
+    if not audit:
+        return {}
+    probes = audit["probes"]
+    return {"formatting_max": audit.get("formatting_max"),
+            **{name: (probes.get(name) or {}).get("accuracy") for name in ("length", "word_length", "length_all")}}
 
 
 def plot_degrees(series: list[dict[str, Any]], path: Path) -> bool:
