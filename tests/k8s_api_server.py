@@ -160,8 +160,8 @@ class TrainJobApi:
             labels = self.pods.get((pod["ns"], pod["name"]))
             if labels is None:
                 return _status(404, f'pods "{pod["name"]}" not found')
-            return 200, {"kind": "Pod", "apiVersion": "v1", "metadata": {
-                "name": pod["name"], "namespace": pod["ns"], "labels": dict(labels)}}
+            return 200, {"kind": "Pod", "apiVersion": "v1", "metadata": {  # every real pod has a UID
+                "name": pod["name"], "namespace": pod["ns"], "uid": f"uid-{pod['name']}", "labels": dict(labels)}}
         kfp = _KFP.fullmatch(path)
         if kfp:
             if self.faults.get(method):

@@ -514,6 +514,11 @@ def test_the_step_stages_its_inputs_on_the_workspace_and_hands_the_trained_model
     name = job["metadata"]["name"]
     assert name.startswith("spo-dpo-spo-7e57c0de-") and job["metadata"]["labels"]["spo-pipeline/variant"] == "dpo-spo"
     assert job["metadata"]["labels"]["pipeline/runid"] == "7e57c0de-0000-4000-8000-000000000000"
+    # owned by the launcher's pod: Kubernetes' garbage collector deletes the job with the pod, whether or not
+    # a SIGTERM ever reached the launcher (the cleanup in launch() covers only that case)
+    assert job["metadata"]["ownerReferences"] == [{
+        "apiVersion": "v1", "kind": "Pod", "name": "spo-pipeline-x7k2q-system-container-impl-123",
+        "uid": "uid-spo-pipeline-x7k2q-system-container-impl-123", "controller": False, "blockOwnerDeletion": False}]
     staged = workspace / "trainjobs" / name
     assert (staged / "rows" / "train.jsonl").is_file() and (staged / "degrees" / "train.jsonl").is_file()
     assert (staged / "params.yaml").read_text() == (REPO / "params.yaml").read_text()

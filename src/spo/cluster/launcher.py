@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -95,11 +96,20 @@ def current_namespace() -> str:
         raise TrainJobError(f"{NAMESPACE_FILE}: cannot read the pod's namespace ({err.strerror}); pass it explicitly") from None
 
 
-def pipeline_run_id(api: Any, namespace: str) -> str | None:
-    """The KFP run this pod belongs to: the ``pipeline/runid`` label of the pod named by
-    ``KFP_POD_NAME`` (which KFP sets in every task's container). Read from the API, not passed
-    in, because a run id among a task's inputs would make its cache key new for every run.
-    None (with a warning) when it cannot be read, e.g. the role lacks ``get`` on pods."""
+@dataclass(frozen=True)
+class LauncherPod:
+    """The KFP task pod this launcher runs in: its name and UID (the TrainJob's owner) and its run id."""
+
+    name: str
+    uid: str | None
+    run_id: str | None
+
+
+def launcher_pod(api: Any, namespace: str) -> LauncherPod | None:
+    """The pod named by ``KFP_POD_NAME`` (which KFP sets in every task's container), read from the
+    API: its ``pipeline/runid`` label and its UID. The run id is read here, not passed in, because a
+    run id among a task's inputs would make its cache key new for every run. None (with a warning)
+    when it cannot be read, e.g. the role lacks ``get`` on pods."""
     import os
 
     from kubernetes import client
@@ -109,12 +119,19 @@ def pipeline_run_id(api: Any, namespace: str) -> str | None:
     if not pod:
         return None
     try:
-        labels = client.CoreV1Api(api.api_client).read_namespaced_pod(pod, namespace).metadata.labels or {}
+        metadata = client.CoreV1Api(api.api_client).read_namespaced_pod(pod, namespace).metadata
     except ApiException as err:
-        _log.warning("cannot read pod %s/%s for its run id (HTTP %s %s): the TrainJob is labelled without it; grant "
-                     "'get' on pods to the pipeline's service account", namespace, pod, err.status, err.reason)
+        _log.warning("cannot read pod %s/%s for its run id (HTTP %s %s): the TrainJob is labelled without it and "
+                     "has no owner; grant 'get' on pods to the pipeline's service account", namespace, pod,
+                     err.status, err.reason)
         return None
-    return labels.get(RUN_ID_LABEL)
+    return LauncherPod(name=pod, uid=metadata.uid, run_id=(metadata.labels or {}).get(RUN_ID_LABEL))
+
+
+def pipeline_run_id(api: Any, namespace: str) -> str | None:
+    """The KFP run this pod belongs to (:func:`launcher_pod`), or None."""
+    found = launcher_pod(api, namespace)
+    return found.run_id if found else None
 
 
 def launch(manifest: Mapping[str, Any], *, namespace: str, api: Any | None = None, poll_seconds: float = 15.0,

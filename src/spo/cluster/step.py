@@ -8,7 +8,7 @@ follows it; once it completes it copies the metrics file the job wrote onto the 
 ``Metrics`` output, and the component copies the model folder onto its ``Model`` output. The
 model folder is the one the single-pod task trains in (``{workspace}/models/policy/<variant>``),
 so a retried task resumes from its checkpoints. The job is labelled with the KFP run it belongs
-to (read from this pod's labels: see :func:`~spo.cluster.launcher.pipeline_run_id`).
+to (read from this pod's labels: see :func:`~spo.cluster.launcher.launcher_pod`).
 
 KFP hands the task its own workspace volume (``TaskConfig``, ``KUBERNETES_VOLUMES``
 passthrough; KFP >= 2.15), which names the run's PVC to mount in the trainer pods.
@@ -55,7 +55,7 @@ def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_
     """Train one policy as a TrainJob; returns its model folder on the workspace (see the module doc)."""
     import shutil
 
-    from spo.cluster.launcher import current_namespace, custom_objects_api, launch, pipeline_run_id
+    from spo.cluster.launcher import current_namespace, custom_objects_api, launch, launcher_pod
     from spo.cluster.trainjob import WorkspaceMount, build_trainjob, validate_trainjob
     from spo.pipelines.platform import Platform
     from spo.pipelines.runtime import check_writable, copy_file, stage_config, variant_names
@@ -70,7 +70,8 @@ def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_
     check_writable(workspace)  # the staging below and every trainer pod write there
     claim, namespace = workspace_claim(task_config, workspace), namespace or current_namespace()
     api = api if api is not None else custom_objects_api()
-    run_id = run_id or pipeline_run_id(api, namespace)
+    pod = launcher_pod(api, namespace)
+    run_id = run_id or (pod.run_id if pod else None)
     name = trainjob_name(variant, run_id)
     job_dir = Path(workspace, "trainjobs", name)
     written = job_dir / "metrics.json"
@@ -84,7 +85,8 @@ def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_
         platform, name=name, params_file=str(job_dir / "params.yaml"),
         overrides=[f"{key}={json.dumps(value)}" for key, value in paths.items()],
         workspace=WorkspaceMount(claim=claim, path=workspace),
-        labels={**({"pipeline/runid": run_id} if run_id else {}), "spo-pipeline/variant": variant.replace("_", "-")})
+        labels={**({"pipeline/runid": run_id} if run_id else {}), "spo-pipeline/variant": variant.replace("_", "-")},
+        owner_pod=(pod.name, pod.uid) if pod and pod.uid else None)
     validate_trainjob(manifest)
     deadline = platform.pool("train").active_deadline
     launch(manifest, namespace=namespace, api=api, poll_seconds=poll_seconds,

@@ -58,12 +58,14 @@ class WorkspaceMount:
 
 def build_trainjob(platform: Platform, *, name: str, params_file: str, overrides: Sequence[str],
                    workspace: WorkspaceMount, namespace: str | None = None,
-                   labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+                   labels: Mapping[str, str] | None = None, owner_pod: tuple[str, str] | None = None) -> dict[str, Any]:
     """The TrainJob running ``spo train -p params_file -S overrides...`` on the platform's train pool.
 
     ``labels`` (e.g. the KFP run id) go on the TrainJob and, through ``runtimePatches``, on its
     JobSet, Jobs and pods, so ``kubectl get pods -l`` finds the trainer pods of a run; the pods also
-    opt out of Istio's sidecar (:data:`ISTIO_INJECT`).
+    opt out of Istio's sidecar (:data:`ISTIO_INJECT`). ``owner_pod`` (name, UID: the launcher's own
+    pod) becomes the TrainJob's owner, so Kubernetes' garbage collector deletes the job with that pod
+    whether or not the launcher ever saw a SIGTERM (a run deleted, a node lost, a SIGKILL).
     """
     pool = platform.pool("train")
     labels = {**BASE_LABELS, **(labels or {})}
@@ -93,6 +95,10 @@ def build_trainjob(platform: Platform, *, name: str, params_file: str, overrides
     if pool.active_deadline:
         spec["activeDeadlineSeconds"] = pool.active_deadline
     metadata: dict[str, Any] = {"name": name, "labels": labels}
+    if owner_pod is not None:
+        # not a controller and not blocking the pod's deletion (which would need update on pods/finalizers)
+        metadata["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": owner_pod[0], "uid": owner_pod[1],
+                                        "controller": False, "blockOwnerDeletion": False}]
     if namespace:
         metadata["namespace"] = namespace
     return {"apiVersion": API_VERSION, "kind": "TrainJob", "metadata": metadata, "spec": spec}
