@@ -215,6 +215,9 @@ def test_a_targeted_runs_summary_shows_only_the_metrics_it_produced() -> None:
     kept, untouched = experiments.only_what_ran([row, full], presets)
     assert kept["win_rates"] == {} and list(kept["training"]) == ["dpo_spo"]
     assert untouched == full  # a preset without targets ran everything
+    # a run of `--seeds` (<run>-s<seed>) is the same run of the same preset
+    [seeded] = experiments.only_what_ran([{**row, "name": "real_degrees-random-s2"}], presets)
+    assert seeded["win_rates"] == {} and list(seeded["training"]) == ["dpo_spo"]
 
 
 def test_seeded_runs_give_mean_spread_and_range_per_metric() -> None:

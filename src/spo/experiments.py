@@ -336,6 +336,12 @@ def seed_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _run_name(name: str) -> str:
+    """A preset's run name, without the ``-s<seed>`` of ``spo exp run --seeds``."""
+    match = _SEEDED.match(name)
+    return match.group("run") if match else name
+
+
 def only_what_ran(rows: list[dict[str, Any]], presets: dict[str, Preset]) -> list[dict[str, Any]]:
     """Drop the metrics an experiment did not produce. A preset with ``targets`` reproduces those
     stages and what they depend on, so its metrics files for other stages are the baseline's
@@ -345,7 +351,7 @@ def only_what_ran(rows: list[dict[str, Any]], presets: dict[str, Preset]) -> lis
     out = []
     for row in rows:
         targets = next((p.targets for name, p in presets.items() if p.targets and row["name"].startswith(f"{name}-")
-                        and row["name"][len(name) + 1:] in p.runs), None)
+                        and _run_name(row["name"][len(name) + 1:]) in p.runs), None)
         if targets:
             downstream = {"generate", "judge", "report"} & set(targets)
             row = {**row,
