@@ -541,7 +541,11 @@ def test_the_step_stages_its_inputs_on_the_workspace_and_hands_the_trained_model
 def test_the_run_id_comes_from_the_pods_label_and_its_absence_is_only_a_warning(
         server: TrainJobApi, api: k8s.CustomObjectsApi, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    from spo.cluster.launcher import pipeline_run_id
+    from spo.cluster.launcher import launcher_pod
+
+    def pipeline_run_id(api: k8s.CustomObjectsApi, namespace: str) -> str | None:
+        pod = launcher_pod(api, namespace)
+        return pod.run_id if pod else None
 
     monkeypatch.setenv("KFP_POD_NAME", "task-pod")
     server.pods[(NS, "task-pod")] = {"pipeline/runid": "run-42", "workflows.argoproj.io/workflow": "spo-abc"}

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 __all__ = ["Terminated", "TrainJobApiError", "TrainJobError", "TrainJobFailed", "TrainJobTimeout",
-           "current_namespace", "custom_objects_api", "launch", "pipeline_run_id"]
+           "current_namespace", "custom_objects_api", "launch", "launcher_pod"]
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 TRANSIENT = frozenset({429, 500, 502, 503, 504})
@@ -126,12 +126,6 @@ def launcher_pod(api: Any, namespace: str) -> LauncherPod | None:
                      err.status, err.reason)
         return None
     return LauncherPod(name=pod, uid=metadata.uid, run_id=(metadata.labels or {}).get(RUN_ID_LABEL))
-
-
-def pipeline_run_id(api: Any, namespace: str) -> str | None:
-    """The KFP run this pod belongs to (:func:`launcher_pod`), or None."""
-    found = launcher_pod(api, namespace)
-    return found.run_id if found else None
 
 
 def launch(manifest: Mapping[str, Any], *, namespace: str, api: Any | None = None, poll_seconds: float = 15.0,

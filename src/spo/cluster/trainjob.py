@@ -39,9 +39,9 @@ WORKSPACE_VOLUME = "kfp-workspace"
 BASE_LABELS = {"app.kubernetes.io/name": "spo-pipeline", "app.kubernetes.io/component": "train",
                "app.kubernetes.io/managed-by": "spo-launcher"}
 # Istio's per-pod opt-out: the pod label, preferred to the annotation, is an explicit "no" that the
-# namespace's enabled policy does not override (istio/istio pkg/kube/inject/inject.go, injectRequired). In a Kubeflow profile namespace a
-# sidecar would sit under the mesh-wide deny-all between torchrun's ranks; KFP opts its own pods out
-# the same way, and Trainer's docs tell users to.
+# namespace's enabled policy does not override (istio/istio pkg/kube/inject/inject.go, injectRequired).
+# In a Kubeflow profile namespace a sidecar would sit under the mesh-wide deny-all between torchrun's
+# ranks; KFP opts its own pods out the same way, and Trainer's docs tell users to.
 ISTIO_INJECT = {"sidecar.istio.io/inject": "false"}
 # the train settings holding paths: each must be on the volume the pods mount
 _PATH_KEYS = ("rows_dir", "degrees_dir", "sft_dir", "out_dir", "metrics_file")
@@ -58,7 +58,8 @@ class WorkspaceMount:
 
 def build_trainjob(platform: Platform, *, name: str, params_file: str, overrides: Sequence[str],
                    workspace: WorkspaceMount, namespace: str | None = None,
-                   labels: Mapping[str, str] | None = None, owner_pod: tuple[str, str] | None = None) -> dict[str, Any]:
+                   labels: Mapping[str, str] | None = None,
+                   owner_pod: tuple[str, str] | None = None) -> dict[str, Any]:
     """The TrainJob running ``spo train -p params_file -S overrides...`` on the platform's train pool.
 
     ``labels`` (e.g. the KFP run id) go on the TrainJob and, through ``runtimePatches``, on its
@@ -156,7 +157,8 @@ def _on_volume(path: str, mount: str) -> bool:
 
 def _env(pool: Pool) -> list[dict[str, Any]]:
     """Unbuffered Python (logs reach ``kubectl logs`` as they are written), the pool's variables,
-    the GPUs each pod was given (checked before any work), and its Secrets as ``secretKeyRef``: the value never appears in the TrainJob."""
+    the GPUs each pod was given (checked before any work), and its Secrets as ``secretKeyRef``: the
+    value never appears in the TrainJob."""
     plain = {"PYTHONUNBUFFERED": "1", **pool.env}
     if pool.accelerator is not None:  # each process refuses to start when it cannot use them (spo.accelerator)
         plain[GPUS_ENV] = str(pool.accelerator.count)

@@ -251,7 +251,7 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
     return run.run_id
 
 
-def check_cron(cron: str) -> str:
+def check_cron(cron: str) -> None:
     """Refuse what KFP would misread. Its ScheduledWorkflow controller parses cron with robfig/cron's
     ``Parse`` (backend/src/crd/controller/scheduledworkflow/util/cron_schedule.go), whose fields are
     ``second minute hour day-of-month month [day-of-week]``: a 5-field crontab line is accepted and
@@ -259,7 +259,7 @@ def check_cron(cron: str) -> str:
     6 fields are taken; a 5-field line is refused with its 6-field meaning suggested."""
     fields = cron.split()
     if len(fields) == 6:
-        return cron
+        return
     if len(fields) == 5:
         raise InputError(f"--schedule {cron!r}: KFP reads cron with seconds first (6 fields: second minute hour "
                          f"day-of-month month day-of-week), so these 5 fields would mean second {fields[0]}, minute "
