@@ -185,13 +185,13 @@ def test_the_publish_step_without_a_remote_hands_back_the_lock_and_pushes_nothin
 
     params = "variants:\n  a: {loss: dpo}\n  b: {loss: ipo}\n"
     out = tmp_path / "artifacts"
-    kwargs = dict(params_text=params, dvc_yaml=TOY_DVC, dvcignore="", workspace=str(tmp_path / "ws"), run_id="r1",
+    kwargs = dict(params_text=params, dvc_yaml=TOY_DVC, dvcignore="", run_id="r1",
                   dvc_lock=out / "dvc.lock", params_yaml=out / "params.yaml", results=out / "results.tar.gz")
     assert publish(outputs=_toy_outputs(tmp_path), remote=None, **kwargs) == {"pushed": None}
     assert set(yaml.safe_load((out / "dvc.lock").read_text())["stages"]) == {"make@a", "make@b", "use"}
     assert (out / "params.yaml").read_text() == params
     assert set(read_run_bundle(out / "results.tar.gz")) == {"dvc.lock", "params.yaml", "m/a.json", "m/b.json"}
-    # a retried step starts over on its workspace; with a folder remote it pushes (2 folders of 1 file, 1 file)
+    # a retried step starts over; with a folder remote it pushes (2 folders of 1 file, 1 file)
     # and leaves the run's files
     summary = publish(outputs=_toy_outputs(tmp_path / "again"), remote={"url": str(tmp_path / "remote")}, **kwargs)
     assert summary["pushed"] == 5 and (tmp_path / "remote" / "runs" / "r1" / "results.tar.gz").is_file()
@@ -201,6 +201,34 @@ def test_the_publish_step_without_a_remote_hands_back_the_lock_and_pushes_nothin
     assert publish(outputs={}, remote=None, **bare)["pushed"] is None
     assert (tmp_path / "bare" / "dvc.lock").read_text() == ""
     assert set(read_run_bundle(tmp_path / "bare" / "results.tar.gz")) == {"params.yaml"}
+
+
+def test_publish_holds_each_model_once_beside_its_outputs_and_leaves_no_checkout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a cluster the inputs lie in the scratch volume KFP downloaded them into, beside the
+    step's outputs: the checkout and DVC's cache there hard-link them, so a model is held once."""
+    from spo.cluster import dvc_sync
+    from spo.pipelines.runtime import PUBLISH_VIEW, publish
+
+    outputs = _toy_outputs(tmp_path)
+    weights = outputs["out/a"] / "w.bin"
+    seen: dict[str, object] = {}
+    bundle = dvc_sync.bundle_run
+
+    def spy(view: Path, target: Path) -> Path:
+        seen.update(view=Path(view), links=weights.stat().st_nlink,
+                    same=(Path(view) / "out/a/w.bin").stat().st_ino == weights.stat().st_ino)
+        return bundle(view, target)
+
+    monkeypatch.setattr(dvc_sync, "bundle_run", spy)
+    out = tmp_path / "artifacts"
+    publish(outputs=outputs, remote=None, params_text="variants:\n  a: {loss: dpo}\n  b: {loss: ipo}\n",
+            dvc_yaml=TOY_DVC, dvcignore="", run_id="r1", dvc_lock=out / "dvc.lock", params_yaml=out / "params.yaml",
+            results=out / "results.tar.gz")
+    assert seen["view"] == out / PUBLISH_VIEW and seen["same"]
+    assert seen["links"] == 3  # the input, the checkout's file and DVC's cache entry: one inode
+    assert sorted(p.name for p in out.iterdir()) == ["dvc.lock", "params.yaml", "results.tar.gz"]
+    assert weights.stat().st_nlink == 1
 
 
 def test_push_refuses_credentials_in_the_url(tmp_path: Path) -> None:

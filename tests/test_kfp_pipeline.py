@@ -62,7 +62,8 @@ def test_local_platform_places_no_accelerator_selector_toleration_or_secret(tmp_
         assert _container(spec, task)["image"] == "spo-pipeline:0.1.0-cpu"
     for executor in k8s["deploymentSpec"]["executors"].values():
         assert set(executor) == {"imagePullPolicy"}  # nothing but the pull policy: no selector, toleration, secret
-    assert k8s["pipelineConfig"]["workspace"] == {"size": "20Gi", "kubernetes": {"pvcSpecPatch": {"accessModes": ["ReadWriteOnce"]}}}
+    # no step needs a volume of the run: KFP creates no per-run PVC (spo.pipelines.dag)
+    assert "workspace" not in k8s.get("pipelineConfig", {})
     assert "retryPolicy" not in json.dumps(spec["root"]["dag"]["tasks"])
 
 
@@ -90,7 +91,8 @@ def test_gpu_platform_places_exactly_what_it_asks_for(tmp_path: Path) -> None:
     # onto the pod's secretKeyRef (kubeflow/pipelines backend/src/v2/driver/k8s.go at 008dcd6, extendPodSpecPatch);
     # the OpenAI judge itself stops at once without its key (test_judge_openai)
     assert secret["optional"] is True
-    assert k8s["pipelineConfig"]["workspace"]["size"] == "200Gi"
+    assert "workspace" not in k8s.get("pipelineConfig", {})  # train checkpoints on the fixed claim instead
+    assert k8s["deploymentSpec"]["executors"]["exec-train"]["pvcMount"][0]["constant"] == "spo-checkpoints"
     caching = {t: tasks[t].get("cachingOptions", {}).get("enableCache", False) for t in tasks}
     # every result is an artifact (models too): every step can be reused by a later run, but publish
     assert {t for t in tasks if not caching[t]} == {"publish"}
@@ -113,6 +115,12 @@ def test_a_changed_platform_file_changes_only_placement(tmp_path: Path) -> None:
             task.pop("retryPolicy", None)
         return spec
 
+    # besides placement, the one difference: where train checkpoints (gpu.yaml's checkpoint volume, mounted by
+    # kfp-kubernetes in the platform spec; none in local.yaml)
+    for spec, where in ((local, ""), (gpu, "/spo-checkpoints")):
+        for task in ("train", "train-2"):
+            value = spec["root"]["dag"]["tasks"][task]["inputs"]["parameters"].pop("checkpoints")
+            assert value == {"runtimeValue": {"constant": where}}
     assert without_placement(local) == without_placement(gpu)
 
 
@@ -198,7 +206,7 @@ def test_the_compiled_pipeline_runs_under_kfp_local(tmp_path: Path, hh_slice: Pa
     assert yaml.safe_load(run.output("publish", "params_yaml").read_text())["train"]["optim"]["max_steps"] == 1
     env = _env(hh_slice)
     clone = fresh_clone(tmp_path, [["add", "cluster", str(work / "remote")]], env)
-    pull_and_check(clone, run_files / "results.tar.gz", None, "cluster", env)  # (kfp.local removed the workspace)
+    pull_and_check(clone, run_files / "results.tar.gz", None, "cluster", env)
     pulled = {"data/validated": run.output("validate", "validated"), "data/degrees": run.output("degrees", "degrees"),
               "outputs/judgments": run.output("judge", "judgments"), "plots": run.output("report", "plots"),
               "metrics/train_dpo_spo.json": run.output("train-2", "metrics"), "models/sft": sft,
@@ -207,11 +215,11 @@ def test_the_compiled_pipeline_runs_under_kfp_local(tmp_path: Path, hh_slice: Pa
     for path, artifact in pulled.items():
         assert tree_bytes(clone / path) == tree_bytes(artifact), path
     # a second run with the same data and params: KFP takes every step but publish from its cache, so publish
-    # gets the first run's artifacts, on a new run's empty workspace; it records the same dvc.lock, and DVC finds
+    # gets the first run's artifacts; it records the same dvc.lock, and DVC finds
     # every output already in the remote (nothing new is uploaded but that run's own files)
     remote_files = _remote_files(work / "remote")
     again = tmp_path / "again"
-    _publish_from_cache(pipeline, run, workspace=again / "workspace", out=again, run_id="second-run")
+    _publish_from_cache(pipeline, run, out=again, run_id="second-run")
     assert (again / "dvc_lock").read_bytes() == run.output("publish", "dvc_lock").read_bytes()
     assert _remote_files(work / "remote") == remote_files
     assert (work / "remote" / "runs" / "second-run" / "dvc.lock").read_bytes() == (run_files / "dvc.lock").read_bytes()
@@ -223,10 +231,10 @@ def _remote_files(remote: Path) -> dict[str, bytes]:
             if p.is_file() and p.relative_to(remote).parts[0] != "runs"}
 
 
-def _publish_from_cache(pipeline: Path, run: object, *, workspace: Path, out: Path, run_id: str) -> None:
+def _publish_from_cache(pipeline: Path, run: object, *, out: Path, run_id: str) -> None:
     """The publish step of a run whose other steps all came from KFP's cache: its component,
     called with the inputs the compiled pipeline wires into it, taken from ``run``'s artifacts
-    (what a cache hit hands downstream), its parameters as compiled, and a fresh workspace."""
+    (what a cache hit hands downstream), and its parameters as compiled."""
     from kfp import dsl
 
     from spo.pipelines.components import publish
@@ -239,9 +247,7 @@ def _publish_from_cache(pipeline: Path, run: object, *, workspace: Path, out: Pa
         kwargs[name] = dsl.Artifact(uri=str(run.output(source["producerTask"], source["outputArtifactKey"])))
     for name, value in task["inputs"]["parameters"].items():
         kwargs[name] = value["runtimeValue"]["constant"] if "runtimeValue" in value else None
-    kwargs.update(params_all=run.output("publish", "params_yaml").read_text(), run_id=run_id,
-                  workspace=str(workspace), loss="dpo")
-    workspace.mkdir(parents=True)
+    kwargs.update(params_all=run.output("publish", "params_yaml").read_text(), run_id=run_id, loss="dpo")
     outputs = {name: dsl.Artifact(uri=str(out / name)) for name in ("dvc_lock", "params_yaml", "results")}
     assert set(kwargs) | set(outputs) == set(publish.__code__.co_varnames[:publish.__code__.co_argcount])
     publish(**kwargs, **outputs)

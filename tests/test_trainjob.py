@@ -151,9 +151,11 @@ def _refusal(tmp_path: Path, change: dict[str, Any]) -> str:
 
 
 def test_platforms_a_trainjob_cannot_honour_are_refused(tmp_path: Path) -> None:
-    assert "needs ReadWriteMany" in _refusal(tmp_path, {"workspace.access_modes": ["ReadWriteOnce"]})
+    # with no checkpoint volume the TrainJob's pods share the run's workspace, which must then be ReadWriteMany
+    rwo = {"workspace.access_modes": ["ReadWriteOnce"], "checkpoints": None}
+    assert "needs ReadWriteMany" in _refusal(tmp_path, rwo)
     # one node but 8 processes is a TrainJob too: its pod and the launcher's still mount the volume at once
-    one_node = _refusal(tmp_path, {"workspace.access_modes": ["ReadWriteOnce"], "pools.gpu-multinode.nodes": 1})
+    one_node = _refusal(tmp_path, {**rwo, "pools.gpu-multinode.nodes": 1})
     assert "1 node(s) x 8 process(es)" in one_node
     shared = _refusal(tmp_path, {"steps.sft": "gpu-multinode"})
     assert "pools.gpu-multinode" in shared and "['sft']" in shared
@@ -486,10 +488,15 @@ def test_the_step_stages_its_inputs_on_the_workspace_and_hands_the_trained_model
     Path(sft.path).mkdir()
     (Path(sft.path) / "model.safetensors").write_bytes(b"sft weights")
 
+    seen: dict[str, bytes] = {}
+
     def train_and_complete(job: dict[str, Any]) -> dict[str, Any]:
-        """What the trainer pods would do: write the model folder and the metrics file on the volume."""
+        """What the trainer pods would do: read their staged inputs, write the model folder and the
+        metrics file on the volume."""
         args = job["spec"]["trainer"]["args"]
         paths = dict(a.split("=", 1) for a in args[3::2])
+        staged = Path(args[1]).parent
+        seen.update({str(p.relative_to(staged)): p.read_bytes() for p in staged.rglob("*") if p.is_file()})
         Path(json.loads(paths["train.out_dir"]), "adapter.bin").write_bytes(b"weights")
         Path(json.loads(paths["train.metrics_file"])).write_text(json.dumps({"train": {"loss": 0.5}}))
         return complete()
@@ -520,11 +527,12 @@ def test_the_step_stages_its_inputs_on_the_workspace_and_hands_the_trained_model
         "apiVersion": "v1", "kind": "Pod", "name": "spo-pipeline-x7k2q-system-container-impl-123",
         "uid": "uid-spo-pipeline-x7k2q-system-container-impl-123", "controller": False, "blockOwnerDeletion": False}]
     staged = workspace / "trainjobs" / name
-    assert (staged / "rows" / "train.jsonl").is_file() and (staged / "degrees" / "train.jsonl").is_file()
-    assert (staged / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
+    assert seen["rows/train.jsonl"] == seen["degrees/train.jsonl"] == b"{}\n"
+    assert seen["params.yaml"] == (REPO / "params.yaml").read_bytes()
     args = job["spec"]["trainer"]["args"]
     assert args[:2] == ["-p", str(staged / "params.yaml")]
-    assert (staged / "sft" / "model.safetensors").read_bytes() == b"sft weights"  # the trainer pods see the volume only
+    assert seen["sft/model.safetensors"] == b"sft weights"  # the trainer pods see the volume only
+    assert not staged.exists()  # once the job is done its copies of the inputs are removed
     assert f'train.sft_dir="{staged}/sft"' in args and "train.spo.enabled=true" in args
     pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     volumes = pod["template"]["spec"]["template"]["spec"]["volumes"]
@@ -536,6 +544,47 @@ def test_the_step_stages_its_inputs_on_the_workspace_and_hands_the_trained_model
     assert policy.metadata["files"] == 1 and len(policy.metadata["sha256"]) == 64
     assert metrics.metadata == {"train.loss": 0.5}
     assert json.loads(Path(metrics.path).read_text()) == {"train": {"loss": 0.5}}
+
+
+def test_on_the_checkpoint_volume_the_step_works_in_its_runs_folder_and_leaves_it_empty(
+        tmp_path: Path, server: TrainJobApi, api: k8s.CustomObjectsApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The platform's fixed claim, not the run's workspace (whose per-run name would keep the step out
+    of KFP's cache: test_train_cacheable): the pods mount it, the run's folder on it holds the work."""
+    from kfp import dsl
+
+    from spo.pipelines.components import train_job
+    from spo.pipelines.platform import RUN_NAME_ENV, CheckpointVolume
+
+    volume, inputs = tmp_path / "ckpt", tmp_path / "in"
+    volume.mkdir()
+    inputs.mkdir()
+    (inputs / "train.jsonl").write_text("{}\n")
+    platform = multinode().model_copy(update={"checkpoints": CheckpointVolume(claim="spo-checkpoints",
+                                                                              mount_path=str(volume))})
+
+    def train_and_complete(job: dict[str, Any]) -> dict[str, Any]:
+        paths = dict(a.split("=", 1) for a in job["spec"]["trainer"]["args"][3::2])
+        Path(json.loads(paths["train.out_dir"]), "model.safetensors").write_bytes(b"weights")
+        Path(json.loads(paths["train.metrics_file"])).write_text(json.dumps({"train": {"loss": 0.5}}))
+        return complete()
+
+    server.script = [train_and_complete]
+    monkeypatch.setattr(launcher_module, "custom_objects_api", lambda: api)
+    monkeypatch.setattr(launcher_module, "current_namespace", lambda: NS)
+    monkeypatch.setenv(RUN_NAME_ENV, "spo-pipeline-x7k2q")
+    policy = dsl.Model(uri=str(tmp_path / "policy"))
+    train_job(params=(REPO / "params.yaml").read_text(), validated=dsl.Dataset(uri=str(inputs)),
+              degrees=dsl.Dataset(uri=str(inputs)), sft=dsl.Model(uri=str(inputs)), workspace=str(volume), loss="dpo",
+              spo=True, spo_variant=False, platform=platform.model_dump_json(), task_config=dsl.TaskConfig(),
+              policy=policy, metrics=dsl.Metrics(uri=str(tmp_path / "metrics.json")))
+    (created,) = server.calls("POST")
+    args = created.body["spec"]["trainer"]["args"]
+    assert f'train.out_dir="{volume}/spo-pipeline-x7k2q/models/policy/dpo"' in args  # the same for a retry
+    pod = created.body["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert pod["template"]["spec"]["template"]["spec"]["volumes"][0] == {
+        "name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "spo-checkpoints"}}
+    assert (Path(policy.path) / "model.safetensors").read_bytes() == b"weights"
+    assert list(volume.iterdir()) == []  # stored: nothing of the run is left on the shared volume
 
 
 def test_the_run_id_comes_from_the_pods_label_and_its_absence_is_only_a_warning(
@@ -629,7 +678,11 @@ def test_multinode_pipeline_launches_trainjobs_from_cpu_pods(tmp_path: Path) -> 
     passthrough = {p["field"]: p["applyToTask"] for p in component["taskConfigPassthroughs"]}
     assert passthrough["KUBERNETES_VOLUMES"] and all(passthrough.values()) and len(passthrough) == 6
     assert _container(spec, "sft")["resources"]["accelerator"]["count"] == "1"  # the other GPU steps as before
-    assert k8s_spec["pipelineConfig"]["workspace"]["kubernetes"]["pvcSpecPatch"]["accessModes"] == ["ReadWriteMany"]
+    # its pods work on the checkpoint volume (a fixed claim: the step stays cacheable), so no run has a workspace PVC
+    assert "workspace" not in k8s_spec.get("pipelineConfig", {})
+    for name in ("train-job", "train-job-2"):
+        assert tasks[name]["inputs"]["parameters"]["workspace"] == {"runtimeValue": {"constant": "/spo-checkpoints"}}
+        assert k8s_spec["deploymentSpec"]["executors"][f"exec-{name}"]["pvcMount"][0]["constant"] == "spo-checkpoints"
     from spo.pipelines.compile import compile_pipeline
 
     compile_pipeline(tmp_path / "k8s.yaml", params=REPO / "params.yaml", platform=PLATFORMS / "multinode.yaml",
@@ -643,7 +696,7 @@ def test_single_node_pipelines_keep_the_single_pod_train(tmp_path: Path, platfor
     assert tasks["train"]["componentRef"]["name"] == "comp-train" and "train-2" in tasks
     assert not any(name.startswith("comp-train-job") for name in spec["components"])
     assert "taskConfigPassthroughs" not in json.dumps(spec)
-    assert set(tasks["train"]["inputs"]["parameters"]) == {"params", "workspace", "loss", "spo", "spo_variant"}
+    assert set(tasks["train"]["inputs"]["parameters"]) == {"params", "checkpoints", "loss", "spo", "spo_variant"}
     gpu = _container(spec, "train")["resources"].get("accelerator")
     assert (gpu is not None) == (platform == "gpu")
 

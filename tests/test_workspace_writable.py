@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from spo.pipelines import runtime
-from spo.pipelines.runtime import WorkspaceNotWritable, check_writable, workspace_dir
+from spo.pipelines.platform import RUN_NAME_ENV
+from spo.pipelines.runtime import WorkspaceNotWritable, check_writable, train_folder
 
 
 @pytest.fixture
@@ -42,19 +42,12 @@ def test_a_root_owned_workspace_is_refused_with_owner_mode_and_fix(tmp_path: Pat
 
 
 @pytest.mark.usefixtures("refusing")
-def test_the_train_step_checks_before_creating_its_folders(tmp_path: Path) -> None:
-    with pytest.raises(WorkspaceNotWritable):
-        workspace_dir(str(tmp_path), "models", "policy", "dpo")
-    assert not (tmp_path / "models").exists()
-    # an artifact's own path (no parts) is KFP's to create, and is not probed
-    assert workspace_dir(str(tmp_path / "artifact")) == str(tmp_path / "artifact")
-
-
-@pytest.mark.usefixtures("refusing")
-def test_publish_checks_before_writing_on_the_workspace(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    with pytest.raises(WorkspaceNotWritable):
-        runtime.publish(outputs={}, params_text="seed: 0\n", dvc_yaml="stages: {}\n", dvcignore="",
-                        workspace=str(tmp_path / "ws"), remote=None, run_id="r", dvc_lock=out / "dvc.lock",
-                        params_yaml=out / "params.yaml", results=out / "results.tar.gz")
-    assert not (tmp_path / "ws" / "dvc-publish").exists()
+def test_the_train_step_checks_the_checkpoint_volume_before_creating_its_folders(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(RUN_NAME_ENV, "spo-pipeline-abc12")
+    with pytest.raises(WorkspaceNotWritable), train_folder(str(tmp_path), "dpo", str(tmp_path / "artifact")):
+        pass
+    assert list(tmp_path.iterdir()) == []
+    # with no checkpoint volume it trains on its artifact's own path, KFP's to create: nothing is probed
+    with train_folder("", "dpo", str(tmp_path / "artifact")) as folder:
+        assert folder == str(tmp_path / "artifact")

@@ -1,17 +1,18 @@
 """The pipeline's train step as a TrainJob: what the launcher task runs in its (CPU) pod.
 
-The trainer pods see only the run's workspace volume, so the task first puts there what they
-read: the stage's params text and copies of the input datasets and of the SFT model (artifacts
+The trainer pods see only one volume — the platform's checkpoint volume (in this run's folder
+on it), else the run's workspace — so the task first puts there what they read: the stage's params text and copies of the input datasets and of the SFT model (artifacts
 KFP downloaded into this pod). It resolves the stage config here — a bad value fails in seconds, not after 16 GPUs
 were scheduled — builds and validates the TrainJob, launches it in this pod's namespace and
 follows it; once it completes it copies the metrics file the job wrote onto the task's
 ``Metrics`` output, and the component copies the model folder onto its ``Model`` output. The
-model folder is the one the single-pod task trains in (``{workspace}/models/policy/<variant>``),
-so a retried task resumes from its checkpoints. The job is labelled with the KFP run it belongs
+model folder (``<volume>/[<run>/]models/policy/<variant>``) is the same for every attempt, so a
+retried task resumes from its checkpoints. The job is labelled with the KFP run it belongs
 to (read from this pod's labels: see :func:`~spo.cluster.launcher.launcher_pod`).
 
-KFP hands the task its own workspace volume (``TaskConfig``, ``KUBERNETES_VOLUMES``
-passthrough; KFP >= 2.15), which names the run's PVC to mount in the trainer pods.
+The checkpoint volume's claim comes from the platform file; the workspace's from the task config
+KFP hands the task (``TaskConfig``, ``KUBERNETES_VOLUMES`` passthrough; KFP >= 2.15). Only the
+first keeps the step cacheable (spo.pipelines.platform.CheckpointVolume).
 """
 
 from __future__ import annotations
@@ -51,34 +52,43 @@ def workspace_claim(task_config: Any, workspace: str) -> str:
 
 def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_dir: str, degrees_dir: str,
                   sft_dir: str, workspace: str, platform_json: str, task_config: Any, metrics_file: str, run_id: str | None = None,
-                  namespace: str | None = None, api: Any | None = None, poll_seconds: float = 15.0) -> str:
-    """Train one policy as a TrainJob; returns its model folder on the workspace (see the module doc)."""
+                  namespace: str | None = None, api: Any | None = None, poll_seconds: float = 15.0) -> tuple[str, Path | None]:
+    """Train one policy as a TrainJob; returns its model folder and, when that lies on the
+    platform's checkpoint volume, the run's folder there (the model folder is to be removed from it
+    once stored; see the module doc)."""
     import shutil
 
     from spo.cluster.launcher import current_namespace, custom_objects_api, launch, launcher_pod
     from spo.cluster.trainjob import WorkspaceMount, build_trainjob, validate_trainjob
     from spo.pipelines.platform import Platform
-    from spo.pipelines.runtime import check_writable, copy_file, stage_config, variant_names
+    from spo.pipelines.runtime import check_writable, copy_file, discard_run_files, run_folder, stage_config, variant_names
 
     platform = Platform.model_validate_json(platform_json)
+    volume = platform.checkpoints if platform.checkpoints and workspace == platform.checkpoints.mount_path else None
     variant = variant_names(loss)[int(spo_variant)]
-    folder = str(Path(workspace, "models", "policy", variant))
     staged = {"rows": rows_dir, "degrees": degrees_dir, "sft": sft_dir}
-    paths = {"train.loss": loss, "train.spo.enabled": spo and spo_variant, "train.out_dir": folder}
+    paths: dict[str, Any] = {"train.loss": loss, "train.spo.enabled": spo and spo_variant}
     # the job's config, checked before anything is staged or scheduled
-    stage_config(params, [], {**paths, **{f"train.{key}_dir": path for key, path in staged.items()}})
-    check_writable(workspace)  # the staging below and every trainer pod write there
-    claim, namespace = workspace_claim(task_config, workspace), namespace or current_namespace()
+    stage_config(params, [], {**paths, "train.out_dir": str(Path(workspace, "models")),
+                              **{f"train.{key}_dir": path for key, path in staged.items()}})
+    if volume is not None:  # a fixed claim, this run's folder on it (the same for a retried task)
+        claim, base = volume.claim, run_folder(workspace)
+    else:
+        check_writable(workspace)  # the staging below and every trainer pod write there
+        claim, base = workspace_claim(task_config, workspace), Path(workspace)
+    folder = str(base / "models" / "policy" / variant)
+    paths["train.out_dir"] = folder
+    namespace = namespace or current_namespace()
     api = api if api is not None else custom_objects_api()
     pod = launcher_pod(api, namespace)
     run_id = run_id or (pod.run_id if pod else None)
     name = trainjob_name(variant, run_id)
-    job_dir = Path(workspace, "trainjobs", name)
+    job_dir = base / "trainjobs" / name
     written = job_dir / "metrics.json"
     paths.update({f"train.{key}_dir": str(job_dir / key) for key in staged})
     paths["train.metrics_file"] = str(written)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    for key, source in staged.items():  # the trainer pods see the workspace only
+    for key, source in staged.items():  # the trainer pods see this volume only
         shutil.copytree(source, job_dir / key)
     (job_dir / "params.yaml").write_text(params, encoding="utf-8")
     manifest = build_trainjob(
@@ -94,4 +104,5 @@ def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_
     if not written.is_file():
         raise TrainJobError(f"TrainJob {name} completed but wrote no metrics file {written}")
     copy_file(written, metrics_file)
-    return folder
+    discard_run_files(job_dir, base)  # its staged inputs (an SFT model among them) served their turn
+    return folder, base if volume is not None else None

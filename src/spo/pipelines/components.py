@@ -17,7 +17,9 @@ restore: metrics, reports, plots) as artifacts. ``configure`` gives it the run's
 
 ``train_job`` stands in for ``train`` when the platform's train pool asks for more than one node
 or process: same inputs and outputs, but its pod (no GPU) runs the stage as a Kubeflow Trainer
-TrainJob and follows it (spo.cluster.step).
+TrainJob and follows it (spo.cluster.step). Both train on the platform's checkpoint volume when
+it names one, not on the run's workspace, whose per-run PVC name would keep them out of KFP's
+cache (spo.pipelines.runtime.train_folder).
 
 They are lightweight components on the project image (``install_kfp_package=False``: the image
 has kfp), so the same code runs under ``kfp.local`` and on a cluster. KFP embeds each function's
@@ -47,7 +49,14 @@ def configure(params: str, compiled_params: str, overrides: List[str], data_dir:
         "judge_model": judge_model})
 
 
-def prepare(params: str, prepared: Output[Dataset], quarantine: Output[Dataset]):
+def data_version(params: str) -> str:
+    from spo.pipelines.runtime import data_version
+
+    return data_version(params)
+
+
+def prepare(params: str, data_version: str, prepared: Output[Dataset], quarantine: Output[Dataset]):
+    # data_version: the content of the data files it reads, only to be in KFP's cache key (runtime.data_version)
     from spo.pipelines.runtime import run_stage
 
     run_stage("prepare", params, {
@@ -109,17 +118,17 @@ def sft(params: str, validated: Input[Dataset], base: Input[Model], sft: Output[
 
 
 def train(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: Input[Model],
-          workspace: str, loss: str, spo: bool, spo_variant: bool, policy: Output[Model], metrics: Output[Metrics]):
-    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, variant_names, workspace_dir, write_model
+          checkpoints: str, loss: str, spo: bool, spo_variant: bool, policy: Output[Model], metrics: Output[Metrics]):
+    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, train_folder, variant_names, write_model
 
     name = variant_names(loss)[int(spo_variant)]  # the run's two policies: <loss>, <loss>_spo
-    # trained on the workspace: a retried (pre-empted) task resumes from the checkpoints it left there
-    folder = workspace_dir(workspace, "models", "policy", name)
-    run_stage("train", params, {
-        "train.loss": loss, "train.spo.enabled": spo and spo_variant, "train.rows_dir": validated.path,
-        "train.degrees_dir": degrees.path, "train.sft_dir": model_dir(sft), "train.out_dir": folder,
-        "train.metrics_file": metrics.path})
-    write_model(policy, folder)
+    # on the checkpoint volume, if any: a retried (pre-empted) task resumes from the checkpoints it left there
+    with train_folder(checkpoints, name, policy.path) as folder:
+        run_stage("train", params, {
+            "train.loss": loss, "train.spo.enabled": spo and spo_variant, "train.rows_dir": validated.path,
+            "train.degrees_dir": degrees.path, "train.sft_dir": model_dir(sft), "train.out_dir": folder,
+            "train.metrics_file": metrics.path})
+        write_model(policy, folder)
     log_metrics(metrics, metrics.path)
 
 
@@ -127,14 +136,16 @@ def train_job(params: str, validated: Input[Dataset], degrees: Input[Dataset], s
               workspace: str, loss: str, spo: bool, spo_variant: bool, platform: str, task_config: TaskConfig,
               policy: Output[Model], metrics: Output[Metrics]):
     from spo.cluster.step import run_train_job
-    from spo.pipelines.runtime import log_metrics, model_dir, write_model
+    from spo.pipelines.runtime import discard_run_files, log_metrics, model_dir, write_model
 
-    folder = run_train_job(
+    folder, run_folder = run_train_job(
         params=params, loss=loss, spo=spo, spo_variant=spo_variant, rows_dir=validated.path,
         degrees_dir=degrees.path, sft_dir=model_dir(sft), workspace=workspace, platform_json=platform,
         task_config=task_config, metrics_file=metrics.path)
     write_model(policy, folder)
     log_metrics(metrics, metrics.path)
+    if run_folder is not None:  # on the checkpoint volume: the model is in the artifact store now
+        discard_run_files(folder, run_folder)
 
 
 def generate(params: str, validated: Input[Dataset], sft: Input[Model], policy: Input[Model],
@@ -162,12 +173,12 @@ def reward_model(params: str, validated: Input[Dataset], sft: Input[Model], rewa
 
 def judge(params: str, validated: Input[Dataset], generations: Input[Dataset], reward: Input[Model],
           judgments: Output[Dataset], judge_cache: Output[Artifact], winrates: Output[HTML], metrics: Output[Metrics]):
-    from spo.pipelines.runtime import html_image, log_metrics, model_dir, run_stage, workspace_dir
+    from spo.pipelines.runtime import html_image, log_metrics, model_dir, run_stage
 
     run_stage("judge", params, {
         "judge.rows_dir": validated.path, "judge.generations_dir": generations.path, "judge.out_dir": judgments.path,
         "judge.reward_model_dir": model_dir(reward), "judge.metrics_file": metrics.path,
-        "judge.cache_file": workspace_dir(judge_cache.path) + "/judge_cache.sqlite"})
+        "judge.cache_file": judge_cache.path + "/judge_cache.sqlite"})
     html_image(judgments.path + "/winrates.png", winrates.path, "Win rates")
     log_metrics(metrics, metrics.path)
 
@@ -199,7 +210,7 @@ def report(params: str, loss: str, validation: Input[Artifact], degrees: Input[D
         gather(plots.path, {".": tmp + "/plots"})  # the CSVs of `dvc plots show`
 
 
-def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id: str, workspace: str, loss: str,
+def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id: str, loss: str,
             prepared: Input[Dataset], prepare_quarantine: Input[Dataset], validated: Input[Dataset],
             validate_quarantine: Input[Dataset], validation: Input[Artifact], validate_metrics: Input[Metrics],
             keywords: Input[Dataset], keywords_metrics: Input[Metrics], degrees: Input[Dataset],
@@ -233,13 +244,13 @@ def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id:
         "metrics/judge.json": judge_metrics.path, "reports/report.md": report_md.path,
         "reports/report.html": report_html.path, "plots": plots.path,
     }
-    publish(outputs=outputs, params_text=params_all, dvc_yaml=dvc_yaml, dvcignore=dvcignore, workspace=workspace,
+    publish(outputs=outputs, params_text=params_all, dvc_yaml=dvc_yaml, dvcignore=dvcignore,
             remote=json.loads(remote) if remote else None, run_id=run_id, dvc_lock=dvc_lock.path,
             params_yaml=params_yaml.path, results=results.path)
 
 
 STEPS: dict[str, Callable[..., Any]] = {
-    f.__name__: f for f in (configure, prepare, validate, keywords, degrees, base_model, sft, train, train_job, generate,
+    f.__name__: f for f in (configure, data_version, prepare, validate, keywords, degrees, base_model, sft, train, train_job, generate,
                             reward_model, judge, report, publish)
 }
 

@@ -66,10 +66,13 @@ def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
     cfg = load_config(params_path)
     d = knob_defaults(cfg)
     c = make_components(platform.image)
+    # the run's own volume, a PVC KFP creates per run: only a TrainJob with no checkpoint volume needs
+    # one, to hand its pods their inputs (every other step passes artifacts, spo.pipelines.runtime)
+    uses_workspace = platform.train_job and platform.checkpoints is None
     workspace = dsl.WorkspaceConfig(
         size=platform.workspace.size,
         kubernetes=dsl.KubernetesWorkspaceConfig(pvcSpecPatch=_pvc_patch(platform)),
-    )
+    ) if uses_workspace else None
     key_env = cfg.judge.openai.api_key_env
 
     def task(step: str, display: "str | None" = None, component: "str | None" = None, **kwargs: Any) -> Any:
@@ -84,12 +87,13 @@ def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
                      n_levels: int = d["n_levels"], spo_lambda: float = d["spo_lambda"],
                      train_steps: int = d["train_steps"], judge_backend: str = d["judge_backend"],
                      judge_model: str = d["judge_model"]) -> None:
-        ws = dsl.WORKSPACE_PATH_PLACEHOLDER
         conf = task("configure", params=params, compiled_params=params_text, overrides=overrides, data_dir=data_dir, dataset=dataset, model=model,
                     loss=loss, spo=spo, n_levels=n_levels, spo_lambda=spo_lambda, train_steps=train_steps,
                     judge_backend=judge_backend, judge_model=judge_model)
         p = conf.outputs
-        prepared = task("prepare", params=p["prepare"])
+        # on a data volume, the content of its files goes into prepare's cache key (runtime.data_version)
+        version = task("data_version", "data version", params=p["prepare"]).output if platform.data_volume else ""
+        prepared = task("prepare", params=p["prepare"], data_version=version)
         validated = task("validate", params=p["validate"], prepared=prepared.outputs["prepared"],
                          prepare_quarantine=prepared.outputs["quarantine"])
         rows = validated.outputs["validated"]
@@ -98,10 +102,15 @@ def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
         base = task("base_model", params=p["base_model"], validated=rows)
         sft = task("sft", params=p["sft"], validated=rows, base=base.outputs["base"])
         # no run id among its inputs: it would make every run's cache key new
-        launcher = {"component": "train_job", "platform": platform.model_dump_json()} if platform.train_job else {}
+        # nor the run's workspace (its PVC name, new in every run, is in the cache key: see
+        # spo.pipelines.platform.CheckpointVolume): the checkpoint volume, if any, has a fixed name
+        volume = platform.checkpoints.mount_path if platform.checkpoints else ""
+        where = ({"component": "train_job", "platform": platform.model_dump_json(),
+                  "workspace": volume or dsl.WORKSPACE_PATH_PLACEHOLDER}
+                 if platform.train_job else {"checkpoints": volume})
         policies = [task("train", "train spo" if second else "train", params=p["train"], validated=rows,
-                         degrees=levels.outputs["degrees"], sft=sft.outputs["sft"], workspace=ws, loss=loss, spo=spo,
-                         spo_variant=second, **launcher)
+                         degrees=levels.outputs["degrees"], sft=sft.outputs["sft"], loss=loss, spo=spo,
+                         spo_variant=second, **where)
                     for second in (False, True)]
         generated = task("generate", params=p["generate"], validated=rows, sft=sft.outputs["sft"],
                          policy=policies[0].outputs["policy"], policy_spo=policies[1].outputs["policy"], loss=loss)
@@ -117,7 +126,7 @@ def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
              generate_metrics=generated.outputs["metrics"], reward_metrics=reward.outputs["metrics"],
              judge_metrics=judged.outputs["metrics"])
         task("publish", params_all=p["params_all"], dvc_yaml=dvc_yaml, dvcignore=dvcignore, remote=remote,
-             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, workspace=ws, loss=loss, prepared=prepared.outputs["prepared"],
+             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, loss=loss, prepared=prepared.outputs["prepared"],
              prepare_quarantine=prepared.outputs["quarantine"], validated=rows,
              validate_quarantine=validated.outputs["quarantine"], validation=validated.outputs["validation"],
              validate_metrics=validated.outputs["metrics"], keywords=keyphrases.outputs["keywords"],

@@ -31,10 +31,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from spo.accelerator import GPUS_ENV
 from spo.io import InputError
 
-STEP_NAMES = ("configure", "prepare", "validate", "keywords", "degrees", "base_model", "sft", "train", "generate",
-              "reward_model", "judge", "report", "publish")
+STEP_NAMES = ("configure", "data_version", "prepare", "validate", "keywords", "degrees", "base_model", "sft", "train",
+              "generate", "reward_model", "judge", "report", "publish")
 # what Kubeflow Trainer's torch runtime sets for torchrun; its webhook refuses a TrainJob that sets them
 TORCHRUN_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+WORKSPACE_MOUNT_PATH = "/kfp-workspace"  # backend/src/v2/component/constants.go, WorkspaceMountPath
+# the pod label Argo Workflows puts on every pod of a workflow (workflow/common/common.go,
+# LabelKeyWorkflow): the workflow's name, KFP's run name, the same for each retry of a task
+WORKFLOW_LABEL = "workflows.argoproj.io/workflow"
+RUN_NAME_ENV = "SPO_RUN_NAME"
 _DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
 
 
@@ -79,6 +84,30 @@ class DataVolume(_Strict):
 
     claim: str = Field(min_length=1, description="The PersistentVolumeClaim's name.")
     mount_path: str = Field(default="/data", pattern=r"^/", description="Where prepare sees it.")
+
+
+class CheckpointVolume(_Strict):
+    """An existing PersistentVolumeClaim the train steps checkpoint on, mounted at ``mount_path``.
+
+    KFP's cache key of a task holds the names of the PVCs it mounts, the run's own workspace PVC
+    included (``<workflow name>-kfp-workspace``, new in every run; kubeflow/pipelines#12220, KFP >=
+    2.15), so a train step on the workspace is never taken from the cache. This claim's name is
+    the same in every run: the train steps stay cacheable and a retried (pre-empted) one still
+    resumes, from ``<mount_path>/<run>/<policy>``, which it removes once its model is stored.
+    """
+
+    claim: str = Field(min_length=1, description="The PersistentVolumeClaim's name (ReadWriteMany to train both "
+                       "policies at once on different nodes, and for a multi-node TrainJob).")
+    mount_path: str = Field(default="/spo-checkpoints", pattern=r"^/",
+                            description="Where the train steps see it (not under /kfp-workspace).")
+
+    @field_validator("mount_path")
+    @classmethod
+    def _not_in_workspace(cls, path: str) -> str:
+        # backend/src/v2/driver/driver.go (2.17.0): "user volume mount at ... conflicts with workspace mount"
+        if path.rstrip("/") == WORKSPACE_MOUNT_PATH or path.startswith(WORKSPACE_MOUNT_PATH + "/"):
+            raise ValueError(f"{path} lies under KFP's workspace mount {WORKSPACE_MOUNT_PATH}, which KFP refuses")
+        return path
 
 
 class SecretRef(_Strict):
@@ -201,6 +230,10 @@ class Platform(_Strict):
         default=None, description="A PVC with the input data sets, mounted into the prepare step.")
     launcher_pool: str | None = Field(
         default=None, description="Pool of the pod that launches and follows a TrainJob; default: default_pool.")
+    checkpoints: CheckpointVolume | None = Field(
+        default=None, description="A PVC the train steps checkpoint on (cacheable, and a retried train resumes); "
+        "unset: a single-pod train works in its pod's scratch (a retry starts over) and a TrainJob on the "
+        "run's workspace (never cached).")
 
     @field_validator("steps")
     @classmethod
@@ -229,7 +262,7 @@ class Platform(_Strict):
         if not self.train_job:
             return
         train = self.pool("train")
-        if "ReadWriteMany" not in self.workspace.access_modes:
+        if self.checkpoints is None and "ReadWriteMany" not in self.workspace.access_modes:
             raise ValueError(f"workspace.access_modes: train runs as a TrainJob ({train.nodes} node(s) x "
                              f"{train.procs_per_node} process(es)) whose pods and launcher pod mount the workspace at "
                              f"the same time from different nodes, which needs ReadWriteMany (got "
@@ -304,8 +337,14 @@ def place(task: Any, step: str, platform: Platform, judge_key_env: str | None = 
     for term in pool.node_affinity:
         kubernetes.add_node_affinity(task, match_expressions=[e.model_dump() for e in term.match_expressions],
                                      weight=term.weight)
-    if step == "prepare" and platform.data_volume is not None:
+    if step in ("data_version", "prepare") and platform.data_volume is not None:
         kubernetes.mount_pvc(task, pvc_name=platform.data_volume.claim, mount_path=platform.data_volume.mount_path)
+    if step == "train" and platform.checkpoints is not None:
+        # a fixed claim name keeps the step's cache key (which holds it) the same from run to run;
+        # the run's name, for the run's folder on it, comes as an environment variable, which is
+        # not in the key (backend/src/v2/driver/cache.go, getFingerPrint, 2.17.0)
+        kubernetes.mount_pvc(task, pvc_name=platform.checkpoints.claim, mount_path=platform.checkpoints.mount_path)
+        kubernetes.use_field_path_as_env(task, RUN_NAME_ENV, f"metadata.labels['{WORKFLOW_LABEL}']")
     for name, value in pool.env.items():
         task.set_env_variable(name, value)
     for name, ref in pool.secret_env.items():
@@ -317,7 +356,8 @@ def place(task: Any, step: str, platform: Platform, judge_key_env: str | None = 
         kubernetes.set_image_pull_secrets(task, platform.image_pull_secrets)
     # every result is an artifact in the store (models included), so every step can come from KFP's
     # cache, but publish: it pushes this run's outputs and records this run's dvc.lock
-    task.set_caching_options(platform.caching and step != "publish")
+    # and data_version, which reads what the data volume holds now
+    task.set_caching_options(platform.caching and step not in ("publish", "data_version"))
     if step == "publish" and platform.dvc_remote is not None and platform.dvc_remote.credentials_secret is not None:
         creds = platform.dvc_remote.credentials_secret
         keys = {creds.access_key_id_key: "AWS_ACCESS_KEY_ID", creds.secret_access_key_key: "AWS_SECRET_ACCESS_KEY"}

@@ -9,9 +9,10 @@ A ``Model`` artifact holds the model folder itself, as ``dvc repro`` writes it, 
 it to the artifact store like any other artifact (:func:`write_model` / :func:`model_dir`). So
 every step's result lives in storage that outlives its run, and every step but ``publish`` can be
 taken from KFP's cache: a rerun whose data and params are unchanged reuses the earlier run's
-weights, as ``dvc repro`` reuses its cache. Only ``train`` also uses the run's workspace volume,
-for its checkpoints (a retried, pre-empted task resumes from them) and, as a TrainJob, to hand
-the trainer pods their inputs.
+weights, as ``dvc repro`` reuses its cache. ``train`` checkpoints on the platform's checkpoint
+volume when it names one (a retried, pre-empted task resumes; :func:`train_folder`); only
+a TrainJob with no checkpoint volume uses the run's own workspace volume, whose per-run name
+keeps it out of KFP's cache.
 """
 
 from __future__ import annotations
@@ -19,9 +20,14 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+# the checkout publish lays out beside its output artifacts (not itself an artifact: never uploaded)
+PUBLISH_VIEW = ".spo-publish-checkout"
+
 
 def variant_names(loss: str) -> tuple[str, str]:
     """The two policies every run trains: the loss alone, and the loss with SPO's degree loss."""
@@ -122,6 +128,34 @@ def run_stage(stage: str, params: str, paths: Mapping[str, Any]) -> dict[str, An
     return load_stage(stage).run(stage_config(params, [], paths))
 
 
+def data_version(params: str) -> str:
+    """The content of the data files ``prepare`` will read, as ``{split: sha256}`` JSON.
+
+    KFP's cache key of ``prepare`` holds its params and the *name* of the data volume it mounts
+    (backend/src/v2/driver/container.go, 2.17.0), not what the volume holds: data copied anew
+    onto the same PVC would be answered with the old run's prepared rows. This digest, computed
+    by an uncached step that mounts the volume and handed to ``prepare`` as an input, puts the
+    data's content into that key: new data reruns prepare and everything after it, the same bytes
+    copied again do not. ``""`` when the data come from the hub (their revision is in the params).
+    """
+    import logging
+
+    from spo.data.loading import local_files
+    from spo.io import file_sha256
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = stage_config(params, [], {}).data
+    folder = cfg.resolved_local_dir()
+    if folder is None:
+        return ""
+    files = local_files(folder, cfg.dataset)
+    digests = {split: file_sha256(path) for split, path in sorted(files.items())}
+    logging.getLogger("spo.data_version").info("%s: %s", folder, ", ".join(
+        f"{split} {files[split].name} ({files[split].stat().st_size} bytes) sha256 {sha[:12]}"
+        for split, sha in digests.items()))
+    return json.dumps(digests, sort_keys=True)
+
+
 def log_metrics(artifact: Any, path: str | Path) -> None:
     """The numbers of a stage's metrics file as the ``Metrics`` artifact's scalars (the KFP UI's
     metrics table): top-level and one level of nesting, dotted (``train.loss``)."""
@@ -175,14 +209,59 @@ def check_writable(workspace: str | Path) -> None:
             "set by the cluster admin (docs/operations.md, \"Before you install\")") from None
 
 
-def workspace_dir(workspace: str, *parts: str) -> str:
-    """A folder (created): of the run's workspace volume (checked writable first, with a message
-    that says what to change), or of an artifact's path."""
-    if parts:
-        check_writable(workspace)
-    folder = Path(workspace, *parts)
+def run_folder(checkpoints: str | Path) -> Path:
+    """This run's folder on the checkpoint volume (spo.pipelines.platform.CheckpointVolume):
+    ``<checkpoints>/<run name>``, the same for every retry of a task of this run, checked writable."""
+    import os
+
+    from spo.pipelines.platform import RUN_NAME_ENV, WORKFLOW_LABEL
+
+    run = os.environ.get(RUN_NAME_ENV, "").strip()
+    if not run or "/" in run or run in (".", ".."):
+        raise RuntimeError(f"{RUN_NAME_ENV} is {run!r}: a train step on the checkpoint volume {checkpoints} needs the "
+                           f"run's name, which the compiled pipeline sets from the pod label {WORKFLOW_LABEL} (compile "
+                           "the pipeline with this version of spo)")
+    check_writable(checkpoints)
+    return Path(checkpoints, run)
+
+
+@contextmanager
+def train_folder(checkpoints: str, name: str, artifact_path: str) -> Iterator[str]:
+    """Where a single-pod train task trains ``name``.
+
+    On the checkpoint volume (``checkpoints``: its mount path), ``<run>/<name>`` there: a retried
+    task of this run resumes from the checkpoints it left, and the folder is removed once the
+    block succeeds (the model is then in the artifact store). With no checkpoint volume
+    (``""``), the ``Model`` artifact's own path, in the pod's scratch: nothing is copied, and a
+    retried task starts over. Either way the task mounts no per-run volume, so KFP can take it
+    from its cache (see :class:`~spo.pipelines.platform.CheckpointVolume`).
+    """
+    import logging
+
+    if not checkpoints:
+        logging.getLogger("spo.train").info("no checkpoint volume in the platform file: training in the task's "
+                                            "scratch space; a retried task starts over")
+        yield artifact_path
+        return
+    run = run_folder(checkpoints)
+    folder = run / name
     folder.mkdir(parents=True, exist_ok=True)
-    return str(folder)
+    yield str(folder)
+    discard_run_files(folder, run)
+
+
+def discard_run_files(folder: str | Path, run: str | Path) -> None:
+    """Remove a finished task's ``folder`` from the checkpoint volume, then each emptied folder
+    above it up to the run's own (``run``): the volume keeps only unfinished work."""
+    folder, run = Path(folder), Path(run)
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if parent != run and run not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: another task of the run is still there
+            break
 
 
 def write_model(artifact: Any, folder: str | Path | None = None) -> None:
@@ -257,12 +336,20 @@ def html_image(png: str | Path, target: str | Path, title: str) -> None:
                             encoding="utf-8")
 
 
-def publish(*, outputs: Mapping[str, str | Path], params_text: str, dvc_yaml: str, dvcignore: str, workspace: str,
+def publish(*, outputs: Mapping[str, str | Path], params_text: str, dvc_yaml: str, dvcignore: str,
             remote: Mapping[str, Any] | None, run_id: str, dvc_lock: str | Path, params_yaml: str | Path,
             results: str | Path) -> dict[str, Any]:
     """The ``publish`` step: record the run's outputs in a dvc.lock (spo.cluster.dvc_sync), hand
     dvc.lock, params.yaml and results.tar.gz back as artifacts, and push the outputs to the DVC
-    remote when the platform names one (``remote``: url, name, endpoint_url, region)."""
+    remote when the platform names one (``remote``: url, name, endpoint_url, region).
+
+    The checkout it records and pushes from is laid out beside its own output artifacts: on a
+    cluster that is the scratch volume KFP downloaded the input artifacts into (the launcher's
+    ``/minio``, ``/s3`` or ``/gcs`` emptyDir; backend/src/v2/compiler/argocompiler/container.go),
+    so the outputs enter it and DVC's cache as hard links: the node holds each model once, not
+    twice, and the step needs no volume of the run (whose per-run name would only add a PVC).
+    The checkout is removed once the step has succeeded.
+    """
     import logging
 
     from spo.cluster import dvc_sync
@@ -277,9 +364,8 @@ def publish(*, outputs: Mapping[str, str | Path], params_text: str, dvc_yaml: st
         Path(dvc_lock).write_text("", encoding="utf-8")
         dvc_sync.bundle_files({"params.yaml": Path(params_yaml)}, results)
         return {"pushed": None}
-    check_writable(workspace)
-    view = Path(workspace) / "dvc-publish"
-    if view.exists():  # a retried publish: start over
+    view = Path(results).parent / PUBLISH_VIEW
+    if view.exists():  # a retried publish (kfp.local keeps its folders): start over
         shutil.rmtree(view)
     lock = dvc_sync.lock_run(view, outputs, params_text, dvc_yaml, dvcignore_text=dvcignore)
     copy_file(view / "dvc.lock", dvc_lock)
@@ -287,9 +373,11 @@ def publish(*, outputs: Mapping[str, str | Path], params_text: str, dvc_yaml: st
     if not remote or not remote.get("url"):
         log.info("publish: no dvc_remote in the platform file, nothing pushed: dvc.lock (%d lines), params.yaml "
                  "and results.tar.gz are this step's artifacts", len(lock.splitlines()))
-        return {"pushed": None}
-    summary = dvc_sync.push_run(view, remote["url"], endpoint_url=remote.get("endpoint_url") or None,
-                                region=remote.get("region") or None, remote_name=remote.get("name") or "cluster",
-                                run_id=run_id or None)
-    log.info("publish: %s", json.dumps(summary))
+        summary: dict[str, Any] = {"pushed": None}
+    else:
+        summary = dvc_sync.push_run(view, remote["url"], endpoint_url=remote.get("endpoint_url") or None,
+                                    region=remote.get("region") or None, remote_name=remote.get("name") or "cluster",
+                                    run_id=run_id or None)
+        log.info("publish: %s", json.dumps(summary))
+    shutil.rmtree(view)
     return summary
