@@ -71,7 +71,7 @@ def test_strict_validation_would_catch_a_typo() -> None:
     """The validator the chart's objects pass is not a rubber stamp."""
     import kubernetes_validate
 
-    job = one(objects(), "Job")
+    job = one(objects(), "Job", "-upload-1")
     job["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
     with pytest.raises(kubernetes_validate.ValidationError, match="securityContex"):
         kubernetes_validate.validate(job, KUBERNETES_VERSION, strict=True)
@@ -195,7 +195,10 @@ def test_two_gpu_pools_keep_their_own_tolerations(tmp_path: Path) -> None:
     assert keys == {"sft": ["nvidia.com/gpu", "dedicated"], "train": ["nvidia.com/gpu", "dedicated"],
                     "generate": ["nvidia.com/gpu", "spot"], "judge": []}
     assert executors["exec-prepare"]["pvcMount"][0]["mountPath"] == "/data"  # the data volume, prepare only
-    assert not any("pvcMount" in e for name, e in executors.items() if name != "exec-prepare")
+    mounts = {name: [m["mountPath"] for m in e["pvcMount"]] for name, e in executors.items() if "pvcMount" in e}
+    # and the data version (what prepare's cache key follows) and the checkpoint volume, the train steps only
+    assert mounts == {"exec-data-version": ["/data"], "exec-prepare": ["/data"], "exec-train": ["/spo-checkpoints"],
+                      "exec-train-2": ["/spo-checkpoints"]}
 
 
 # --------------------------------------------------------------------------- secrets
@@ -354,7 +357,7 @@ def test_the_hook_refuses_a_release_outside_the_namespace_where_kfp_runs_the_pod
     (kubeflow/pipelines resource_manager.go ReplaceNamespace at 2.17.0; test_submit.py)."""
     docs = objects({})
     with KfpApiServer("t" * 24) as server:
-        refused = _run_pod(one(docs, "Job"), one(docs, "ConfigMap")["data"], tmp_path, server.url, "t" * 24)
+        refused = _run_pod(one(docs, "Job", "-upload-1"), one(docs, "ConfigMap")["data"], tmp_path, server.url, "t" * 24)
         assert refused.returncode != 0 and "pods would run in 'kubeflow'" in refused.stderr, refused.stderr[-2000:]
         assert f"are in '{NAMESPACE}'" in refused.stderr and not server.calls("POST")
 
@@ -366,7 +369,7 @@ def test_the_upload_hook_creates_nothing_when_rerun_and_helm_test_checks_its_ver
     values = {"run": {"schedule": "0 0 3 * * *"}, "pipeline": {"parameters": {"train_steps": 200}},
               "networkPolicy": {"kfpNamespace": NAMESPACE}}
     docs = objects(values)
-    config, hook, check = one(docs, "ConfigMap")["data"], one(docs, "Job"), one(docs, "Pod")
+    config, hook, check = one(docs, "ConfigMap")["data"], one(docs, "Job", "-upload-1"), one(docs, "Pod")
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     assert check["metadata"]["annotations"]["helm.sh/hook"] == "test"
     with KfpApiServer(token) as server:
@@ -387,7 +390,7 @@ def test_the_upload_hook_creates_nothing_when_rerun_and_helm_test_checks_its_ver
         assert after.stdout.strip() == server.state.versions[next(iter(server.state.versions))][0]["pipeline_version_id"]
         # an upgrade that changes a compiled-in override uploads one new version and moves the schedule to it
         changed = objects(deep_merge(values, {"pipeline": {"overrides": {"train.beta": 0.2}}}))
-        upgraded = _run_pod(one(changed, "Job"), one(changed, "ConfigMap")["data"], tmp_path / "upgrade-2",
+        upgraded = _run_pod(one(changed, "Job", "-upload-1"), one(changed, "ConfigMap")["data"], tmp_path / "upgrade-2",
                             server.url, token)
         assert upgraded.returncode == 0, upgraded.stderr[-3000:]
         assert len(server.calls("POST", UPLOAD)) == 2 and len(server.state.recurring_runs) == 1
@@ -419,7 +422,7 @@ def test_the_hook_runs_in_the_image_as_its_pod_spec_says(tmp_path: Path) -> None
     from docker_helpers import docker_client, project_image
 
     docs = objects({"pipeline": {"overrides": {"train.beta": 0.2}}})
-    hook = one(docs, "Job")
+    hook = one(docs, "Job", "-upload-1")
     spec = hook["spec"]["template"]["spec"]
     [container] = spec["containers"]
     config, kfp = tmp_path / "config", tmp_path / "kfp"
@@ -455,7 +458,7 @@ def test_the_kubernetes_store_hook_creates_the_resources_once(tmp_path: Path) ->
     from k8s_api_server import TrainJobApi
 
     docs = objects(CASES["kubernetes-store"])
-    hook, check, config = one(docs, "Job"), one(docs, "Pod"), one(docs, "ConfigMap")["data"]
+    hook, check, config = one(docs, "Job", "-upload-1"), one(docs, "Pod"), one(docs, "ConfigMap")["data"]
     [container] = hook["spec"]["template"]["spec"]["containers"]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "--store=kubernetes" in container["args"] and "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
@@ -495,3 +498,37 @@ def test_every_value_is_commented() -> None:
             if re.match(r"^\s*[A-Za-z][\w.-]*:", line) and "#" not in line
             and not (n > 1 and lines[n - 2].strip().startswith("#"))]
     assert bare == []
+
+
+def test_the_checkpoint_volume_keeps_train_cacheable_and_is_made_writable_for_the_task_pods() -> None:
+    """A fixed-name PVC for the train steps (a per-run workspace PVC would be in their cache key:
+    test_train_cacheable), and a hook Job that mounts it once with the task pods' group as fsGroup:
+    KFP sets no fsGroup on its pods (kubeflow/pipelines#3866) and a new block volume's root is
+    root-owned 0755, while the kubelet, given an fsGroup, hands the root to that group, group-writable
+    (Kubernetes' SetVolumeOwnership, pkg/volume/volume_linux.go)."""
+    docs = objects(CASES["gpu-pools"])
+    claim = one(docs, "PersistentVolumeClaim", "-checkpoints")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    platform = yaml.safe_load(one(docs, "ConfigMap")["data"]["platform.yaml"])
+    assert platform["checkpoints"] == {"claim": claim["metadata"]["name"], "mount_path": "/spo-checkpoints"}
+    job = one(docs, "Job", "-volume-permissions")
+    assert job["metadata"]["annotations"]["helm.sh/hook-weight"] == "-5"  # before the upload hook (0) starts a run
+    pod = job["spec"]["template"]["spec"]
+    assert pod["securityContext"]["fsGroup"] == 1000 and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["volumes"] == [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}]
+    train_pool = CASES["gpu-pools"]["pools"][CASES["gpu-pools"]["steps"]["train"]]
+    assert pod["nodeSelector"] == train_pool["nodeSelector"]  # a zonal volume is bound where train runs
+    # an existing claim is the platform engineer's to prepare: no PVC, no Job, the platform names it
+    docs = objects(deep_merge(CASES["gpu-pools"], {"storage": {"checkpoints": {"existingClaim": "ckpt"}}}))
+    assert not [d for d in docs if d["metadata"]["name"].endswith(("-checkpoints", "-volume-permissions"))]
+    assert yaml.safe_load(one(docs, "ConfigMap")["data"]["platform.yaml"])["checkpoints"]["claim"] == "ckpt"
+    docs = objects(deep_merge(CASES["gpu-pools"], {"storage": {"checkpoints": {"create": False}}}))
+    assert "checkpoints" not in yaml.safe_load(one(docs, "ConfigMap")["data"]["platform.yaml"])
+
+
+def test_a_multinode_train_on_a_readwriteonce_checkpoint_volume_is_refused() -> None:
+    values = deep_merge(CASES["multinode"], {"storage": {"checkpoints": {"accessModes": ["ReadWriteOnce"]}}})
+    with pytest.raises(Exception, match="storage.checkpoints.accessModes.*ReadWriteMany"):
+        render(values)
+    with pytest.raises(Exception, match="kfp-workspace"):
+        render({"storage": {"checkpoints": {"mountPath": "/kfp-workspace/ckpt"}}})

@@ -56,6 +56,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{- define "spo.checkpointClaim" -}}
+{{- if .Values.storage.checkpoints.existingClaim }}
+{{- .Values.storage.checkpoints.existingClaim }}
+{{- else if .Values.storage.checkpoints.create }}
+{{- printf "%s-checkpoints" (include "spo.fullname" .) }}
+{{- end }}
+{{- end }}
+
 {{- define "spo.dataClaim" -}}
 {{- if .Values.storage.data.existingClaim }}
 {{- .Values.storage.data.existingClaim }}
@@ -143,6 +151,14 @@ trainer_runtime: {{ . | quote }}
 {{- fail (printf "steps.%s: pool %q is not defined under pools (%s)" $step $pool (keys $pools | sortAlpha | join ", ")) }}
 {{- end }}
 {{- end }}
+{{- $mount := .Values.storage.checkpoints.mountPath }}
+{{- if or (eq (trimSuffix "/" $mount) "/kfp-workspace") (hasPrefix "/kfp-workspace/" $mount) }}
+{{- fail (printf "storage.checkpoints.mountPath: %s lies under KFP's workspace mount /kfp-workspace, where KFP refuses a user volume (backend/src/v2/driver/driver.go)" $mount) }}
+{{- end }}
+{{- $train := index $pools (.Values.steps.train | default .Values.defaultPool) }}
+{{- if and (or (gt (int ($train.nodes | default 1)) 1) (gt (int ($train.processesPerNode | default 1)) 1)) .Values.storage.checkpoints.create (not .Values.storage.checkpoints.existingClaim) (not (has "ReadWriteMany" .Values.storage.checkpoints.accessModes)) }}
+{{- fail "storage.checkpoints.accessModes: the train pool is multi-node (a TrainJob), whose launcher and trainer pods mount the checkpoint volume at once from different nodes: it needs ReadWriteMany (and a storageClass that provides it)" }}
+{{- end }}
 {{- if and .Values.launcherPool (not (hasKey $pools .Values.launcherPool)) }}
 {{- fail (printf "launcherPool: pool %q is not defined under pools" .Values.launcherPool) }}
 {{- end }}
@@ -170,6 +186,9 @@ launcher_pool: {{ . }}
 {{- end }}
 {{- if eq .Values.judge.backend "openai" }}
 judge_api_key: {name: {{ .Values.judge.apiKey.existingSecret | quote }}, key: {{ .Values.judge.apiKey.key | quote }}}
+{{- end }}
+{{- if include "spo.checkpointClaim" . }}
+checkpoints: {claim: {{ include "spo.checkpointClaim" . | quote }}, mount_path: {{ .Values.storage.checkpoints.mountPath | quote }}}
 {{- end }}
 {{- if include "spo.dataClaim" . }}
 data_volume: {claim: {{ include "spo.dataClaim" . | quote }}, mount_path: {{ .Values.storage.data.mountPath | quote }}}
