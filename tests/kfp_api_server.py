@@ -7,7 +7,8 @@ given versions (``/pipelines/upload_version``); pipeline versions listed (paged,
 first with ``sort_by=created_at desc``); experiments created, listed by name, fetched; runs
 created and fetched, each GET moving the run one step along ``run_states`` (the last state
 then stays). Every request is recorded (method, path, query, headers, parsed body); a wrong
-or missing ``Authorization: Bearer <token>`` gets a 401 on every path, as behind an auth proxy.
+or missing ``Authorization: Bearer <token>`` gets a 401 on every path but healthz (which the real
+API server answers without credentials). Every answer is recorded with its request.
 ``echo_auth`` makes it quote the received Authorization header in every response's headers
 and in its error bodies, like a careless proxy: what the client side must never repeat.
 ``fail(...)`` scripts error replies. Binds 127.0.0.1 on an ephemeral port; use it as a context
@@ -43,6 +44,8 @@ class Request:
     headers: dict[str, str]  # names lower-cased
     body: Any  # JSON, or {field: (filename, bytes)} for a multipart upload
     raw: bytes
+    status: int = 0  # the fake's answer: its HTTP status and JSON body
+    reply: Any = None
 
 
 @dataclass
@@ -123,6 +126,7 @@ class KfpApiServer:
                         status, payload = err.status, _error_body(err.status, err.message)
                     except Exception as err:  # a bug here or in a test's fault action: say so in the reply
                         status, payload = 500, _error_body(500, f"test server error: {err!r}")
+                    request.status, request.reply = status, payload
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -170,7 +174,11 @@ class KfpApiServer:
 
     def _dispatch(self, r: Request) -> Any:
         accepted = self.token if isinstance(self.token, tuple) else (self.token,)  # a tuple: during a rotation
-        if self.token is not None and r.headers.get("authorization") not in {f"Bearer {t}" for t in accepted}:
+        # healthz is a plain handler on the API server's router, outside the authenticated gRPC services
+        # (backend/src/apiserver/main.go, buildHTTPRouter, at 2.17.0): it answers without credentials
+        public = r.method == "GET" and r.path == f"{API}/healthz"
+        if self.token is not None and not public and r.headers.get("authorization") not in {
+                f"Bearer {t}" for t in accepted}:
             echoed = f": got {r.headers.get('authorization', '(none)')!r}" if self.echo_auth else ""
             raise ApiError(401, f"Unauthenticated: invalid or missing bearer token{echoed}")
         for fault in self.faults:
@@ -220,6 +228,8 @@ class KfpApiServer:
         name = r.query.get("name") or filename.rsplit(".", 1)[0]
         namespace = r.query.get("namespace", "")
         if self.multi_user and not namespace:
+            # 400, not 403: backend/src/apiserver/server/pipeline_upload_server.go at 2.17.0 (UploadPipeline,
+            # about lines 118-137) answers StatusBadRequest for a missing namespace and for a refused authorisation
             raise ApiError(400, "shared pipeline upload denied")
         if any(p["display_name"] == name and p["namespace"] == namespace for p in self.state.pipelines.values()):
             raise ApiError(409, "Failed to create a pipeline and a pipeline version")
@@ -320,6 +330,8 @@ class KfpApiServer:
         if not ((body.get("trigger") or {}).get("cron_schedule") or {}).get("cron"):
             raise ApiError(400, "a recurring run needs a trigger")
         job = {**body, "recurring_run_id": self._id("recurring"), "status": "ENABLED", "created_at": self._now()}
+        if "max_concurrency" in job:  # an int64: protojson reads a number or a string, and writes a string
+            job["max_concurrency"] = str(job["max_concurrency"])
         self.state.recurring_runs[job["recurring_run_id"]] = job
         return job
 
