@@ -2,8 +2,10 @@
 
 Serves ``/apis/trainer.kubeflow.org/v1alpha1/namespaces/{ns}/trainjobs`` (POST: create) and
 ``.../trainjobs/{name}`` (GET, DELETE) from an in-memory store, and ``/api/v1/namespaces/{ns}/pods/{name}``
-(GET: the pods in :attr:`TrainJobApi.pods`, for the launcher's own run-id label), answering as the API server
-does (the object, or a ``Status`` with code, reason and message). A created job's ``status``
+(GET: the pods in :attr:`TrainJobApi.pods`, for the launcher's own run-id label),
+``/api/v1/namespaces/{ns}/persistentvolumeclaims/{name}`` (GET: :attr:`TrainJobApi.claims`) and the
+discovery document of ``trainer.kubeflow.org/v1alpha1`` (404 unless :attr:`TrainJobApi.trainer_installed`),
+answering as the API server does (the object, or a ``Status`` with code, reason and message). A created job's ``status``
 follows a script: the n-th GET of it answers ``script[min(n, len - 1)]`` (a status mapping, or a
 callable ``(job) -> status``), so the last entry repeats. Faults are injected per method from a
 queue (:class:`Fault`); every request is recorded (method, path, query, body).
@@ -29,6 +31,8 @@ from urllib.parse import parse_qs, urlsplit
 
 _ROUTE = re.compile(r"/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/(?P<ns>[^/]+)/trainjobs(?:/(?P<name>[^/]+))?")
 _POD = re.compile(r"/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)")
+_PVC = re.compile(r"/api/v1/namespaces/(?P<ns>[^/]+)/persistentvolumeclaims/(?P<name>[^/]+)")
+_TRAINER_GROUP = "/apis/trainer.kubeflow.org/v1alpha1"
 _KFP = re.compile(r"/apis/pipelines\.kubeflow\.org/v2beta1/namespaces/(?P<ns>[^/]+)/(?P<plural>pipelines|pipelineversions)"
                   r"(?:/(?P<name>[^/]+))?")
 _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "AlreadyExists",
@@ -86,6 +90,8 @@ class TrainJobApi:
     jobs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     pods: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)  # (namespace, name) -> labels
     kfp_objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)  # (plural, ns, name)
+    claims: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (namespace, name) -> PVC spec+status
+    trainer_installed: bool = True  # Kubeflow Trainer's API group is served (discovery answers it)
     requests: list[Record] = field(default_factory=list)
     gets: int = 0
     _server: ThreadingHTTPServer | None = None
@@ -162,6 +168,22 @@ class TrainJobApi:
                 return _status(404, f'pods "{pod["name"]}" not found')
             return 200, {"kind": "Pod", "apiVersion": "v1", "metadata": {  # every real pod has a UID
                 "name": pod["name"], "namespace": pod["ns"], "uid": f"uid-{pod['name']}", "labels": dict(labels)}}
+        claim = _PVC.fullmatch(path)
+        if claim and method == "GET":
+            if self.faults.get(method):
+                fault = self.faults[method].popleft()
+                return _status(fault.status, fault.message)
+            pvc = self.claims.get((claim["ns"], claim["name"]))
+            if pvc is None:
+                return _status(404, f'persistentvolumeclaims "{claim["name"]}" not found')
+            return 200, {"kind": "PersistentVolumeClaim", "apiVersion": "v1",
+                         "metadata": {"name": claim["name"], "namespace": claim["ns"]}, **pvc}
+        if path == _TRAINER_GROUP and method == "GET":  # API discovery: served only when the CRDs are installed
+            if not self.trainer_installed:
+                return _status(404, "the server could not find the requested resource")
+            return 200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "trainer.kubeflow.org/v1alpha1",
+                         "resources": [{"name": "trainjobs", "singularName": "trainjob", "namespaced": True,
+                                        "kind": "TrainJob", "verbs": ["create", "delete", "get", "list", "watch"]}]}
         kfp = _KFP.fullmatch(path)
         if kfp:
             if self.faults.get(method):

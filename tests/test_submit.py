@@ -17,6 +17,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import kfp.client.client
@@ -512,3 +513,66 @@ def test_a_namespace_mismatch_is_refused_before_anything_is_uploaded(server: Kfp
     with pytest.raises(SubmitError, match="Install the release in 'kubeflow'"):
         _submit(server, tmp_path, action="upload", workload_namespace="spo", kfp_namespace="kubeflow")
     assert [r.path for r in server.requests] == ["/apis/v2beta1/healthz"]
+
+
+# --------------------------------------------------------------------------- --check --cluster
+
+
+@pytest.fixture
+def cluster_api():
+    """A loopback Kubernetes API (PVCs, API discovery) and an ApiClient on it."""
+    from k8s_api_server import TrainJobApi
+    from kubernetes import client as k8s
+
+    server = TrainJobApi().start()
+    config = k8s.Configuration()
+    config.host = server.host
+    with k8s.ApiClient(config) as api_client:
+        yield server, api_client
+    server.stop()
+
+
+def _platform_with(tmp_path: Path, base: str, **extra: Any) -> Path:
+    data = yaml.safe_load((REPO / "configs" / "platform" / base).read_text())
+    data.update(extra)
+    path = tmp_path / "platform.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_check_with_cluster_names_each_missing_or_unfit_volume_and_a_missing_trainer(
+        server: KfpApiServer, token: str, tmp_path: Path, cluster_api) -> None:
+    cluster, api_client = cluster_api
+    platform = _platform_with(tmp_path, "multinode.yaml", data_volume={"claim": "spo-data", "mount_path": "/data"})
+    kw = {"platform": platform, "workload_namespace": "team-a", "cluster": api_client}
+    submit(server.url, params=REPO / "params.yaml", token_file=tmp_path / "none", action="upload", platform=platform)
+    with pytest.raises(SubmitError) as err:
+        submit(server.url, params=REPO / "params.yaml", token_file=tmp_path / "none", action="check", **kw)
+    message = str(err.value)
+    assert "namespace 'team-a'" in message
+    assert "checkpoints.claim: PersistentVolumeClaim 'spo-checkpoints' does not exist" in message
+    assert "data_volume.claim: PersistentVolumeClaim 'spo-data' does not exist" in message
+    assert "trainer.kubeflow.org" not in message  # the fake serves Trainer's API group
+    cluster.claims[("team-a", "spo-checkpoints")] = {"spec": {"accessModes": ["ReadWriteOnce"]}, "status": {"phase": "Bound"}}
+    cluster.claims[("team-a", "spo-data")] = {"spec": {"accessModes": ["ReadWriteOnce"]}, "status": {"phase": "Pending"}}
+    cluster.trainer_installed = False
+    with pytest.raises(SubmitError) as err:
+        submit(server.url, params=REPO / "params.yaml", token_file=tmp_path / "none", action="check", **kw)
+    message = str(err.value)
+    assert "is ['ReadWriteOnce'], but the train step is a TrainJob" in message and "ReadWriteMany" in message
+    assert "spo-data" not in message  # Pending is how a WaitForFirstConsumer volume waits for its first pod
+    assert "install Kubeflow Trainer v2.3" in message
+    cluster.claims[("team-a", "spo-checkpoints")]["spec"]["accessModes"] = ["ReadWriteMany"]
+    cluster.trainer_installed = True
+    assert submit(server.url, params=REPO / "params.yaml", token_file=tmp_path / "none", action="check", **kw)
+    paths = {r.path for r in cluster.requests}
+    assert paths == {"/api/v1/namespaces/team-a/persistentvolumeclaims/spo-checkpoints",
+                     "/api/v1/namespaces/team-a/persistentvolumeclaims/spo-data", "/apis/trainer.kubeflow.org/v1alpha1"}
+    assert not cluster.calls("POST") and not cluster.calls("DELETE")  # a check creates nothing
+
+
+def test_cluster_checks_only_go_with_check_and_a_namespace(server: KfpApiServer, tmp_path: Path) -> None:
+    for kw in ({"action": "run", "workload_namespace": "a"}, {"action": "check"}):
+        with pytest.raises(InputError, match="--cluster goes with --check"):
+            _submit(server, tmp_path, cluster=object(), **kw)
+    assert not server.requests

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from spo import __version__
 from spo.accelerator import GpuUnavailableError, require_placed_gpus
@@ -99,6 +100,10 @@ def _pipeline_parser(sub: argparse._SubParsersAction) -> None:
                       "seconds first, e.g. '0 0 3 * * *'), instead of one run; rerunning creates nothing new")
     what.add_argument("--check", dest="action", action="store_const", const="check",
                       help="create nothing; exit non-zero unless the version this compiles to is on the server")
+    submit.add_argument("--cluster", action="store_true",
+                        help="with --check: also check the cluster (the PVCs the platform file names, Kubeflow "
+                        "Trainer for multi-node training) in --workload-namespace, with the pod's or kubeconfig's "
+                        "credentials")
     submit.add_argument("--schedule-name", help="the recurring run's name (default: <pipeline>-schedule)")
     submit.add_argument("--store", choices=("api", "kubernetes"), default="api",
                         help="api: upload through the REST API; kubernetes: as Pipeline/PipelineVersion resources "
@@ -110,6 +115,17 @@ def _pipeline_parser(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--token-env", default="KFP_TOKEN", help="environment variable with the bearer token")
     submit.add_argument("--token-file", default="/var/run/secrets/kubernetes.io/serviceaccount/token",
                         help="the token file read when that variable is unset (in a pod: its service account's)")
+
+
+def _kubernetes_client() -> Any:
+    """An ``ApiClient`` with the pod's service account, else the kubeconfig's credentials."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
 
 
 def _trainjob_parser(sub: argparse._SubParsersAction) -> None:
@@ -164,7 +180,7 @@ def _pipeline(args: argparse.Namespace) -> int:
                arguments=args.arguments, wait=args.wait, timeout=args.timeout, token_env=args.token_env,
                token_file=args.token_file, action="schedule" if args.schedule else args.action, schedule=args.schedule,
                schedule_name=args.schedule_name, store=args.store, workload_namespace=args.workload_namespace,
-               kfp_namespace=args.kfp_namespace)
+               kfp_namespace=args.kfp_namespace, cluster=_kubernetes_client() if args.cluster else None)
         return 0
     if args.pipeline_command == "graph":
         from spo.pipelines.graph import draw

@@ -158,7 +158,7 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
            token_env: str = TOKEN_ENV, token_file: str | Path = SA_TOKEN_FILE, action: str = "run",
            schedule: str | None = None, schedule_name: str | None = None, store: str = "api",
            workload_namespace: str | None = None, kfp_namespace: str | None = None,
-           kubernetes_api: Any | None = None, clock: Callable[[], float] = time.monotonic,
+           kubernetes_api: Any | None = None, cluster: Any | None = None, clock: Callable[[], float] = time.monotonic,
            sleep: Callable[[float], None] = time.sleep) -> str:
     """Compile, upload or reuse the version, start a run in ``experiment``; print its link, return its id.
 
@@ -174,6 +174,9 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
     (``knob=value``) set pipeline parameters. ``namespace`` is the profile namespace of a
     multi-user KFP: the pipeline, the experiment and the run go there; ``workload_namespace`` and
     ``kfp_namespace`` are checked against where KFP will run the pods (:func:`check_namespaces`).
+    ``cluster`` (with ``check``: a ``kubernetes`` ``ApiClient``) also checks, in
+    ``workload_namespace`` (else ``namespace``), what the platform file needs there
+    (spo.cluster.preflight): the PVCs it names, Kubeflow Trainer for a multi-node train.
     ``wait`` follows the run
     to its end and raises :class:`SubmitError` unless it succeeds within ``timeout`` seconds.
     ``clock`` and ``sleep`` measure that timeout and wait between polls; they are parameters so
@@ -194,6 +197,9 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
         check_cron(schedule)
     if wait and action != "run":
         raise InputError("--wait follows a run: it goes with starting one")
+    if cluster is not None and (action != "check" or not (workload_namespace or namespace)):
+        raise InputError("--cluster goes with --check, and needs the namespace the run's pods use "
+                         "(--workload-namespace, or --namespace on multi-user KFP)")
     auth = read_token(token_env, token_file)
     with tempfile.TemporaryDirectory(prefix="spo-submit-") as tmp:
         package = compile_pipeline(Path(tmp) / "pipeline.yaml", params=params, platform=platform, image=image)
@@ -238,6 +244,16 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
                     experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
                     run = client.run_pipeline(experiment_id, f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
                                               params=run_arguments, pipeline_id=pipeline_id, version_id=version_id)
+    if cluster is not None:
+        from spo.cluster.preflight import cluster_findings
+        from spo.pipelines.platform import load_platform
+
+        where = str(workload_namespace or namespace)
+        findings = cluster_findings(load_platform(platform, image), where, cluster)
+        if findings:
+            raise SubmitError(f"the cluster is not ready for this platform file in namespace {where!r}:\n  - "
+                              + "\n  - ".join(findings))
+        log.info("pipeline submit --check: namespace %s has what the platform file names", where)
     if done is not None:
         print(done[1], flush=True)
         return done[0]
