@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,19 @@ def test_a_fast_failing_container_reports_its_exit_code_not_success() -> None:
     client = _VanishingContainers()
     assert _checked_container(client, *args) == 1 and client.removed
     assert client.network == "none"  # no bridge, even for a runner built without network_mode
+
+
+@pytest.mark.parametrize(("image", "pinned"), [
+    ("registry.example.com/spo-pipeline:0.1.0-cuda", False), ("spo-pipeline:latest", False), ("spo-pipeline", False),
+    ("spo-pipeline:cpu-5443c1883d2c", True), ("registry.example.com:5000/spo-pipeline:cuda-0123456789ab", True),
+    ("registry.example.com/spo-pipeline@sha256:" + "a" * 64, True), ("spo-pipeline:cpu-5443c1883d2", False)])
+def test_a_moving_image_tag_is_warned_about_at_compile_time(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                            image: str, pinned: bool) -> None:
+    """KFP 2.17's cache key holds the image string (backend/src/v2/driver/cache.go, getFingerPrint,
+    opts.Container.Image): a rebuilt image under the same tag gets the old code's cached results."""
+    from spo.pipelines.compile import image_is_pinned
+
+    assert image_is_pinned(image) is pinned
+    caplog.set_level(logging.WARNING, logger="spo.pipeline")
+    _compile(tmp_path, image=image)
+    assert ("is a tag that can move" in caplog.text) is not pinned

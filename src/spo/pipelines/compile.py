@@ -10,6 +10,7 @@ are written (spo.pipelines.manifests).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -44,9 +45,27 @@ def compile_pipeline(out: str | Path, *, params: str | Path = "params.yaml", pla
         from spo.pipelines.manifests import read_manifests, validate_manifests
 
         validate_manifests(read_manifests(out))
+    if not image_is_pinned(placed.image):
+        log.warning("pipeline compile: image %s is a tag that can move: KFP's cache key holds the image *string* "
+                    "(backend/src/v2/driver/cache.go), so after a rebuild under the same tag every step is still "
+                    "taken from results of the old code; name it by digest (<repo>@sha256:...) or by the content "
+                    "tag `make image` writes to build/image-*.ref (docs/images.md)", placed.image)
     log.info("pipeline compile: %s + %s (image %s) -> %s%s in %.1f s", params, platform, placed.image, out,
              " (Pipeline/PipelineVersion resources)" if kubernetes_manifests else "", time.perf_counter() - started)
     return out
+
+
+# `make image`'s content tag: <flavour>-<12 hex of a sha256 over what the image is built from>
+# (docker/build-image.sh), which changes whenever the code or the dependencies do
+_CONTENT_TAG = re.compile(r"(cpu|cuda)-[0-9a-f]{12}")
+
+
+def image_is_pinned(image: str) -> bool:
+    """A digest, or a content tag: a reference whose image cannot change under it."""
+    if re.search(r"@sha256:[0-9a-f]{64}$", image):
+        return True
+    name = image.rsplit("/", 1)[-1]
+    return ":" in name and bool(_CONTENT_TAG.fullmatch(name.rsplit(":", 1)[1]))
 
 
 def _image_tag(image: str) -> str:
