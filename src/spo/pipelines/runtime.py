@@ -175,7 +175,8 @@ def _scalars(data: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, flo
 
 
 class WorkspaceNotWritable(RuntimeError):
-    """The run's workspace volume does not let this task's user write: stop with what to change."""
+    """A volume of the run (the checkpoint PVC, the workspace) does not let this task's user write:
+    stop with what to change."""
 
 
 def check_writable(workspace: str | Path) -> None:
@@ -202,11 +203,12 @@ def check_writable(workspace: str | Path) -> None:
         except OSError as err:
             found = f"not readable ({err.strerror})"
         raise WorkspaceNotWritable(
-            f"the run's workspace {root} is not writable by this task (uid {os.getuid()}, gid {os.getgid()}, groups "
+            f"the volume {root} is not writable by this task (uid {os.getuid()}, gid {os.getgid()}, groups "
             f"{sorted(os.getgroups())}): it is {found}. KFP sets no fsGroup on task pods, and a new block volume's "
-            "root belongs to root. Fix: a StorageClass whose volumes are group- or world-writable (NFS, CephFS, EFS, "
-            "Filestore: ReadWriteMany, as multi-node training needs anyway), or a KFP pod-default fsGroup of 1000 "
-            "set by the cluster admin (docs/operations.md, \"Before you install\")") from None
+            "root belongs to root. Fix: for the checkpoint PVC the Helm chart creates, its volume-permissions hook "
+            "makes the root group-writable (storage.checkpoints.taskGroup: the task's gid); for any other PVC, a "
+            "StorageClass whose volumes are group- or world-writable (NFS, CephFS, EFS, Filestore), or a root "
+            "handed to gid 1000 once (docs/operations.md, \"Before you install\")") from None
 
 
 def run_folder(checkpoints: str | Path) -> Path:
