@@ -160,8 +160,7 @@ class TrainJobApi:
             return _status(500, f"request budget of {self.max_requests} exhausted: the client polls too long")
         pod = _POD.fullmatch(path)
         if pod and method == "GET":
-            if self.faults.get(method):
-                fault = self.faults[method].popleft()
+            if fault := self._next_fault(method):
                 return _status(fault.status, fault.message)
             labels = self.pods.get((pod["ns"], pod["name"]))
             if labels is None:
@@ -170,8 +169,7 @@ class TrainJobApi:
                 "name": pod["name"], "namespace": pod["ns"], "uid": f"uid-{pod['name']}", "labels": dict(labels)}}
         claim = _PVC.fullmatch(path)
         if claim and method == "GET":
-            if self.faults.get(method):
-                fault = self.faults[method].popleft()
+            if fault := self._next_fault(method):
                 return _status(fault.status, fault.message)
             pvc = self.claims.get((claim["ns"], claim["name"]))
             if pvc is None:
@@ -186,19 +184,23 @@ class TrainJobApi:
                                         "kind": "TrainJob", "verbs": ["create", "delete", "get", "list", "watch"]}]}
         kfp = _KFP.fullmatch(path)
         if kfp:
-            if self.faults.get(method):
-                fault = self.faults[method].popleft()
+            if fault := self._next_fault(method):
                 return _status(fault.status, fault.message)
             return self._kfp_object(method, kfp["plural"], kfp["ns"], kfp["name"], body)
         route = _ROUTE.fullmatch(path)
         if not route:
             return _status(404, f"the server could not find the requested resource {path}")
-        fault = self.faults.get(method, deque()).popleft() if self.faults.get(method) else None
+        fault = self._next_fault(method)
         if fault and not fault.after_applying:
             return _status(fault.status, fault.message)
         namespace, name = route["ns"], route["name"]
         code, answer = self._apply(method, namespace, name, body)
         return _status(fault.status, fault.message) if fault else (code, answer)
+
+    def _next_fault(self, method: str) -> Fault | None:
+        """The next injected fault for ``method``, taken off its queue (None: answer normally)."""
+        queue = self.faults.get(method)
+        return queue.popleft() if queue else None
 
     def _kfp_object(self, method: str, plural: str, namespace: str, name: str | None,
                     body: Any) -> tuple[int, dict[str, Any]]:

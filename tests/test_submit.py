@@ -518,20 +518,6 @@ def test_a_namespace_mismatch_is_refused_before_anything_is_uploaded(server: Kfp
 # --------------------------------------------------------------------------- --check --cluster
 
 
-@pytest.fixture
-def cluster_api():
-    """A loopback Kubernetes API (PVCs, API discovery) and an ApiClient on it."""
-    from k8s_api_server import TrainJobApi
-    from kubernetes import client as k8s
-
-    server = TrainJobApi().start()
-    config = k8s.Configuration()
-    config.host = server.host
-    with k8s.ApiClient(config) as api_client:
-        yield server, api_client
-    server.stop()
-
-
 def _platform_with(tmp_path: Path, base: str, **extra: Any) -> Path:
     data = yaml.safe_load((REPO / "configs" / "platform" / base).read_text())
     data.update(extra)
@@ -541,8 +527,9 @@ def _platform_with(tmp_path: Path, base: str, **extra: Any) -> Path:
 
 
 def test_check_with_cluster_names_each_missing_or_unfit_volume_and_a_missing_trainer(
-        server: KfpApiServer, token: str, tmp_path: Path, cluster_api) -> None:
-    cluster, api_client = cluster_api
+        server: KfpApiServer, token: str, tmp_path: Path, k8s_api) -> None:
+    cluster, api = k8s_api
+    api_client = api.api_client
     platform = _platform_with(tmp_path, "multinode.yaml", data_volume={"claim": "spo-data", "mount_path": "/data"})
     kw = {"platform": platform, "workload_namespace": "team-a", "cluster": api_client}
     submit(server.url, params=REPO / "params.yaml", token_file=tmp_path / "none", action="upload", platform=platform)

@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from spo import __version__
 from spo.accelerator import GpuUnavailableError, require_placed_gpus
@@ -117,15 +116,11 @@ def _pipeline_parser(sub: argparse._SubParsersAction) -> None:
                         help="the token file read when that variable is unset (in a pod: its service account's)")
 
 
-def _kubernetes_client() -> Any:
-    """An ``ApiClient`` with the pod's service account, else the kubeconfig's credentials."""
-    from kubernetes import client, config
+def _cluster_client() -> object:
+    """The pod's or the kubeconfig's Kubernetes credentials, as the TrainJob launcher finds them."""
+    from spo.cluster.launcher import custom_objects_api
 
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.ApiClient()
+    return custom_objects_api().api_client
 
 
 def _trainjob_parser(sub: argparse._SubParsersAction) -> None:
@@ -180,7 +175,7 @@ def _pipeline(args: argparse.Namespace) -> int:
                arguments=args.arguments, wait=args.wait, timeout=args.timeout, token_env=args.token_env,
                token_file=args.token_file, action="schedule" if args.schedule else args.action, schedule=args.schedule,
                schedule_name=args.schedule_name, store=args.store, workload_namespace=args.workload_namespace,
-               kfp_namespace=args.kfp_namespace, cluster=_kubernetes_client() if args.cluster else None)
+               kfp_namespace=args.kfp_namespace, cluster=_cluster_client() if args.cluster else None)
         return 0
     if args.pipeline_command == "graph":
         from spo.pipelines.graph import draw

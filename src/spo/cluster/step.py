@@ -1,9 +1,10 @@
 """The pipeline's train step as a TrainJob: what the launcher task runs in its (CPU) pod.
 
 The trainer pods see only one volume — the platform's checkpoint volume (in this run's folder
-on it), else the run's workspace — so the task first puts there what they read: the stage's params text and copies of the input datasets and of the SFT model (artifacts
-KFP downloaded into this pod). It resolves the stage config here — a bad value fails in seconds, not after 16 GPUs
-were scheduled — builds and validates the TrainJob, launches it in this pod's namespace and
+on it), else the run's workspace — so the task first puts there what they read: the stage's
+params text and copies of the input datasets and of the SFT model (artifacts KFP downloaded
+into this pod). It resolves the stage config here — a bad value fails in seconds, not after 16
+GPUs were scheduled — builds and validates the TrainJob, launches it in this pod's namespace and
 follows it; once it completes it copies the metrics file the job wrote onto the task's
 ``Metrics`` output, and the component copies the model folder onto its ``Model`` output. The
 model folder (``<volume>/[<run>/]models/policy/<variant>``) is the same for every attempt, so a

@@ -140,19 +140,15 @@ def data_version(params: str) -> str:
     """
     import logging
 
-    from spo.data.loading import local_files
-    from spo.io import file_sha256
+    from spo.data.loading import read_raw
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = stage_config(params, [], {}).data
-    folder = cfg.resolved_local_dir()
-    if folder is None:
+    _, source = read_raw(stage_config(params, [], {}).data)  # hashes the files it would read, reads no row
+    if source["kind"] != "local":
         return ""
-    files = local_files(folder, cfg.dataset)
-    digests = {split: file_sha256(path) for split, path in sorted(files.items())}
-    logging.getLogger("spo.data_version").info("%s: %s", folder, ", ".join(
-        f"{split} {files[split].name} ({files[split].stat().st_size} bytes) sha256 {sha[:12]}"
-        for split, sha in digests.items()))
+    digests = {split: file["sha256"] for split, file in sorted(source["files"].items())}
+    logging.getLogger("spo.data_version").info("%s", ", ".join(
+        f"{split} {source['files'][split]['path']} sha256 {sha[:12]}" for split, sha in digests.items()))
     return json.dumps(digests, sort_keys=True)
 
 
