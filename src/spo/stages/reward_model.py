@@ -16,12 +16,13 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
-from spo.config import SpoConfig, check_sequence_and_batch
+from spo.config import OptimConfig, SpoConfig, check_sequence_and_batch
 from spo.io import InputError, atomic_dir, read_jsonl, tree_sha256, write_json, write_provenance
 
 log = logging.getLogger("spo.reward_model")
@@ -49,9 +50,11 @@ def check_disjoint(rows: list[dict[str, Any]], rows_path: Path, others: dict[str
         groups = {r.get("group") for r in other} - {None}
         for line_no, row in enumerate(rows, start=1):
             if row["id"] in ids:
-                raise InputError(f"{rows_path}:{line_no}: row id {row['id']!r} also occurs in {name}; the reward model's pairs must be disjoint from it")
+                raise InputError(f"{rows_path}:{line_no}: row id {row['id']!r} also occurs in {name}; "
+                                 "the reward model's pairs must be disjoint from it")
             if row.get("group") is not None and row["group"] in groups:
-                raise InputError(f"{rows_path}:{line_no}: prompt group {row['group']!r} also occurs in {name}; the reward model's pairs must be disjoint from it")
+                raise InputError(f"{rows_path}:{line_no}: prompt group {row['group']!r} also occurs in {name}; "
+                                 "the reward model's pairs must be disjoint from it")
 
 
 def is_held_out(row: dict[str, Any], fraction: float) -> bool:
@@ -61,33 +64,73 @@ def is_held_out(row: dict[str, Any], fraction: float) -> bool:
     return value < fraction
 
 
+class PairIds(NamedTuple):
+    """Token ids of both sides of the train and held-out pairs, in row order: the loop, the probe and
+    the held-out accuracy all read them, so each response is tokenized once."""
+
+    train_chosen: list[list[int]]
+    train_rejected: list[list[int]]
+    held_chosen: list[list[int]]
+    held_rejected: list[list[int]]
+
+
 def run(cfg: SpoConfig) -> dict[str, Any]:
+    """Split the pairs, tokenize them once, fit the whole model (or only its value head), save.
+
+    The seed is set before anything is built, so whatever draws from the global generators
+    repeats run to run; the loop's shuffling has a generator of its own from the same seed.
+    """
     started = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
     from transformers import set_seed
 
-    from spo.judging.reward import RewardModel, pair_accuracy, score_sequences, collate
-    from spo.models.formatting import encode_example
-    from spo.models.loading import adapter_base, apply_lora, load_tokenizer, load_trained
-    from spo.training.optim import build_optimizer, build_scheduler
-
-    rm, optim = cfg.reward_model, cfg.reward_model.optim
-    check_sequence_and_batch("reward_model", rm.max_length, rm.max_prompt_length, optim)
+    rm = cfg.reward_model
+    check_sequence_and_batch("reward_model", rm.max_length, rm.max_prompt_length, rm.optim)
     set_seed(cfg.seed, deterministic=False)
-
     rows_dir, sft_dir = Path(rm.rows_dir), Path(rm.sft_dir)
     rows, rows_path = _read(rows_dir, rm.split, _FIELDS)
-    others = {f"{s}.jsonl": _read(rows_dir, s, ())[0] for s in ("train", "test") if s != rm.split}
-    check_disjoint(rows, rows_path, others)
-    held = [r for r in rows if is_held_out(r, rm.held_out_fraction)]
-    train = [r for r in rows if not is_held_out(r, rm.held_out_fraction)]
-    if not held or not train:
-        raise InputError(f"{rows_path}: {len(rows)} pairs give {len(train)} train and {len(held)} held-out pairs; both must be non-empty")
+    train, held = _split_pairs(rows, rows_path, rows_dir, rm.split, rm.held_out_fraction)
+    tokenizer, model = _load_model(cfg, sft_dir)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ids, prompts_cut = _tokenize_pairs(tokenizer, train, held, rm.max_prompt_length, rm.max_length)
+    if prompts_cut:
+        log.info("reward_model: %d of %d prompts cut to %d tokens (template head and generation prompt kept)",
+                 prompts_cut, len(rows), rm.max_prompt_length)
+    if rm.train_backbone:
+        fitted = _fit_backbone(cfg, model, ids, tokenizer.pad_token_id)
+    else:
+        fitted = _fit_probe(cfg, model, train, held, ids, tokenizer.pad_token_id)
+    return _finish(cfg, model, tokenizer, rows_path, sft_dir, started, prompts_cut, n_trainable, fitted)
 
+
+def _split_pairs(rows: list[dict[str, Any]], rows_path: Path, rows_dir: Path, split: str,
+                 held_out_fraction: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out) pairs, after refusing any pair that shares a row id or prompt group with the
+    policy's pairs or the judged prompts: a judge trained on them would grade what it has seen."""
+    others = {f"{s}.jsonl": _read(rows_dir, s, ())[0] for s in ("train", "test") if s != split}
+    check_disjoint(rows, rows_path, others)
+    held = [r for r in rows if is_held_out(r, held_out_fraction)]
+    train = [r for r in rows if not is_held_out(r, held_out_fraction)]
+    if not held or not train:
+        raise InputError(f"{rows_path}: {len(rows)} pairs give {len(train)} train and {len(held)} held-out pairs; "
+                         "both must be non-empty")
+    return train, held
+
+
+def _load_model(cfg: SpoConfig, sft_dir: Path) -> tuple[Any, Any]:
+    """The tokenizer and a :class:`~spo.judging.reward.RewardModel` on the SFT backbone, on the
+    training device, with only the parameters this configuration trains left trainable.
+
+    Full fine-tuning trains the SFT weights; LoRA puts fresh adapters on the (merged) SFT model;
+    a probe (train_backbone false) trains none of them, only the value head.
+    """
+    import torch
+
+    from spo.judging.reward import RewardModel
+    from spo.models.loading import apply_lora, load_tokenizer, load_trained
+
+    rm = cfg.reward_model
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
-    # Full fine-tuning trains the SFT weights; LoRA puts fresh adapters on the (merged) SFT model;
-    # a probe (train_backbone false) trains none of them.
     lm = load_trained(sft_dir, cfg.model, trainable=rm.train_backbone, merge=True)
     if rm.lora.enabled:
         lm = apply_lora(lm, rm.lora, seed=cfg.seed)
@@ -96,71 +139,114 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         model.lm.requires_grad_(False)
     model.value_head.requires_grad_(True)
     model.max_length, model.max_prompt_length = rm.max_length, rm.max_prompt_length
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return tokenizer, model
+
+
+def _tokenize_pairs(tokenizer: Any, train: list[dict[str, Any]], held: list[dict[str, Any]],
+                    max_prompt_length: int, max_length: int) -> tuple[PairIds, int]:
+    """Every response's ``prompt + response`` ids, as :func:`spo.judging.reward.encode` makes them
+    (the judge scores the same ids), and how many pairs had their prompt cut."""
+    from spo.models.formatting import encode_example
 
     prompts_cut = 0
 
     def tokenize(subset: list[dict[str, Any]], side: str) -> list[list[int]]:
-        """As :func:`spo.judging.reward.encode` (the judge scores the same ids), counting cut prompts."""
         nonlocal prompts_cut
         out = []
         for r in tqdm(subset, desc=f"reward tokenize {side}", unit=" rows", leave=False, disable=None):
             enc = encode_example(tokenizer, r["prompt"], r[side], r["source"],
-                                 max_prompt_length=rm.max_prompt_length, max_length=rm.max_length)
+                                 max_prompt_length=max_prompt_length, max_length=max_length)
             if enc.prompt_truncated and side == "chosen":  # once per pair
                 prompts_cut += 1
             out.append(enc.prompt_ids + enc.response_ids)
         return out
 
-    train_c, train_r = tokenize(train, "chosen"), tokenize(train, "rejected")
-    held_c, held_r = tokenize(held, "chosen"), tokenize(held, "rejected")
-    if prompts_cut:
-        log.info("reward_model: %d of %d prompts cut to %d tokens (template head and generation prompt kept)",
-                 prompts_cut, len(rows), rm.max_prompt_length)
-    pad_id = tokenizer.pad_token_id
+    ids = PairIds(tokenize(train, "chosen"), tokenize(train, "rejected"),
+                  tokenize(held, "chosen"), tokenize(held, "rejected"))
+    return ids, prompts_cut
+
+
+def _fit_backbone(cfg: SpoConfig, model: Any, ids: PairIds, pad_id: int) -> dict[str, Any]:
+    """train_backbone true: the held-out accuracy before and after a Bradley-Terry fit of the
+    whole model (or its LoRA adapters), and the loop's losses."""
+    from spo.judging.reward import pair_accuracy, score_sequences
+    from spo.models.loading import adapter_base
+
+    rm, optim = cfg.reward_model, cfg.reward_model.optim
 
     def held_accuracy() -> float:
-        scores = score_sequences(model, held_c + held_r, pad_id, batch_size=optim.micro_batch_size * 2)
-        return pair_accuracy(scores[: len(held_c)], scores[len(held_c):])
+        scores = score_sequences(model, ids.held_chosen + ids.held_rejected, pad_id,
+                                 batch_size=optim.micro_batch_size * 2)
+        return pair_accuracy(scores[: len(ids.held_chosen)], scores[len(ids.held_chosen):])
 
-    if not rm.train_backbone:
-        return _finish(cfg, model, tokenizer, rows_path, sft_dir, started, prompts_cut, n_trainable,
-                       _fit_probe(cfg, model, train, held, (train_c, train_r, held_c, held_r), pad_id))
     acc_before = held_accuracy()
+    losses, train_seconds = _train_bradley_terry(model, ids.train_chosen, ids.train_rejected, pad_id, optim, cfg.seed)
+    acc_after = held_accuracy()
+    if rm.lora.enabled and adapter_base(Path(rm.sft_dir)) is not None:
+        # The adapter would record the SFT adapter's *base* as its base (the SFT weights were
+        # merged in memory), so it could not be loaded correctly: save merged full weights.
+        model.lm = model.lm.merge_and_unload()
+    n_train = len(ids.train_chosen)
+    return {
+        "train_pairs": n_train,
+        "held_out_pairs": len(ids.held_chosen),
+        "held_out_accuracy_before": acc_before,
+        "held_out_accuracy_after": acc_after,
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "steps": len(losses),
+        "epochs": len(losses) * optim.batch_size / n_train,
+        "train_seconds": round(train_seconds, 2),
+    }
+
+
+def _train_bradley_terry(model: Any, chosen: list[list[int]], rejected: list[list[int]], pad_id: int,
+                         optim: OptimConfig, seed: int) -> tuple[list[float], float]:
+    """The plain torch loop (docs/reward_judge.md says why not a trainer): ``-log sigmoid(r_chosen -
+    r_rejected)`` over micro-batches of pairs, both sides in one forward, gradients accumulated to
+    ``batch_size``, clipped, then an optimizer and scheduler step.  Returns each step's loss and the
+    seconds the loop took.
+
+    Pairs are reshuffled each epoch by a generator of their own, seeded here, so the order does not
+    depend on what else drew from torch's global generator; a non-finite loss stops the run at once.
+    """
+    import torch
+
+    from spo.judging.reward import collate
+    from spo.training.optim import build_optimizer, build_scheduler
 
     accum = optim.batch_size // optim.micro_batch_size
-    steps_per_epoch = math.ceil(len(train) / optim.batch_size)
-    total_steps = max(1, math.ceil(optim.epochs * steps_per_epoch))
+    total_steps = max(1, math.ceil(optim.epochs * math.ceil(len(chosen) / optim.batch_size)))
     if optim.max_steps is not None:
         total_steps = min(total_steps, optim.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, optim)
     scheduler = build_scheduler(optimizer, optim, total_steps)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(seed)
 
-    def batches():  # micro-batches of pair indices, reshuffled each epoch, forever
+    def batches() -> Iterator[list[int]]:  # micro-batches of pair indices, reshuffled each epoch, forever
         while True:
-            order = torch.randperm(len(train), generator=generator).tolist()
+            order = torch.randperm(len(chosen), generator=generator).tolist()
             for start in range(0, len(order), optim.micro_batch_size):
                 yield order[start : start + optim.micro_batch_size]
 
     stream = batches()
     losses: list[float] = []
     model.train()
-    train_started = time.perf_counter()
+    started = time.perf_counter()
     bar = tqdm(total=total_steps, desc="reward_model", unit=" steps", leave=False, disable=None)
-    for _step in range(total_steps):
+    for step in range(1, total_steps + 1):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(accum):
             idx = next(stream)
-            ids, mask = collate([train_c[i] for i in idx] + [train_r[i] for i in idx], pad_id, device)
-            rewards = model.score(ids, mask)
+            batch_ids, mask = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id, model.device)
+            rewards = model.score(batch_ids, mask)
             loss = -torch.nn.functional.logsigmoid(rewards[: len(idx)] - rewards[len(idx):]).mean()
             if not torch.isfinite(loss):
-                raise InputError(f"reward_model: loss is {loss.item()} at step {_step + 1}; lower reward_model.optim.learning_rate")
+                raise InputError(f"reward_model: loss is {loss.item()} at step {step}; "
+                                 "lower reward_model.optim.learning_rate")
             (loss / accum).backward()
             step_loss += loss.item() / accum
         torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
@@ -170,29 +256,11 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}")
     bar.close()
-    train_seconds = time.perf_counter() - train_started
-
-    acc_after = held_accuracy()
-    if rm.lora.enabled and adapter_base(sft_dir) is not None:
-        # The adapter would record the SFT adapter's *base* as its base (the SFT weights were
-        # merged in memory), so it could not be loaded correctly: save merged full weights.
-        model.lm = model.lm.merge_and_unload()
-    fitted = {
-        "train_pairs": len(train),
-        "held_out_pairs": len(held),
-        "held_out_accuracy_before": acc_before,
-        "held_out_accuracy_after": acc_after,
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_last": losses[-1] if losses else None,
-        "steps": len(losses),
-        "epochs": len(losses) * optim.batch_size / len(train),
-        "train_seconds": round(train_seconds, 2),
-    }
-    return _finish(cfg, model, tokenizer, rows_path, sft_dir, started, prompts_cut, n_trainable, fitted)
+    return losses, time.perf_counter() - started
 
 
 def _fit_probe(cfg: SpoConfig, model: Any, train: list[dict[str, Any]], held: list[dict[str, Any]],
-               sequences: tuple[list[list[int]], ...], pad_id: int) -> dict[str, Any]:
+               sequences: PairIds, pad_id: int) -> dict[str, Any]:
     """train_backbone false: every response's feature once, then the value head fitted exactly
     (:func:`spo.judging.probe.fit_linear_probe`); accuracies from the same features the judge scores."""
     import torch
@@ -209,18 +277,21 @@ def _fit_probe(cfg: SpoConfig, model: Any, train: list[dict[str, Any]], held: li
     held_c, held_r = feats[2 * n_train : 2 * n_train + n_held], feats[2 * n_train + n_held :]
     head = model.value_head
 
+    def score(features: Any) -> list[float]:
+        return head(features.to(head.weight.device)).squeeze(-1).tolist()
+
     def accuracy() -> float:
         with torch.no_grad():
-            score = lambda x: head(x.to(head.weight.device)).squeeze(-1).tolist()  # noqa: E731
             return pair_accuracy(score(held_c), score(held_r))
 
     before = accuracy()
-    fit = fit_linear_probe(train_c, train_r, [str(r.get("group") or r["id"]) for r in train], rm.probe_l2, rm.probe_folds)
+    groups = [str(r.get("group") or r["id"]) for r in train]
+    fit = fit_linear_probe(train_c, train_r, groups, rm.probe_l2, rm.probe_folds)
     with torch.no_grad():
         head.weight.copy_(fit.weight.view(1, -1))
         head.bias.fill_(fit.bias)
-    log.info("reward_model: probe L2 %g chosen by %d-fold CV on the train pairs (CV accuracy %s)", fit.l2, rm.probe_folds,
-             ", ".join(f"{k:g}: {v:.3f}" for k, v in fit.cv_accuracy.items()))
+    log.info("reward_model: probe L2 %g chosen by %d-fold CV on the train pairs (CV accuracy %s)",
+             fit.l2, rm.probe_folds, ", ".join(f"{k:g}: {v:.3f}" for k, v in fit.cv_accuracy.items()))
     return {
         "train_pairs": n_train,
         "held_out_pairs": n_held,
