@@ -141,7 +141,7 @@ def pull_and_check(clone: Path, bundle: Path, outputs_from: Path | None, remote:
     (which hashes every output afresh) is clean and ``dvc repro`` has nothing to run."""
     import json
 
-    from spo.cluster.dvc_sync import unpack_run_bundle
+    from spo.lineage.dvc_sync import unpack_run_bundle
 
     written = unpack_run_bundle(bundle, clone)
     assert {"dvc.lock", "params.yaml", "metrics/judge.json", "reports/report.md"} <= set(written)

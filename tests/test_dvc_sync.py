@@ -1,4 +1,4 @@
-"""A cluster run's results back through DVC (spo.cluster.dvc_sync and the pipeline's publish step).
+"""A cluster run's results back through DVC (spo.lineage.dvc_sync and the pipeline's publish step).
 
 The slow tests run ``dvc repro`` once (a module fixture) in a small project copy and treat its
 outputs as a cluster run's: recorded in a fresh project view by ``lock_run`` (the dvc.lock must
@@ -21,7 +21,7 @@ import yaml
 from conftest import REPO
 from pipeline_helpers import _dvc_out as _dvc
 from pipeline_helpers import _env, fresh_clone, lock_outs, pull_and_check, small_project
-from spo.cluster.dvc_sync import bundle_run, lock_run, push_run, read_run_bundle, uncached_outputs
+from spo.lineage.dvc_sync import bundle_run, lock_run, push_run, read_run_bundle, uncached_outputs
 from spo.io import InputError
 
 ACCESS_KEY = "AKIASPOTESTKEY4242XY"          # distinctive: grepped for in every file the tests leave
@@ -181,7 +181,7 @@ def test_lock_run_on_a_toy_project_and_its_refusals(tmp_path: Path) -> None:
 
 
 def test_the_publish_step_without_a_remote_hands_back_the_lock_and_pushes_nothing(tmp_path: Path) -> None:
-    from spo.pipelines.runtime import publish
+    from spo.lineage.publish import publish
 
     params = "variants:\n  a: {loss: dpo}\n  b: {loss: ipo}\n"
     out = tmp_path / "artifacts"
@@ -207,8 +207,8 @@ def test_publish_holds_each_model_once_beside_its_outputs_and_leaves_no_checkout
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a cluster the inputs lie in the scratch volume KFP downloaded them into, beside the
     step's outputs: the checkout and DVC's cache there hard-link them, so a model is held once."""
-    from spo.cluster import dvc_sync
-    from spo.pipelines.runtime import PUBLISH_VIEW, publish
+    from spo.lineage import dvc_sync
+    from spo.lineage.publish import PUBLISH_VIEW, publish
 
     outputs = _toy_outputs(tmp_path)
     weights = outputs["out/a"] / "w.bin"
@@ -279,7 +279,7 @@ def test_publish_step_gets_the_remote_and_the_keys_as_secret_refs_only(tmp_path:
 
 
 def test_platform_dvc_remote_is_checked(tmp_path: Path) -> None:
-    from spo.pipelines.platform import load_platform
+    from spo.kube.platform import load_platform
 
     bad = _platform(tmp_path, url=f"s3://{ACCESS_KEY}:{SECRET_KEY}@spo-dvc/spo")
     with pytest.raises(InputError, match="dvc_remote.url") as err:

@@ -593,7 +593,7 @@ def test_missing_dvc_cache_entry(tmp_path: Path) -> None:
     names it too. Restoring the file (a rerun of the stage) makes the push go through."""
     from test_dvc_sync import TOY_DVC, _toy_outputs
 
-    from spo.cluster.dvc_sync import MissingCacheError, lock_run, push_run
+    from spo.lineage.dvc_sync import MissingCacheError, lock_run, push_run
 
     view, remote = tmp_path / "view", tmp_path / "remote"
     outputs = _toy_outputs(tmp_path)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from kfp import compiler, dsl
 
-from spo.pipelines.manifests import (
+from spo.kube.manifests import (
     ManifestValidationError,
     load_crd_schemas,
     read_manifests,
@@ -297,7 +297,7 @@ def test_cel_rules_are_refused_not_skipped() -> None:
 
 
 def crd_folder() -> Any:
-    return resources.files("spo.pipelines").joinpath("crds")
+    return resources.files("spo.kube").joinpath("crds", "kfp")
 
 
 def source() -> dict[str, Any]:
@@ -336,5 +336,5 @@ def test_crd_files_are_package_data() -> None:
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     patterns = pyproject["tool"]["setuptools"]["package-data"]["spo"]
     for item in crd_folder().iterdir():
-        relative = f"pipelines/crds/{item.name}"
+        relative = f"kube/crds/kfp/{item.name}"
         assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative

@@ -136,7 +136,7 @@ def test_no_secret_value_in_any_compiled_file(tmp_path: Path, monkeypatch: pytes
 
 
 def test_kubernetes_resources_validate_against_the_pinned_crds(tmp_path: Path) -> None:
-    from spo.pipelines.manifests import read_manifests
+    from spo.kube.manifests import read_manifests
 
     out = compile_pipeline(tmp_path / "k8s.yaml", params=REPO / "params.yaml",
                            platform=REPO / "configs" / "platform" / "gpu.yaml", kubernetes_manifests=True,

@@ -439,7 +439,7 @@ def k8s_api():
 def test_the_kubernetes_store_creates_the_resources_once_and_runs_refer_to_their_uids(
         server: KfpApiServer, token: str, tmp_path: Path, k8s_api) -> None:
     from spo.pipelines.k8s_store import StoreError
-    from spo.pipelines.manifests import validate_manifests
+    from spo.kube.manifests import validate_manifests
 
     cluster, api = k8s_api
     server.multi_user = True  # a profile namespace: multi-user KFP (single-user would refuse --namespace)

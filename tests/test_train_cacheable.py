@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from spo.pipelines.platform import RUN_NAME_ENV, WORKFLOW_LABEL, CheckpointVolume, Platform, load_platform
+from spo.kube.platform import RUN_NAME_ENV, WORKFLOW_LABEL, CheckpointVolume, Platform, load_platform
 from spo.pipelines.runtime import train_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_on_a_data_volume_prepare_is_keyed_by_the_datas_content(tmp_path: Path) 
     """The driver keys a mounted PVC by its name only (container.go, lines 149-162): a version of
     the data, computed each run by an uncached step on that volume, is what makes prepare rerun on
     new data. Off a data volume there is no such step."""
-    from spo.pipelines.platform import DataVolume
+    from spo.kube.platform import DataVolume
 
     platform = load_platform(PLATFORMS / "gpu.yaml").model_copy(
         update={"data_volume": DataVolume(claim="spo-data", mount_path="/data")})

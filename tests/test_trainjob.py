@@ -26,11 +26,11 @@ from kubernetes import client as k8s
 from conftest import REPO
 from spo.cluster import launcher as launcher_module
 from spo.cluster.launcher import Terminated, TrainJobApiError, TrainJobError, TrainJobFailed, TrainJobTimeout, launch
-from spo.cluster.step import run_train_job, trainjob_name, workspace_claim
+from spo.pipelines.train_job import run_train_job, trainjob_name, workspace_claim
 from spo.cluster.trainjob import WorkspaceMount, build_trainjob, render_trainjob, validate_trainjob
 from spo.io import InputError
-from spo.pipelines.manifests import ManifestValidationError, load_crd_schemas, strict_json_schema
-from spo.pipelines.platform import Platform, load_platform
+from spo.kube.manifests import ManifestValidationError, load_crd_schemas, strict_json_schema
+from spo.kube.platform import Platform, load_platform
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,7 +58,7 @@ def a_job(platform: Platform | None = None) -> dict[str, Any]:
 
 
 def crd_folder() -> Any:
-    return resources.files("spo.cluster").joinpath("crds")
+    return resources.files("spo.kube").joinpath("crds", "trainer")
 
 
 def test_vendored_crd_matches_its_source_record() -> None:
@@ -72,7 +72,7 @@ def test_vendored_crd_matches_its_source_record() -> None:
         assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["file"]
         assert hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == entry["git_blob"], entry["file"]
         assert entry["source_path"].endswith(entry["file"])
-    spec = load_crd_schemas("spo.cluster")[TRAINJOB]["properties"]["spec"]["properties"]
+    spec = load_crd_schemas("trainer")[TRAINJOB]["properties"]["spec"]["properties"]
     assert {"runtimePatches", "activeDeadlineSeconds"} <= set(spec)  # what the pin was chosen for
 
 
@@ -82,7 +82,7 @@ def test_crd_files_are_package_data() -> None:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     patterns = pyproject["tool"]["setuptools"]["package-data"]["spo"]
     for item in crd_folder().iterdir():
-        relative = f"cluster/crds/{item.name}"
+        relative = f"kube/crds/trainer/{item.name}"
         assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
 
 
@@ -553,7 +553,7 @@ def test_on_the_checkpoint_volume_the_step_works_in_its_runs_folder_and_leaves_i
     from kfp import dsl
 
     from spo.pipelines.components import train_job
-    from spo.pipelines.platform import RUN_NAME_ENV, CheckpointVolume
+    from spo.kube.platform import RUN_NAME_ENV, CheckpointVolume
 
     volume, inputs = tmp_path / "ckpt", tmp_path / "in"
     volume.mkdir()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from spo.pipelines.platform import RUN_NAME_ENV
+from spo.kube.platform import RUN_NAME_ENV
 from spo.pipelines.runtime import WorkspaceNotWritable, check_writable, train_folder
 
 

@@ -4,7 +4,7 @@ torch falls back to the CPU without a word when CUDA is unavailable, and so does
 (``sft``'s ``use_cpu``, the trainer's gloo fallback, the reward model, the judge): on a node whose
 driver is older than the image's CUDA build, a small run "succeeds" on the CPU while holding its
 GPUs, and a 7B run crawls or is OOM-killed hours later. The compiler marks every task it places
-on an accelerator with :data:`GPUS_ENV` (spo.pipelines.platform.place, and the TrainJob's pods in
+on an accelerator with :data:`GPUS_ENV` (spo.kube.platform.place, and the TrainJob's pods in
 spo.cluster.trainjob); :func:`require_placed_gpus` runs first in every stage entry point (``spo
 <stage>`` and the KFP components' runtime) and, with the mark set, refuses to start unless torch
 sees that many CUDA devices, naming the driver found, the CUDA version the image's torch needs,

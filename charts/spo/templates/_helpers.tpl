@@ -86,7 +86,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if or (gt (int (default 1 $pool.nodes)) 1) (gt (int (default 1 $pool.processesPerNode)) 1) }}true{{ end }}
 {{- end }}
 
-{{/* One pool in the platform file's own field names (spo.pipelines.platform.Pool). */}}
+{{/* One pool in the platform file's own field names (spo.kube.platform.Pool). */}}
 {{- define "spo.platformPool" -}}
 {{- $p := . }}
 {{- with $p.accelerator }}
@@ -140,7 +140,7 @@ trainer_runtime: {{ . | quote }}
 {{- end }}
 {{- end }}
 
-{{/* The platform file (spo.pipelines.platform) the hook Job compiles the pipeline with. */}}
+{{/* The platform file (spo.kube.platform) the hook Job compiles the pipeline with. */}}
 {{- define "spo.platform" -}}
 {{- $pools := .Values.pools }}
 {{- if not (hasKey $pools .Values.defaultPool) }}

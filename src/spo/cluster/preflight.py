@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spo.pipelines.platform import Platform
+from spo.kube.platform import Platform
 
 __all__ = ["cluster_findings"]
 

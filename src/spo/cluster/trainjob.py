@@ -14,7 +14,7 @@ tolerations, pull secrets and the active deadline. The pods see the files only t
 run's workspace volume, mounted at the same path as in every pipeline pod
 (``runtimePatches``: what a TrainJob may change in its runtime's pods), so every path the stage
 reads or writes must lie on it. Each job is validated strictly against the vendored CRD
-(spo.pipelines.manifests) before it is rendered or created.
+(spo.kube.manifests) before it is rendered or created.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from spo.accelerator import GPUS_ENV
-from spo.pipelines.platform import Platform, Pool
+from spo.kube.platform import Platform, Pool
 
 __all__ = ["API_VERSION", "WorkspaceMount", "build_trainjob", "render_trainjob", "validate_trainjob"]
 
@@ -106,11 +106,11 @@ def build_trainjob(platform: Platform, *, name: str, params_file: str, overrides
 
 
 def validate_trainjob(manifest: Mapping[str, Any]) -> None:
-    """Raise :class:`~spo.pipelines.manifests.ManifestValidationError` unless ``manifest`` is a
+    """Raise :class:`~spo.kube.manifests.ManifestValidationError` unless ``manifest`` is a
     TrainJob the pinned Trainer's CRD accepts, with no field it would prune."""
-    from spo.pipelines.manifests import validate_manifests
+    from spo.kube.manifests import validate_manifests
 
-    validate_manifests([manifest], crd_package="spo.cluster")
+    validate_manifests([manifest], crd_set="trainer")
 
 
 def render_trainjob(params_path: str, platform_path: str, *, name: str, workspace_claim: str,
@@ -128,8 +128,8 @@ def render_trainjob(params_path: str, platform_path: str, *, name: str, workspac
 
     from spo.config import load_config
     from spo.io import InputError
-    from spo.pipelines.manifests import ManifestValidationError
-    from spo.pipelines.platform import load_platform
+    from spo.kube.manifests import ManifestValidationError
+    from spo.kube.platform import load_platform
 
     platform = load_platform(platform_path, image)
     cfg = load_config(params_path, list(overrides))

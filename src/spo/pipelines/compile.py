@@ -4,7 +4,7 @@ The compiled file is the pipeline spec (plus its Kubernetes platform spec: place
 pull policy). With ``kubernetes_manifests`` it is instead the ``Pipeline`` and ``PipelineVersion``
 resources (``pipelines.kubeflow.org/v2beta1``) for KFP installs that store pipelines in
 Kubernetes; those are validated against the CRD schemas of the pinned KFP release before they
-are written (spo.pipelines.manifests).
+are written (spo.kube.manifests).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 import time
 from pathlib import Path
 
-from spo.pipelines.platform import load_platform
+from spo.kube.platform import load_platform
 
 log = logging.getLogger("spo.pipeline")
 
@@ -42,7 +42,7 @@ def compile_pipeline(out: str | Path, *, params: str | Path = "params.yaml", pla
     compiler.Compiler().compile(pipeline, str(out), kubernetes_manifest_options=options,
                                 kubernetes_manifest_format=kubernetes_manifests)
     if kubernetes_manifests:
-        from spo.pipelines.manifests import read_manifests, validate_manifests
+        from spo.kube.manifests import read_manifests, validate_manifests
 
         validate_manifests(read_manifests(out))
     if not image_is_pinned(placed.image):

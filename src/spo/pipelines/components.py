@@ -10,14 +10,14 @@ hands the stage's files back as artifacts (``Dataset``, ``Model``, ``Metrics``, 
 ``Markdown`` for the validation report and the final report, which the KFP UI renders).
 
 ``publish`` comes last: it lays every output out as a checkout holds it, records the stages in a
-dvc.lock exactly as ``dvc repro`` would (spo.cluster.dvc_sync), pushes them to the platform's DVC
+dvc.lock exactly as ``dvc repro`` would (spo.lineage.dvc_sync), pushes them to the platform's DVC
 remote, and hands back dvc.lock, params.yaml and results.tar.gz (the files ``dvc pull`` does not
 restore: metrics, reports, plots) as artifacts. ``configure`` gives it the run's whole params.yaml
 (``params_all``); ``degrees`` and ``report`` hand back their plot files for it.
 
 ``train_job`` stands in for ``train`` when the platform's train pool asks for more than one node
 or process: same inputs and outputs, but its pod (no GPU) runs the stage as a Kubeflow Trainer
-TrainJob and follows it (spo.cluster.step). Both train on the platform's checkpoint volume when
+TrainJob and follows it (spo.pipelines.train_job). Both train on the platform's checkpoint volume when
 it names one, not on the run's workspace, whose per-run PVC name would keep them out of KFP's
 cache (spo.pipelines.runtime.train_folder).
 
@@ -135,7 +135,7 @@ def train(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: 
 def train_job(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: Input[Model],
               workspace: str, loss: str, spo: bool, spo_variant: bool, platform: str, task_config: TaskConfig,
               policy: Output[Model], metrics: Output[Metrics]):
-    from spo.cluster.step import run_train_job
+    from spo.pipelines.train_job import run_train_job
     from spo.pipelines.runtime import discard_run_files, log_metrics, model_dir, write_model
 
     folder, run_folder = run_train_job(
@@ -224,7 +224,8 @@ def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id:
             results: Output[Artifact]):
     import json
 
-    from spo.pipelines.runtime import model_dir, publish, variant_names
+    from spo.lineage.publish import publish
+    from spo.pipelines.runtime import model_dir, variant_names
 
     plain, with_spo = variant_names(loss)
     outputs = {

@@ -5,8 +5,8 @@ policies (``<loss>`` and ``<loss>_spo``) train in parallel from sft; generate sa
 and both; reward_model trains the local judge beside them; judge compares every policy with
 the data's chosen responses, the SPO policy with the plain one and with SFT; report gathers it
 all; ``publish`` records every output in a dvc.lock and pushes them to the platform's DVC remote
-(spo.cluster.dvc_sync). Each task gets its stage's params text from ``configure`` and its placement from the
-platform file (:func:`spo.pipelines.platform.place`). A train pool with more than one node or
+(spo.lineage.dvc_sync). Each task gets its stage's params text from ``configure`` and its placement from the
+platform file (:func:`spo.pipelines.placement.place`). A train pool with more than one node or
 process makes the two train tasks ``train_job`` launchers (spo.cluster), given the platform and
 the run id to build their TrainJobs from.
 
@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from spo.config import SpoConfig, load_config
-from spo.pipelines.platform import Platform, place
+from spo.kube.platform import Platform
+from spo.pipelines.placement import place
 
 PIPELINE_NAME = "spo-pipeline"
 
@@ -103,7 +104,7 @@ def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
         sft = task("sft", params=p["sft"], validated=rows, base=base.outputs["base"])
         # no run id among its inputs: it would make every run's cache key new
         # nor the run's workspace (its PVC name, new in every run, is in the cache key: see
-        # spo.pipelines.platform.CheckpointVolume): the checkpoint volume, if any, has a fixed name
+        # spo.kube.platform.CheckpointVolume): the checkpoint volume, if any, has a fixed name
         volume = platform.checkpoints.mount_path if platform.checkpoints else ""
         where = ({"component": "train_job", "platform": platform.model_dump_json(),
                   "workspace": volume or dsl.WORKSPACE_PATH_PLACEHOLDER}

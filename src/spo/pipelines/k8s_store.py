@@ -36,7 +36,7 @@ def version_name(pipeline: str, digest: str) -> str:
 def put_version(manifests: Path, *, pipeline: str, digest: str, namespace: str, api: Any) -> tuple[str, str]:
     """Create the Pipeline (unless it exists) and the PipelineVersion (unless an identical one
     exists) of ``manifests``; return their UIDs (pipeline id, version id)."""
-    from spo.pipelines.manifests import read_manifests, validate_manifests
+    from spo.kube.manifests import read_manifests, validate_manifests
 
     documents = read_manifests(manifests)
     validate_manifests(documents)

@@ -25,10 +25,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# the checkout publish lays out beside its output artifacts (not itself an artifact: never uploaded)
-PUBLISH_VIEW = ".spo-publish-checkout"
-
-
 def variant_names(loss: str) -> tuple[str, str]:
     """The two policies every run trains: the loss alone, and the loss with SPO's degree loss."""
     return loss, f"{loss}_spo"
@@ -208,11 +204,11 @@ def check_writable(workspace: str | Path) -> None:
 
 
 def run_folder(checkpoints: str | Path) -> Path:
-    """This run's folder on the checkpoint volume (spo.pipelines.platform.CheckpointVolume):
+    """This run's folder on the checkpoint volume (spo.kube.platform.CheckpointVolume):
     ``<checkpoints>/<run name>``, the same for every retry of a task of this run, checked writable."""
     import os
 
-    from spo.pipelines.platform import RUN_NAME_ENV, WORKFLOW_LABEL
+    from spo.kube.platform import RUN_NAME_ENV, WORKFLOW_LABEL
 
     run = os.environ.get(RUN_NAME_ENV, "").strip()
     if not run or "/" in run or run in (".", ".."):
@@ -232,7 +228,7 @@ def train_folder(checkpoints: str, name: str, artifact_path: str) -> Iterator[st
     block succeeds (the model is then in the artifact store). With no checkpoint volume
     (``""``), the ``Model`` artifact's own path, in the pod's scratch: nothing is copied, and a
     retried task starts over. Either way the task mounts no per-run volume, so KFP can take it
-    from its cache (see :class:`~spo.pipelines.platform.CheckpointVolume`).
+    from its cache (see :class:`~spo.kube.platform.CheckpointVolume`).
     """
     import logging
 
@@ -332,50 +328,3 @@ def html_image(png: str | Path, target: str | Path, title: str) -> None:
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     Path(target).write_text(f"<!doctype html><title>{html.escape(title)}</title><h1>{html.escape(title)}</h1>{body}\n",
                             encoding="utf-8")
-
-
-def publish(*, outputs: Mapping[str, str | Path], params_text: str, dvc_yaml: str, dvcignore: str,
-            remote: Mapping[str, Any] | None, run_id: str, dvc_lock: str | Path, params_yaml: str | Path,
-            results: str | Path) -> dict[str, Any]:
-    """The ``publish`` step: record the run's outputs in a dvc.lock (spo.cluster.dvc_sync), hand
-    dvc.lock, params.yaml and results.tar.gz back as artifacts, and push the outputs to the DVC
-    remote when the platform names one (``remote``: url, name, endpoint_url, region).
-
-    The checkout it records and pushes from is laid out beside its own output artifacts: on a
-    cluster that is the scratch volume KFP downloaded the input artifacts into (the launcher's
-    ``/minio``, ``/s3`` or ``/gcs`` emptyDir; backend/src/v2/compiler/argocompiler/container.go),
-    so the outputs enter it and DVC's cache as hard links: the node holds each model once, not
-    twice, and the step needs no volume of the run (whose per-run name would only add a PVC).
-    The checkout is removed once the step has succeeded.
-    """
-    import logging
-
-    from spo.cluster import dvc_sync
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("spo.publish")
-    for artifact in (dvc_lock, params_yaml, results):
-        Path(artifact).parent.mkdir(parents=True, exist_ok=True)
-    Path(params_yaml).write_text(params_text, encoding="utf-8")
-    if not dvc_yaml.strip():
-        log.warning("publish: no dvc.yaml was compiled into the pipeline: no dvc.lock, nothing pushed")
-        Path(dvc_lock).write_text("", encoding="utf-8")
-        dvc_sync.bundle_files({"params.yaml": Path(params_yaml)}, results)
-        return {"pushed": None}
-    view = Path(results).parent / PUBLISH_VIEW
-    if view.exists():  # a retried publish (kfp.local keeps its folders): start over
-        shutil.rmtree(view)
-    lock = dvc_sync.lock_run(view, outputs, params_text, dvc_yaml, dvcignore_text=dvcignore)
-    copy_file(view / "dvc.lock", dvc_lock)
-    dvc_sync.bundle_run(view, results)
-    if not remote or not remote.get("url"):
-        log.info("publish: no dvc_remote in the platform file, nothing pushed: dvc.lock (%d lines), params.yaml "
-                 "and results.tar.gz are this step's artifacts", len(lock.splitlines()))
-        summary: dict[str, Any] = {"pushed": None}
-    else:
-        summary = dvc_sync.push_run(view, remote["url"], endpoint_url=remote.get("endpoint_url") or None,
-                                    region=remote.get("region") or None, remote_name=remote.get("name") or "cluster",
-                                    run_id=run_id or None)
-        log.info("publish: %s", json.dumps(summary))
-    shutil.rmtree(view)
-    return summary

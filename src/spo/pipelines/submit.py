@@ -246,7 +246,7 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
                                               params=run_arguments, pipeline_id=pipeline_id, version_id=version_id)
     if cluster is not None:
         from spo.cluster.preflight import cluster_findings
-        from spo.pipelines.platform import load_platform
+        from spo.kube.platform import load_platform
 
         where = str(workload_namespace or namespace)
         findings = cluster_findings(load_platform(platform, image), where, cluster)

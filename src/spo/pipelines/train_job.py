@@ -13,7 +13,7 @@ to (read from this pod's labels: see :func:`~spo.cluster.launcher.launcher_pod`)
 
 The checkpoint volume's claim comes from the platform file; the workspace's from the task config
 KFP hands the task (``TaskConfig``, ``KUBERNETES_VOLUMES`` passthrough; KFP >= 2.15). Only the
-first keeps the step cacheable (spo.pipelines.platform.CheckpointVolume).
+first keeps the step cacheable (spo.kube.platform.CheckpointVolume).
 """
 
 from __future__ import annotations
@@ -21,10 +21,15 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
+from spo.cluster import launcher
 from spo.cluster.launcher import TrainJobError
+from spo.cluster.trainjob import WorkspaceMount, build_trainjob, validate_trainjob
+from spo.kube.platform import Platform
+from spo.pipelines.runtime import check_writable, copy_file, discard_run_files, run_folder, stage_config, variant_names
 
 __all__ = ["DEADLINE_GRACE_SECONDS", "run_train_job", "trainjob_name", "workspace_claim"]
 
@@ -57,13 +62,6 @@ def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_
     """Train one policy as a TrainJob; returns its model folder and, when that lies on the
     platform's checkpoint volume, the run's folder there (the model folder is to be removed from it
     once stored; see the module doc)."""
-    import shutil
-
-    from spo.cluster.launcher import current_namespace, custom_objects_api, launch, launcher_pod
-    from spo.cluster.trainjob import WorkspaceMount, build_trainjob, validate_trainjob
-    from spo.pipelines.platform import Platform
-    from spo.pipelines.runtime import check_writable, copy_file, discard_run_files, run_folder, stage_config, variant_names
-
     platform = Platform.model_validate_json(platform_json)
     volume = platform.checkpoints if platform.checkpoints and workspace == platform.checkpoints.mount_path else None
     variant = variant_names(loss)[int(spo_variant)]
@@ -79,9 +77,9 @@ def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_
         claim, base = workspace_claim(task_config, workspace), Path(workspace)
     folder = str(base / "models" / "policy" / variant)
     paths["train.out_dir"] = folder
-    namespace = namespace or current_namespace()
-    api = api if api is not None else custom_objects_api()
-    pod = launcher_pod(api, namespace)
+    namespace = namespace or launcher.current_namespace()
+    api = api if api is not None else launcher.custom_objects_api()
+    pod = launcher.launcher_pod(api, namespace)
     run_id = run_id or (pod.run_id if pod else None)
     name = trainjob_name(variant, run_id)
     job_dir = base / "trainjobs" / name
@@ -100,7 +98,7 @@ def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_
         owner_pod=(pod.name, pod.uid) if pod and pod.uid else None)
     validate_trainjob(manifest)
     deadline = platform.pool("train").active_deadline
-    launch(manifest, namespace=namespace, api=api, poll_seconds=poll_seconds,
+    launcher.launch(manifest, namespace=namespace, api=api, poll_seconds=poll_seconds,
            deadline_seconds=deadline + DEADLINE_GRACE_SECONDS if deadline else None)
     if not written.is_file():
         raise TrainJobError(f"TrainJob {name} completed but wrote no metrics file {written}")

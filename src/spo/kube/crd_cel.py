@@ -1,4 +1,4 @@
-"""A CRD's CEL rules (``x-kubernetes-validations``) as JSON Schema, for :mod:`spo.pipelines.manifests`.
+"""A CRD's CEL rules (``x-kubernetes-validations``) as JSON Schema, for :mod:`spo.kube.manifests`.
 
 The API server evaluates a CRD's CEL rules on every create and update, so a validator that
 skipped them would pass manifests the cluster rejects (a TrainJob name with a dot, say). A CEL

@@ -1,5 +1,5 @@
 """Strict validation of Kubernetes manifests against vendored CRDs: KFP's ``Pipeline``/``PipelineVersion``,
-and (``crd_package="spo.cluster"``) Kubeflow Trainer's ``TrainJob``.
+and (``crd_set="trainer"``) Kubeflow Trainer's ``TrainJob``.
 
 KFP's Kubernetes-native API mode stores pipelines as custom resources, and
 ``kfp.compiler.Compiler().compile(..., kubernetes_manifest_format=True)``
@@ -7,11 +7,11 @@ writes them. The API server would *prune* fields its CRD does not know (or,
 with ``kubectl apply --validate=strict``, reject them), so a typo in a manifest
 is either lost silently or found only at deploy time. This module checks the
 manifests offline against the CRDs of the KFP release we pin (vendored in
-``spo/pipelines/crds``, see its README), treating every unknown field as an
+``spo/kube/crds/kfp``, see its README), treating every unknown field as an
 error, plus the cross-document rules KFP's admission webhook enforces
 (a ``PipelineVersion`` must name an existing ``Pipeline``). The CRDs' CEL rules are
-translated too (spo.pipelines.crd_cel). Another package's ``crds`` folder with its own
-``SOURCE.json`` (``spo/cluster/crds``) is validated the same way: one validator, not two.
+translated too (spo.kube.crd_cel). Another set of CRDs in a folder of ``crds`` with its own
+``SOURCE.json`` (``spo/kube/crds/trainer``) is validated the same way: one validator, not two.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import jsonschema
 import jsonschema.exceptions
 import yaml
 
-from spo.pipelines.crd_cel import cel_rule_schema, re2_pattern
+from spo.kube.crd_cel import cel_rule_schema, re2_pattern
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -48,7 +48,7 @@ __all__ = [
 GroupVersionKind = tuple[str, str, str]
 """``(group, version, kind)``, e.g. ``("pipelines.kubeflow.org", "v2beta1", "Pipeline")``."""
 
-_CRD_PACKAGE = "spo.pipelines"
+_CRD_SET = "kfp"
 _CRD_DIR = "crds"
 _SOURCE_FILE = "SOURCE.json"
 
@@ -185,15 +185,15 @@ class ManifestValidationError(ValueError):
 # --------------------------------------------------------------------------- CRD loading
 
 
-def _crd_dir(package: str) -> Traversable:
-    """A package's vendored CRD folder, read through importlib.resources so it works from a wheel."""
-    return resources.files(package).joinpath(_CRD_DIR)
+def _crd_dir(crd_set: str) -> Traversable:
+    """One set's vendored CRD folder, read through importlib.resources so it works from a wheel."""
+    return resources.files("spo.kube").joinpath(_CRD_DIR, crd_set)
 
 
 @functools.lru_cache(maxsize=None)
-def _vendored_crds(package: str) -> tuple[Mapping[str, Any], ...]:
+def _vendored_crds(crd_set: str) -> tuple[Mapping[str, Any], ...]:
     """Parse every CRD file that SOURCE.json lists (and only those: provenance first)."""
-    folder = _crd_dir(package)
+    folder = _crd_dir(crd_set)
     source = json.loads(folder.joinpath(_SOURCE_FILE).read_text(encoding="utf-8"))
     crds: list[Mapping[str, Any]] = []
     for entry in source["files"]:
@@ -216,19 +216,19 @@ def _crd_versions(crd: Mapping[str, Any]) -> Iterator[tuple[GroupVersionKind, Ma
 
 
 @functools.lru_cache(maxsize=None)
-def _raw_schemas(package: str) -> Mapping[GroupVersionKind, Mapping[str, Any]]:
-    return {gvk: schema for crd in _vendored_crds(package) for gvk, schema in _crd_versions(crd)}
+def _raw_schemas(crd_set: str) -> Mapping[GroupVersionKind, Mapping[str, Any]]:
+    return {gvk: schema for crd in _vendored_crds(crd_set) for gvk, schema in _crd_versions(crd)}
 
 
-def load_crd_schemas(crd_package: str = _CRD_PACKAGE) -> dict[GroupVersionKind, dict[str, Any]]:
+def load_crd_schemas(crd_set: str = _CRD_SET) -> dict[GroupVersionKind, dict[str, Any]]:
     """The vendored CRDs' ``openAPIV3Schema`` per served ``(group, version, kind)``
-    (those of ``crd_package``'s ``crds`` folder; KFP's by default).
+    (the folder ``crds/<crd_set>``: ``kfp`` by default, or ``trainer``).
 
     Returns fresh copies (the parsed files are cached), exactly as written in
     the CRDs; :func:`strict_json_schema` turns one into the JSON Schema that
     :func:`validate_manifests` applies.
     """
-    return copy.deepcopy(dict(_raw_schemas(crd_package)))
+    return copy.deepcopy(dict(_raw_schemas(crd_set)))
 
 
 # --------------------------------------------------------------------------- OpenAPI -> JSON Schema
@@ -332,7 +332,7 @@ def strict_json_schema(openapi_schema: Mapping[str, Any]) -> dict[str, Any]:
     apiVersion/kind/metadata. The root's bare ``metadata: {type: object}`` is
     replaced by ObjectMeta (``name`` required), and apiVersion, kind and
     metadata become required. CEL rules (``x-kubernetes-validations``) become
-    JSON Schema where spo.pipelines.crd_cel translates them (transition rules,
+    JSON Schema where spo.kube.crd_cel translates them (transition rules,
     which only constrain updates, are dropped); other rules and keywords this
     converter does not understand raise ``ValueError`` rather than being skipped.
     """
@@ -354,9 +354,9 @@ def _unclosed(schema: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=None)
-def _validators(package: str) -> Mapping[GroupVersionKind, jsonschema.Draft202012Validator]:
+def _validators(crd_set: str) -> Mapping[GroupVersionKind, jsonschema.Draft202012Validator]:
     validators = {}
-    for gvk, openapi in _raw_schemas(package).items():
+    for gvk, openapi in _raw_schemas(crd_set).items():
         schema = strict_json_schema(openapi)
         jsonschema.Draft202012Validator.check_schema(schema)
         validators[gvk] = jsonschema.Draft202012Validator(schema)
@@ -453,10 +453,10 @@ def _schema_problems(label: str, error: jsonschema.exceptions.ValidationError) -
 
 
 def _gvk_problem(label: str, document: Mapping[str, Any],
-                 package: str) -> tuple[GroupVersionKind | None, Problem | None]:
+                 crd_set: str) -> tuple[GroupVersionKind | None, Problem | None]:
     """Find the CRD a document claims to be, or explain why none matches."""
     api_version, kind = document.get("apiVersion"), document.get("kind")
-    supported = sorted(_validators(package))
+    supported = sorted(_validators(crd_set))
     expected = "; ".join(f"apiVersion {g}/{v} kind {k}" for g, v, k in supported)
     if not isinstance(api_version, str) or "/" not in api_version:
         return None, Problem(label, "$.apiVersion", f"must be 'group/version', got {api_version!r}; expected {expected}")
@@ -464,7 +464,7 @@ def _gvk_problem(label: str, document: Mapping[str, Any],
         return None, Problem(label, "$.kind", f"missing or not a string; expected {expected}")
     group, version = api_version.split("/", 1)
     gvk = (group, version, kind)
-    if gvk in _validators(package):
+    if gvk in _validators(crd_set):
         return gvk, None
     if any((g, v) == (group, version) for g, v, _ in supported):
         return None, Problem(label, "$.kind", f"unknown kind {kind!r} for {api_version}; expected {expected}")
@@ -485,15 +485,15 @@ def _name_problems(label: str, document: Mapping[str, Any]) -> Iterator[Problem]
                       f"alphanumerics and '-', starting and ending alphanumeric, at most {_DNS1123_LABEL_MAX} characters)")
 
 
-def _document_problems(index: int, document: Any, package: str) -> tuple[GroupVersionKind | None, list[Problem]]:
+def _document_problems(index: int, document: Any, crd_set: str) -> tuple[GroupVersionKind | None, list[Problem]]:
     """Validate one document on its own: apiVersion/kind, the strict schema, names."""
     label = _document_label(index, document)
     if not isinstance(document, Mapping):
         return None, [Problem(label, "$", f"document is a {type(document).__name__}, not a mapping")]
-    gvk, problem = _gvk_problem(label, document, package)
+    gvk, problem = _gvk_problem(label, document, crd_set)
     if gvk is None:
         return None, [problem] if problem else []
-    errors = sorted(_validators(package)[gvk].iter_errors(document), key=lambda e: [str(p) for p in e.absolute_path])
+    errors = sorted(_validators(crd_set)[gvk].iter_errors(document), key=lambda e: [str(p) for p in e.absolute_path])
     problems = [found for error in errors for found in _schema_problems(label, error)]
     problems.extend(_name_problems(label, document))
     # jsonschema reports a `required` list once per missing key; keep each problem once.
@@ -549,9 +549,9 @@ def _reference_problems(
 
 
 def validate_manifests(documents: Iterable[Any], *, external_pipelines: Collection[str] = (),
-                       crd_package: str = _CRD_PACKAGE) -> None:
-    """Validate manifests strictly against ``crd_package``'s vendored CRDs (KFP's
-    ``Pipeline``/``PipelineVersion`` by default; ``"spo.cluster"``: Trainer's ``TrainJob``);
+                       crd_set: str = _CRD_SET) -> None:
+    """Validate manifests strictly against ``crd_set``'s vendored CRDs (KFP's
+    ``Pipeline``/``PipelineVersion`` by default; ``"trainer"``: Trainer's ``TrainJob``);
     raise on any problem.
 
     Each document must be a known ``apiVersion``/``kind`` from the vendored
@@ -574,7 +574,7 @@ def validate_manifests(documents: Iterable[Any], *, external_pipelines: Collecti
     problems: list[Problem] = []
     entries: list[tuple[int, GroupVersionKind, Mapping[str, Any]]] = []
     for index, document in enumerate(documents, start=1):
-        gvk, found = _document_problems(index, document, crd_package)
+        gvk, found = _document_problems(index, document, crd_set)
         problems.extend(found)
         if gvk is not None:
             entries.append((index, gvk, document))
