@@ -16,11 +16,14 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from spo.config import SPLITS, SpoConfig
+from spo.config import SPLITS, SpoConfig, ValidateConfig
 from spo.errors import StageFailed
-from spo.io import InputError, read_jsonl, write_json, write_jsonl, write_provenance, tree_sha256
+from spo.io import InputError, read_jsonl, tree_sha256, write_json, write_jsonl, write_provenance
+
+if TYPE_CHECKING:  # pandas and the suite load only when the stage runs
+    from spo.data.expectations import Outcome
 
 log = logging.getLogger("spo.validate")
 EXAMPLES_PER_CHECK = 5
@@ -67,7 +70,8 @@ def _prepare_counts(cfg: SpoConfig, in_dir: Path, rows_in: int) -> tuple[int, in
         try:
             read, prepared, dropped = summary["rows_read"], summary["rows_prepared"], summary["rows_quarantined"]
         except (KeyError, TypeError):
-            raise InputError(f"{summary_path}: not a prepare summary (needs rows_read, rows_prepared, rows_quarantined)") from None
+            raise InputError(f"{summary_path}: not a prepare summary "
+                             "(needs rows_read, rows_prepared, rows_quarantined)") from None
         merged = summary.get("rows_merged", 0) + summary.get("rows_outvoted", 0)
         if read != prepared + merged + dropped:
             raise RuntimeError(
@@ -84,30 +88,81 @@ def _prepare_counts(cfg: SpoConfig, in_dir: Path, rows_in: int) -> tuple[int, in
 
 
 def run(cfg: SpoConfig) -> dict[str, Any]:
+    """Run the suite once over the rows of every split, send each row to its split or the quarantine,
+    write every output, and only then fail when prepare and validate together lost too many rows:
+    the report of a failed run is what tells the user what to fix."""
     started = time.perf_counter()
     params = cfg.validate_
-    in_dir, out_dir, report_dir = Path(params.in_dir), Path(params.out_dir), Path(params.report_dir)
+    in_dir, out_dir = Path(params.in_dir), Path(params.out_dir)
     rows, file_splits = _read_inputs(in_dir)
     rows_read_prepare, rows_quarantined_prepare = _prepare_counts(cfg, in_dir, len(rows))
+    gx_version = _import_great_expectations()
+    imported = time.perf_counter()
+    outcomes = _run_suite(params, rows)
+    suite_done = time.perf_counter()
+    valid, quarantine = _route_rows(rows, file_splits, outcomes)
 
+    bad_fraction = _bad_fraction(rows_quarantined_prepare + len(quarantine), rows_read_prepare)
+    check_failures = {o.check.name: len(o.failed) for o in outcomes}
+    totals = {
+        "rows_read_prepare": rows_read_prepare,
+        "rows_quarantined_prepare": rows_quarantined_prepare,
+        "rows_in": len(rows),
+        "rows_valid": sum(len(v) for v in valid.values()),
+        "rows_quarantined_validate": len(quarantine),
+        "bad_fraction": round(bad_fraction, 6),
+        "max_bad_fraction": params.max_bad_fraction,
+        "failed": bad_fraction > params.max_bad_fraction,
+        "valid_per_split": {split: len(valid[split]) for split in SPLITS},
+    }
+    report = _report(params, gx_version, totals, outcomes, rows, file_splits)
+    _write_outputs(cfg, valid, quarantine, report, {**totals, "check_failures": check_failures})
+
+    seconds = time.perf_counter() - started
+    log.debug(
+        "validate timings: read+import %.2f s, suite %.2f s, write %.2f s",
+        imported - started, suite_done - imported, time.perf_counter() - suite_done,
+    )
+    log.info(
+        "validate: read %d rows from %s, wrote %s valid to %s, quarantined %d to %s "
+        "(+%d by prepare, bad fraction %.4f) (%.1f s)",
+        len(rows), in_dir, " / ".join(f"{len(valid[s])} {s}" for s in SPLITS), out_dir,
+        len(quarantine), params.quarantine_file, rows_quarantined_prepare, bad_fraction, seconds,
+    )
+    _check_enough_valid(cfg, totals, check_failures)
+    return {**totals, "check_failures": check_failures, "seconds": round(seconds, 3)}
+
+
+def _bad_fraction(bad: int, rows_read_prepare: int) -> float:
+    """Bad rows (quarantined by prepare or validate) per row prepare read; 0 when it read none."""
+    return bad / rows_read_prepare if rows_read_prepare else 0.0
+
+
+def _import_great_expectations() -> str:
+    """Import GX (~5 s; only this stage pays for it) with its loggers quietened; its version, for the report."""
     gx_log = logging.getLogger("great_expectations")
     gx_log.setLevel(logging.WARNING)  # GX logs hundreds of INFO lines on import; keep ours readable
-    import great_expectations as gx  # ~5 s; only this stage pays for it
+    import great_expectations as gx
 
     # GX pins this one logger to INFO ("Created temporary directory ... for ephemeral docs site").
     logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
+    return str(gx.__version__)
 
-    imported = time.perf_counter()
 
-    from spo.data.expectations import SUITE_NAME, build_checks, build_frame, run_suite
-    from spo.data.validation_report import write_html_report
+def _run_suite(params: ValidateConfig, rows: list[dict[str, Any]]) -> list[Outcome]:
+    """Every expectation's outcome over all rows at once; the data frame is dropped as soon as the
+    suite is done, since the rows themselves are what gets written."""
+    from spo.data.expectations import build_checks, build_frame, run_suite
 
     frame = build_frame(rows)
     checks = build_checks(params, frame, rows)
-    outcomes = run_suite(frame, checks)
-    del frame
-    suite_done = time.perf_counter()
+    return run_suite(frame, checks)
 
+
+def _route_rows(rows: list[dict[str, Any]], file_splits: list[str], outcomes: list[Outcome],
+                ) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """(valid rows per split, quarantine entries): a row any expectation failed is quarantined with
+    *all* its reasons, every other row stays in its split in input order; no row is lost or doubled."""
     reasons: dict[int, list[dict[str, str]]] = {}
     for outcome in outcomes:
         check = outcome.check
@@ -129,25 +184,18 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     rows_valid = sum(len(v) for v in valid.values())
     if len(rows) != rows_valid + len(quarantine):
         raise RuntimeError(f"validate lost rows: {len(rows)} in != {rows_valid} valid + {len(quarantine)} quarantined")
+    return valid, quarantine
 
-    bad = rows_quarantined_prepare + len(quarantine)
-    bad_fraction = bad / rows_read_prepare if rows_read_prepare else 0.0
-    failed = bad_fraction > params.max_bad_fraction
-    check_failures = {o.check.name: len(o.failed) for o in outcomes}
-    totals = {
-        "rows_read_prepare": rows_read_prepare,
-        "rows_quarantined_prepare": rows_quarantined_prepare,
-        "rows_in": len(rows),
-        "rows_valid": rows_valid,
-        "rows_quarantined_validate": len(quarantine),
-        "bad_fraction": round(bad_fraction, 6),
-        "max_bad_fraction": params.max_bad_fraction,
-        "failed": failed,
-        "valid_per_split": {split: len(valid[split]) for split in SPLITS},
-    }
-    report = {
+
+def _report(params: ValidateConfig, gx_version: str, totals: dict[str, Any], outcomes: list[Outcome],
+            rows: list[dict[str, Any]], file_splits: list[str]) -> dict[str, Any]:
+    """The JSON report (and the HTML one's content): totals, then each expectation with its counts and
+    the first few failing rows, so a reader sees what failed without opening the quarantine."""
+    from spo.data.expectations import SUITE_NAME
+
+    return {
         "suite": SUITE_NAME,
-        "great_expectations_version": gx.__version__,
+        "great_expectations_version": gx_version,
         "quarantine_file": params.quarantine_file,
         "totals": totals,
         "expectations_failed": sum(1 for o in outcomes if not o.success),
@@ -174,41 +222,47 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         ],
     }
 
+
+def _write_outputs(cfg: SpoConfig, valid: dict[str, list[dict[str, Any]]], quarantine: list[dict[str, Any]],
+                   report: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """The valid rows per split with their provenance, the quarantine, both reports and the metrics."""
+    from spo.data.validation_report import write_html_report
+
+    params = cfg.validate_
+    out_dir, report_dir = Path(params.out_dir), Path(params.report_dir)
     for split in SPLITS:
         write_jsonl(out_dir / f"{split}.jsonl", valid[split])
     write_jsonl(params.quarantine_file, quarantine)
-    write_provenance(out_dir, stage="validate", config_hash=cfg.section_hash("validate"), inputs=tree_sha256(in_dir))
+    write_provenance(out_dir, stage="validate", config_hash=cfg.section_hash("validate"),
+                     inputs=tree_sha256(Path(params.in_dir)))
     write_json(report_dir / "validation.json", report)
     write_html_report(report_dir / "validation.html", report)
-    write_json(params.metrics_file, {**totals, "check_failures": check_failures})
+    write_json(params.metrics_file, metrics)
 
-    seconds = time.perf_counter() - started
-    log.debug(
-        "validate timings: read+import %.2f s, suite %.2f s, write %.2f s",
-        imported - started, suite_done - imported, time.perf_counter() - suite_done,
-    )
-    log.info(
-        "validate: read %d rows from %s, wrote %s valid to %s, quarantined %d to %s "
-        "(+%d by prepare, bad fraction %.4f) (%.1f s)",
-        len(rows), in_dir, " / ".join(f"{len(valid[s])} {s}" for s in SPLITS), out_dir,
-        len(quarantine), params.quarantine_file, rows_quarantined_prepare, bad_fraction, seconds,
-    )
-    if failed:
+
+def _check_enough_valid(cfg: SpoConfig, totals: dict[str, Any], check_failures: dict[str, int]) -> None:
+    """StageFailed when too many rows are bad or no train row is left (saying where to look); a
+    warning for any other empty split, whose later stages will have nothing to do."""
+    params = cfg.validate_
+    report_html = Path(params.report_dir) / "validation.html"
+    by_prepare, by_validate = totals["rows_quarantined_prepare"], totals["rows_quarantined_validate"]
+    read = totals["rows_read_prepare"]
+    if totals["failed"]:
+        bad = by_prepare + by_validate
         worst = Counter({k: v for k, v in check_failures.items() if v}).most_common(3)
         raise StageFailed(
-            f"validate: {bad} of {rows_read_prepare} rows are bad (bad fraction {bad_fraction:.4f} > "
-            f"max_bad_fraction {params.max_bad_fraction}): {rows_quarantined_prepare} quarantined by prepare "
-            f"({cfg.prepare.quarantine_file}) and {len(quarantine)} by validate ({params.quarantine_file}). "
+            f"validate: {bad} of {read} rows are bad (bad fraction {_bad_fraction(bad, read):.4f} > "
+            f"max_bad_fraction {params.max_bad_fraction}): {by_prepare} quarantined by prepare "
+            f"({cfg.prepare.quarantine_file}) and {by_validate} by validate ({params.quarantine_file}). "
             f"Most failed checks: {', '.join(f'{name} ({n} rows)' for name, n in worst) or 'none'}. "
-            f"See the report {report_dir / 'validation.html'}; fix the data or raise validate.max_bad_fraction."
+            f"See the report {report_html}; fix the data or raise validate.max_bad_fraction."
         )
-    if not valid["train"]:
+    if not totals["valid_per_split"]["train"]:
         raise StageFailed(
-            f"validate: no valid train row ({len(quarantine)} quarantined by validate to {params.quarantine_file}, "
-            f"{rows_quarantined_prepare} by prepare): nothing to train on. See the report {report_dir / 'validation.html'}."
+            f"validate: no valid train row ({by_validate} quarantined by validate to {params.quarantine_file}, "
+            f"{by_prepare} by prepare): nothing to train on. See the report {report_html}."
         )
     for split in SPLITS:
-        if not valid[split]:
+        if not totals["valid_per_split"][split]:
             log.warning("validate: the %s split has no valid row: the stages that read it (%s) will have nothing to do",
                         split, "the evaluations" if split == "eval" else "generation and judging")
-    return {**totals, "check_failures": check_failures, "seconds": round(seconds, 3)}
