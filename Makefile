@@ -22,6 +22,7 @@ export SPO_DATA_DIR
 .PHONY: setup demo demo-tldr demo-real test test-fast bench clean-outputs
 .PHONY: docker-start docker-stop base-image wheelhouse wheelhouse-cuda image image-cuda lint-docker
 .PHONY: checkov chart-files pip-check sbom
+.PHONY: chart-schema
 
 # checkov (the Helm chart's policy scan) pins boto3, networkx<2.7 and packaging<24, which clash with
 # the project's own: it gets a venv of its own, from exact versions (tools/checkov-requirements.txt).
@@ -160,6 +161,11 @@ chart-files:
 	cp params.yaml charts/spo/files/params.yaml
 	cp dvc.yaml charts/spo/files/dvc-stages.yaml
 	cp .dvcignore charts/spo/files/dvcignore
+
+## charts/spo/values.schema.json's platform part, generated from spo.kube.platform.Platform; kept current by
+## tests/test_chart_schema.py. No `setup` prerequisite, as kfp-files: on a fresh machine run `make setup` first.
+chart-schema:
+	$(BIN)/python -m spo.kube.chart_schema
 
 .PHONY: kfp-files
 ## pipelines/spo_pipeline.<platform>.yaml (the pipeline's IR for each configs/platform/*.yaml) and
