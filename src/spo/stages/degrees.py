@@ -19,6 +19,8 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +30,8 @@ from spo.config import SPLITS, DegreeAuditConfig, SpoConfig
 from spo.degree_audit import FORMATTING_PROBES, AuditResult, audit
 from spo.degrees import TOKEN_RE, build_degree_variants
 from spo.errors import StageFailed
-from spo.io import (
-    InputError,
-    atomic_dir,
-    check_aligned,
-    read_jsonl,
-    save_figure,
-    tree_sha256,
-    write_json,
-    write_jsonl,
-    write_provenance,
-)
+from spo.io import atomic_dir, check_aligned, read_jsonl, save_figure, tree_sha256, write_json, write_jsonl, write_provenance
+from spo.errors import InputError
 
 log = logging.getLogger("spo.degrees")
 SIDES = ("chosen", "rejected")
@@ -65,23 +58,13 @@ def _phrases(entry: dict[str, Any], side: str, where: str) -> list[str]:
     return out
 
 
-def _check_alignment(rows_path: Path, rows: list[dict], kw_path: Path, keywords: list[dict]) -> None:
-    check_aligned(rows_path, rows, kw_path, keywords, "keywords")
+_Split = tuple[Path, list[dict[str, Any]], Path, list[dict[str, Any]]]  # rows file, rows, keywords file, keywords
 
 
-def _summary_stats(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return 0.0, 0.0
-    return math.fsum(values) / len(values), float(statistics.median(values))
-
-
-def run(cfg: SpoConfig) -> dict[str, Any]:
-    started = time.perf_counter()
-    dc = cfg.degrees
-    in_dir, kw_dir, out_dir = Path(dc.in_dir), Path(dc.keywords_dir), Path(dc.out_dir)
-    n_levels = dc.n_levels
-
-    inputs: dict[str, tuple[Path, list[dict], Path, list[dict]]] = {}
+def _read_inputs(in_dir: Path, kw_dir: Path) -> dict[str, _Split]:
+    """Every split present with its keywords, checked line for line aligned: a missing or shifted
+    keywords file would pair responses with another row's phrases."""
+    inputs: dict[str, _Split] = {}
     for split in SPLITS:
         rows_path = in_dir / f"{split}.jsonl"
         if not rows_path.is_file():
@@ -90,54 +73,71 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         if not kw_path.is_file():
             raise InputError(f"{kw_path}: missing keywords file for {rows_path}")
         rows, keywords = read_jsonl(rows_path), read_jsonl(kw_path)
-        _check_alignment(rows_path, rows, kw_path, keywords)
+        check_aligned(rows_path, rows, kw_path, keywords, "keywords")
         inputs[split] = (rows_path, rows, kw_path, keywords)
     if not inputs:
         raise InputError(f"{in_dir}: no split file ({', '.join(f'{s}.jsonl' for s in SPLITS)}) found")
+    return inputs
 
-    fractions: list[list[float]] = [[] for _ in range(n_levels)]
-    removed_counts: list[list[int]] = [[] for _ in range(n_levels)]
-    not_distinct = dict.fromkeys(SIDES, 0)
-    per_split: dict[str, int] = {}
-    audit_split = "train" if "train" in inputs else next(iter(inputs))
-    audited: list[tuple[str, list[str]]] = []  # (row id, levels) of the audit split's distinct responses
 
-    def variants(split: str):
-        rows_path, rows, kw_path, keywords = inputs[split]
-        for line, (row, entry) in enumerate(
-            tqdm(list(zip(rows, keywords)), desc=f"degrees {split}", unit=" rows", leave=False, disable=None),
-            start=1,
-        ):
-            out: dict[str, Any] = {"id": row["id"], "n_levels": n_levels}
-            for side in SIDES:
-                text = row.get(side)
-                if not isinstance(text, str):
-                    raise InputError(f"{rows_path}:{line}: field {side!r} must be a string")
-                phrases = _phrases(entry, side, f"{kw_path}:{line}")
-                dv = build_degree_variants(text, phrases, n_levels)
-                out[side] = dv.to_json()
-                if not dv.distinct:
-                    not_distinct[side] += 1
-                elif split == audit_split and dc.audit.enabled:
-                    audited.append((str(row["id"]), dv.levels))
-                for k in range(n_levels):
-                    fractions[k].append(dv.removed_fraction[k])
-                    removed_counts[k].append(dv.phrases_removed[k])
-            yield out
+def _summary_stats(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return 0.0, 0.0
+    return math.fsum(values) / len(values), float(statistics.median(values))
 
-    with atomic_dir(out_dir) as building:  # whole or not at all: a killed run leaves the last complete folder
-        for split in inputs:
-            per_split[split] = write_jsonl(building / f"{split}.jsonl", variants(split))
-        write_provenance(
-            building,
-            stage="degrees",
-            config_hash=cfg.section_hash("degrees"),
-            inputs={"rows": tree_sha256(in_dir), "keywords": tree_sha256(kw_dir)},
-        )
 
+@dataclass
+class _Tally:
+    """What the metrics and the audit need from the variants, gathered while they stream to disk
+    (the variants themselves are never held in memory): per level, every response's removed
+    fraction and phrase count; per side, the responses whose levels are not distinct; and the
+    audit split's distinct responses as (row id, levels)."""
+
+    n_levels: int
+    fractions: list[list[float]] = field(init=False)
+    removed_counts: list[list[int]] = field(init=False)
+    not_distinct: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIDES, 0))
+    audited: list[tuple[str, list[str]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.fractions = [[] for _ in range(self.n_levels)]
+        self.removed_counts = [[] for _ in range(self.n_levels)]
+
+
+def _variants(split: str, inputs: _Split, tally: _Tally, audited: bool) -> Iterator[dict[str, Any]]:
+    """One output line per row, both sides' nested variants; ``audited``: keep this split's distinct
+    responses for the shortcut audit."""
+    rows_path, rows, kw_path, keywords = inputs
+    n_levels = tally.n_levels
+    for line, (row, entry) in enumerate(
+        tqdm(list(zip(rows, keywords)), desc=f"degrees {split}", unit=" rows", leave=False, disable=None),
+        start=1,
+    ):
+        out: dict[str, Any] = {"id": row["id"], "n_levels": n_levels}
+        for side in SIDES:
+            text = row.get(side)
+            if not isinstance(text, str):
+                raise InputError(f"{rows_path}:{line}: field {side!r} must be a string")
+            phrases = _phrases(entry, side, f"{kw_path}:{line}")
+            dv = build_degree_variants(text, phrases, n_levels)
+            out[side] = dv.to_json()
+            if not dv.distinct:
+                tally.not_distinct[side] += 1
+            elif audited:
+                tally.audited.append((str(row["id"]), dv.levels))
+            for k in range(n_levels):
+                tally.fractions[k].append(dv.removed_fraction[k])
+                tally.removed_counts[k].append(dv.phrases_removed[k])
+        yield out
+
+
+def _metrics(tally: _Tally, per_split: dict[str, int]) -> dict[str, Any]:
+    """The DVC metrics: counts, the responses whose levels are not distinct, and per level the
+    removed fraction (mean and median) and phrases removed (mean)."""
     rows_total = sum(per_split.values())
+    not_distinct = tally.not_distinct
     metrics: dict[str, Any] = {
-        "n_levels": n_levels,
+        "n_levels": tally.n_levels,
         "rows": rows_total,
         "responses": 2 * rows_total,
         "splits": per_split,
@@ -150,19 +150,42 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
             },
         },
     }
-    for k in range(n_levels):
-        mean, median = _summary_stats(fractions[k])
-        counts = removed_counts[k]
+    for k in range(tally.n_levels):
+        mean, median = _summary_stats(tally.fractions[k])
+        counts = tally.removed_counts[k]
         metrics[f"level_{k}"] = {
             "removed_fraction_mean": mean,
             "removed_fraction_median": median,
             "phrases_removed_mean": math.fsum(counts) / len(counts) if counts else 0.0,
         }
+    return metrics
+
+
+def run(cfg: SpoConfig) -> dict[str, Any]:
+    """Write every split's variants (whole or not at all), then the metrics, the plots and the
+    shortcut audit; a shortcut stops the stage, when asked to, only after everything is written."""
+    started = time.perf_counter()
+    dc = cfg.degrees
+    in_dir, kw_dir, out_dir = Path(dc.in_dir), Path(dc.keywords_dir), Path(dc.out_dir)
+    inputs = _read_inputs(in_dir, kw_dir)
+    tally = _Tally(dc.n_levels)
+    audit_split = "train" if "train" in inputs else next(iter(inputs))
+    per_split: dict[str, int] = {}
+    with atomic_dir(out_dir) as building:  # whole or not at all: a killed run leaves the last complete folder
+        for split in inputs:
+            variants = _variants(split, inputs[split], tally, audited=split == audit_split and dc.audit.enabled)
+            per_split[split] = write_jsonl(building / f"{split}.jsonl", variants)
+        write_provenance(
+            building,
+            stage="degrees",
+            config_hash=cfg.section_hash("degrees"),
+            inputs={"rows": tree_sha256(in_dir), "keywords": tree_sha256(kw_dir)},
+        )
+
+    metrics = _metrics(tally, per_split)
     metrics_path = Path(dc.metrics_file)
     audit_plot = metrics_path.parent / AUDIT_PLOT_NAME
-    shortcut = None
-    if dc.audit.enabled:
-        shortcut = _audit(dc.audit, audit_split, audited, audit_plot)
+    shortcut = _audit(dc.audit, audit_split, tally.audited, audit_plot) if dc.audit.enabled else None
     if shortcut is None or not shortcut["probes"]:  # a declared output (DVC, KFP): it says why there is no audit
         _plot_no_audit(audit_plot, "disabled (degrees.audit.enabled: false)" if not dc.audit.enabled
                        else f"no {audit_split} response with distinct levels in both halves")
@@ -170,14 +193,15 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
         metrics["shortcut_audit"] = shortcut
     write_json(metrics_path, metrics)
     plot_path = metrics_path.parent / PLOT_NAME
-    _plot(fractions, plot_path)
+    _plot(tally.fractions, plot_path)
 
     seconds = time.perf_counter() - started
+    rows_total = metrics["rows"]
     log.info(
         "degrees: read %d rows (%s) from %s and keywords from %s, wrote %d x %d levels to %s, "
         "%d of %d responses not distinct, metrics %s (%.1f s)",
         rows_total, " / ".join(f"{n} {s}" for s, n in per_split.items()), in_dir, kw_dir,
-        2 * rows_total, n_levels, out_dir, metrics["responses_not_distinct"]["total"]["count"],
+        2 * rows_total, dc.n_levels, out_dir, metrics["responses_not_distinct"]["total"]["count"],
         2 * rows_total, metrics_path, seconds,
     )
     if shortcut is not None and shortcut["shortcuts"] and dc.audit.on_shortcut == "fail":
