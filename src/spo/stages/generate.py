@@ -6,7 +6,8 @@ base, read with :func:`~spo.models.loading.load_trained`), the first ``max_promp
 ``{rows_dir}/{split}.jsonl`` are formatted and encoded with
 :func:`~spo.models.formatting.encode_prompt` (the layout and truncation the model was trained
 with: a long prompt keeps the chat template's head and generation prompt and loses dialogue
-content from the left) and answered ``sampling.num_samples`` times by :mod:`spo.generation`. Output: ``{out_dir}/{name}.jsonl``, one line per prompt and sample::
+content from the left) and answered ``sampling.num_samples`` times by :mod:`spo.generation`.
+Output: ``{out_dir}/{name}.jsonl``, one line per prompt and sample::
 
     {"id", "prompt", "response", "sample": k, "model": name, "model_path",
      "settings": {sampling..., "seed", "backend", "max_prompt_length", "batch_size", "stop_strings"},
@@ -27,10 +28,14 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spo.config import SpoConfig
-from spo.io import InputError, atomic_dir, file_sha256, read_jsonl, tree_sha256, write_json, write_jsonl, write_provenance
+from spo.io import atomic_dir, file_sha256, read_jsonl, tree_sha256, write_json, write_jsonl, write_provenance
+from spo.errors import InputError
+
+if TYPE_CHECKING:  # the generation module loads when the stage runs
+    from spo.generation import GenerationResult
 
 log = logging.getLogger("spo.generate")
 
@@ -83,24 +88,13 @@ def stop_strings_for(tokenizer: Any, sources: set[str]) -> list[str]:
 
 
 def run(cfg: SpoConfig) -> dict[str, Any]:
+    """Answer the same prompts with every model, one model at a time (each is freed before the next
+    loads), into one folder written whole or not at all: a killed run leaves the previous generations
+    folder (or none), never some models' files of this run beside another run's."""
     started = time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    from spo.generation import encode_prompts, generate_texts, generate_texts_vllm, import_vllm
-    from spo.models.loading import adapter_base, load_tokenizer, load_trained
-
     gen = cfg.generate
-    models = cfg.generation_models()
-    if not models:
-        raise InputError("nothing to generate from: generate.models is empty and no policy in `variants`")
-    missing = {name: path for name, path in models.items() if not Path(path).is_dir()}
-    if missing:
-        listed = ", ".join(f"{name} -> {path}" for name, path in missing.items())
-        raise InputError(f"generate: model folder not found: {listed} (train it first, or fix generate.models / variants)")
-    if gen.backend == "vllm":
-        import_vllm()  # fail before loading anything when vllm is missing
-
+    models = _models(cfg)
     rows, rows_file = _prompts(Path(gen.rows_dir), gen.split, gen.max_prompts)
     out_dir = Path(gen.out_dir)
     settings = gen.sampling.model_dump(mode="json") | {
@@ -109,65 +103,14 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     }
     metrics: dict[str, Any] = {}
     inputs: dict[str, Any] = {"prompts": tree_sha256(rows_file)}
-    # whole or not at all: a killed run leaves the previous generations folder (or none), never
-    # some models' files of this run beside another run's
     with atomic_dir(out_dir) as building:
         for name, path in models.items():
             model_started = time.perf_counter()
-            tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
-            prompts = encode_prompts(tokenizer, rows, gen.max_prompt_length)
-            prompts_cut = sum(p.truncated for p in prompts)
-            if prompts_cut:
-                log.info("generate %s: %d of %d prompts cut to %d tokens (template head and generation prompt kept)",
-                         name, prompts_cut, len(prompts), gen.max_prompt_length)
-            stops = stop_strings_for(tokenizer, {row["source"] for row in rows})
-            if gen.backend == "vllm":
-                result = generate_texts_vllm(
-                    path, tokenizer, prompts, gen.sampling, seed=cfg.seed,
-                    stop_strings=stops, dtype=cfg.model.dtype, adapter_base=adapter_base(path),
-                )
-            else:
-                # a LoRA adapter folded into its base: the same function, without the adapter's extra
-                # matmuls in every layer at every generated token
-                model = load_trained(path, cfg.model, merge=True)
-                model.eval()
-                with torch.no_grad():
-                    result = generate_texts(
-                        model, tokenizer, prompts, gen.sampling, batch_size=gen.batch_size, seed=cfg.seed,
-                        stop_strings=stops, desc=f"generate {name}",
-                    )
-                del model
+            result, prompts_cut, stops = _generate(cfg, name, path, rows)
             shas = weights_sha256(path)
-            model_settings = settings | {"stop_strings": stops}
-            lines = [
-                {
-                    "id": row.get("id"),
-                    "prompt": row["prompt"],
-                    "response": text,
-                    "sample": k,
-                    "model": name,
-                    "model_path": str(path),
-                    "settings": model_settings,
-                    "provenance": {"model_sha256": shas},
-                }
-                for row, texts in zip(rows, result.texts)
-                for k, text in enumerate(texts)
-            ]
+            lines = _lines(rows, result.texts, name, path, settings | {"stop_strings": stops}, shas)
             write_jsonl(building / f"{name}.jsonl", lines)
-            n_samples = len(lines)
-            lengths = [len(line["response"]) for line in lines]
-            metrics[name] = {
-                "prompts": len(rows),
-                "prompts_truncated": prompts_cut,
-                "samples": n_samples,
-                "generated_tokens": result.generated_tokens,
-                "tokens_per_second": round(result.tokens_per_second, 2) if result.tokens_per_second else None,
-                "generate_seconds": round(result.seconds, 3),
-                "seconds": round(time.perf_counter() - model_started, 3),
-                "mean_response_chars": sum(lengths) / n_samples if n_samples else 0.0,
-                "mean_response_tokens": result.generated_tokens / n_samples if n_samples else 0.0,
-                "empty_responses": sum(1 for n in lengths if n == 0),
-            }
+            metrics[name] = _model_metrics(result, lines, len(rows), prompts_cut, model_started)
             inputs[name] = shas
             log.info(
                 "generate %s: %d prompts x %d samples, %d tokens in %.1fs (%.0f tok/s, %s), %s -> %s",
@@ -179,4 +122,97 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     return {
         "models": list(gen.models), "prompts": len(rows), "out_dir": str(out_dir),
         "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _models(cfg: SpoConfig) -> dict[str, str]:
+    """``name -> folder`` of every model to sample from, checked before anything is loaded: a missing
+    folder, or vllm asked for but not installed, fails in a second rather than after the first model."""
+    from spo.generation import import_vllm
+
+    models = cfg.generation_models()
+    if not models:
+        raise InputError("nothing to generate from: generate.models is empty and no policy in `variants`")
+    missing = {name: path for name, path in models.items() if not Path(path).is_dir()}
+    if missing:
+        listed = ", ".join(f"{name} -> {path}" for name, path in missing.items())
+        raise InputError(f"generate: model folder not found: {listed} "
+                         "(train it first, or fix generate.models / variants)")
+    if cfg.generate.backend == "vllm":
+        import_vllm()
+    return models
+
+
+def _generate(cfg: SpoConfig, name: str, path: str, rows: list[dict[str, Any]],
+              ) -> tuple[GenerationResult, int, list[str]]:
+    """One model's samples for every prompt, encoded with its own tokenizer (the layout it was trained
+    with); also how many prompts were cut and the stop strings used."""
+    import torch
+
+    from spo.generation import encode_prompts, generate_texts, generate_texts_vllm
+    from spo.models.loading import adapter_base, load_tokenizer, load_trained
+
+    gen = cfg.generate
+    tokenizer = load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
+    prompts = encode_prompts(tokenizer, rows, gen.max_prompt_length)
+    prompts_cut = sum(p.truncated for p in prompts)
+    if prompts_cut:
+        log.info("generate %s: %d of %d prompts cut to %d tokens (template head and generation prompt kept)",
+                 name, prompts_cut, len(prompts), gen.max_prompt_length)
+    stops = stop_strings_for(tokenizer, {row["source"] for row in rows})
+    if gen.backend == "vllm":
+        result = generate_texts_vllm(
+            path, tokenizer, prompts, gen.sampling, seed=cfg.seed,
+            stop_strings=stops, dtype=cfg.model.dtype, adapter_base=adapter_base(path),
+        )
+        return result, prompts_cut, stops
+    # a LoRA adapter folded into its base: the same function, without the adapter's extra
+    # matmuls in every layer at every generated token
+    model = load_trained(path, cfg.model, merge=True)
+    model.eval()
+    with torch.no_grad():
+        result = generate_texts(
+            model, tokenizer, prompts, gen.sampling, batch_size=gen.batch_size, seed=cfg.seed,
+            stop_strings=stops, desc=f"generate {name}",
+        )
+    return result, prompts_cut, stops
+
+
+def _lines(rows: list[dict[str, Any]], texts: list[list[str]], name: str, path: str, settings: dict[str, Any],
+           shas: dict[str, str]) -> list[dict[str, Any]]:
+    """One output line per prompt and sample, each carrying what made it (model, settings, weights'
+    sha256), so a line read on its own says where it came from."""
+    return [
+        {
+            "id": row.get("id"),
+            "prompt": row["prompt"],
+            "response": text,
+            "sample": k,
+            "model": name,
+            "model_path": str(path),
+            "settings": settings,
+            "provenance": {"model_sha256": shas},
+        }
+        for row, samples in zip(rows, texts)
+        for k, text in enumerate(samples)
+    ]
+
+
+def _model_metrics(result: GenerationResult, lines: list[dict[str, Any]], n_prompts: int, prompts_cut: int,
+                   started: float) -> dict[str, Any]:
+    """One model's metrics entry: sizes, throughput, and the response lengths that reveal a model
+    that stops at once or never stops."""
+    n_samples = len(lines)
+    lengths = [len(line["response"]) for line in lines]
+    return {
+        "prompts": n_prompts,
+        "prompts_truncated": prompts_cut,
+        "samples": n_samples,
+        "generated_tokens": result.generated_tokens,
+        "tokens_per_second": round(result.tokens_per_second, 2) if result.tokens_per_second else None,
+        "generate_seconds": round(result.seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+        "mean_response_chars": sum(lengths) / n_samples if n_samples else 0.0,
+        "mean_response_tokens": result.generated_tokens / n_samples if n_samples else 0.0,
+        "empty_responses": sum(1 for n in lengths if n == 0),
     }
