@@ -32,11 +32,20 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from spo.config import SpoConfig
+from spo.config import ComparisonConfig, SpoConfig
 from spo.errors import StageFailed
-from spo.io import InputError, atomic_dir, file_sha256, save_figure, write_json, write_jsonl, write_provenance
-from spo.judging.base import BudgetExhausted, Judge, JudgeRequest, NotJudged, Verdict
-from spo.judging.comparisons import DATASET_SIDES, build_comparison, load_rows, needed_ids, requests_for
+from spo.io import atomic_dir, file_sha256, save_figure, write_json, write_jsonl, write_provenance
+from spo.errors import InputError
+from spo.judging.base import Judge, JudgeRequest, NotJudged, Verdict
+from spo.errors import BudgetExhausted
+from spo.judging.comparisons import (
+    DATASET_SIDES,
+    Comparison,
+    build_comparison,
+    load_rows,
+    needed_ids,
+    requests_for,
+)
 from spo.judging.statistics import (
     SCORE,
     format_summary,
@@ -107,16 +116,14 @@ def _judge(judge: Judge, requests: list[JudgeRequest], name: str) -> list[Verdic
 
 
 def run(cfg: SpoConfig) -> dict[str, Any]:
+    """Judge every comparison into one folder written whole or not at all (a killed run leaves the
+    previous judgments folder, or none, never some comparisons of this run beside another run's),
+    then the metrics; items the judge gave up on fail the stage only past
+    ``judge.max_unjudged_fraction``, after everything is written."""
     started = time.perf_counter()
     jc = cfg.judge
     out_dir = Path(jc.out_dir)
-    comparisons = cfg.judge_comparisons()
-    if not comparisons:
-        raise InputError("nothing to judge: judge.comparisons is empty and judge.auto_comparisons found no policy")
-    names = [c.name for c in comparisons]
-    if len(set(names)) != len(names):
-        raise InputError(f"judge.comparisons has duplicate names: {names}")
-
+    comparisons = _comparisons(cfg)
     rows, row_files = load_rows(jc.rows_dir, needed_ids(comparisons, jc))
     built = [build_comparison(c, jc, rows, cfg.data.dataset) for c in comparisons]
     judge, closer = make_judge(cfg)
@@ -132,51 +139,16 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     by_item: dict[str, dict[str, str]] = {}  # comparison -> item id -> outcome (the paired differences)
     failed: list[NotJudged] = []  # the requests the judge gave up on (not the budget's), all comparisons
     try:
-        # whole or not at all: a killed run leaves the previous judgments folder (or none), never
-        # some comparisons of this run beside another run's
         with atomic_dir(out_dir) as building:
             for comp in built:
-                verdicts = _judge(judge, requests_for(comp.items), comp.name) if comp.items else []
-                lines, outcomes, len_a, len_b = [], [], [], []
-                by_item[comp.name] = {}
-                for i, item in enumerate(comp.items):
-                    v_ab, v_ba = verdicts[2 * i], verdicts[2 * i + 1]
-                    result = outcome(v_ab, v_ba)
-                    outcomes.append(result)
-                    by_item[comp.name][item.id] = result
-                    len_a.append(len(item.response_a))
-                    len_b.append(len(item.response_b))
-                    lines.append({
-                        "id": item.id, "task": item.task, "a": comp.a, "b": comp.b,
-                        "outcome": result, "score": SCORE.get(result),
-                        "chars_a": len(item.response_a), "chars_b": len(item.response_b),
-                        "ab": _verdict_json(v_ab, "ab"), "ba": _verdict_json(v_ba, "ba"),
-                        "judge_id": judge_id, "prompt_version": prompt_version,
-                    })
+                lines, stats, by_item[comp.name], comp_failed = _judge_comparison(
+                    cfg, judge, comp, judge_id, prompt_version)
                 write_jsonl(building / f"{comp.name}.jsonl", lines)
-                stats = summarize(outcomes, len_a, len_b, jc.bootstrap_samples, cfg.seed)
-                answered = [v for v in verdicts if isinstance(v, Verdict)]
-                missing = [v for v in verdicts if isinstance(v, NotJudged)]
-                stats.update({
-                    "a": comp.a, "b": comp.b, "only_a": comp.only_a, "only_b": comp.only_b,
-                    "judge_id": judge_id, "prompt_version": prompt_version,
-                    "cached_verdicts": sum(1 for v in answered if v.cached),
-                    "prompt_tokens": sum(v.prompt_tokens for v in answered),
-                    "completion_tokens": sum(v.completion_tokens for v in answered),
-                    **_not_judged_counts(verdicts),
-                })
-                failed += [v for v in missing if not v.budget]
+                failed += comp_failed
                 if "tldr" in comp.sources:
                     if rouge_metric is None:
                         rouge_metric = load_rouge()
-                    stats["rouge"] = {}
-                    for side_name, attr in ((comp.a, "response_a"), (comp.b, "response_b")):
-                        if side_name == "chosen":
-                            continue  # the reference itself
-                        scored = [it for it in comp.items if it.source == "tldr" and it.reference is not None]
-                        stats["rouge"][side_name] = rouge_scores(
-                            [getattr(it, attr) for it in scored], [it.reference for it in scored], rouge_metric
-                        )
+                    stats["rouge"] = _rouge(comp, rouge_metric)
                 results[comp.name] = stats
                 log.info("%s", format_summary(comp.name, stats))
 
@@ -187,18 +159,95 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
                     log.info("%s", format_difference(name, diff))
             write_json(building / WINRATES_JSON, results)
             _plot({k: v for k, v in results.items() if k != PAIRED}, building / WINRATES_PNG, judge_id)
-            inputs: dict[str, Any] = {"rows": {str(p): file_sha256(p) for p in row_files}}
-            for comp in built:
-                for side, path in comp.files.items():
-                    if side not in DATASET_SIDES:
-                        inputs.setdefault("generations", {})[path] = file_sha256(path)
-            inputs["judge_id"] = judge_id
-            inputs["prompt_version"] = prompt_version
-            write_provenance(building, stage="judge", config_hash=cfg.section_hash("judge"), inputs=inputs)
+            write_provenance(building, stage="judge", config_hash=cfg.section_hash("judge"),
+                             inputs=_inputs(row_files, built, judge_id, prompt_version))
     finally:
         if closer is not None:
             closer.close()
     write_json(Path(jc.metrics_file), results)
+    seconds = time.perf_counter() - started
+    not_judged = _report_not_judged(cfg, results, failed, judge_id, seconds)
+    return {"comparisons": results, "not_judged": not_judged, "plot": str(out_dir / WINRATES_PNG),
+            "seconds": round(seconds, 3)}
+
+
+def _comparisons(cfg: SpoConfig) -> list[ComparisonConfig]:
+    """The comparisons to judge; none, or two with one name (one output file), is an InputError."""
+    comparisons = cfg.judge_comparisons()
+    if not comparisons:
+        raise InputError("nothing to judge: judge.comparisons is empty and judge.auto_comparisons found no policy")
+    names = [c.name for c in comparisons]
+    if len(set(names)) != len(names):
+        raise InputError(f"judge.comparisons has duplicate names: {names}")
+    return comparisons
+
+
+def _judge_comparison(cfg: SpoConfig, judge: Judge, comp: Comparison, judge_id: str, prompt_version: str | None,
+                      ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, str], list[NotJudged]]:
+    """One comparison judged in both orders: its output lines, its statistics, each item's outcome
+    (for the paired differences) and the requests the judge gave up on (not the budget's)."""
+    verdicts = _judge(judge, requests_for(comp.items), comp.name) if comp.items else []
+    lines, outcomes, len_a, len_b = [], [], [], []
+    by_item: dict[str, str] = {}
+    for i, item in enumerate(comp.items):
+        v_ab, v_ba = verdicts[2 * i], verdicts[2 * i + 1]
+        result = outcome(v_ab, v_ba)
+        outcomes.append(result)
+        by_item[item.id] = result
+        len_a.append(len(item.response_a))
+        len_b.append(len(item.response_b))
+        lines.append({
+            "id": item.id, "task": item.task, "a": comp.a, "b": comp.b,
+            "outcome": result, "score": SCORE.get(result),
+            "chars_a": len(item.response_a), "chars_b": len(item.response_b),
+            "ab": _verdict_json(v_ab, "ab"), "ba": _verdict_json(v_ba, "ba"),
+            "judge_id": judge_id, "prompt_version": prompt_version,
+        })
+    stats = summarize(outcomes, len_a, len_b, cfg.judge.bootstrap_samples, cfg.seed)
+    answered = [v for v in verdicts if isinstance(v, Verdict)]
+    stats.update({
+        "a": comp.a, "b": comp.b, "only_a": comp.only_a, "only_b": comp.only_b,
+        "judge_id": judge_id, "prompt_version": prompt_version,
+        "cached_verdicts": sum(1 for v in answered if v.cached),
+        "prompt_tokens": sum(v.prompt_tokens for v in answered),
+        "completion_tokens": sum(v.completion_tokens for v in answered),
+        **_not_judged_counts(verdicts),
+    })
+    failed = [v for v in verdicts if isinstance(v, NotJudged) and not v.budget]
+    return lines, stats, by_item, failed
+
+
+def _rouge(comp: Comparison, rouge_metric: Any) -> dict[str, Any]:
+    """ROUGE of each generated side against the TL;DR reference summary (``chosen`` is the reference)."""
+    out: dict[str, Any] = {}
+    for side_name, attr in ((comp.a, "response_a"), (comp.b, "response_b")):
+        if side_name == "chosen":
+            continue  # the reference itself
+        scored = [it for it in comp.items if it.source == "tldr" and it.reference is not None]
+        references = [it.reference for it in scored if it.reference is not None]  # every one: the test tells mypy
+        out[side_name] = rouge_scores([getattr(it, attr) for it in scored], references, rouge_metric)
+    return out
+
+
+def _inputs(row_files: list[Path], built: list[Comparison], judge_id: str,
+            prompt_version: str | None) -> dict[str, Any]:
+    """The provenance inputs: every rows and generations file read, by sha256, and who judged how."""
+    inputs: dict[str, Any] = {"rows": {str(p): file_sha256(p) for p in row_files}}
+    for comp in built:
+        for side, path in comp.files.items():
+            if side not in DATASET_SIDES:
+                inputs.setdefault("generations", {})[path] = file_sha256(path)
+    inputs["judge_id"] = judge_id
+    inputs["prompt_version"] = prompt_version
+    return inputs
+
+
+def _report_not_judged(cfg: SpoConfig, results: dict[str, Any], failed: list[NotJudged], judge_id: str,
+                       seconds: float) -> int:
+    """The closing lines: a warning when the budget stopped the run, the one-line summary, and for
+    failed requests a warning, or StageFailed past ``judge.max_unjudged_fraction``.  Returns how
+    many items were not judged."""
+    jc = cfg.judge
     compared = [r for name, r in results.items() if name != PAIRED]
     items = sum(r["items"] for r in compared)
     by_budget = sum(r["not_judged_budget"] for r in compared)
@@ -206,16 +255,14 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     if by_budget:
         log.warning("judge: the budget stopped the run; %d of %d items not judged (partial results written; "
                     "a rerun with a larger budget judges only those)", by_budget, items)
-    seconds = time.perf_counter() - started
     log.info("judge: %d comparisons with %s, %d items, %d not judged, wrote %s and %s (%.1f s)",
-             len(results), judge_id, items, by_budget + unjudged, out_dir, jc.metrics_file, seconds)
+             len(results), judge_id, items, by_budget + unjudged, Path(jc.out_dir), jc.metrics_file, seconds)
     if unjudged:
         message = _unjudged_message(unjudged, items, failed, jc.max_unjudged_fraction)
         if unjudged > jc.max_unjudged_fraction * items:
             raise StageFailed(message)
         log.warning("%s", message)
-    return {"comparisons": results, "not_judged": by_budget + unjudged, "plot": str(out_dir / WINRATES_PNG),
-            "seconds": round(seconds, 3)}
+    return by_budget + unjudged
 
 
 def _paired_differences(cfg: SpoConfig, results: dict[str, Any], by_item: dict[str, dict[str, str]]) -> dict[str, Any]:
