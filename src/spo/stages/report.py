@@ -18,6 +18,8 @@ log = logging.getLogger("spo.report")
 
 
 def run(cfg: SpoConfig) -> dict[str, Any]:
+    """Build the report (the work is :mod:`spo.report`'s; the stage only reads the config) and say
+    where it went and which sections had nothing to show."""
     summary = build_report(cfg)
     log.info("report written to %s and %s", summary["report"], summary["html"])
     if summary["not_run"]:
