@@ -141,6 +141,8 @@ def _convert_gguf(cfg: SpoConfig, out_dir: Path, gguf: GgufRef) -> tuple[dict[st
 
 
 def run(cfg: SpoConfig) -> dict[str, Any]:
+    """Build, convert or resolve the base model by the kind of ``model.name_or_path``, then write the
+    one record (``base_model.json``) later stages load it by, whichever kind it was."""
     started = time.perf_counter()
     out_dir = Path(cfg.base_model.out_dir)
     gguf = resolve_gguf(cfg.model.name_or_path) if cfg.model.name_or_path != "tiny" else None

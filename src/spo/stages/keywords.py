@@ -59,6 +59,8 @@ def _metrics(stats: list[Stat], n_rows: int, method: str, workers: int, seconds:
 
 
 def run(cfg: SpoConfig) -> dict[str, Any]:
+    """Extract every split's phrases on one worker pool into one folder written whole or not at all,
+    then the metrics; the extractor's option errors become InputErrors naming the settings."""
     kc = cfg.keywords
     in_dir, out_dir = Path(kc.in_dir), Path(kc.out_dir)
     splits = [s for s in SPLITS if (in_dir / f"{s}.jsonl").is_file()]
