@@ -16,14 +16,8 @@ from typing import Any
 import pytest
 
 from spo import cli
-from spo.accelerator import (
-    GPUS_ENV,
-    CudaProbe,
-    GpuUnavailableError,
-    driver_cuda_version,
-    driver_version,
-    require_placed_gpus,
-)
+from spo.accelerator import GPUS_ENV, CudaProbe, driver_cuda_version, driver_version, require_placed_gpus
+from spo.errors import GpuUnavailableError
 
 REPO = Path(__file__).resolve().parents[1]
 

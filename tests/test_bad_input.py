@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import read_gz, tmp_config, write_raw
 
-from spo.errors import StageFailed
-from spo.io import InputError, read_jsonl
+from spo.errors import InputError, StageFailed
+from spo.io import read_jsonl
 from spo.stages import prepare, validate
 
 

@@ -35,13 +35,12 @@ from typing import IO, Any
 
 import pytest
 import yaml
-from kfp.dsl import Artifact, Output
 from chart_helpers import example, render
+from conftest import REPO
 from docker_helpers import docker_client, dockerfiles, project_image, require_docker
 from judge_server import JudgeServer, echo_key_401, garbage, rate_limited, server_error, verdict
+from kfp.dsl import Artifact, Output
 from pipeline_helpers import DVC, _env, read_params, small_project, write_params
-
-from conftest import REPO
 
 KEY = "sk-canary-" + secrets.token_hex(16)  # new every session: no earlier run's file can hold it
 KEY_ENV = "SPO_CANARY_JUDGE_KEY"
@@ -393,9 +392,10 @@ def canary_judge_step(report: Output[Artifact]) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     from spo.config import OpenAIJudgeConfig, RetryConfig
+    from spo.errors import JudgeAPIError
     from spo.judging.base import JudgeRequest
     from spo.judging.cache import JudgeCache
-    from spo.judging.openai_judge import JudgeAPIError, OpenAIJudge
+    from spo.judging.openai_judge import OpenAIJudge
 
     os.makedirs(report.path, exist_ok=True)
     cfg = OpenAIJudgeConfig(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="judge-canary",

@@ -8,15 +8,21 @@ import re
 import statistics
 
 import pytest
+from conftest import tmp_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spo.degrees import (
-    TOKEN_RE, build_degree_variants, build_levels, normalise, phrases_at_level, render, render_with_origins, words,
+    TOKEN_RE,
+    build_degree_variants,
+    build_levels,
+    normalise,
+    phrases_at_level,
+    render,
+    render_with_origins,
+    words,
 )
-from spo.io import InputError
-
-from conftest import tmp_config
+from spo.errors import InputError
 
 BUTTERFLIES = (
     " About 150 species of butterflies live in Oregon, with about 100 species are moths, and about 20 "

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 from pipeline_helpers import _dvc_out as _dvc
 from pipeline_helpers import _env, fresh_clone, lock_outs, pull_and_check, small_project
+
+from spo.errors import InputError
 from spo.lineage.dvc_sync import bundle_run, lock_run, push_run, read_run_bundle, uncached_outputs
-from spo.io import InputError
 
 ACCESS_KEY = "AKIASPOTESTKEY4242XY"          # distinctive: grepped for in every file the tests leave
 SECRET_KEY = "spo-secret-never-in-a-file-0xC0FFEE"
@@ -293,8 +293,8 @@ def test_platform_dvc_remote_is_checked(tmp_path: Path) -> None:
 
 
 def test_params_all_is_the_params_text_unless_the_run_changed_it() -> None:
-    from spo.pipelines.dag import knob_defaults
     from spo.config import load_config
+    from spo.pipelines.dag import knob_defaults
     from spo.pipelines.runtime import configure
 
     text = (REPO / "params.yaml").read_text()

@@ -15,7 +15,7 @@ from conftest import REPO
 
 from spo import experiments
 from spo.cli import main
-from spo.config import ConfigError
+from spo.errors import ConfigError
 
 ALL_EXPERIMENTS = {"spo_on_off", "loss_x_spo", "extractor", "n_levels", "lambda", "heads", "positional_encoding",
                    "degree_mode", "dataset", "real", "real_degrees", "real_extractor", "real_positional_encoding",

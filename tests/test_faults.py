@@ -40,10 +40,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 from fake_clock import FakeClock
 from judge_server import JudgeServer, Reply, RequestRecord, garbage, hang, rate_limited, verdict
+
 from spo.config import ComparisonConfig, SpoConfig
 from spo.io import read_jsonl, write_jsonl
 
@@ -438,8 +438,9 @@ def test_disk_full_while_writing_an_output(tmp_path: Path, small_disk, caplog: p
     """(7) `spo keywords` into a full disk: exit 2, one line naming the output and ENOSPC; the
     previous complete output is left as it was (no half-written file, no stray temporary folder);
     a rerun with space succeeds."""
-    from spo.cli import main
     from test_keywords_stage import HAND_ROWS, _real_rows
+
+    from spo.cli import main
 
     rows = [{"id": f"hand-{i}", "prompt": "Human: hi", "chosen": c, "rejected": r} for i, (c, r) in enumerate(HAND_ROWS)]
     rows += [{"id": f"hh-{i}", "prompt": p, "chosen": c, "rejected": r} for i, (p, c, r) in enumerate(_real_rows(40))]
@@ -593,7 +594,8 @@ def test_missing_dvc_cache_entry(tmp_path: Path) -> None:
     names it too. Restoring the file (a rerun of the stage) makes the push go through."""
     from test_dvc_sync import TOY_DVC, _toy_outputs
 
-    from spo.lineage.dvc_sync import MissingCacheError, lock_run, push_run
+    from spo.errors import MissingCacheError
+    from spo.lineage.dvc_sync import lock_run, push_run
 
     view, remote = tmp_path / "view", tmp_path / "remote"
     outputs = _toy_outputs(tmp_path)
@@ -635,7 +637,6 @@ def kfp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     import tempfile
 
     import kfp.client.client
-
     from kfp_api_server import KfpApiServer
 
     token = "kfp-faults-token"
@@ -687,9 +688,10 @@ def test_kubernetes_api_errors_to_the_trainjob_launcher() -> None:
     what it means, and nothing created twice."""
     from k8s_api_server import Fault, TrainJobApi, complete, running
     from kubernetes import client as k8s
-
-    from spo.cluster.launcher import TrainJobApiError, launch
     from test_trainjob import NS, a_job
+
+    from spo.cluster.launcher import launch
+    from spo.errors import TrainJobApiError
 
     server = TrainJobApi().start()
     api_client = k8s.ApiClient(k8s.Configuration(host=server.host))

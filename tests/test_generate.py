@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import tmp_config
+
 from spo.config import LoraConfig, SamplingConfig, TinyModelConfig
+from spo.errors import InputError
 from spo.generation import VLLM_MISSING, GenerationResult, cut_at_stop, encode_prompts, generate_texts, import_vllm
-from spo.io import InputError, read_jsonl, write_jsonl
+from spo.io import read_jsonl, write_jsonl
 from spo.models.formatting import PromptIds, add_special_tokens, format_prompt
 from spo.stages import generate as generate_stage
 from spo.stages import load_stage

@@ -14,15 +14,26 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from fake_clock import FakeClock
-from judge_server import (JudgeServer, Reply, echo_key_401, garbage, hang, prefers_position_a, quota_exhausted,
-                          rate_limited, server_error, verdict)
+from judge_server import (
+    JudgeServer,
+    Reply,
+    echo_key_401,
+    garbage,
+    hang,
+    prefers_position_a,
+    quota_exhausted,
+    rate_limited,
+    server_error,
+    verdict,
+)
+
 from spo.config import BudgetConfig, OpenAIJudgeConfig, RetryConfig
+from spo.errors import JudgeAPIError, JudgeCannotJudge, JudgeConfigError
 from spo.judging import prompts
 from spo.judging.base import Judge, JudgeRequest, NotJudged, Verdict
 from spo.judging.cache import JudgeCache
-from spo.judging.openai_judge import JudgeAPIError, JudgeCannotJudge, JudgeConfigError, OpenAIJudge
+from spo.judging.openai_judge import OpenAIJudge
 from spo.judging.throttle import AdaptiveLimit
 
 SECRET = "sk-test-SECRET123"

@@ -13,13 +13,8 @@ from typing import Any
 import pytest
 from kfp import compiler, dsl
 
-from spo.kube.manifests import (
-    ManifestValidationError,
-    load_crd_schemas,
-    read_manifests,
-    strict_json_schema,
-    validate_manifests,
-)
+from spo.errors import ManifestValidationError
+from spo.kube.manifests import load_crd_schemas, read_manifests, strict_json_schema, validate_manifests
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_gz
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from spo.config import LoraConfig, ModelConfig, TinyModelConfig
-from spo.io import InputError
+from spo.errors import InputError
 from spo.models.formatting import (
     add_special_tokens,
     format_prompt,
@@ -22,8 +23,6 @@ from spo.models.formatting import (
 )
 from spo.models.loading import apply_lora, load_causal_lm, load_tokenizer, load_trained, save_model
 from spo.models.tiny import SPECIAL_TOKENS, build_tiny_llama, tiny_llama_config, train_tokenizer
-
-from conftest import read_gz
 
 SMALL = TinyModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

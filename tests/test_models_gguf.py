@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-
 from smollm2 import PACKAGE, converted_smollm2, requires_smollm2
+
 from spo.config import ModelConfig, load_config
-from spo.io import InputError, file_sha256
+from spo.errors import InputError
+from spo.io import file_sha256
 from spo.models import gguf as gguf_mod
 from spo.models.gguf import SMOLLM2, check_architecture, read_metadata, resolve_gguf, supported_architectures
 from spo.models.loading import load_causal_lm, load_tokenizer, load_trained, resolve_ref, weights_pointer

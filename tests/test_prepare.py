@@ -12,7 +12,8 @@ from conftest import read_gz, tmp_config, write_raw
 
 from spo.cli import main
 from spo.data.formats import ASSISTANT, parse_hh, parse_tldr, row_id
-from spo.io import InputError, read_jsonl
+from spo.errors import InputError
+from spo.io import read_jsonl
 from spo.stages import prepare
 
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-
 from conftest import read_gz, shared_data_dir
+
 from spo.config import SamplingConfig, TinyModelConfig
 from spo.data.formats import split_final_turn
-from spo.io import InputError
+from spo.errors import InputError
 from spo.models.formatting import (
     PromptIds,
     add_special_tokens,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from spo.config import OptimConfig, SpoConfig, TinyModelConfig
-from spo.io import InputError, read_jsonl, write_jsonl
+from spo.errors import InputError
+from spo.io import read_jsonl, write_jsonl
 from spo.judging.base import Judge, JudgeRequest
 from spo.judging.reward import RewardJudge, RewardModel, collate, encode
 from spo.models.loading import load_tokenizer, save_model

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tmp_config
+
 from spo.config import SpoConfig
-from spo.io import InputError, read_jsonl, write_jsonl
+from spo.errors import InputError
+from spo.io import read_jsonl, write_jsonl
 from spo.models.loading import load_tokenizer, load_trained
 from spo.stages import base_model, prepare, sft, validate
 

@@ -17,21 +17,19 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import kfp.client.client
 import pytest
 import yaml
-from fake_clock import FakeClock
-
 from conftest import REPO
+from fake_clock import FakeClock
 from kfp_api_server import KfpApiServer
-from spo.config import ConfigError
-from spo.errors import StageFailed
-from spo.io import InputError
+
+from spo.errors import ConfigError, InputError, StageFailed, SubmitError
 from spo.pipelines.compile import compile_pipeline
-from spo.pipelines.submit import SubmitError, submit
+from spo.pipelines.submit import submit
 
 PLATFORM = REPO / "configs" / "platform" / "local.yaml"
 UPLOAD = r"/apis/v2beta1/pipelines/upload"
@@ -438,7 +436,7 @@ def k8s_api():
 
 def test_the_kubernetes_store_creates_the_resources_once_and_runs_refer_to_their_uids(
         server: KfpApiServer, token: str, tmp_path: Path, k8s_api) -> None:
-    from spo.pipelines.k8s_store import StoreError
+    from spo.errors import StoreError
     from spo.kube.manifests import validate_manifests
 
     cluster, api = k8s_api
@@ -476,7 +474,7 @@ def test_the_kubernetes_store_creates_the_resources_once_and_runs_refer_to_their
 def test_the_kubernetes_store_explains_a_refusal(server: KfpApiServer, token: str, tmp_path: Path, k8s_api) -> None:
     from k8s_api_server import Fault
 
-    from spo.pipelines.k8s_store import StoreError
+    from spo.errors import StoreError
 
     cluster, api = k8s_api
     server.multi_user = True

@@ -8,7 +8,7 @@ from test_degrees import BUTTERFLIES, BUTTERFLY_PHRASES  # the method's worked e
 from test_train_support import hh_pairs, tiny_model
 
 from spo.degrees import build_degree_variants, words
-from spo.io import InputError
+from spo.errors import InputError
 from spo.training.data import (
     PairCollator,
     attention_mask_4d,
@@ -18,6 +18,7 @@ from spo.training.data import (
     sample_levels,
     tokenize_pairs,
 )
+
 
 def _examples(mode: str | None, max_length: int = 96, max_prompt_length: int = 48, rows=None, degs=None):
     if rows is None:

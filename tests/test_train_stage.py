@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from test_train_support import write_train_inputs
 
-from spo.config import ConfigError, load_config
-from spo.io import InputError, write_jsonl
+from spo.config import load_config
+from spo.errors import ConfigError, InputError
+from spo.io import write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,25 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import REPO
 from fake_clock import FakeClock
 from k8s_api_server import Fault, TrainJobApi, complete, failed, running
 from kubernetes import client as k8s
 
-from conftest import REPO
 from spo.cluster import launcher as launcher_module
-from spo.cluster.launcher import Terminated, TrainJobApiError, TrainJobError, TrainJobFailed, TrainJobTimeout, launch
-from spo.pipelines.train_job import run_train_job, trainjob_name, workspace_claim
+from spo.cluster.launcher import Terminated, launch
 from spo.cluster.trainjob import WorkspaceMount, build_trainjob, render_trainjob, validate_trainjob
-from spo.io import InputError
-from spo.kube.manifests import ManifestValidationError, load_crd_schemas, strict_json_schema
+from spo.errors import (
+    InputError,
+    ManifestValidationError,
+    TrainJobApiError,
+    TrainJobError,
+    TrainJobFailed,
+    TrainJobTimeout,
+)
+from spo.kube.manifests import load_crd_schemas, strict_json_schema
 from spo.kube.platform import Platform, load_platform
+from spo.pipelines.train_job import run_train_job, trainjob_name, workspace_claim
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -552,8 +559,8 @@ def test_on_the_checkpoint_volume_the_step_works_in_its_runs_folder_and_leaves_i
     of KFP's cache: test_train_cacheable): the pods mount it, the run's folder on it holds the work."""
     from kfp import dsl
 
-    from spo.pipelines.components import train_job
     from spo.kube.platform import RUN_NAME_ENV, CheckpointVolume
+    from spo.pipelines.components import train_job
 
     volume, inputs = tmp_path / "ckpt", tmp_path / "in"
     volume.mkdir()
@@ -612,7 +619,7 @@ def test_a_bad_param_fails_the_step_before_any_job_is_created(tmp_path: Path, se
                                                               api: k8s.CustomObjectsApi) -> None:
     from kfp import dsl
 
-    from spo.config import ConfigError
+    from spo.errors import ConfigError
 
     workspace, rows = tmp_path / "ws", tmp_path / "rows"
     rows.mkdir()

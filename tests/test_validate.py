@@ -18,8 +18,8 @@ import pytest
 
 from spo.config import SpoConfig
 from spo.data.formats import row_id
-from spo.errors import StageFailed
-from spo.io import InputError, read_jsonl, write_json, write_jsonl
+from spo.errors import InputError, StageFailed
+from spo.io import read_jsonl, write_json, write_jsonl
 from spo.stages import validate
 
 MARKER = "\n\nAssistant:"

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from spo.errors import WorkspaceNotWritable
 from spo.kube.platform import RUN_NAME_ENV
-from spo.pipelines.runtime import WorkspaceNotWritable, check_writable, train_folder
+from spo.pipelines.runtime import check_writable, train_folder
 
 
 @pytest.fixture

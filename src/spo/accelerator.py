@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from spo.errors import GpuUnavailableError
+
 # set by the compiler on tasks placed on an accelerator: how many devices the task was given
 GPUS_ENV = "SPO_PLACED_GPUS"
 
@@ -32,10 +34,6 @@ DRIVER_FLOOR = {13: 580, 12: 525, 11: 450}
 # capability < 7.5 (Maxwell, Pascal, Volta; CUDA 13.0 release notes, "Deprecated or Dropped
 # Architectures"), CUDA 12 still builds for 5.0+.
 GPU_FLOOR = {13: "Turing (compute capability 7.5) or newer", 12: "Maxwell (compute capability 5.0) or newer"}
-
-
-class GpuUnavailableError(RuntimeError):
-    """A task placed on GPUs cannot use them: stop before any work, not after hours on the CPU."""
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 from spo import __version__
-from spo.accelerator import GpuUnavailableError, require_placed_gpus
-from spo.config import ConfigError, load_config
-from spo.errors import StageFailed
-from spo.io import InputError
+from spo.accelerator import require_placed_gpus
+from spo.config import load_config
+from spo.errors import ConfigError, GpuUnavailableError, InputError, StageFailed
 from spo.stages import STAGES, load_stage
 
 log = logging.getLogger("spo")

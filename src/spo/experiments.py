@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from spo.config import ConfigError, load_config
-from spo.io import InputError
+from spo.config import load_config
+from spo.errors import ConfigError, InputError
 
 log = logging.getLogger("spo.exp")
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from spo.config import SamplingConfig
-from spo.io import InputError
+from spo.errors import InputError
 from spo.models.formatting import PromptIds
 
 log = logging.getLogger("spo.generation")

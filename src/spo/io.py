@@ -21,25 +21,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
-from spo.errors import StageFailed
+from spo.errors import InputError, OutputError
 
 PROVENANCE_FILE = "provenance.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _TRACKED_PACKAGES = ("spo-pipeline", "great-expectations", "rake-nltk", "yake", "networkx", "datasets", "pydantic")
-
-
-class InputError(ValueError):
-    """Bad input that stops a stage; the message names the file, line and field."""
-
-
-class OutputError(StageFailed):
-    """An output could not be written because the disk (or quota) is full: the message names the
-    output and ENOSPC; nothing half-written is left in its place (the CLI prints it, exit 2)."""
-
-    def __init__(self, message: str, code: str = "ENOSPC") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 _FULL_ERRNOS = {errno.ENOSPC: "ENOSPC", errno.EDQUOT: "EDQUOT"}

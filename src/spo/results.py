@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from spo.io import InputError
+from spo.errors import InputError
 
 __all__ = ["results", "win_rate_table", "degree_accuracy"]
 

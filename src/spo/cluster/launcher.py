@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["Terminated", "TrainJobApiError", "TrainJobError", "TrainJobFailed", "TrainJobTimeout",
-           "current_namespace", "custom_objects_api", "launch", "launcher_pod"]
+from spo.errors import TrainJobApiError, TrainJobError, TrainJobFailed, TrainJobTimeout
+
+__all__ = ["Terminated", "current_namespace", "custom_objects_api", "launch", "launcher_pod"]
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 TRANSIENT = frozenset({429, 500, 502, 503, 504})
@@ -42,30 +43,6 @@ NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 RUN_ID_LABEL = "pipeline/runid"  # KFP's label on every pod of a run
 
 _log = logging.getLogger("spo.trainjob")
-
-
-class TrainJobError(RuntimeError):
-    """A TrainJob did not complete; the message says what happened and how to look closer."""
-
-
-class TrainJobFailed(TrainJobError):
-    """The job's ``Failed`` condition: ``reason`` and ``message`` are the job's own."""
-
-    def __init__(self, text: str, reason: str, message: str) -> None:
-        super().__init__(text)
-        self.reason, self.message = reason, message
-
-
-class TrainJobTimeout(TrainJobError):
-    """The launcher's deadline passed before the job finished; the job was deleted."""
-
-
-class TrainJobApiError(TrainJobError):
-    """The Kubernetes API refused or could not be reached; ``status`` is the HTTP status (0: no answer)."""
-
-    def __init__(self, text: str, status: int) -> None:
-        super().__init__(text)
-        self.status = status
 
 
 class Terminated(BaseException):

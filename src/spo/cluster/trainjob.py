@@ -106,7 +106,7 @@ def build_trainjob(platform: Platform, *, name: str, params_file: str, overrides
 
 
 def validate_trainjob(manifest: Mapping[str, Any]) -> None:
-    """Raise :class:`~spo.kube.manifests.ManifestValidationError` unless ``manifest`` is a
+    """Raise :class:`~spo.errors.ManifestValidationError` unless ``manifest`` is a
     TrainJob the pinned Trainer's CRD accepts, with no field it would prune."""
     from spo.kube.manifests import validate_manifests
 
@@ -127,8 +127,7 @@ def render_trainjob(params_path: str, platform_path: str, *, name: str, workspac
     import yaml
 
     from spo.config import load_config
-    from spo.io import InputError
-    from spo.kube.manifests import ManifestValidationError
+    from spo.errors import InputError, ManifestValidationError
     from spo.kube.platform import load_platform
 
     platform = load_platform(platform_path, image)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from spo.config import DATA_DIR_ENV, DataConfig
-from spo.io import InputError, file_sha256, open_text
+from spo.errors import InputError
+from spo.io import file_sha256, open_text
 
 SOURCE_SPLITS = ("train", "test")
 

@@ -41,10 +41,6 @@ class NotJudged:
     budget: bool = False
 
 
-class BudgetExhausted(RuntimeError):
-    """The call, token or cost budget is spent; no further API call may be made."""
-
-
 @runtime_checkable
 class Judge(Protocol):
     judge_id: str  # for the cache key and outputs (e.g. "openai:gpt-4o@<base_url host>")

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from spo.config import ComparisonConfig, JudgeConfig
-from spo.io import InputError, read_jsonl
+from spo.errors import InputError
+from spo.io import read_jsonl
 from spo.judging.base import JudgeRequest
 
 log = logging.getLogger("spo.judge")

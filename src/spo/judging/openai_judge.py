@@ -50,10 +50,9 @@ import openai
 from tqdm.auto import tqdm
 
 from spo.config import OpenAIJudgeConfig
-from spo.errors import StageFailed
-from spo.io import InputError
+from spo.errors import BudgetExhausted, JudgeAPIError, JudgeCannotJudge, JudgeConfigError, StageFailed
 from spo.judging import prompts
-from spo.judging.base import BudgetExhausted, JudgeRequest, NotJudged, Verdict
+from spo.judging.base import JudgeRequest, NotJudged, Verdict
 from spo.judging.cache import JudgeCache, cache_key
 from spo.judging.throttle import AdaptiveLimit
 
@@ -84,22 +83,6 @@ def quiet_http_client_logs() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DemoteToDebug) for f in logger.filters):
             logger.addFilter(_DemoteToDebug())
-
-
-class JudgeConfigError(InputError):
-    """The judge cannot be set up (e.g. the API key variable is unset): the CLI says so and exits 2."""
-
-
-class JudgeAPIError(StageFailed):
-    """The endpoint refuses every request (a 4xx such as 401, or an exhausted quota). Key-free message."""
-
-    def __init__(self, message: str, status_code: int | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-
-
-class JudgeCannotJudge(StageFailed):
-    """Too many new requests ended without a verdict: the judge stopped before paying for the rest."""
 
 
 class _Retryable(Exception):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from spo.config import ModelConfig
-from spo.io import InputError
+from spo.errors import InputError
 from spo.judging.base import JudgeRequest, NotJudged, Verdict
 
 log = logging.getLogger("spo.judging.reward")

@@ -30,6 +30,7 @@ import jsonschema
 import jsonschema.exceptions
 import yaml
 
+from spo.errors import ManifestValidationError
 from spo.kube.crd_cel import cel_rule_schema, re2_pattern
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GroupVersionKind",
-    "ManifestValidationError",
     "Problem",
     "load_crd_schemas",
     "read_manifests",
@@ -166,20 +166,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.document}: {self.path}: {self.message}"
-
-
-class ManifestValidationError(ValueError):
-    """Raised by :func:`validate_manifests`; ``problems`` lists every finding.
-
-    All problems are collected before raising so one run shows everything
-    that needs fixing, not just the first mistake.
-    """
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems: tuple[Problem, ...] = tuple(problems)
-        count = len(self.problems)
-        lines = "\n".join(f"  {problem}" for problem in self.problems)
-        super().__init__(f"{count} problem{'s' if count != 1 else ''} in manifests:\n{lines}")
 
 
 # --------------------------------------------------------------------------- CRD loading

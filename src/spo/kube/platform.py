@@ -28,11 +28,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from spo.accelerator import GPUS_ENV
-from spo.io import InputError
+from spo.errors import InputError
+from spo.stages.table import STEP_NAMES
 
-STEP_NAMES = ("configure", "data_version", "prepare", "validate", "keywords", "degrees", "base_model", "sft", "train",
-              "generate", "reward_model", "judge", "report", "publish")
 # what Kubeflow Trainer's torch runtime sets for torchrun; its webhook refuses a TrainJob that sets them
 TORCHRUN_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
 WORKSPACE_MOUNT_PATH = "/kfp-workspace"  # backend/src/v2/component/constants.go, WorkspaceMountPath

@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from spo.errors import MissingCacheError
+
 log = logging.getLogger("spo.dvc_sync")
 
 CODE_PREFIX = "src/spo/"
@@ -42,15 +44,6 @@ CODE_PREFIX = "src/spo/"
 DEFAULT_DVCIGNORE = "__pycache__/\n*.pyc\n.gitignore\n"
 RUN_FILES = ("dvc.lock", "params.yaml", "results.tar.gz")  # under <remote>/runs/<run id>/
 _CODE_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo")
-
-
-class MissingCacheError(RuntimeError):
-    """Recorded outputs whose data is in neither the view's DVC cache nor the remote: pushing would
-    publish a dvc.lock that no ``dvc pull`` can satisfy. Names every missing file."""
-
-    def __init__(self, message: str, missing: Sequence[str]) -> None:
-        super().__init__(message)
-        self.missing = list(missing)
 
 
 def code_root() -> Path:

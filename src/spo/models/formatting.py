@@ -186,7 +186,7 @@ def content_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> 
     is already stripped) falls back to finding each content in order after the head; if even
     that fails, an ``InputError`` says so.
     """
-    from spo.io import InputError
+    from spo.errors import InputError
 
     probes = [{**m, "content": _content_probe(k)} for k, m in enumerate(messages)]
     skeleton = tokenizer.apply_chat_template(probes, add_generation_prompt=True, tokenize=False)
@@ -238,7 +238,7 @@ def _next_content_start(spans: list[tuple[int, int]], char: int) -> int | None:
 
 
 def _too_long(max_prompt_length: int, n_head: int, n_tail: int) -> Exception:
-    from spo.io import InputError
+    from spo.errors import InputError
 
     return InputError(
         f"max_prompt_length {max_prompt_length} cannot hold the chat template's head ({n_head} tokens: "

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spo.io import InputError, file_sha256
+from spo.errors import InputError
+from spo.io import file_sha256
 
 log = logging.getLogger("spo.models")
 

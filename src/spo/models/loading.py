@@ -4,7 +4,7 @@ A model reference is a local folder, a hub id (``org/name``), or a GGUF file: a 
 or a packaged name such as ``smollm2-135m-instruct`` (see :mod:`spo.models.gguf`; loaded
 de-quantised, architecture checked before any weight is read).  A local path that does not
 exist and does not look like a hub id, or a hub id that cannot be resolved (offline, private,
-misspelt), is an :class:`~spo.io.InputError` naming it — never a long traceback from deep inside
+misspelt), is an :class:`~spo.errors.InputError` naming it — never a long traceback from deep inside
 transformers.
 
 Pad token: training batches and generation need one.  A tokenizer without a pad token gets the
@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from spo.config import LoraConfig, ModelConfig
-from spo.io import InputError
+from spo.errors import InputError
 from spo.models.gguf import load_gguf_model, load_gguf_tokenizer, resolve_gguf
 
 log = logging.getLogger("spo.models")

@@ -57,86 +57,65 @@ def data_version(params: str) -> str:
 
 def prepare(params: str, data_version: str, prepared: Output[Dataset], quarantine: Output[Dataset]):
     # data_version: the content of the data files it reads, only to be in KFP's cache key (runtime.data_version)
-    from spo.pipelines.runtime import run_stage
+    from spo.pipelines.runtime import run_step
 
-    run_stage("prepare", params, {
-        "prepare.out_dir": prepared.path, "prepare.quarantine_file": quarantine.path + "/prepare.jsonl"})
+    run_step("prepare", params, {"prepared": prepared, "quarantine": quarantine})
 
 
 def validate(params: str, prepared: Input[Dataset], prepare_quarantine: Input[Dataset],
              validated: Output[Dataset], quarantine: Output[Dataset], validation: Output[Artifact],
              report: Output[HTML], metrics: Output[Metrics]):
-    from spo.pipelines.runtime import copy_file, log_metrics, run_stage
+    from spo.pipelines.runtime import copy_file, run_step
 
-    run_stage("validate", params, {
-        "validate.in_dir": prepared.path, "prepare.quarantine_file": prepare_quarantine.path + "/prepare.jsonl",
-        "validate.out_dir": validated.path, "validate.quarantine_file": quarantine.path + "/validate.jsonl",
-        "validate.report_dir": validation.path, "validate.metrics_file": metrics.path})
-    copy_file(validation.path + "/validation.html", report.path)
-    log_metrics(metrics, metrics.path)
+    run_step("validate", params, {"prepared": prepared, "prepare_quarantine": prepare_quarantine,
+                                  "validated": validated, "quarantine": quarantine, "validation": validation,
+                                  "metrics": metrics})
+    copy_file(validation.path + "/validation.html", report.path)  # the KFP UI renders an HTML artifact
 
 
-def keywords(params: str, validated: Input[Dataset], keywords: Output[Dataset],
-             metrics: Output[Metrics]):
-    from spo.pipelines.runtime import log_metrics, run_stage
+def keywords(params: str, validated: Input[Dataset], keywords: Output[Dataset], metrics: Output[Metrics]):
+    from spo.pipelines.runtime import run_step
 
-    run_stage("keywords", params, {
-        "keywords.in_dir": validated.path, "keywords.out_dir": keywords.path, "keywords.metrics_file": metrics.path})
-    log_metrics(metrics, metrics.path)
+    run_step("keywords", params, {"validated": validated, "keywords": keywords, "metrics": metrics})
 
 
 def degrees(params: str, validated: Input[Dataset], keywords: Input[Dataset],
             degrees: Output[Dataset], metrics: Output[Metrics], plot: Output[Artifact], audit_plot: Output[Artifact]):
-    import os
+    from spo.pipelines.runtime import run_step
 
-    from spo.pipelines.runtime import copy_file, log_metrics, run_stage
-    from spo.stages.degrees import AUDIT_PLOT_NAME, PLOT_NAME
-
-    run_stage("degrees", params, {
-        "degrees.in_dir": validated.path, "degrees.keywords_dir": keywords.path, "degrees.out_dir": degrees.path,
-        "degrees.metrics_file": metrics.path})
-    copy_file(os.path.join(os.path.dirname(metrics.path), PLOT_NAME), plot.path)  # the stage writes them beside
-    copy_file(os.path.join(os.path.dirname(metrics.path), AUDIT_PLOT_NAME), audit_plot.path)
-    log_metrics(metrics, metrics.path)
+    run_step("degrees", params, {"validated": validated, "keywords": keywords, "degrees": degrees, "metrics": metrics,
+                                 "plot": plot, "audit_plot": audit_plot})
 
 
 def base_model(params: str, validated: Input[Dataset], base: Output[Model]):
-    from spo.pipelines.runtime import run_stage, write_model
+    from spo.pipelines.runtime import run_step
 
-    run_stage("base_model", params, {"base_model.text_dir": validated.path, "base_model.out_dir": base.path})
-    write_model(base)
+    run_step("base_model", params, {"validated": validated, "base": base})
 
 
 def sft(params: str, validated: Input[Dataset], base: Input[Model], sft: Output[Model], metrics: Output[Metrics]):
-    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, write_model
+    from spo.pipelines.runtime import run_step
 
-    run_stage("sft", params, {
-        "sft.rows_dir": validated.path, "sft.base_dir": model_dir(base), "sft.out_dir": sft.path,
-        "sft.metrics_file": metrics.path})
-    write_model(sft)
-    log_metrics(metrics, metrics.path)
+    run_step("sft", params, {"validated": validated, "base": base, "sft": sft, "metrics": metrics})
 
 
 def train(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: Input[Model],
           checkpoints: str, loss: str, spo: bool, spo_variant: bool, policy: Output[Model], metrics: Output[Metrics]):
-    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, train_folder, variant_names, write_model
+    from spo.pipelines.runtime import run_step, train_folder, variant_names
 
     name = variant_names(loss)[int(spo_variant)]  # the run's two policies: <loss>, <loss>_spo
     # on the checkpoint volume, if any: a retried (pre-empted) task resumes from the checkpoints it left there
     with train_folder(checkpoints, name, policy.path) as folder:
-        run_stage("train", params, {
-            "train.loss": loss, "train.spo.enabled": spo and spo_variant, "train.rows_dir": validated.path,
-            "train.degrees_dir": degrees.path, "train.sft_dir": model_dir(sft), "train.out_dir": folder,
-            "train.metrics_file": metrics.path})
-        write_model(policy, folder)
-    log_metrics(metrics, metrics.path)
+        run_step("train", params, {"validated": validated, "degrees": degrees, "sft": sft, "policy": policy,
+                                   "metrics": metrics},
+                 settings={"train.loss": loss, "train.spo.enabled": spo and spo_variant, "train.out_dir": folder})
 
 
 def train_job(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: Input[Model],
               workspace: str, loss: str, spo: bool, spo_variant: bool, platform: str, task_config: TaskConfig,
               policy: Output[Model], metrics: Output[Metrics]):
-    from spo.pipelines.train_job import run_train_job
     from spo.pipelines.runtime import discard_run_files, log_metrics, model_dir, write_model
+    from spo.pipelines.train_job import run_train_job
 
     folder, run_folder = run_train_job(
         params=params, loss=loss, spo=spo, spo_variant=spo_variant, rows_dir=validated.path,
@@ -150,101 +129,64 @@ def train_job(params: str, validated: Input[Dataset], degrees: Input[Dataset], s
 
 def generate(params: str, validated: Input[Dataset], sft: Input[Model], policy: Input[Model],
              policy_spo: Input[Model], loss: str, generations: Output[Dataset], metrics: Output[Metrics]):
-    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, variant_names
+    from spo.pipelines.runtime import run_step
 
-    plain, with_spo = variant_names(loss)
-    models = {"sft": model_dir(sft), plain: model_dir(policy), with_spo: model_dir(policy_spo)}
-    run_stage("generate", params, {
-        "generate.rows_dir": validated.path, "generate.models": models, "generate.policies": False,
-        "generate.out_dir": generations.path, "generate.metrics_file": metrics.path})
-    log_metrics(metrics, metrics.path)
+    run_step("generate", params, {"validated": validated, "sft": sft, "policy": policy, "policy_spo": policy_spo,
+                                  "generations": generations, "metrics": metrics}, loss=loss)
 
 
 def reward_model(params: str, validated: Input[Dataset], sft: Input[Model], reward: Output[Model],
                  metrics: Output[Metrics]):
-    from spo.pipelines.runtime import log_metrics, model_dir, run_stage, write_model
+    from spo.pipelines.runtime import run_step
 
-    run_stage("reward_model", params, {
-        "reward_model.rows_dir": validated.path, "reward_model.sft_dir": model_dir(sft),
-        "reward_model.out_dir": reward.path, "reward_model.metrics_file": metrics.path})
-    write_model(reward)
-    log_metrics(metrics, metrics.path)
+    run_step("reward_model", params, {"validated": validated, "sft": sft, "reward": reward, "metrics": metrics})
 
 
 def judge(params: str, validated: Input[Dataset], generations: Input[Dataset], reward: Input[Model],
           judgments: Output[Dataset], judge_cache: Output[Artifact], winrates: Output[HTML], metrics: Output[Metrics]):
-    from spo.pipelines.runtime import html_image, log_metrics, model_dir, run_stage
+    from spo.pipelines.runtime import html_image, run_step
 
-    run_stage("judge", params, {
-        "judge.rows_dir": validated.path, "judge.generations_dir": generations.path, "judge.out_dir": judgments.path,
-        "judge.reward_model_dir": model_dir(reward), "judge.metrics_file": metrics.path,
-        "judge.cache_file": judge_cache.path + "/judge_cache.sqlite"})
+    run_step("judge", params, {"validated": validated, "generations": generations, "reward": reward,
+                               "judgments": judgments, "judge_cache": judge_cache, "metrics": metrics})
     html_image(judgments.path + "/winrates.png", winrates.path, "Win rates")
-    log_metrics(metrics, metrics.path)
 
 
 def report(params: str, loss: str, validation: Input[Artifact], degrees: Input[Dataset],
            judgments: Input[Dataset], policy: Input[Model], policy_spo: Input[Model], validate_metrics: Input[Metrics],
            keywords_metrics: Input[Metrics], degrees_metrics: Input[Metrics], sft_metrics: Input[Metrics],
            train_metrics: Input[Metrics], train_spo_metrics: Input[Metrics], generate_metrics: Input[Metrics],
-           reward_metrics: Input[Metrics], judge_metrics: Input[Metrics], report_md: Output[Markdown],
+           reward_model_metrics: Input[Metrics], judge_metrics: Input[Metrics], report_md: Output[Markdown],
            report_html: Output[HTML], plots: Output[Artifact]):
-    import tempfile
+    from spo.pipelines.runtime import run_step
 
-    from spo.pipelines.runtime import copy_file, gather, link_models, model_dir, run_stage, variant_names
-
-    plain, with_spo = variant_names(loss)
-    with tempfile.TemporaryDirectory(prefix="spo-report-") as tmp:
-        metrics_dir = gather(tmp + "/metrics", {
-            "validate.json": validate_metrics.path, "keywords.json": keywords_metrics.path,
-            "degrees.json": degrees_metrics.path, "sft.json": sft_metrics.path, f"train_{plain}.json": train_metrics.path,
-            f"train_{with_spo}.json": train_spo_metrics.path, "generate.json": generate_metrics.path,
-            "reward_model.json": reward_metrics.path, "judge.json": judge_metrics.path})
-        policies = link_models(tmp + "/policy", {plain: model_dir(policy), with_spo: model_dir(policy_spo)})
-        run_stage("report", params, {
-            "report.metrics_dir": metrics_dir, "report.judgments_dir": judgments.path, "report.policy_dir": policies,
-            "report.degrees_dir": degrees.path, "report.validation_report": validation.path + "/validation.json",
-            "report.out_dir": tmp + "/reports", "report.plots_dir": tmp + "/plots"})
-        copy_file(tmp + "/reports/report.md", report_md.path)
-        copy_file(tmp + "/reports/report.html", report_html.path)
-        gather(plots.path, {".": tmp + "/plots"})  # the CSVs of `dvc plots show`
+    run_step("report", params, {
+        "validation": validation, "degrees": degrees, "judgments": judgments, "policy": policy,
+        "policy_spo": policy_spo, "validate_metrics": validate_metrics, "keywords_metrics": keywords_metrics,
+        "degrees_metrics": degrees_metrics, "sft_metrics": sft_metrics, "train_metrics": train_metrics,
+        "train_spo_metrics": train_spo_metrics, "generate_metrics": generate_metrics,
+        "reward_model_metrics": reward_model_metrics, "judge_metrics": judge_metrics, "report_md": report_md,
+        "report_html": report_html, "plots": plots}, loss=loss)
 
 
 def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id: str, loss: str,
-            prepared: Input[Dataset], prepare_quarantine: Input[Dataset], validated: Input[Dataset],
-            validate_quarantine: Input[Dataset], validation: Input[Artifact], validate_metrics: Input[Metrics],
-            keywords: Input[Dataset], keywords_metrics: Input[Metrics], degrees: Input[Dataset],
+            prepare_prepared: Input[Dataset], prepare_quarantine: Input[Dataset], validate_validated: Input[Dataset],
+            validate_quarantine: Input[Dataset], validate_validation: Input[Artifact], validate_metrics: Input[Metrics],
+            keywords_keywords: Input[Dataset], keywords_metrics: Input[Metrics], degrees_degrees: Input[Dataset],
             degrees_metrics: Input[Metrics], degrees_plot: Input[Artifact], degrees_audit_plot: Input[Artifact],
-            base: Input[Model], sft: Input[Model],
-            sft_metrics: Input[Metrics], policy: Input[Model], policy_spo: Input[Model], train_metrics: Input[Metrics],
-            train_spo_metrics: Input[Metrics], generations: Input[Dataset], generate_metrics: Input[Metrics],
-            reward: Input[Model], reward_metrics: Input[Metrics], judgments: Input[Dataset],
-            judge_cache: Input[Artifact], judge_metrics: Input[Metrics], report_md: Input[Markdown], report_html: Input[HTML],
-            plots: Input[Artifact], dvc_lock: Output[Artifact], params_yaml: Output[Artifact],
-            results: Output[Artifact]):
+            base_model_base: Input[Model], sft_sft: Input[Model], sft_metrics: Input[Metrics],
+            train_policy: Input[Model], train_metrics: Input[Metrics], train_spo_policy: Input[Model],
+            train_spo_metrics: Input[Metrics], generate_generations: Input[Dataset], generate_metrics: Input[Metrics],
+            reward_model_reward: Input[Model], reward_model_metrics: Input[Metrics], judge_judgments: Input[Dataset],
+            judge_judge_cache: Input[Artifact], judge_metrics: Input[Metrics], report_report_md: Input[Markdown],
+            report_report_html: Input[HTML], report_plots: Input[Artifact], dvc_lock: Output[Artifact],
+            params_yaml: Output[Artifact], results: Output[Artifact]):
+    # every output of the run, as <task>_<output> (spo.stages.table.published)
     import json
 
     from spo.lineage.publish import publish
-    from spo.pipelines.runtime import model_dir, variant_names
+    from spo.pipelines.runtime import published_outputs
 
-    plain, with_spo = variant_names(loss)
-    outputs = {
-        "data/prepared": prepared.path, "data/quarantine/prepare.jsonl": prepare_quarantine.path + "/prepare.jsonl",
-        "data/validated": validated.path, "data/quarantine/validate.jsonl": validate_quarantine.path + "/validate.jsonl",
-        "reports/validation": validation.path, "metrics/validate.json": validate_metrics.path,
-        "data/keywords": keywords.path, "metrics/keywords.json": keywords_metrics.path,
-        "data/degrees": degrees.path, "metrics/degrees.json": degrees_metrics.path,
-        "metrics/degrees_removed_fraction.png": degrees_plot.path,
-        "metrics/degrees_shortcut_audit.png": degrees_audit_plot.path, "models/base": model_dir(base),
-        "models/sft": model_dir(sft), "metrics/sft.json": sft_metrics.path,
-        f"models/policy/{plain}": model_dir(policy), f"metrics/train_{plain}.json": train_metrics.path,
-        f"models/policy/{with_spo}": model_dir(policy_spo), f"metrics/train_{with_spo}.json": train_spo_metrics.path,
-        "outputs/generations": generations.path, "metrics/generate.json": generate_metrics.path,
-        "models/reward": model_dir(reward), "metrics/reward_model.json": reward_metrics.path,
-        "outputs/judgments": judgments.path, "outputs/judge_cache.sqlite": judge_cache.path + "/judge_cache.sqlite",
-        "metrics/judge.json": judge_metrics.path, "reports/report.md": report_md.path,
-        "reports/report.html": report_html.path, "plots": plots.path,
-    }
+    outputs = published_outputs(locals(), loss)
     publish(outputs=outputs, params_text=params_all, dvc_yaml=dvc_yaml, dvcignore=dvcignore,
             remote=json.loads(remote) if remote else None, run_id=run_id, dvc_lock=dvc_lock.path,
             params_yaml=params_yaml.path, results=results.path)

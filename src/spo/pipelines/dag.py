@@ -1,12 +1,13 @@
-"""The pipeline graph, mirroring dvc.yaml: data checks to the judged report, two policies side by side.
+"""The pipeline graph, wired from the stage table (spo.stages.table), against which dvc.yaml is
+checked too: data checks to the judged report, two policies side by side.
 
 ``configure`` → prepare → validate → keywords → degrees; validate → base_model → sft; the two
 policies (``<loss>`` and ``<loss>_spo``) train in parallel from sft; generate samples from sft
 and both; reward_model trains the local judge beside them; judge compares every policy with
 the data's chosen responses, the SPO policy with the plain one and with SFT; report gathers it
 all; ``publish`` records every output in a dvc.lock and pushes them to the platform's DVC remote
-(spo.lineage.dvc_sync). Each task gets its stage's params text from ``configure`` and its placement from the
-platform file (:func:`spo.pipelines.placement.place`). A train pool with more than one node or
+(spo.lineage). Each task gets its stage's params text from ``configure`` and its placement
+from the platform file (:func:`spo.pipelines.placement.place`). A train pool with more than one node or
 process makes the two train tasks ``train_job`` launchers (spo.cluster), given the platform and
 the run id to build their TrainJobs from.
 
@@ -25,6 +26,7 @@ from typing import Any
 from spo.config import SpoConfig, load_config
 from spo.kube.platform import Platform
 from spo.pipelines.placement import place
+from spo.stages.table import TABLE, published
 
 PIPELINE_NAME = "spo-pipeline"
 
@@ -94,56 +96,34 @@ def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
         p = conf.outputs
         # on a data volume, the content of its files goes into prepare's cache key (runtime.data_version)
         version = task("data_version", "data version", params=p["prepare"]).output if platform.data_volume else ""
-        prepared = task("prepare", params=p["prepare"], data_version=version)
-        validated = task("validate", params=p["validate"], prepared=prepared.outputs["prepared"],
-                         prepare_quarantine=prepared.outputs["quarantine"])
-        rows = validated.outputs["validated"]
-        keyphrases = task("keywords", params=p["keywords"], validated=rows)
-        levels = task("degrees", params=p["degrees"], validated=rows, keywords=keyphrases.outputs["keywords"])
-        base = task("base_model", params=p["base_model"], validated=rows)
-        sft = task("sft", params=p["sft"], validated=rows, base=base.outputs["base"])
-        # no run id among its inputs: it would make every run's cache key new
-        # nor the run's workspace (its PVC name, new in every run, is in the cache key: see
+        # no run id among train's inputs: it would make every run's cache key new; nor the run's
+        # workspace (its PVC name, new in every run, is in the cache key: see
         # spo.kube.platform.CheckpointVolume): the checkpoint volume, if any, has a fixed name
         volume = platform.checkpoints.mount_path if platform.checkpoints else ""
         where = ({"component": "train_job", "platform": platform.model_dump_json(),
                   "workspace": volume or dsl.WORKSPACE_PATH_PLACEHOLDER}
                  if platform.train_job else {"checkpoints": volume})
-        policies = [task("train", "train spo" if second else "train", params=p["train"], validated=rows,
-                         degrees=levels.outputs["degrees"], sft=sft.outputs["sft"], loss=loss, spo=spo,
-                         spo_variant=second, **where)
-                    for second in (False, True)]
-        generated = task("generate", params=p["generate"], validated=rows, sft=sft.outputs["sft"],
-                         policy=policies[0].outputs["policy"], policy_spo=policies[1].outputs["policy"], loss=loss)
-        reward = task("reward_model", params=p["reward_model"], validated=rows, sft=sft.outputs["sft"])
-        judged = task("judge", params=p["judge"], validated=rows, generations=generated.outputs["generations"],
-                      reward=reward.outputs["reward"])
-        reported = task("report", params=p["report"], loss=loss, validation=validated.outputs["validation"],
-             degrees=levels.outputs["degrees"], judgments=judged.outputs["judgments"],
-             policy=policies[0].outputs["policy"], policy_spo=policies[1].outputs["policy"],
-             validate_metrics=validated.outputs["metrics"], keywords_metrics=keyphrases.outputs["metrics"],
-             degrees_metrics=levels.outputs["metrics"], sft_metrics=sft.outputs["metrics"],
-             train_metrics=policies[0].outputs["metrics"], train_spo_metrics=policies[1].outputs["metrics"],
-             generate_metrics=generated.outputs["metrics"], reward_metrics=reward.outputs["metrics"],
-             judge_metrics=judged.outputs["metrics"])
+        knobs: dict[str, dict[str, Any]] = {"prepare": {"data_version": version}, "generate": {"loss": loss},
+                                            "report": {"loss": loss}}
+        tasks: dict[str, Any] = {}  # every stage's task(s), wired as the stage table says
+        for row in TABLE:
+            for index, name in enumerate(row.task_names):
+                kwargs = {"params": p[row.name], **knobs.get(row.name, {}),
+                          **{item.name: _output(tasks, item.source) for item in row.inputs}}
+                if row.tasks:  # train, once per variant: the loss alone, then with SPO
+                    kwargs.update(loss=loss, spo=spo, spo_variant=bool(index), **where)
+                tasks[name] = task(row.name, name.replace("_", " "), **kwargs)
         task("publish", params_all=p["params_all"], dvc_yaml=dvc_yaml, dvcignore=dvcignore, remote=remote,
-             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, loss=loss, prepared=prepared.outputs["prepared"],
-             prepare_quarantine=prepared.outputs["quarantine"], validated=rows,
-             validate_quarantine=validated.outputs["quarantine"], validation=validated.outputs["validation"],
-             validate_metrics=validated.outputs["metrics"], keywords=keyphrases.outputs["keywords"],
-             keywords_metrics=keyphrases.outputs["metrics"], degrees=levels.outputs["degrees"],
-             degrees_metrics=levels.outputs["metrics"], degrees_plot=levels.outputs["plot"],
-             degrees_audit_plot=levels.outputs["audit_plot"], base=base.outputs["base"],
-             sft=sft.outputs["sft"], sft_metrics=sft.outputs["metrics"], policy=policies[0].outputs["policy"],
-             policy_spo=policies[1].outputs["policy"], train_metrics=policies[0].outputs["metrics"],
-             train_spo_metrics=policies[1].outputs["metrics"], generations=generated.outputs["generations"],
-             generate_metrics=generated.outputs["metrics"], reward=reward.outputs["reward"],
-             reward_metrics=reward.outputs["metrics"], judgments=judged.outputs["judgments"],
-             judge_cache=judged.outputs["judge_cache"], judge_metrics=judged.outputs["metrics"],
-             report_md=reported.outputs["report_md"],
-             report_html=reported.outputs["report_html"], plots=reported.outputs["plots"])
+             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, loss=loss,
+             **{name: _output(tasks, source) for name, source in published()})
 
     return spo_pipeline
+
+
+def _output(tasks: dict[str, Any], source: str) -> Any:
+    """``<task>.<output>`` of the tasks made so far."""
+    task, _, output = source.partition(".")
+    return tasks[task].outputs[output]
 
 
 def _pvc_patch(platform: Platform) -> dict[str, Any]:

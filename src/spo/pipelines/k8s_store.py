@@ -17,16 +17,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from spo.errors import StageFailed
+from spo.errors import StoreError
 
 __all__ = ["GROUP", "VERSION", "get_version", "put_version", "version_name"]
 
 GROUP, VERSION = "pipelines.kubeflow.org", "v2beta1"
 log = logging.getLogger("spo.pipeline")
-
-
-class StoreError(StageFailed):
-    """The Kubernetes API refused the resources, or a name is taken by something else."""
 
 
 def version_name(pipeline: str, digest: str) -> str:

@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from spo.errors import StageFailed
-from spo.io import InputError
+from spo.errors import InputError, StageFailed
 
 log = logging.getLogger("spo.pipeline")
 
@@ -69,9 +68,9 @@ def _checked_container(client: Any, image: str, command: list[str], volumes: dic
                        step_seconds: dict[str, float] | None = None, **run_args: Any) -> int:
     """``kfp.local``'s container run, with the exit code read before the container is removed;
     the container's wall time (start to exit) is recorded in ``step_seconds`` under its task."""
-    import docker
-
     from kfp.local import docker_task_handler
+
+    import docker
 
     run_args.pop("auto_remove", None)
     run_args.setdefault("network_mode", "none")  # never a bridge: no runner of ours asks for one

@@ -1,9 +1,10 @@
 """What a pipeline component runs inside its container: config in, stage out, artifacts back.
 
-A component (spo.pipelines.components) is a few lines: it names the artifact paths of its task
-and calls :func:`run_stage`, which builds the stage's :class:`~spo.config.SpoConfig` from the
-pipeline's ``params.yaml`` text, its knobs (``-S`` overrides) and those paths, and calls the same
-``spo.stages.<stage>.run(cfg)`` that ``dvc repro`` calls. Nothing about a stage lives here.
+A component (spo.pipelines.components) is a few lines: it hands its task's artifacts to
+:func:`run_step`, which places each at the config key the stage table (spo.stages.table) names,
+builds the stage's :class:`~spo.config.SpoConfig` from the pipeline's ``params.yaml`` text and
+those paths (:func:`run_stage`), and calls the same ``spo.stages.<stage>.run(cfg)`` that
+``dvc repro`` calls. Nothing about a stage lives here.
 
 A ``Model`` artifact holds the model folder itself, as ``dvc repro`` writes it, and KFP uploads
 it to the artifact store like any other artifact (:func:`write_model` / :func:`model_dir`). So
@@ -25,27 +26,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from spo.errors import WorkspaceNotWritable
+
+
 def variant_names(loss: str) -> tuple[str, str]:
     """The two policies every run trains: the loss alone, and the loss with SPO's degree loss."""
     return loss, f"{loss}_spo"
 
-
-# the config sections each stage reads (what dvc.yaml lists as its params): a stage's params
-# text holds these and defaults elsewhere, so the cache of a step follows exactly its own params
-SECTIONS: dict[str, tuple[str, ...]] = {
-    "prepare": ("seed", "data", "prepare"),
-    "validate": ("prepare", "validate"),
-    "keywords": ("seed", "keywords"),
-    "degrees": ("degrees",),
-    "base_model": ("seed", "model", "base_model"),
-    "sft": ("seed", "model", "sft"),
-    "train": ("seed", "model", "train"),
-    "generate": ("seed", "model", "generate", "variants"),
-    "reward_model": ("seed", "model", "reward_model"),
-    "judge": ("seed", "data", "model", "judge", "variants", "generate"),
-    "report": ("seed", "data", "prepare", "validate", "keywords", "degrees", "model", "base_model", "sft", "train",
-               "variants", "generate", "reward_model", "judge", "report"),
-}
 
 # the pipeline's knobs: parameter -> the params keys it sets (loss and spo set the variants)
 KNOBS: dict[str, tuple[str, ...]] = {
@@ -77,13 +64,16 @@ def resolve(params: str, overrides: Sequence[str], knobs: Mapping[str, Any]) -> 
 
 
 def configure(params: str, overrides: Sequence[str], knobs: Mapping[str, Any]) -> tuple[str, ...]:
-    """One params text per stage (in :data:`SECTIONS` order), from the run's resolved config,
-    then the run's whole params.yaml (:func:`params_all`)."""
+    """One params text per stage (in the stage table's order, each with the sections
+    :func:`spo.stages.table.sections` gives it), from the run's resolved config, then the run's
+    whole params.yaml (:func:`params_all`)."""
     import yaml
+
+    from spo.stages.table import TABLE, sections
 
     resolved = resolve(params, overrides, knobs)
     dumped = resolved.model_dump(mode="json", by_alias=True)
-    stages = tuple(yaml.safe_dump({k: dumped[k] for k in sections}, sort_keys=True) for sections in SECTIONS.values())
+    stages = tuple(yaml.safe_dump({k: dumped[k] for k in sections(row)}, sort_keys=True) for row in TABLE)
     return (*stages, params_all(params, resolved))
 
 
@@ -122,6 +112,98 @@ def run_stage(stage: str, params: str, paths: Mapping[str, Any]) -> dict[str, An
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     require_placed_gpus()  # a task placed on GPUs that cannot use them stops here, not after hours on the CPU
     return load_stage(stage).run(stage_config(params, [], paths))
+
+
+def path_defaults() -> dict[str, str]:
+    """Every config key that holds a path -> its default: where ``dvc repro`` puts each output in
+    a checkout (the stage table's keys; dvc.yaml is checked against them)."""
+    from spo.config import SpoConfig
+    from spo.stages.table import TABLE
+
+    dumped = SpoConfig().model_dump(mode="json", by_alias=True)
+    keys = {item.key for row in TABLE for item in (*row.inputs, *row.outputs)}
+    found: dict[str, str] = {}
+    for key in keys:
+        value: Any = dumped
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if isinstance(value, str):
+            found[key] = value
+    return found
+
+
+def run_step(stage: str, params: str, artifacts: Mapping[str, Any], *, loss: str = "",
+             settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``stage`` on its task's artifacts, each placed at the config key the stage table names.
+
+    ``artifacts`` maps the component's parameter names to its input and output artifacts;
+    ``loss`` names the run's two variants, for the inputs gathered per variant; ``settings`` are
+    further config values (they win over the paths). After the stage, ``Model`` outputs get their
+    metadata, ``Metrics`` outputs their scalars, and a file the stage wrote inside or beside
+    another output is copied onto its own artifact.
+    """
+    from spo.stages.table import checkout_path, producer
+    from spo.stages.table import stage as row_of
+
+    row = row_of(stage)
+    variants = variant_names(loss) if loss else ()
+    defaults = path_defaults()
+    with tempfile.TemporaryDirectory(prefix=f"spo-{stage}-") as scratch:
+        paths: dict[str, Any] = {}
+        for item in row.inputs:
+            _, _, source = producer(item.source)
+            artifact = artifacts[item.name]
+            where = model_dir(artifact) if source.kind == "Model" else artifact.path
+            where = "/".join(part for part in (where, source.file, item.file) if part)
+            if item.gather:
+                name = checkout_path(item.source, defaults, variants).rsplit("/", 1)[-1]
+                folder = paths.setdefault(item.key, str(Path(scratch, item.key)))
+                _place_input(where, Path(folder) / name, link=source.kind == "Model")
+            else:
+                paths[item.key] = where
+        for out in row.outputs:
+            if out.inside:
+                paths[out.key] = str(Path(scratch, out.key))
+            elif not out.beside:
+                paths[out.key] = "/".join(part for part in (artifacts[out.name].path, out.file) if part)
+        paths.update(settings or {})
+        result = run_stage(stage, params, paths)
+        for out in row.outputs:
+            artifact = artifacts[out.name]
+            if out.inside:
+                copy_file(Path(paths[out.key], out.inside), artifact.path)
+            elif out.beside:
+                copy_file(Path(paths[out.key]).parent / out.beside, artifact.path)
+            if out.kind == "Model":
+                write_model(artifact, paths[out.key])
+            elif out.kind == "Metrics":
+                log_metrics(artifact, artifact.path)
+    return result
+
+
+def published_outputs(artifacts: Mapping[str, Any], loss: str) -> dict[str, str]:
+    """Checkout path -> artifact path for every output of the run, from ``publish``'s inputs
+    (named ``<task>_<output>``, :func:`spo.stages.table.published`)."""
+    from spo.stages.table import checkout_path, producer, published
+
+    defaults, variants = path_defaults(), variant_names(loss)
+    outputs: dict[str, str] = {}
+    for name, source in published():
+        _, _, out = producer(source)
+        artifact = artifacts[name]
+        where = model_dir(artifact) if out.kind == "Model" else artifact.path
+        outputs[checkout_path(source, defaults, variants)] = "/".join(part for part in (where, out.file) if part)
+    return outputs
+
+
+def _place_input(source: str, target: Path, *, link: bool) -> None:
+    """One input in a gathered folder: a model folder as a symbolic link (no second copy of the
+    weights), a file copied."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        target.symlink_to(Path(source).resolve(), target_is_directory=True)
+    else:
+        shutil.copyfile(source, target)
 
 
 def data_version(params: str) -> str:
@@ -164,11 +246,6 @@ def _scalars(data: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, flo
     elif isinstance(data, (int, float)) and not isinstance(data, bool) and data == data:
         out.append((prefix.rstrip("."), float(data)))
     return out
-
-
-class WorkspaceNotWritable(RuntimeError):
-    """A volume of the run (the checkpoint PVC, the workspace) does not let this task's user write:
-    stop with what to change."""
 
 
 def check_writable(workspace: str | Path) -> None:
@@ -292,30 +369,6 @@ def copy_file(source: str | Path, target: str | Path) -> None:
     """Copy one stage output onto an artifact path (HTML/Markdown artifacts are single files)."""
     Path(target).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
-
-
-def gather(folder: str | Path, files: Mapping[str, str | Path]) -> str:
-    """A folder holding ``files`` (name -> source path) side by side: the layout a stage reads
-    (e.g. ``metrics/<stage>.json``), assembled from separate artifacts."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, source in files.items():
-        source = Path(source)
-        if source.is_dir():
-            shutil.copytree(source, out / name, dirs_exist_ok=True)
-        elif source.is_file():
-            shutil.copyfile(source, out / name)
-    return str(out)
-
-
-def link_models(folder: str | Path, models: Mapping[str, str | Path]) -> str:
-    """A folder of symbolic links ``<name> -> model folder``: the ``policy_dir`` layout the report
-    reads, without copying weights."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, target in models.items():
-        (out / name).symlink_to(Path(target).resolve(), target_is_directory=True)
-    return str(out)
 
 
 def html_image(png: str | Path, target: str | Path, title: str) -> None:

@@ -39,8 +39,7 @@ from typing import Any
 import yaml
 
 from spo.config import load_config
-from spo.errors import StageFailed
-from spo.io import InputError
+from spo.errors import InputError, SubmitError
 from spo.pipelines.compile import DEFAULT_PLATFORM, compile_pipeline
 
 log = logging.getLogger("spo.pipeline")
@@ -54,10 +53,6 @@ MAX_POLL_ERRORS = 5  # consecutive transient errors (5xx, connection) tolerated 
 FAILED_STATES = ("FAILED", "CANCELED", "SKIPPED")  # a run's end states other than SUCCEEDED
 ACTIONS = ("run", "upload", "schedule", "check")
 STORES = ("api", "kubernetes")  # where pipelines are uploaded: the REST API, or Pipeline/PipelineVersion resources
-
-
-class SubmitError(StageFailed):
-    """The KFP API refused a request or the run did not succeed (``spo`` then exits non-zero)."""
 
 
 @dataclass(frozen=True)

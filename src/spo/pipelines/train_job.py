@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from spo.cluster import launcher
-from spo.cluster.launcher import TrainJobError
 from spo.cluster.trainjob import WorkspaceMount, build_trainjob, validate_trainjob
+from spo.errors import TrainJobError
 from spo.kube.platform import Platform
 from spo.pipelines.runtime import check_writable, copy_file, discard_run_files, run_folder, stage_config, variant_names
 

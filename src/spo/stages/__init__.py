@@ -1,7 +1,8 @@
 """One module per pipeline stage, each exposing ``run(cfg: SpoConfig) -> dict``.
 
 The CLI, ``dvc.yaml`` and the Kubeflow components all call these functions; nothing about a
-stage's logic lives in an adapter.  Modules are imported lazily so that ``spo prepare`` does
+stage's logic lives in an adapter. The stages, their order and their inputs and outputs are
+written once, in :mod:`spo.stages.table`.  Modules are imported lazily so that ``spo prepare`` does
 not pay for Great Expectations or torch.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-STAGES = ("prepare", "validate", "keywords", "degrees", "base_model", "sft", "train", "generate", "reward_model", "judge", "report")
+from spo.stages.table import STAGES
 
 
 def load_stage(name: str) -> ModuleType:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from spo.config import SpoConfig
-from spo.io import InputError, read_jsonl, tree_sha256, write_json, write_provenance
+from spo.errors import InputError
+from spo.io import read_jsonl, tree_sha256, write_json, write_provenance
 from spo.models.gguf import GgufRef, load_gguf_model, load_gguf_tokenizer, resolve_gguf
 from spo.models.loading import POINTER_FILE, ensure_pad_token, load_tokenizer, resolve_ref, save_model
 

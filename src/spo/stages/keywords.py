@@ -22,7 +22,8 @@ from typing import Any
 from tqdm import tqdm
 
 from spo.config import SPLITS, SpoConfig
-from spo.io import InputError, atomic_dir, atomic_open, read_jsonl, tree_sha256, write_json, write_provenance
+from spo.errors import InputError
+from spo.io import atomic_dir, atomic_open, read_jsonl, tree_sha256, write_json, write_provenance
 from spo.keywords import method_options
 from spo.keywords.parallel import KeywordRunner, Row, Stat
 

@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 from tqdm import tqdm
 
 from spo.config import OptimConfig, SpoConfig, check_sequence_and_batch
-from spo.io import InputError, atomic_dir, read_jsonl, tree_sha256, write_json, write_provenance
+from spo.errors import InputError
+from spo.io import atomic_dir, read_jsonl, tree_sha256, write_json, write_provenance
 
 log = logging.getLogger("spo.reward_model")
 

@@ -29,7 +29,8 @@ from typing import Any
 from tqdm import tqdm
 
 from spo.config import SpoConfig, check_sequence_and_batch
-from spo.io import InputError, atomic_dir, read_jsonl, tree_sha256, write_json, write_provenance
+from spo.errors import InputError
+from spo.io import atomic_dir, read_jsonl, tree_sha256, write_json, write_provenance
 
 log = logging.getLogger("spo.sft")
 _Split = tuple[list[dict[str, Any]], Path]  # a split's rows and the file they came from

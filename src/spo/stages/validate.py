@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spo.config import SPLITS, SpoConfig, ValidateConfig
-from spo.errors import StageFailed
-from spo.io import InputError, read_jsonl, tree_sha256, write_json, write_jsonl, write_provenance
+from spo.errors import InputError, StageFailed
+from spo.io import read_jsonl, tree_sha256, write_json, write_jsonl, write_provenance
 
 if TYPE_CHECKING:  # pandas and the suite load only when the stage runs
     from spo.data.expectations import Outcome

@@ -52,7 +52,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spo.io import InputError, check_aligned, read_jsonl
+from spo.errors import InputError
+from spo.io import check_aligned, read_jsonl
 
 log = logging.getLogger("spo.train")
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from spo.io import InputError
+from spo.errors import InputError
 from spo.training.data import SIDES, PackedBatch, attention_mask_4d
 
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
