@@ -29,9 +29,17 @@ from tqdm import tqdm
 from spo.config import SPLITS, DegreeAuditConfig, SpoConfig
 from spo.degree_audit import FORMATTING_PROBES, AuditResult, audit
 from spo.degrees import TOKEN_RE, build_degree_variants
-from spo.errors import StageFailed
-from spo.io import atomic_dir, check_aligned, read_jsonl, save_figure, tree_sha256, write_json, write_jsonl, write_provenance
-from spo.errors import InputError
+from spo.errors import InputError, StageFailed
+from spo.io import (
+    atomic_dir,
+    check_aligned,
+    read_jsonl,
+    save_figure,
+    tree_sha256,
+    write_json,
+    write_jsonl,
+    write_provenance,
+)
 
 log = logging.getLogger("spo.degrees")
 SIDES = ("chosen", "rejected")

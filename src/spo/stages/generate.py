@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spo.config import SpoConfig
-from spo.io import atomic_dir, file_sha256, read_jsonl, tree_sha256, write_json, write_jsonl, write_provenance
 from spo.errors import InputError
+from spo.io import atomic_dir, file_sha256, read_jsonl, tree_sha256, write_json, write_jsonl, write_provenance
 
 if TYPE_CHECKING:  # the generation module loads when the stage runs
     from spo.generation import GenerationResult

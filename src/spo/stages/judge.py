@@ -33,11 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from spo.config import ComparisonConfig, SpoConfig
-from spo.errors import StageFailed
+from spo.errors import BudgetExhausted, InputError, StageFailed
 from spo.io import atomic_dir, file_sha256, save_figure, write_json, write_jsonl, write_provenance
-from spo.errors import InputError
 from spo.judging.base import Judge, JudgeRequest, NotJudged, Verdict
-from spo.errors import BudgetExhausted
 from spo.judging.comparisons import (
     DATASET_SIDES,
     Comparison,
