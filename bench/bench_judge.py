@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from judge_server import JudgeServer, slow  # noqa: E402
+
 from spo.config import OpenAIJudgeConfig, RetryConfig  # noqa: E402
 from spo.judging.base import JudgeRequest  # noqa: E402
 from spo.judging.cache import JudgeCache  # noqa: E402

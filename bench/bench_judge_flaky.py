@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from judge_server import JudgeServer, Reply, rate_limited, server_error, verdict  # noqa: E402
+
 from spo.config import load_config  # noqa: E402
 from spo.judging.base import JudgeRequest, NotJudged  # noqa: E402
 from spo.judging.cache import JudgeCache  # noqa: E402

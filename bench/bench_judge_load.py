@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from judge_server import JudgeServer, Reply, hang, rate_limited, server_error, verdict  # noqa: E402
+
 from spo.config import load_config  # noqa: E402
 from spo.judging import prompts  # noqa: E402
 from spo.judging.base import JudgeRequest, NotJudged, Verdict  # noqa: E402

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from conftest import REPO
 
 CHART = REPO / "charts" / "spo"

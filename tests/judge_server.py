@@ -83,14 +83,14 @@ def garbage(text: str = "I cannot decide, both are fine.") -> Reply:
     return Reply(content=text)
 
 
-def prefers_position_a(record: "RequestRecord") -> Reply:
+def prefers_position_a(record: RequestRecord) -> Reply:
     """Always says A, whatever the content (a maximally position-biased judge)."""
     content = record.body["messages"][-1]["content"] if record.body else ""
     label = "Preferred" if "Summary A" in content else "More helpful"
     return verdict("A", label=label)
 
 
-def echo_key_401(record: "RequestRecord") -> Reply:
+def echo_key_401(record: RequestRecord) -> Reply:
     """Like a real endpoint that quotes the (bad) key back in its 401 error message."""
     auth = record.headers.get("authorization", "")
     key = auth.removeprefix("Bearer ").strip()
@@ -210,7 +210,7 @@ class JudgeServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}/v1"
 
-    def start(self) -> "JudgeServer":
+    def start(self) -> JudgeServer:
         self._thread.start()
         return self
 
@@ -234,7 +234,7 @@ class JudgeServer:
         with self._lock:
             return len(self.requests)
 
-    def __enter__(self) -> "JudgeServer":
+    def __enter__(self) -> JudgeServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

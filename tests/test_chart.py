@@ -15,11 +15,20 @@ from typing import Any
 
 import pytest
 import yaml
-from chart_helpers import (CHART, KUBERNETES_VERSION, NAMESPACE, RELEASE, deep_merge, example, objects, one, render,
-                           write_manifests)
-from kfp_api_server import KfpApiServer
-
+from chart_helpers import (
+    CHART,
+    KUBERNETES_VERSION,
+    NAMESPACE,
+    RELEASE,
+    deep_merge,
+    example,
+    objects,
+    one,
+    render,
+    write_manifests,
+)
 from conftest import REPO
+from kfp_api_server import KfpApiServer
 
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 CASES = {"default": {}, "gpu-pools": example("gpu-pools"), "multinode": example("multinode"),

@@ -14,9 +14,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from docker_helpers import docker_client, dockerfiles, project_image
-
 from conftest import REPO
+from docker_helpers import docker_client, dockerfiles, project_image
 
 HADOLINT = Path(sys.executable).parent / "hadolint"
 OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")

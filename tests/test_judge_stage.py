@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from spo.config import ComparisonConfig, SpoConfig
-from spo.io import read_jsonl, write_jsonl
 from spo.errors import StageFailed
+from spo.io import read_jsonl, write_jsonl
 from spo.judging.base import Judge, JudgeRequest, NotJudged, Verdict
 from spo.judging.comparisons import build_comparison, load_rows, requests_for
 from spo.stages import judge as judge_stage

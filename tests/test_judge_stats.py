@@ -7,9 +7,21 @@ import pytest
 
 from spo.judging.base import NotJudged, Verdict
 from spo.judging.statistics import (
-    INVALID, LOSS, NOT_JUDGED, TIE, WIN,
-    bootstrap_ci, format_summary, length_controlled_win_rate, load_rouge, outcome,
-    position_consistency, rouge_scores, scores_of, summarize, win_rate,
+    INVALID,
+    LOSS,
+    NOT_JUDGED,
+    TIE,
+    WIN,
+    bootstrap_ci,
+    format_summary,
+    length_controlled_win_rate,
+    load_rouge,
+    outcome,
+    position_consistency,
+    rouge_scores,
+    scores_of,
+    summarize,
+    win_rate,
 )
 
 

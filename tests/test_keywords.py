@@ -63,8 +63,8 @@ def test_worked_example_rake() -> None:
 
 def test_worked_example_matches_bare_rake_nltk() -> None:
     """Same phrases, scores and order as rake-nltk itself, after de-duplication."""
-    from spo.keywords.rake import make_rake
     from spo.config import RakeOptions
+    from spo.keywords.rake import make_rake
 
     bare = make_rake(load_stopwords("english"), RakeOptions())
     bare.extract_keywords_from_text(WORKED)

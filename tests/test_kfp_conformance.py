@@ -25,9 +25,9 @@ from typing import Any
 import jsonschema
 import kfp.client.client
 import pytest
-
 from conftest import REPO
 from kfp_api_server import API, KfpApiServer, Request
+
 from spo.pipelines.submit import submit
 
 SWAGGER = Path(__file__).parent / "upstream" / "kfp-2.17.0" / "kfp_api_single_file.swagger.json"

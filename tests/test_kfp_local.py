@@ -7,10 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from docker_helpers import project_image, require_docker
 from pipeline_helpers import DVC, _env, small_project
 
-from conftest import REPO
 from spo.errors import StageFailed
 from spo.pipelines.compile import compile_pipeline
 from spo.pipelines.local import run_local

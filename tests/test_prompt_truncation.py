@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import sys
 import types
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import pytest
@@ -53,14 +53,14 @@ SMALL = TinyModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, nu
                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
 
 
-@lru_cache(maxsize=None)
+@cache
 def hh_prompts(n: int = 400) -> tuple[str, ...]:
     """Prompts of real HH train rows: the chosen dialogue up to its last "\\n\\nAssistant:"."""
     rows = read_gz(shared_data_dir() / "hh" / "train.jsonl.gz", limit=n)
     return tuple(split[0] for row in rows if (split := split_final_turn(row["chosen"])) is not None)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tokenizers() -> dict[str, Any]:
     tiny = train_tokenizer(list(hh_prompts()), vocab_size=SMALL.vocab_size)
     chatml = copy.deepcopy(tiny)

@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spo.plots import degree_levels, policy_plots, win_rate_plot
-
 import yaml
 
 from spo.config import SpoConfig
 from spo.degree_audit import FORMATTING_PROBES
+from spo.plots import degree_levels, policy_plots, win_rate_plot
 
 log = logging.getLogger("spo.report")
 

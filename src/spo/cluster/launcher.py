@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from spo.errors import TrainJobApiError, TrainJobError, TrainJobFailed, TrainJobTimeout
@@ -329,7 +329,7 @@ def _shape(manifest: Mapping[str, Any]) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _elapsed(seconds: float) -> str:

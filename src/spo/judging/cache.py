@@ -95,7 +95,7 @@ class JudgeCache:
                 pass
         self._local = threading.local()
 
-    def __enter__(self) -> "JudgeCache":
+    def __enter__(self) -> JudgeCache:
         return self
 
     def __exit__(self, *exc: object) -> None:

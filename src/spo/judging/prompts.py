@@ -9,7 +9,7 @@ a new version, because the version is part of the judge cache key.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from spo.judging.base import TASKS, JudgeRequest
@@ -24,7 +24,7 @@ def available_versions() -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_template(version: str, task: str) -> str:
     if task not in TASKS:
         raise ValueError(f"unknown judge task {task!r}; expected one of {TASKS}")

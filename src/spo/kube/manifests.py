@@ -176,7 +176,7 @@ def _crd_dir(crd_set: str) -> Traversable:
     return resources.files("spo.kube").joinpath(_CRD_DIR, crd_set)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vendored_crds(crd_set: str) -> tuple[Mapping[str, Any], ...]:
     """Parse every CRD file that SOURCE.json lists (and only those: provenance first)."""
     folder = _crd_dir(crd_set)
@@ -201,7 +201,7 @@ def _crd_versions(crd: Mapping[str, Any]) -> Iterator[tuple[GroupVersionKind, Ma
             yield (spec["group"], version["name"], spec["names"]["kind"]), version["schema"]["openAPIV3Schema"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _raw_schemas(crd_set: str) -> Mapping[GroupVersionKind, Mapping[str, Any]]:
     return {gvk: schema for crd in _vendored_crds(crd_set) for gvk, schema in _crd_versions(crd)}
 
@@ -339,7 +339,7 @@ def _unclosed(schema: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _validators(crd_set: str) -> Mapping[GroupVersionKind, jsonschema.Draft202012Validator]:
     validators = {}
     for gvk, openapi in _raw_schemas(crd_set).items():

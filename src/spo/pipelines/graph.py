@@ -49,7 +49,6 @@ def draw(pipeline_yaml: str | Path, out_png: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     import networkx as nx
 
     graph = tasks(pipeline_yaml)
