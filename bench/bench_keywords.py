@@ -2,7 +2,7 @@
 
     python bench/bench_keywords.py [--rows N] [--repeat K] [--methods rake,yake,...]
 
-Loads the HH rows of /work/shared/data/hh/{train,test}.jsonl.gz (or $SPO_SHARED_DATA/hh), takes
+Loads the HH rows of ../shared/data/hh/{train,test}.jsonl.gz (or $SPO_SHARED_DATA/hh), takes
 the final assistant turn of chosen and rejected, and measures side by side on one core:
 bare rake-nltk (same stop words and regex tokenizers, extract_keywords_from_text +
 get_ranked_phrases_with_scores), and each of our methods via its extractor object (spans
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import gzip
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,26 @@ def load_rows(limit: int | None) -> list[tuple[str, str, str]]:
                 rejected = row["rejected"].rsplit("\n\nAssistant:", 1)[-1].strip()
                 rows.append((f"{split}-{i}", chosen, rejected))
     return rows[:limit] if limit else rows
+
+
+def extract_all(extract: Callable[[str], object], texts: list[str]) -> None:
+    for text in texts:
+        extract(text)
+
+
+def runner_time(method: str, rows: list[tuple[str, str, str]], workers: int, repeat: int,
+                chunk_size: int) -> tuple[float, float]:
+    """The pool's start-up, and the best of `repeat` passes over `rows` through the stage's row path."""
+    t0 = time.perf_counter()
+    with KeywordRunner(method, {"seed": 0}, workers=workers, chunk_size=chunk_size) as runner:
+        startup = time.perf_counter() - t0
+        best = float("inf")
+        for _ in range(repeat):
+            t1 = time.perf_counter()
+            for _lines, _stats in runner.run(rows):
+                pass
+            best = min(best, time.perf_counter() - t1)
+    return startup, best
 
 
 def best_of(repeat: int, fn) -> float:
@@ -96,30 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 
     for method in methods:
         repeat = args.repeat if method in ("rake", "random") else 1
-        extractor = get_extractor(method, seed=0)
-        def run_one() -> None:
-            extract = extractor.extract
-            for text in texts:
-                extract(text)
-
+        run_one = functools.partial(extract_all, get_extractor(method, seed=0).extract, texts)
         run_one() if repeat > 1 else None  # warm-up
         one_s = best_of(repeat, run_one)
         entry = {"one_core_seconds": one_s, "one_core_rps": n / one_s, "ratio_to_bare": (n / one_s) / (n / bare_s)}
 
-        def runner_time(workers: int) -> tuple[float, float]:
-            t0 = time.perf_counter()
-            with KeywordRunner(method, {"seed": 0}, workers=workers, chunk_size=args.chunk_size) as runner:
-                startup = time.perf_counter() - t0
-                best = float("inf")
-                for _ in range(repeat):
-                    t1 = time.perf_counter()
-                    for _lines, _stats in runner.run(rows):
-                        pass
-                    best = min(best, time.perf_counter() - t1)
-            return startup, best
-
-        _, path1_s = runner_time(1)
-        startup2, path2_s = runner_time(args.workers)
+        _, path1_s = runner_time(method, rows, 1, repeat, args.chunk_size)
+        startup2, path2_s = runner_time(method, rows, args.workers, repeat, args.chunk_size)
         entry.update(
             runner_1_seconds=path1_s,
             runner_1_rps=n / path1_s,
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     print()
-    header = f"| method | 1 core resp/s | ratio to bare rake-nltk | runner 1 worker resp/s | runner {args.workers} workers resp/s | speed-up | pool start-up |"
+    header = (f"| method | 1 core resp/s | ratio to bare rake-nltk | runner 1 worker resp/s "
+              f"| runner {args.workers} workers resp/s | speed-up | pool start-up |")
     print(header)
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| bare rake-nltk | {n / bare_s:.0f} | 1.00 | | | | |")

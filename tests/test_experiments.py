@@ -26,11 +26,13 @@ def test_every_preset_run_is_a_valid_config_of_the_repo_params() -> None:
     presets = experiments.load_presets(REPO / "experiments.yaml")
     assert set(presets) == ALL_EXPERIMENTS
     assert set(presets["extractor"].runs) == {"rake", "yake", "positionrank", "random"}
-    for name, preset in presets.items():
+    for preset in presets.values():
         for run in preset.runs:
             experiments.check_run(REPO / "params.yaml", preset.overrides(run))  # raises on a typo or a bad value
-    six = experiments.load_config(REPO / "params.yaml", [experiments.spo_override(o) for o in presets["loss_x_spo"].runs["hh"]])
-    assert {(v.loss, v.spo) for v in six.variants.values()} == {(l, s) for l in ("dpo", "ipo", "kto") for s in (False, True)}
+    six = experiments.load_config(REPO / "params.yaml",
+                                  [experiments.spo_override(o) for o in presets["loss_x_spo"].runs["hh"]])
+    assert ({(v.loss, v.spo) for v in six.variants.values()}
+            == {(loss, spo) for loss in ("dpo", "ipo", "kto") for spo in (False, True)})
 
 
 def test_a_typo_in_a_preset_fails_before_dvc_runs(tmp_path: Path) -> None:

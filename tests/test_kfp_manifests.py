@@ -5,7 +5,7 @@ import copy
 import fnmatch
 import hashlib
 import json
-import sys
+import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -15,11 +15,6 @@ from kfp import compiler, dsl
 
 from spo.errors import ManifestValidationError
 from spo.kube.manifests import load_crd_schemas, read_manifests, strict_json_schema, validate_manifests
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    tomllib = None
 
 GROUP_VERSION = "pipelines.kubeflow.org/v2beta1"
 PIPELINE = ("pipelines.kubeflow.org", "v2beta1", "Pipeline")
@@ -325,7 +320,6 @@ def test_source_json_sha256s_match_vendored_files() -> None:
         assert entry["source_path"].endswith(entry["file"])
 
 
-@pytest.mark.skipif(tomllib is None, reason="tomllib needs Python 3.11")
 def test_crd_files_are_package_data() -> None:
     """A wheel only ships files matched by package-data; without them load_crd_schemas fails when installed."""
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))

@@ -79,7 +79,7 @@ def test_tiny_llama_shapes_params_and_determinism(tokenizer) -> None:
     again = build_tiny_llama(SMALL, tokenizer, seed=3)
     assert torch.equal(state_before, torch.random.get_rng_state())  # global RNG untouched
     other = build_tiny_llama(SMALL, tokenizer, seed=4)
-    for (name, a), b, c in zip(model.state_dict().items(), again.state_dict().values(), other.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(model.model.embed_tokens.weight, other.model.embed_tokens.weight)
 

@@ -126,7 +126,7 @@ class Mixed:
 
     def __init__(self, tmp: Path) -> None:
         folder = _clean_folder()
-        train, eval_, test = folder["train"], folder["eval"], folder["test"]
+        train = folder["train"]
         pairs = iter(_real_pairs(40)[17:])  # fresh prompts, unused by the clean rows
         self.bad: dict[str, dict[str, Any]] = {}
 

@@ -28,7 +28,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from spo.errors import TrainJobApiError, TrainJobError, TrainJobFailed, TrainJobTimeout
@@ -329,7 +328,7 @@ def _shape(manifest: Mapping[str, Any]) -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _elapsed(seconds: float) -> str:
