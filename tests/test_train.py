@@ -560,8 +560,8 @@ def test_bad_settings_are_refused_before_training() -> None:
         train_cfg(spo={"levels_per_step": 1})
     with pytest.raises(InputError, match="levels_per_step 5 is above the degree dataset's n_levels 4"):
         _trainer(train_cfg(spo={"levels_per_step": 5}))
-    with pytest.raises(InputError, match="batch_size must be at least 2"):
-        _trainer(train_cfg(loss="kto", optim={"batch_size": 1, "micro_batch_size": 1}))
+    with pytest.raises(ValidationError, match="optim.batch_size 1: loss kto needs at least 2 pairs per batch"):
+        train_cfg(loss="kto", optim={"batch_size": 1, "micro_batch_size": 1})
     tok, model = tiny_model()
     model.config._attn_implementation = "flash_attention_2"
     rows, degs = hh_pairs()

@@ -319,6 +319,25 @@ class DegreeLossConfig(_Section):
         return value
 
 
+    @property
+    def sides(self) -> tuple[bool, bool]:
+        """Which responses the degree loss trains on, (chosen, rejected): the one place that decides
+        whether the degree loss is on. A side with λ = 0 is off (its head gets no loss, so a run is
+        bit-identical to one without SPO), and both are off when ``enabled`` is false."""
+        return (self.enabled and self.lambda_w > 0, self.enabled and self.lambda_l > 0)
+
+    @property
+    def active(self) -> bool:
+        """The degree loss is on for at least one side."""
+        return any(self.sides)
+
+    @property
+    def active_mode(self) -> Literal["reencode", "drop"] | None:
+        """``mode`` when the degree loss is on, else None: the pairs are then tokenised, packed and
+        trained without degree variants."""
+        return self.mode if self.active else None
+
+
 class TrainConfig(_Section):
     rows_dir: str = "data/validated"
     degrees_dir: str = "data/degrees"
@@ -387,6 +406,13 @@ class TrainConfig(_Section):
     )
     resume: bool = Field(default=True, description="Continue from the last checkpoint in out_dir if there is one.")
     nan_policy: Literal["raise", "skip"] = Field(default="raise", description="On a non-finite loss: stop, or skip the step and log it.")
+
+    @model_validator(mode="after")
+    def _kto_needs_two_pairs(self) -> TrainConfig:
+        if self.loss == "kto" and self.optim.batch_size < 2:
+            raise ValueError(f"optim.batch_size {self.optim.batch_size}: loss kto needs at least 2 pairs per batch "
+                             "(its KL reference point comes from mismatched pairs of a batch)")
+        return self
 
 
 class SamplingConfig(_Section):
