@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     res = sub.add_parser("results", help="the run's win-rate table, its judge's accuracy and where the report is")
     res.add_argument("--metrics-dir", default="metrics", help="the metrics files (default: metrics)")
     res.add_argument("--reports-dir", default="reports", help="where report.md/.html are (default: reports)")
-    res.add_argument("--policy-dir", default="models/policy", help="the policies' degree_confusion.json (default: models/policy)")
+    res.add_argument("--policy-dir", default="models/policy",
+                     help="the policies' degree_confusion.json (default: models/policy)")
     res.add_argument("--json", action="store_true", help="the same as JSON")
     _exp_parser(sub)
     _pipeline_parser(sub)
@@ -51,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _pipeline_parser(sub: argparse._SubParsersAction) -> None:
-    pipe = sub.add_parser("pipeline", help="the Kubeflow pipeline: compile it, run it locally in containers, submit it to KFP")
+    pipe = sub.add_parser("pipeline",
+                          help="the Kubeflow pipeline: compile it, run it locally in containers, submit it to KFP")
     pipe.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     actions = pipe.add_subparsers(dest="pipeline_command", required=True, metavar="action")
     comp = actions.add_parser("compile", help="write the pipeline YAML (or its Pipeline/PipelineVersion resources)")
@@ -243,7 +245,8 @@ def _exp(args: argparse.Namespace) -> int:
             if preset.common:
                 print(f"  every run: {' '.join(preset.common)}")
             for run, overrides in preset.runs.items():
-                shown = " ".join(overrides) or ("(the common settings only)" if preset.common else "(params.yaml as it is)")
+                shown = " ".join(overrides) or (
+                    "(the common settings only)" if preset.common else "(params.yaml as it is)")
                 print(f"  {name}-{run}: {shown}")
         return 0
     if args.exp_command == "run":

@@ -207,7 +207,8 @@ def parse_exp_show(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for exp in reversed(entry.get("experiments") or []):
             revs = exp.get("revs") or []
             if revs:
-                rows.append(_row(exp.get("name") or revs[0].get("name") or revs[0]["rev"][:7], revs[0]["rev"], revs[0].get("data")))
+                name = exp.get("name") or revs[0].get("name") or revs[0]["rev"][:7]
+                rows.append(_row(name, revs[0]["rev"], revs[0].get("data")))
     if workspace is not None and not any(
         r and (r["params"], r["win_rates"]) == (workspace["params"], workspace["win_rates"]) for r in rows
     ):
@@ -256,7 +257,8 @@ def summary_doc(rows: list[dict[str, Any]]) -> Any:
     comparisons = list(dict.fromkeys(c for r in rows for c in r["win_rates"]))
     doc.h(2, "Win rates")
     doc.table(["Experiment", *params, *comparisons],
-              [[r["name"], *(str(r["params"].get(k, "–")) for k in params), *(_cell(r["win_rates"].get(c)) for c in comparisons)]
+              [[r["name"], *(str(r["params"].get(k, "–")) for k in params),
+                *(_cell(r["win_rates"].get(c)) for c in comparisons)]
                for r in rows])
     doc.img("win rates per experiment", "experiments.png")
     datasets, table = paper_table(rows)
@@ -267,7 +269,8 @@ def summary_doc(rows: list[dict[str, Any]]) -> Any:
     doc.h(2, "Policies at their last evaluation")
     keys = ["rewards/accuracies", "rewards/margins", "degree/accuracy_w", "degree/accuracy_l"]
     doc.table(["Experiment", "Policy", *keys],
-              [[r["name"], policy, *(fmt(ev.get(k)) for k in keys)] for r in rows for policy, ev in r["training"].items()])
+              [[r["name"], policy, *(fmt(ev.get(k)) for k in keys)]
+               for r in rows for policy, ev in r["training"].items()])
     series = degree_levels(rows)
     if series:
         doc.h(2, "Degree heads per level")
@@ -419,7 +422,8 @@ def plot_degrees(series: list[dict[str, Any]], path: Path) -> bool:
         for j, s in enumerate(mine):
             x = [lv["level"] + 0.06 * (j - (len(mine) - 1) / 2) for lv in s["levels"]]
             y = [lv["accuracy"] for lv in s["levels"]]
-            err = [[v - (lv["ci_low"] or v) for v, lv in zip(y, s["levels"])], [(lv["ci_high"] or v) - v for v, lv in zip(y, s["levels"])]]
+            err = [[v - (lv["ci_low"] or v) for v, lv in zip(y, s["levels"])],
+                   [(lv["ci_high"] or v) - v for v, lv in zip(y, s["levels"])]]
             ax.errorbar(x, y, yerr=err, fmt="o-", capsize=2, lw=1, ms=3, label=f"{s['experiment']} ({s['policy']})")
             ax.hlines(s["chance"], -0.2, len(s["levels"]) - 0.8, colors="grey", linestyles=":", lw=0.8)
         ax.set(title=f"degree head, {head} responses", xlabel="true level", ylabel="eval accuracy", ylim=(0, 1.02),
@@ -482,7 +486,8 @@ def write_summary(rows: list[dict[str, Any]], out_dir: str | Path = "reports") -
     plot_degrees(degree_levels(rows), out_dir / "experiments_degrees.png")
     doc = summary_doc(rows)
     write_json(out_dir / "experiments.json", rows)
-    for name, text in (("experiments.md", to_markdown(doc)), ("experiments.html", to_html(doc, out_dir, title="SPO experiments"))):
+    for name, text in (("experiments.md", to_markdown(doc)),
+                       ("experiments.html", to_html(doc, out_dir, title="SPO experiments"))):
         with atomic_open(out_dir / name) as handle:
             handle.write(text)
     log.info("exp summary: %d experiments -> %s", len(rows), out_dir / "experiments.md")

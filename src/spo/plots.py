@@ -53,7 +53,8 @@ def policy_plots(name: str, lines: list[dict[str, Any]], plots_dir: Path) -> lis
     if rows:
         written.append(plots_dir / "loss_parts" / f"{name}.csv")
         _write_csv(written[-1], ("step", *LOSS_PARTS), rows)
-    rows = [[r["step"], r["rewards/accuracies"], r.get("rewards/margins")] for r in evals if _finite(r.get("rewards/accuracies"))]
+    rows = [[r["step"], r["rewards/accuracies"], r.get("rewards/margins")]
+            for r in evals if _finite(r.get("rewards/accuracies"))]
     if rows:
         written.append(plots_dir / "reward_accuracy" / f"{name}.csv")
         _write_csv(written[-1], ("step", "reward_accuracy", "reward_margin"), rows)
@@ -71,7 +72,8 @@ def policy_plots(name: str, lines: list[dict[str, Any]], plots_dir: Path) -> lis
 def win_rate_plot(judge_metrics: dict[str, Any], plots_dir: Path) -> Path | None:
     """plots/win_rates.csv from metrics/judge.json (comparisons with a win rate only)."""
     rows = [
-        [name, r.get("a", ""), r.get("b", ""), r["win_rate"], r.get("ci_low"), r.get("ci_high"), r.get("n"), r.get("tie_rate")]
+        [name, r.get("a", ""), r.get("b", ""), r["win_rate"], r.get("ci_low"), r.get("ci_high"), r.get("n"),
+         r.get("tie_rate")]
         for name, r in judge_metrics.items()
         if isinstance(r, dict) and _finite(r.get("win_rate"))
     ]

@@ -123,7 +123,8 @@ def to_html(doc: Doc, image_dir: Path, title: str = "SPO report") -> str:
         elif kind == "p":
             out.append(f"<p>{_inline_html(block[1])}</p>")
         elif kind == "table":
-            out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in block[1]) + "</tr></thead><tbody>")
+            out.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
+                       + "</tr></thead><tbody>")
             out.extend("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block[2])
             out.append("</tbody></table>")
         elif kind == "img":
@@ -348,7 +349,8 @@ class Builder:
         if rouge:
             types = sorted({t for scores in rouge.values() for t in scores})
             d.p("ROUGE F-measure of each model's summaries against the data set's chosen summary:")
-            d.table(["Model", *types], [[model, *(fmt(scores.get(t)) for t in types)] for model, scores in rouge.items()])
+            d.table(["Model", *types],
+                    [[model, *(fmt(scores.get(t)) for t in types)] for model, scores in rouge.items()])
 
     # -- validation
     def validation(self) -> None:
@@ -363,7 +365,8 @@ class Builder:
             d.not_run("Validation")
             return
         if totals:
-            quarantined = sum(int(totals.get(k) or 0) for k in ("rows_quarantined_prepare", "rows_quarantined_validate"))
+            quarantined = sum(int(totals.get(k) or 0)
+                              for k in ("rows_quarantined_prepare", "rows_quarantined_validate"))
             d.table(["Rows read (prepare)", "Rows in (validate)", "Valid", "Quarantined", "Bad fraction", "Failed"], [[
                 fmt(totals.get("rows_read_prepare")), fmt(totals.get("rows_in")), fmt(totals.get("rows_valid")),
                 f"{quarantined} (prepare {fmt(totals.get('rows_quarantined_prepare'))}, "
@@ -492,7 +495,8 @@ class Builder:
         if sft is None:
             d.not_run("SFT")
         else:
-            d.table(["Eval loss before", "Eval loss after", "Train loss first", "Train loss last", "Steps", "Tokens/s"], [[
+            d.table(["Eval loss before", "Eval loss after", "Train loss first", "Train loss last", "Steps",
+                     "Tokens/s"], [[
                 fmt(sft.get("eval_loss_before")), fmt(sft.get("eval_loss_after")), fmt(sft.get("train_loss_first")),
                 fmt(sft.get("train_loss_last")), fmt(sft.get("steps")), fmt(sft.get("tokens_per_second"), 0)]])
         d.h(3, "Policies")
@@ -519,7 +523,8 @@ class Builder:
         if not last["eval"] and isinstance(summary.get("eval"), dict):
             last["eval"] = summary["eval"]
         if summary:
-            d.p(f"Loss: {summary.get('loss', '?')}; steps {fmt(summary.get('steps'))}/{fmt(summary.get('total_steps'))}; "
+            d.p(f"Loss: {summary.get('loss', '?')}; "
+                f"steps {fmt(summary.get('steps'))}/{fmt(summary.get('total_steps'))}; "
                 f"skipped {fmt(summary.get('skipped_steps'))}; degree mode {summary.get('degree_mode', '–')}; "
                 f"train seconds {fmt(summary.get('train_seconds'), 1)}.")
         if not last["train"] and not last["eval"]:
@@ -565,7 +570,8 @@ class Builder:
         if rm is None:
             d.not_run("Reward model")
         else:
-            d.table(["Held-out accuracy before", "Held-out accuracy after", "Held-out pairs", "Train pairs", "Steps"], [[
+            d.table(["Held-out accuracy before", "Held-out accuracy after", "Held-out pairs", "Train pairs",
+                     "Steps"], [[
                 fmt(rm.get("held_out_accuracy_before")), fmt(rm.get("held_out_accuracy_after")),
                 fmt(rm.get("held_out_pairs")), fmt(rm.get("train_pairs")), fmt(rm.get("steps"))]])
         d.h(2, "Generation")
@@ -577,7 +583,8 @@ class Builder:
         else:
             d.table(["Model", "Prompts", "Samples", "Generated tokens", "Mean response tokens", "Tokens/s", "Empty"], [
                 [name, fmt(g.get("prompts")), fmt(g.get("samples")), fmt(g.get("generated_tokens")),
-                 fmt(g.get("mean_response_tokens"), 1), fmt(g.get("tokens_per_second"), 1), fmt(g.get("empty_responses"))]
+                 fmt(g.get("mean_response_tokens"), 1), fmt(g.get("tokens_per_second"), 1),
+                 fmt(g.get("empty_responses"))]
                 for name, g in gen.items()])
 
     # -- config + provenance

@@ -157,7 +157,8 @@ def win_rate_table(summary: dict[str, Any]) -> str:
                       f"{100 * r['lc_win_rate']:.1f}%" if r.get("lc_win_rate") is not None else "–"))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))))
     paired = summary.get("paired_differences") or {}
     if paired:
         from spo.stages.judge import format_difference

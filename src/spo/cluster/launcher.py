@@ -59,7 +59,8 @@ def custom_objects_api() -> Any:
         try:
             config.load_kube_config()
         except (config.ConfigException, OSError) as err:
-            raise TrainJobApiError(f"no Kubernetes credentials: not in a pod, and no usable kubeconfig ({err})", 0) from None
+            raise TrainJobApiError(f"no Kubernetes credentials: not in a pod, and no usable kubeconfig ({err})",
+                                   0) from None
     return client.CustomObjectsApi()
 
 
@@ -69,7 +70,8 @@ def current_namespace() -> str:
         with open(NAMESPACE_FILE, encoding="utf-8") as stream:
             return stream.read().strip()
     except OSError as err:
-        raise TrainJobError(f"{NAMESPACE_FILE}: cannot read the pod's namespace ({err.strerror}); pass it explicitly") from None
+        raise TrainJobError(f"{NAMESPACE_FILE}: cannot read the pod's namespace ({err.strerror}); "
+                            "pass it explicitly") from None
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,8 @@ def launch(manifest: Mapping[str, Any], *, namespace: str, api: Any | None = Non
 
 
 def _follow(client: _Client, say: Callable[[str], None], hints: str, started: float, poll_seconds: float,
-            deadline_seconds: float | None, clock: Callable[[], float], sleep: Callable[[float], None]) -> dict[str, Any]:
+            deadline_seconds: float | None, clock: Callable[[], float],
+            sleep: Callable[[float], None]) -> dict[str, Any]:
     last: tuple[Any, ...] | None = None
     last_said = clock()
     while True:
@@ -167,7 +170,8 @@ def _follow(client: _Client, say: Callable[[str], None], hints: str, started: fl
             raise TrainJobFailed(f"{client.where} failed after {_elapsed(now - started)}: {reason}: {message}\n"
                                  f"  last status: {_describe(state)}\n"
                                  f"  the TrainJob is kept for inspection; look with:\n{hints}\n"
-                                 f"  then: kubectl delete trainjob -n {client.namespace} {client.name}", reason, message)
+                                 f"  then: kubectl delete trainjob -n {client.namespace} {client.name}",
+                                 reason, message)
         if deadline_seconds is not None and now - started >= deadline_seconds:
             say(f"not finished after the launcher's deadline of {_elapsed(deadline_seconds)}; deleting it")
             client.delete()
@@ -254,7 +258,8 @@ def _api_message(where: str, namespace: str, action: str, err: Any, tries: int) 
         422: "the API server (the TrainJob CRD or Trainer's webhook) rejected the job",
     }.get(int(err.status or 0), "")
     after = f" after {tries} tries" if tries > 1 else ""
-    return (f"{where}: {action} failed{after}: HTTP {err.status} {err.reason}" + (f": {detail[:1000]}" if detail else "")
+    return (f"{where}: {action} failed{after}: HTTP {err.status} {err.reason}"
+            + (f": {detail[:1000]}" if detail else "")
             + (f"\n  {meaning}" if meaning else ""))
 
 
@@ -301,8 +306,10 @@ def _state(job: Mapping[str, Any]) -> tuple[Any, ...]:
 
 def _describe(state: tuple[Any, ...]) -> str:
     conditions, jobs, progress = state
-    parts = [f"{kind}={value} ({reason}: {message}; since {since})" for kind, value, reason, message, since in conditions]
-    parts += [f"jobs {name}: {active} active, {ready} ready, {succeeded} succeeded, {failed} failed, {suspended} suspended"
+    parts = [f"{kind}={value} ({reason}: {message}; since {since})"
+             for kind, value, reason, message, since in conditions]
+    parts += [f"jobs {name}: {active} active, {ready} ready, {succeeded} succeeded, {failed} failed, "
+              f"{suspended} suspended"
               for name, active, ready, succeeded, failed, suspended in jobs]
     if progress is not None:
         parts.append(f"progress {progress}%")
@@ -313,7 +320,8 @@ def _hints(namespace: str, name: str, nodes: int) -> str:
     pods = f"jobset.sigs.k8s.io/jobset-name={name}"
     return (f"    kubectl get trainjob -n {namespace} {name} -o yaml\n"
             f"    kubectl get pods -n {namespace} -l {pods} -o wide\n"
-            f"    kubectl logs -n {namespace} -l {pods} -c node --prefix --tail=200 --max-log-requests={max(nodes, 5)}\n"
+            f"    kubectl logs -n {namespace} -l {pods} -c node --prefix --tail=200 "
+            f"--max-log-requests={max(nodes, 5)}\n"
             f"    kubectl describe trainjob -n {namespace} {name}   # events: scheduling, image pulls, webhook")
 
 

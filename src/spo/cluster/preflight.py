@@ -36,7 +36,8 @@ def cluster_findings(platform: Platform, namespace: str, api_client: Any) -> lis
         except ApiException as err:
             if err.status == 404:
                 findings.append(f"{where}: PersistentVolumeClaim {claim!r} does not exist in namespace {namespace!r}: "
-                                "the steps that mount it would stay Pending; create it (the Helm chart does: storage.*)")
+                                "the steps that mount it would stay Pending; "
+                                "create it (the Helm chart does: storage.*)")
                 continue
             if err.status == 403:
                 findings.append(f"{where}: cannot read PersistentVolumeClaim {claim!r} in {namespace!r} (HTTP 403): "
@@ -48,7 +49,8 @@ def cluster_findings(platform: Platform, namespace: str, api_client: Any) -> lis
             findings.append(f"{where}: PersistentVolumeClaim {claim!r} is Lost (its volume is gone): recreate it")
         modes = list((pvc.spec.access_modes if pvc.spec else None) or [])
         if where == "checkpoints.claim" and platform.train_job and "ReadWriteMany" not in modes:
-            findings.append(f"{where}: PersistentVolumeClaim {claim!r} is {modes}, but the train step is a TrainJob whose "
+            findings.append(f"{where}: PersistentVolumeClaim {claim!r} is {modes}, "
+                            "but the train step is a TrainJob whose "
                             "pods on several nodes mount it at once: it needs ReadWriteMany")
     if platform.train_job:
         try:

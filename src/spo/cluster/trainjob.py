@@ -82,7 +82,8 @@ def build_trainjob(platform: Platform, *, name: str, params_file: str, overrides
     if resources:
         trainer["resourcesPerNode"] = resources
     spec: dict[str, Any] = {
-        "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": pool.trainer_runtime},
+        "runtimeRef": {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                       "name": pool.trainer_runtime},
         "trainer": trainer,
         "runtimePatches": [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {
             "metadata": {"labels": dict(labels)},

@@ -65,7 +65,8 @@ def _read_local(path: Path, origin: str, split: str, limit: int | None) -> Itera
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    yield RawRecord(split, origin, line_no, None, f"not valid JSON: {err.msg} at column {err.colno}", line)
+                    yield RawRecord(split, origin, line_no, None, f"not valid JSON: {err.msg} at column {err.colno}",
+                                    line)
                     continue
                 if not isinstance(row, dict):
                     yield RawRecord(split, origin, line_no, None, f"a JSON {type(row).__name__}, not an object", line)
@@ -82,7 +83,8 @@ def _read_hub(cfg: DataConfig, split: str, limit: int | None) -> Iterator[RawRec
 
     source = cfg.hub[cfg.dataset]
     hub_split = source.splits[split]
-    dataset = load_dataset(source.path, name=source.name, data_dir=source.data_dir, revision=source.revision, split=hub_split)
+    dataset = load_dataset(source.path, name=source.name, data_dir=source.data_dir, revision=source.revision,
+                           split=hub_split)
     origin = f"hub:{source.path}{'/' + source.name if source.name else ''}[{hub_split}]"
     for index, row in enumerate(dataset, start=1):
         if limit is not None and index > limit:

@@ -30,7 +30,9 @@ def assign_splits(groups: Sequence[str], source_splits: Sequence[str], cfg: Spli
         out = []
         for group in groups:
             u = unit_interval(cfg.salt, group)
-            out.append("test" if u < cfg.test_fraction else "eval" if u < cfg.test_fraction + cfg.eval_fraction else "train")
+            out.append("test" if u < cfg.test_fraction
+                       else "eval" if u < cfg.test_fraction + cfg.eval_fraction
+                       else "train")
         return out
     seen_in: dict[str, set[str]] = defaultdict(set)
     for group, source in zip(groups, source_splits):

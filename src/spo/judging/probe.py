@@ -67,7 +67,8 @@ def fit_linear_probe(chosen: torch.Tensor, rejected: torch.Tensor, groups: Seque
     raw features like any value head. The bias cancels in a pair, so it only centres the scores.
     """
     if chosen.shape != rejected.shape or chosen.ndim != 2 or len(groups) != chosen.shape[0]:
-        raise ValueError(f"features {tuple(chosen.shape)} / {tuple(rejected.shape)} and {len(groups)} groups do not match")
+        raise ValueError(f"features {tuple(chosen.shape)} / {tuple(rejected.shape)} and {len(groups)} groups "
+                         "do not match")
     if not l2_grid:
         raise ValueError("l2_grid is empty")
     x = torch.cat([chosen, rejected]).double()
@@ -87,4 +88,5 @@ def fit_linear_probe(chosen: torch.Tensor, rejected: torch.Tensor, groups: Seque
     best = max(cv, key=lambda l2: (cv[l2], l2))  # ties: the stronger regulariser
     w = _solve(diff, best, max_iter)
     weight = (w / sd).float()
-    return ProbeFit(weight=weight, bias=float(-(w / sd) @ mu), l2=best, cv_accuracy=cv, train_accuracy=_accuracy(diff, w))
+    return ProbeFit(weight=weight, bias=float(-(w / sd) @ mu), l2=best, cv_accuracy=cv,
+                    train_accuracy=_accuracy(diff, w))

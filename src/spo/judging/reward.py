@@ -109,13 +109,16 @@ class RewardModel(nn.Module):
         from spo.models.loading import save_model
 
         out = save_model(self.lm, tokenizer, out_dir)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()}, str(out / VALUE_HEAD_FILE))
-        meta = {"hidden_size": self.value_head.in_features, "max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
+                  str(out / VALUE_HEAD_FILE))
+        meta = {"hidden_size": self.value_head.in_features, "max_length": self.max_length,
+                "max_prompt_length": self.max_prompt_length}
         (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return out
 
     @classmethod
-    def load(cls, model_dir: str | Path, model_cfg: ModelConfig, *, trainable: bool = False, base: str | Path | None = None) -> RewardModel:
+    def load(cls, model_dir: str | Path, model_cfg: ModelConfig, *, trainable: bool = False,
+             base: str | Path | None = None) -> RewardModel:
         """Read what :meth:`save` wrote; a LoRA backbone is merged unless ``trainable``."""
         from safetensors.torch import load_file
 
@@ -141,7 +144,8 @@ class RewardModel(nn.Module):
         return model
 
 
-def collate(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def collate(sequences: Sequence[Sequence[int]], pad_id: int,
+            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``(input_ids, attention_mask)``; padding is masked, so pad may equal eos."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -152,7 +156,8 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devic
     return ids.to(device), mask.to(device)
 
 
-def encode(tokenizer: Any, prompt: str, response: str, source: str, *, max_prompt_length: int, max_length: int) -> list[int]:
+def encode(tokenizer: Any, prompt: str, response: str, source: str, *, max_prompt_length: int,
+           max_length: int) -> list[int]:
     """``prompt + response`` token ids, formatted and truncated as every training stage does
     (:func:`~spo.models.formatting.encode_example`: a long prompt keeps the chat template's head
     and generation prompt and loses dialogue content from the left)."""
@@ -184,7 +189,8 @@ def sequence_features(model: RewardModel, sequences: Sequence[Sequence[int]], pa
 
 
 @torch.no_grad()
-def score_sequences(model: RewardModel, sequences: Sequence[Sequence[int]], pad_id: int, *, batch_size: int = 16, progress: bool = False, desc: str = "reward") -> list[float]:
+def score_sequences(model: RewardModel, sequences: Sequence[Sequence[int]], pad_id: int, *, batch_size: int = 16,
+                    progress: bool = False, desc: str = "reward") -> list[float]:
     """Rewards of many token sequences, in their order (batched by similar length, no grad)."""
     from tqdm.auto import tqdm
 
@@ -234,7 +240,8 @@ class RewardJudge:
         model_cfg = model_cfg or ModelConfig()
         self.model_dir = str(model_dir)
         self.judge_id = f"reward:{self.model_dir}"
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir, trust_remote_code=model_cfg.trust_remote_code)
+        self.tokenizer = (tokenizer if tokenizer is not None
+                          else load_tokenizer(model_dir, trust_remote_code=model_cfg.trust_remote_code))
         self.model = model if model is not None else RewardModel.load(model_dir, model_cfg)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(device)
@@ -242,7 +249,8 @@ class RewardJudge:
         self.max_length = max_length or self.model.max_length or 256
         self.max_prompt_length = max_prompt_length or self.model.max_prompt_length or min(192, self.max_length // 2)
         if self.max_prompt_length >= self.max_length:
-            raise InputError(f"reward judge: max_prompt_length {self.max_prompt_length} must be below max_length {self.max_length}")
+            raise InputError(f"reward judge: max_prompt_length {self.max_prompt_length} "
+                             f"must be below max_length {self.max_length}")
 
     def scores(self, requests: Sequence[JudgeRequest], progress: bool = True) -> list[tuple[float, float]]:
         """``(r_a, r_b)`` per request."""
@@ -254,11 +262,13 @@ class RewardJudge:
                     encode(self.tokenizer, request.prompt, response, source,
                            max_prompt_length=self.max_prompt_length, max_length=self.max_length)
                 )
-        flat = score_sequences(self.model, sequences, self.tokenizer.pad_token_id, batch_size=self.batch_size, progress=progress, desc="reward judge")
+        flat = score_sequences(self.model, sequences, self.tokenizer.pad_token_id, batch_size=self.batch_size,
+                               progress=progress, desc="reward judge")
         return list(zip(flat[0::2], flat[1::2]))
 
     def judge_many(self, requests: Sequence[JudgeRequest], progress: bool = True) -> list[Verdict | NotJudged]:
         verdicts: list[Verdict | NotJudged] = []
         for r_a, r_b in self.scores(requests, progress=progress):
-            verdicts.append(Verdict(winner="A" if r_a >= r_b else "B", raw=f"reward A={r_a:.4f} B={r_b:.4f}", explanation=None))
+            verdicts.append(Verdict(winner="A" if r_a >= r_b else "B", raw=f"reward A={r_a:.4f} B={r_b:.4f}",
+                                    explanation=None))
         return verdicts

@@ -82,9 +82,9 @@ def load_stopwords(spec: StopwordsSpec = "english") -> frozenset[str]:
 
     ``spec`` is a language of the PyPI ``stopwords`` package (default ``english``: 174 words
     once its empty entry is dropped; each word with an ASCII apostrophe is also added with a
-    typographic one, U+2019, as the tokenizer keeps both inside words), a path to a file with one word a line, or an iterable of
-    words.  An empty set is refused: rake-nltk would silently fall back to NLTK's corpus, which
-    needs a download.
+    typographic one, U+2019, as the tokenizer keeps both inside words), a path to a file with one
+    word a line, or an iterable of words.  An empty set is refused: rake-nltk would silently fall
+    back to NLTK's corpus, which needs a download.
     """
     if spec is None:
         spec = "english"

@@ -445,7 +445,8 @@ def _gvk_problem(label: str, document: Mapping[str, Any],
     supported = sorted(_validators(crd_set))
     expected = "; ".join(f"apiVersion {g}/{v} kind {k}" for g, v, k in supported)
     if not isinstance(api_version, str) or "/" not in api_version:
-        return None, Problem(label, "$.apiVersion", f"must be 'group/version', got {api_version!r}; expected {expected}")
+        return None, Problem(label, "$.apiVersion",
+                             f"must be 'group/version', got {api_version!r}; expected {expected}")
     if not isinstance(kind, str) or not kind:
         return None, Problem(label, "$.kind", f"missing or not a string; expected {expected}")
     group, version = api_version.split("/", 1)
@@ -454,7 +455,8 @@ def _gvk_problem(label: str, document: Mapping[str, Any],
         return gvk, None
     if any((g, v) == (group, version) for g, v, _ in supported):
         return None, Problem(label, "$.kind", f"unknown kind {kind!r} for {api_version}; expected {expected}")
-    return None, Problem(label, "$.apiVersion", f"unsupported apiVersion {api_version!r} for kind {kind!r}; expected {expected}")
+    return None, Problem(label, "$.apiVersion",
+                         f"unsupported apiVersion {api_version!r} for kind {kind!r}; expected {expected}")
 
 
 def _name_problems(label: str, document: Mapping[str, Any]) -> Iterator[Problem]:
@@ -466,9 +468,11 @@ def _name_problems(label: str, document: Mapping[str, Any]) -> Iterator[Problem]
     if isinstance(name, str) and (len(name) > _DNS1123_SUBDOMAIN_MAX or not _DNS1123_SUBDOMAIN_RE.fullmatch(name)):
         yield Problem(label, "$.metadata.name", f"{name!r} is not a valid DNS-1123 subdomain (lowercase alphanumerics, "
                       f"'-' and '.', starting and ending alphanumeric, at most {_DNS1123_SUBDOMAIN_MAX} characters)")
-    if isinstance(namespace, str) and (len(namespace) > _DNS1123_LABEL_MAX or not _DNS1123_LABEL_RE.fullmatch(namespace)):
+    if isinstance(namespace, str) and (len(namespace) > _DNS1123_LABEL_MAX
+                                       or not _DNS1123_LABEL_RE.fullmatch(namespace)):
         yield Problem(label, "$.metadata.namespace", f"{namespace!r} is not a valid DNS-1123 label (lowercase "
-                      f"alphanumerics and '-', starting and ending alphanumeric, at most {_DNS1123_LABEL_MAX} characters)")
+                      "alphanumerics and '-', starting and ending alphanumeric, "
+                      f"at most {_DNS1123_LABEL_MAX} characters)")
 
 
 def _document_problems(index: int, document: Any, crd_set: str) -> tuple[GroupVersionKind | None, list[Problem]]:
@@ -526,12 +530,15 @@ def _reference_problems(
         target = spec.get("pipelineName")
         namespace, _ = _identity(document)
         if not isinstance(target, str) or not target:
-            yield Problem(label, "$.spec.pipelineName", "required: KFP links a PipelineVersion to its Pipeline by this name")
+            yield Problem(label, "$.spec.pipelineName",
+                          "required: KFP links a PipelineVersion to its Pipeline by this name")
         elif (namespace, target) not in pipelines and target not in external_pipelines:
             elsewhere = sorted(ns or "<unset>" for ns, name in pipelines if name == target)
             hint = f"; a Pipeline of that name is in namespace {', '.join(elsewhere)}" if elsewhere else ""
-            yield Problem(label, "$.spec.pipelineName", f"names Pipeline {target!r}, which is not among these manifests "
-                          f"in namespace {namespace or '<unset>'}{hint} (pass external_pipelines for one that already exists)")
+            yield Problem(label, "$.spec.pipelineName",
+                          f"names Pipeline {target!r}, which is not among these manifests "
+                          f"in namespace {namespace or '<unset>'}{hint} "
+                          "(pass external_pipelines for one that already exists)")
 
 
 def validate_manifests(documents: Iterable[Any], *, external_pipelines: Collection[str] = (),

@@ -253,7 +253,8 @@ class Platform(_Strict):
     def _check_train_job(self) -> None:
         """Refuse what a TrainJob cannot honour, before anything is compiled or launched."""
         for name, pool in self.pools.items():
-            others = [step for step in STEP_NAMES if step != "train" and self.steps.get(step, self.default_pool) == name]
+            others = [step for step in STEP_NAMES
+                      if step != "train" and self.steps.get(step, self.default_pool) == name]
             if pool.distributed and others:
                 raise ValueError(f"pools.{name}: nodes/processes_per_node apply to the train step only (it runs as a "
                                  f"TrainJob), but {others} also run on this pool; give train a pool of its own")

@@ -201,7 +201,8 @@ def bundle_files(members: Mapping[str, str | Path], target: str | Path) -> Path:
     for name, source in members.items():
         source = Path(source)
         if source.is_dir():
-            files += [(f"{name}/{p.relative_to(source).as_posix()}", p) for p in sorted(source.rglob("*")) if p.is_file()]
+            files += [(f"{name}/{p.relative_to(source).as_posix()}", p)
+                      for p in sorted(source.rglob("*")) if p.is_file()]
         else:
             files.append((name, source))
     target = Path(target)
@@ -272,7 +273,8 @@ def push_run(view_dir: str | Path, remote_url: str, *, endpoint_url: str | None 
     summary = {"remote": remote_name, "url": remote_url, "endpoint_url": endpoint_url, "pushed": pushed,
                "run_files": f"{remote_url.rstrip('/')}/runs/{run_id}/" if run_id else None, "uploaded": uploaded}
     log.info("dvc push: %d file(s) to remote %r (%s%s)%s", pushed, remote_name, remote_url,
-             f", endpoint {endpoint_url}" if endpoint_url else "", f"; run files in {summary['run_files']}" if run_id else "")
+             f", endpoint {endpoint_url}" if endpoint_url else "",
+             f"; run files in {summary['run_files']}" if run_id else "")
     return summary
 
 

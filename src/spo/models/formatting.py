@@ -215,12 +215,14 @@ def content_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> 
 
     head, tail = segments[0], segments[-1]
     if not text.startswith(head) or not text.endswith(tail) or len(head) + len(tail) > len(text):
-        raise InputError("chat template renders the prompt differently from its skeleton; cannot locate the template head/tail to truncate it")
+        raise InputError("chat template renders the prompt differently from its skeleton; "
+                         "cannot locate the template head/tail to truncate it")
     spans, cursor, limit = [], len(head), len(text) - len(tail)
     for k, message in enumerate(messages):
         at = text.find(message["content"], cursor, limit)
         if at < 0:
-            raise InputError(f"chat template rewrites the content of message {k}; cannot locate it to truncate the prompt")
+            raise InputError(f"chat template rewrites the content of message {k}; "
+                             "cannot locate it to truncate the prompt")
         spans.append((at, at + len(message["content"])))
         cursor = at + len(message["content"])
     return spans

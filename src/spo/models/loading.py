@@ -99,7 +99,8 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, source: str = "tokenize
         token = getattr(tokenizer, name)
         if token is not None:
             tokenizer.pad_token = token
-            log.warning("%s has no pad token; using its %s %r as pad (mask padding by attention mask)", source, name[:-6], token)
+            log.warning("%s has no pad token; using its %s %r as pad (mask padding by attention mask)",
+                        source, name[:-6], token)
             return tokenizer
     raise InputError(f"{source}: tokenizer has no pad, eos or unk token to pad with")
 
@@ -199,7 +200,8 @@ def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig, seed: int | None = 
     missing = [t for t in lora_cfg.target_modules if t not in targets]
     if not targets:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise InputError(f"lora.target_modules {lora_cfg.target_modules} match no Linear module; the model has {linear}")
+        raise InputError(f"lora.target_modules {lora_cfg.target_modules} match no Linear module; "
+                         f"the model has {linear}")
     if missing:
         log.info("LoRA targets not in this model, skipped: %s", missing)
     peft_cfg = PeftLoraConfig(

@@ -74,7 +74,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 def tiny_llama_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     if cfg.hidden_size % cfg.num_attention_heads:
-        raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads {cfg.num_attention_heads}")
+        raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by "
+                         f"num_attention_heads {cfg.num_attention_heads}")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
     return LlamaConfig(

@@ -37,7 +37,8 @@ def compile_pipeline(out: str | Path, *, params: str | Path = "params.yaml", pla
     options = None
     if kubernetes_manifests:
         options = compiler.KubernetesManifestOptions(
-            pipeline_name=pipeline_name or PIPELINE_NAME, pipeline_version_name=version or f"{PIPELINE_NAME}-{_image_tag(placed.image)}",
+            pipeline_name=pipeline_name or PIPELINE_NAME,
+            pipeline_version_name=version or f"{PIPELINE_NAME}-{_image_tag(placed.image)}",
             namespace=namespace, include_pipeline_manifest=True)
     compiler.Compiler().compile(pipeline, str(out), kubernetes_manifest_options=options,
                                 kubernetes_manifest_format=kubernetes_manifests)
@@ -70,6 +71,8 @@ def image_is_pinned(image: str) -> bool:
 
 def _image_tag(image: str) -> str:
     """A DNS-1123-safe suffix from the image's tag or digest (a version name per image)."""
-    tail = image.rsplit("@", 1)[-1] if "@" in image else image.rsplit(":", 1)[-1] if ":" in image.rsplit("/", 1)[-1] else "latest"
+    tail = (image.rsplit("@", 1)[-1] if "@" in image
+            else image.rsplit(":", 1)[-1] if ":" in image.rsplit("/", 1)[-1]
+            else "latest")
     safe = "".join(ch if ch.isalnum() else "-" for ch in tail.lower()).strip("-")
     return safe[:40] or "latest"

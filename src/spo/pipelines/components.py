@@ -193,8 +193,8 @@ def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id:
 
 
 STEPS: dict[str, Callable[..., Any]] = {
-    f.__name__: f for f in (configure, data_version, prepare, validate, keywords, degrees, base_model, sft, train, train_job, generate,
-                            reward_model, judge, report, publish)
+    f.__name__: f for f in (configure, data_version, prepare, validate, keywords, degrees, base_model, sft, train,
+                            train_job, generate, reward_model, judge, report, publish)
 }
 
 

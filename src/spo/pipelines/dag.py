@@ -90,9 +90,9 @@ def build_pipeline(params_path: "str | Path", platform: Platform) -> Any:
                      n_levels: int = d["n_levels"], spo_lambda: float = d["spo_lambda"],
                      train_steps: int = d["train_steps"], judge_backend: str = d["judge_backend"],
                      judge_model: str = d["judge_model"]) -> None:
-        conf = task("configure", params=params, compiled_params=params_text, overrides=overrides, data_dir=data_dir, dataset=dataset, model=model,
-                    loss=loss, spo=spo, n_levels=n_levels, spo_lambda=spo_lambda, train_steps=train_steps,
-                    judge_backend=judge_backend, judge_model=judge_model)
+        conf = task("configure", params=params, compiled_params=params_text, overrides=overrides, data_dir=data_dir,
+                    dataset=dataset, model=model, loss=loss, spo=spo, n_levels=n_levels, spo_lambda=spo_lambda,
+                    train_steps=train_steps, judge_backend=judge_backend, judge_model=judge_model)
         p = conf.outputs
         # on a data volume, the content of its files goes into prepare's cache key (runtime.data_version)
         version = task("data_version", "data version", params=p["prepare"]).output if platform.data_volume else ""

@@ -63,7 +63,8 @@ def draw(pipeline_yaml: str | Path, out_png: str | Path) -> Path:
         rows.setdefault(depth[name], []).append(name)
     pos: dict[str, tuple[float, float]] = {}
     for level in sorted(rows):  # each layer ordered by its parents' mean x (fewer crossing edges)
-        row = sorted(rows[level], key=lambda n: sum(pos[p][0] for p in graph[n]["after"]) / max(len(graph[n]["after"]), 1))
+        row = sorted(rows[level],
+                     key=lambda n: sum(pos[p][0] for p in graph[n]["after"]) / max(len(graph[n]["after"]), 1))
         pos.update({name: (i - (len(row) - 1) / 2, -level) for i, name in enumerate(row)})
     fig, ax = plt.subplots(figsize=(9, 1.1 * len(rows) + 1))
     for name, info in graph.items():

@@ -86,4 +86,5 @@ def _refusal(err: Any, action: str, namespace: str) -> str:
     meaning = {401: "the service-account token was refused", 403: "the role lacks this verb on pipelines.kubeflow.org "
                "(the chart's uploader Role grants it)", 404: "no such resource: is KFP installed with its "
                "pipelines.kubeflow.org CRDs (Kubernetes-native mode)?"}.get(err.status, "")
-    return f"Kubernetes API, {action} in {namespace}: HTTP {err.status} {err.reason}" + (f": {meaning}" if meaning else "")
+    return (f"Kubernetes API, {action} in {namespace}: HTTP {err.status} {err.reason}"
+            + (f": {meaning}" if meaning else ""))

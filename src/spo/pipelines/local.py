@@ -52,7 +52,8 @@ class LocalRun:
         try:
             return self.tasks[task][name]
         except KeyError:
-            raise KeyError(f"no output {name!r} of task {task!r} in {self.root} (tasks: {sorted(self.tasks)})") from None
+            raise KeyError(f"no output {name!r} of task {task!r} in {self.root} "
+                           f"(tasks: {sorted(self.tasks)})") from None
 
 
 def _task_of(command: list[str]) -> str:
@@ -127,7 +128,8 @@ def _runner(kind: str, root: Path, workspace: Path) -> Any:
 
 
 def run_local(pipeline_yaml: str | Path, work_dir: str | Path, *, data_dir: str | Path | None = None,
-              runner: Literal["docker", "subprocess"] = "docker", arguments: Mapping[str, Any] | None = None) -> LocalRun:
+              runner: Literal["docker", "subprocess"] = "docker",
+              arguments: Mapping[str, Any] | None = None) -> LocalRun:
     """Run the compiled pipeline under ``kfp.local``; raise :class:`StageFailed` when a task fails.
 
     ``work_dir`` receives the pipeline root (artifacts), the workspace and the copied input data;

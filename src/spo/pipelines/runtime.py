@@ -352,7 +352,8 @@ def write_model(artifact: Any, folder: str | Path | None = None) -> None:
     if not files:
         raise FileNotFoundError(f"{folder or target}: the stage wrote no model files")
     digest = hashlib.sha256("".join(f"{name}\0{sha}\n" for name, sha in sorted(files.items())).encode()).hexdigest()
-    artifact.metadata.update({"files": len(files), "bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file()),
+    artifact.metadata.update({"files": len(files),
+                              "bytes": sum(p.stat().st_size for p in target.rglob("*") if p.is_file()),
                               "sha256": digest})
 
 

@@ -383,8 +383,9 @@ def _kubernetes_store(tmp: Path, action: str, params: str | Path, platform: str 
     if action == "check":
         version_id = k8s_store.get_version(pipeline=name, digest=digest, namespace=namespace, api=api)
         if not version_id:
-            raise SubmitError(f"PipelineVersion {namespace}/{k8s_store.version_name(name, digest)} is not on the cluster: "
-                              "these values and this image were never uploaded (did the upload hook run and succeed?)")
+            raise SubmitError(f"PipelineVersion {namespace}/{k8s_store.version_name(name, digest)} "
+                              "is not on the cluster: these values and this image were never uploaded "
+                              "(did the upload hook run and succeed?)")
         return "", version_id
     manifests = compile_pipeline(tmp / "manifests.yaml", params=params, platform=platform, image=image,
                                  kubernetes_manifests=True, namespace=namespace, pipeline_name=name,
@@ -410,7 +411,8 @@ def _recurring_run(client: Any, experiment_id: str, name: str, cron: str, pipeli
     """The recurring run ``name`` of this version, schedule and parameters: kept when one exists
     (rerunning creates nothing new), else created, replacing one of that name that differs."""
     name_filter = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
-    found = client.list_recurring_runs(experiment_id=experiment_id, filter=name_filter, page_size=10).recurring_runs or []
+    found = client.list_recurring_runs(experiment_id=experiment_id, filter=name_filter,
+                                       page_size=10).recurring_runs or []
     for job in found:
         same = (job.pipeline_version_reference is not None
                 and job.pipeline_version_reference.pipeline_version_id == version_id

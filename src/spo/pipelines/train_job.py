@@ -57,8 +57,9 @@ def workspace_claim(task_config: Any, workspace: str) -> str:
 
 
 def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_dir: str, degrees_dir: str,
-                  sft_dir: str, workspace: str, platform_json: str, task_config: Any, metrics_file: str, run_id: str | None = None,
-                  namespace: str | None = None, api: Any | None = None, poll_seconds: float = 15.0) -> tuple[str, Path | None]:
+                  sft_dir: str, workspace: str, platform_json: str, task_config: Any, metrics_file: str,
+                  run_id: str | None = None, namespace: str | None = None, api: Any | None = None,
+                  poll_seconds: float = 15.0) -> tuple[str, Path | None]:
     """Train one policy as a TrainJob; returns its model folder and, when that lies on the
     platform's checkpoint volume, the run's folder there (the model folder is to be removed from it
     once stored; see the module doc)."""

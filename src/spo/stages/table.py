@@ -109,9 +109,11 @@ TABLE: tuple[Stage, ...] = (
     Stage("keywords", ("seed", "keywords"), inputs=(In("validated", _ROWS, "keywords.in_dir"),), outputs=(
         Out("keywords", "Dataset", "keywords.out_dir"), _metrics("keywords"))),
     Stage("degrees", ("degrees",), inputs=(
-        In("validated", _ROWS, "degrees.in_dir"), In("keywords", "keywords.keywords", "degrees.keywords_dir")), outputs=(
+        In("validated", _ROWS, "degrees.in_dir"),
+        In("keywords", "keywords.keywords", "degrees.keywords_dir")), outputs=(
         Out("degrees", "Dataset", "degrees.out_dir"), _metrics("degrees"),
-        Out("plot", "Artifact", "degrees.metrics_file", dvc="plots", cache=False, beside="degrees_removed_fraction.png"),
+        Out("plot", "Artifact", "degrees.metrics_file", dvc="plots", cache=False,
+            beside="degrees_removed_fraction.png"),
         Out("audit_plot", "Artifact", "degrees.metrics_file", dvc="plots", cache=False,
             beside="degrees_shortcut_audit.png"))),
     Stage("base_model", ("seed", "model", "base_model"), inputs=(In("validated", _ROWS, "base_model.text_dir"),),

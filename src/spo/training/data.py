@@ -143,7 +143,8 @@ def load_pairs(rows_path: str | Path, degrees_path: str | Path | None) -> tuple[
     return rows, degrees
 
 
-def check_alignment(rows_path: Path | str, rows: Sequence[dict], degrees_path: Path | str, degrees: Sequence[dict]) -> None:
+def check_alignment(rows_path: Path | str, rows: Sequence[dict], degrees_path: Path | str,
+                    degrees: Sequence[dict]) -> None:
     check_aligned(rows_path, list(rows), degrees_path, list(degrees), "degree", " (rebuild with `spo degrees`)")
     levels = {d.get("n_levels") for d in degrees}
     if len(levels) > 1:
@@ -169,7 +170,8 @@ class _Encoded:
         """How many tokens a cut to ``budget`` keeps: trailing whitespace-only body tokens go too."""
         n = min(len(self.ids), budget)
         if n < len(self.ids):
-            while n > 1 and self.starts[n - 1] < self.body_len and self.text[self.starts[n - 1]: self.ends[n - 1]].isspace():
+            while (n > 1 and self.starts[n - 1] < self.body_len
+                   and self.text[self.starts[n - 1]: self.ends[n - 1]].isspace()):
                 n -= 1
         return n
 
@@ -192,7 +194,8 @@ def _encode_response(tokenizer: Any, response: str) -> _Encoded:
 
     text = format_response(tokenizer, response)
     ids, starts, ends = _encode(tokenizer, text)
-    return _Encoded(text, ids, starts, ends, response_offset(response, tokenizer), len(format_body(tokenizer, response)))
+    return _Encoded(text, ids, starts, ends, response_offset(response, tokenizer),
+                    len(format_body(tokenizer, response)))
 
 
 def _clip(spans: Sequence[Sequence[int]], cut: int) -> list[tuple[int, int]]:
@@ -375,7 +378,8 @@ def tokenize_pairs(
 # batch order
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool) -> list[list[int]]:
     """The global batches (lists of example indices) of one epoch; deterministic for (seed, epoch).
 
     The incomplete last batch is dropped (every process must run the same number of steps).
@@ -488,7 +492,8 @@ def attention_mask_4d(segment_ids: Tensor, context_ids: Tensor, float_dtype: tor
     allowed = allowed[:, None]
     if float_dtype is None:
         return allowed
-    return torch.zeros(allowed.shape, dtype=float_dtype, device=seg.device).masked_fill(~allowed, torch.finfo(float_dtype).min)
+    return torch.zeros(allowed.shape, dtype=float_dtype, device=seg.device).masked_fill(
+        ~allowed, torch.finfo(float_dtype).min)
 
 
 @dataclass
@@ -609,7 +614,8 @@ class PairCollator:
                 mine += [_Segment(j, s, k) for s in range(2) for k in levels[j][s] or [] if k > 0]
             segments.append(mine)
         batch = self._build(examples, indices, segments, levels)
-        batch.excluded = [sum(lv[s] is None for lv in levels) for s in range(2)] if degrees and self.degree_mode else [0, 0]
+        batch.excluded = ([sum(lv[s] is None for lv in levels) for s in range(2)] if degrees and self.degree_mode
+                          else [0, 0])
         batch.levels_sampled = degrees and not all_levels and self.levels_per_step is not None
         return batch
 
@@ -649,7 +655,9 @@ class PairCollator:
 
         def ids(seg: _Segment) -> list[int]:
             ex = examples[seg.pair]
-            return ex.response(SIDES[seg.side]) if seg.level is None else ex.degrees[SIDES[seg.side]].variant_ids[seg.level - 1]
+            if seg.level is None:
+                return ex.response(SIDES[seg.side])
+            return ex.degrees[SIDES[seg.side]].variant_ids[seg.level - 1]
 
         input_ids, position_ids, segment_ids, context_ids, width, placed = _pack(
             [(examples[j].prompt_ids, [ids(seg) for seg in segments[j]]) for j in present],
@@ -681,7 +689,8 @@ class PairCollator:
                     samples.append((row, cols, pos, k, s, indices[j]))
         if samples:
             batch.deg_index = torch.tensor([r * width + c for r, cols, *_ in samples for c in cols], dtype=torch.long)
-            batch.deg_sample = torch.tensor([m for m, (_, cols, *_) in enumerate(samples) for _ in cols], dtype=torch.long)
+            batch.deg_sample = torch.tensor([m for m, (_, cols, *_) in enumerate(samples) for _ in cols],
+                                            dtype=torch.long)
             batch.deg_pos = torch.tensor([p for _, _, pos, *_ in samples for p in pos], dtype=torch.long)
             batch.deg_label = torch.tensor([smp[3] for smp in samples], dtype=torch.long)
             batch.deg_side = torch.tensor([smp[4] for smp in samples], dtype=torch.long)

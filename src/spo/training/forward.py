@@ -89,15 +89,16 @@ class SPOModule(nn.Module):
         self.attn = check_attention(lm)
         self.softcap = getattr(getattr(lm, "config", None), "final_logit_softcapping", None)
 
-    def forward(self, batch: PackedBatch, sides: tuple[bool, bool] = (False, False), adapters: bool = True) -> dict[str, Any]:
+    def forward(self, batch: PackedBatch, sides: tuple[bool, bool] = (False, False),
+                adapters: bool = True) -> dict[str, Any]:
         mask = attention_mask_4d(batch.segment_ids, batch.context_ids, None if self.attn == "sdpa" else torch.float32)
         context = nullcontext() if adapters or not hasattr(self.lm, "disable_adapter") else self.lm.disable_adapter()
         with context:
-            hidden = self.lm.get_decoder()(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
-                                           use_cache=False).last_hidden_state
+            hidden = self.lm.get_decoder()(input_ids=batch.input_ids, attention_mask=mask,
+                                           position_ids=batch.position_ids, use_cache=False).last_hidden_state
             flat = hidden.reshape(-1, hidden.shape[-1])
-            logps, mean_logits = token_logps(flat[batch.score_index], batch.score_target, self.lm.get_output_embeddings(),
-                                             self.logits_chunk, self.softcap)
+            logps, mean_logits = token_logps(flat[batch.score_index], batch.score_target,
+                                             self.lm.get_output_embeddings(), self.logits_chunk, self.softcap)
         zeros = torch.zeros(batch.n_scored, dtype=logps.dtype, device=logps.device)
         out: dict[str, Any] = {
             "logps": zeros.index_add(0, batch.score_seq, logps),

@@ -44,8 +44,8 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, *, head_pa
         ]
     groups = [g for g in groups if g["params"]]
     if cfg.optimizer in ("adamw_torch", "adamw_torch_fused"):
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                 fused=cfg.optimizer == "adamw_torch_fused" or None)
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=cfg.adam_epsilon, fused=cfg.optimizer == "adamw_torch_fused" or None)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate)
     from transformers.optimization import Adafactor
@@ -53,7 +53,8 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig, *, head_pa
     return Adafactor(groups, lr=cfg.learning_rate, scale_parameter=False, relative_step=False, warmup_init=False)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """transformers' schedule of that name: warm-up, then linear/cosine decay to 0 at ``total_steps``, or constant."""
     from transformers import get_scheduler
 
