@@ -153,7 +153,7 @@ def run_ours(name: str, base, tokenizer, pairs: list[dict], args: argparse.Names
     for step in range(1, total + 1):
         trainer.train(stop_after=step)
         clock.mark()
-    batch = trainer.collator(trainer.train_examples, list(range(len(trainer.train_examples))), step=1)
+    batch = trainer.data.collator(trainer.data.train_examples, list(range(len(trainer.data.train_examples))), step=1)
     return {"step_times": clock.steps(), "tokens_per_step": batch.n_tokens}
 
 

@@ -295,7 +295,7 @@ def worker_ours(name: str, workdir: Path, args: argparse.Namespace) -> dict:
         step_times.append(time.perf_counter() - t)
         step_cpu_times.append(time.process_time() - c)
     assert trainer.state.step == total
-    batch = trainer.collator(trainer.train_examples, list(range(len(trainer.train_examples))))
+    batch = trainer.data.collator(trainer.data.train_examples, list(range(len(trainer.data.train_examples))))
     return {"setup_s": setup_s, "step_times": step_times, "step_cpu_times": step_cpu_times,
             "rss_before_train_mib": rss_before, "forward_tokens": batch.n_tokens,
             "forward_slots": int(batch.input_ids.numel()),

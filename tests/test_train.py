@@ -34,8 +34,8 @@ def _trainer(cfg, out_dir=None, lora=False, seed=0, evals=False, **kw):
 
 def _degree_backward(tr: PreferenceTrainer) -> None:
     idx = [0, 1]
-    batch = tr.collator([tr.train_examples[i] for i in idx], idx, step=0)
-    out = tr.module(batch, tr.sides)
+    batch = tr.data.collator([tr.data.train_examples[i] for i in idx], idx, step=0)
+    out = tr.module(batch, tr.cfg.spo.sides)
     loss = sum(degree_loss(out[f"degree_{side}"], batch.deg_label[batch.deg_side == s]) for s, side in enumerate(SIDES))
     loss.backward()
 
@@ -91,7 +91,7 @@ def test_the_arms_of_a_comparison_train_on_the_same_pairs_in_the_same_order(
         tr = _trainer(train_cfg(loss=loss, spo={"enabled": spo}, optim={"max_steps": 6}))
         assert tr.cfg.group_by_length and (tr.heads is not None) == spo
         summary = tr.train()
-        runs[spo] = (list(seen), summary["pair_order_sha256"], tr.pair_order())
+        runs[spo] = (list(seen), summary["pair_order_sha256"], tr.data.pair_order())
     plain, with_spo = runs[False], runs[True]
     assert plain[0] == with_spo[0] and plain[1] == with_spo[1] and plain[2] == with_spo[2]
     assert len(plain[2]) == 6 and all(len(batch) == 4 for batch in plain[2])
@@ -100,14 +100,14 @@ def test_the_arms_of_a_comparison_train_on_the_same_pairs_in_the_same_order(
     assert any(kind == "kl" for kind, _, _ in plain[0]) == (loss == "kto")
     # the variants do change the packed length, which is why it must not order the batches
     tr = _trainer(train_cfg(spo={"enabled": True}))
-    assert any(e.length != e.alignment_length for e in tr.train_examples)
+    assert any(e.length != e.alignment_length for e in tr.data.train_examples)
 
 
 def test_lambda_zero_is_bit_identical_to_plain_dpo() -> None:
     plain = _trainer(train_cfg(spo={"enabled": False}, optim={"max_steps": 4}))
     plain.train()
     zero = _trainer(train_cfg(spo={"enabled": True, "lambda_w": 0.0, "lambda_l": 0.0}, optim={"max_steps": 4}))
-    assert zero.heads is not None and not zero.degree_active
+    assert zero.heads is not None and not zero.cfg.spo.active
     zero.train()
     a, b = state_of(plain.unwrapped_lm()), state_of(zero.unwrapped_lm())
     assert a.keys() == b.keys()
@@ -192,7 +192,7 @@ def test_metrics_checkpoints_and_final_files(tmp_path: Path) -> None:
     # per eval response, its predictions (all 4 levels) and how many were right: the same counts as
     # the confusion matrix, and the logged interval is the bootstrap over those responses
     responses = json.loads((out / "degree_responses.json").read_text())
-    eval_ids = {e.id for e in tr.eval_examples}
+    eval_ids = {e.id for e in tr.data.eval_examples}
     for key in ("w", "l"):
         rows = responses[key]
         assert rows and {r[0] for r in rows} <= eval_ids and all(r[2] == 4 and 0 <= r[1] <= 4 for r in rows)
@@ -215,7 +215,7 @@ def test_reference_logps_precomputed_once_and_reused(tmp_path: Path) -> None:
     # another beta / lambda / loss reuses the file; the table equals a live reference pass
     second = _trainer(train_cfg(precompute_reference=True, beta=0.5, spo={"lambda_w": 0.3}, optim={"max_steps": 2}),
                       reference_cache=cache, evals=True)
-    assert second.reference_reused
+    assert second.reference.reused
     s2 = second.train()
     assert s2["reference_forwards"] == 0 and s2["reference_reused"]
     live = _trainer(train_cfg(precompute_reference=False))
@@ -225,7 +225,7 @@ def test_reference_logps_precomputed_once_and_reused(tmp_path: Path) -> None:
     assert torch.allclose(parts["reference_rejected_logps"], table["rejected"][:4], atol=1e-4)
     # other tokenisation -> another key, computed afresh
     third = _trainer(train_cfg(precompute_reference=True, max_length=80, optim={"max_steps": 1}), reference_cache=cache)
-    assert not third.reference_reused and len(list(cache.glob("*.pt"))) == 2
+    assert not third.reference.reused and len(list(cache.glob("*.pt"))) == 2
 
 
 @pytest.mark.parametrize("loss", ["ipo", "kto"])
@@ -329,7 +329,7 @@ def test_merged_lora_sft_model_is_trainable_and_a_frozen_model_is_refused(tmp_pa
     """Defect 4: after merge_and_unload of a LoRA SFT model no LM parameter required grad, and
     training silently optimised the heads only."""
     from spo.config import LoraConfig, ModelConfig
-    from spo.io import InputError
+    from spo.errors import InputError
     from spo.models.loading import apply_lora, load_trained, save_model
 
     tok, model = tiny_model()
@@ -378,15 +378,16 @@ def test_kto_z0_is_the_global_batch_mean_of_mismatched_pairs() -> None:
             p.add_(torch.randn_like(p) * 0.05)
     batch = [3, 0, 7, 1]
     partners = {3: 0, 0: 7, 7: 1, 1: 3}
-    z0 = float(tr.kl_estimate("train", batch, partners, 0))
-    kl = tr.collator.kl([tr.train_examples[i] for i in batch], [tr.train_examples[partners[i]] for i in batch], batch, 96)
+    z0 = float(tr.stepper.kl_estimate("train", batch, partners, 0))
+    examples = tr.data.train_examples
+    kl = tr.data.collator.kl([examples[i] for i in batch], [examples[partners[i]] for i in batch], batch, 96)
     with torch.no_grad():
         policy = tr.module(kl)["logps"]
         reference = tr.reference.logps("train", kl)
     assert len(policy) == 8  # each pair with its partner's chosen and rejected response
     assert z0 == pytest.approx(float((policy - reference).mean()), rel=1e-5) and z0 != 0.0
     # two calls over halves of the batch each give the mean of their own half only: the trainer passes the whole
-    half = float(tr.kl_estimate("train", batch[:2], partners, 0))
+    half = float(tr.stepper.kl_estimate("train", batch[:2], partners, 0))
     assert half == pytest.approx(float((policy - reference)[[0, 1, 4, 5]].mean()), rel=1e-5)
 
 
@@ -400,8 +401,8 @@ def test_kto_z0_from_a_precomputed_reference_equals_the_frozen_copys() -> None:
         with torch.no_grad():  # the same perturbation of the policy; the reference stays at the start
             for p in tr.unwrapped_lm().parameters():
                 p.add_(torch.randn(p.shape, generator=generator) * 0.05)
-        batch = tr._epoch_batches(0)[0]
-        return float(tr.kl_estimate("train", batch, tr._kl_plan()["train"][0], 0))
+        batch = tr.data.epoch_batches(0)[0]
+        return float(tr.stepper.kl_estimate("train", batch, tr.data.kl_plan()["train"][0], 0))
 
     copy, table = z0(False), z0(True)
     assert copy != 0.0 and table == pytest.approx(copy, rel=1e-4, abs=1e-5)
@@ -440,7 +441,7 @@ def fresh_accelerator_state():
 
 
 def test_bf16_mixed_precision_keeps_float32_weights_and_fp16_on_cpu_is_refused(fresh_accelerator_state) -> None:
-    from spo.io import InputError
+    from spo.errors import InputError
 
     tr = _trainer(train_cfg(mixed_precision="bf16", optim={"max_steps": 2}))
     assert tr.accelerator.mixed_precision == "bf16"
@@ -463,7 +464,7 @@ def test_the_reference_runs_under_the_policys_precision(fresh_accelerator_state)
     def step0_log_ratios(precompute: bool) -> torch.Tensor:
         tr = _trainer(train_cfg(mixed_precision="bf16", precompute_reference=precompute))
         assert tr.reference.kind == ("precomputed" if precompute else "copy")
-        batch = tr._alignment_batch(idx, "train")
+        batch = tr.data.alignment_batch(idx, "train")
         with torch.no_grad():
             policy = tr.model(batch)["logps"].float()  # the prepared policy: under autocast
             reference = tr.reference.logps("train", batch).float()
@@ -481,8 +482,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(lora: bool) 
         tr = _trainer(train_cfg(activation_checkpointing=checkpointing), lora=lora)
         assert tr.module.lm.is_activation_checkpointing == checkpointing
         tr.module.train()
-        batch = tr.collator([tr.train_examples[i] for i in (0, 1)], [0, 1])
-        out = tr._forward_loss(batch, "train", True, None)
+        batch = tr.data.collator([tr.data.train_examples[i] for i in (0, 1)], [0, 1])
+        out = tr.stepper.forward_loss(batch, "train", None)
         out.loss.backward()
         return float(out.loss.detach()), {n: p.grad.clone() for n, p in tr.module.named_parameters() if p.grad is not None}
 
@@ -543,8 +544,8 @@ def test_ipo_length_normalised_divides_the_log_ratios_by_the_response_lengths() 
     normalised.unwrapped_lm().load_state_dict(state)
     idx = [0, 1, 2, 3]
     parts = normalised.batch_loss(idx)
-    n_c = torch.tensor([len(normalised.train_examples[i].chosen_ids) for i in idx], dtype=torch.float32)
-    n_r = torch.tensor([len(normalised.train_examples[i].rejected_ids) for i in idx], dtype=torch.float32)
+    n_c = torch.tensor([len(normalised.data.train_examples[i].chosen_ids) for i in idx], dtype=torch.float32)
+    n_r = torch.tensor([len(normalised.data.train_examples[i].rejected_ids) for i in idx], dtype=torch.float32)
     expected, _, _ = ipo_loss(parts["chosen_logps"] / n_c, parts["rejected_logps"] / n_r,
                               parts["reference_chosen_logps"] / n_c, parts["reference_rejected_logps"] / n_r, 0.1)
     assert parts["loss_align"] == pytest.approx(float(expected.mean()), rel=1e-5)
@@ -554,12 +555,11 @@ def test_ipo_length_normalised_divides_the_log_ratios_by_the_response_lengths() 
 def test_bad_settings_are_refused_before_training() -> None:
     from pydantic import ValidationError
 
-    from spo.io import InputError
+    from spo.errors import InputError
 
     with pytest.raises(ValidationError, match="levels_per_step 1: level 0 is always drawn"):
         train_cfg(spo={"levels_per_step": 1})
-    with pytest.raises(InputError, match="levels_per_step 5 is above the degree dataset's n_levels 4"):
-        _trainer(train_cfg(spo={"levels_per_step": 5}))
+    # levels_per_step above degrees.n_levels is refused where the params are read (test_config)
     with pytest.raises(ValidationError, match="optim.batch_size 1: loss kto needs at least 2 pairs per batch"):
         train_cfg(loss="kto", optim={"batch_size": 1, "micro_batch_size": 1})
     tok, model = tiny_model()
@@ -576,23 +576,23 @@ def test_separate_variant_passes_give_the_joint_pass_loss_and_gradients(levels: 
     def step(mode: str) -> tuple[dict, dict[str, torch.Tensor]]:
         tr = _trainer(train_cfg(spo={"variant_passes": mode, "levels_per_step": levels},
                                 optim={"max_steps": 1, "batch_size": 4, "micro_batch_size": 4}))
-        assert (tr.level_weights is None) == (levels is None)
-        batches = tr._epoch_batches(0)
+        assert (tr.stepper.level_weights is None) == (levels is None)
+        batches = tr.data.epoch_batches(0)
         grads: dict[str, torch.Tensor] = {}
-        passes = tr.collator.variant_passes
+        passes = tr.data.collator.variant_passes
 
         def counted(*args, **kwargs):  # noqa: ANN002, ANN003
             out = passes(*args, **kwargs)
             n_passes.append(len(out))
             return out
 
-        tr.collator.variant_passes = counted  # type: ignore[method-assign]
+        tr.data.collator.variant_passes = counted  # type: ignore[method-assign]
         original = tr.optimizer.step
         tr.optimizer.step = lambda *a, **k: grads.update(  # type: ignore[method-assign]
             {n: p.grad.clone() for n, p in tr.module.named_parameters() if p.grad is not None})
         tr._train_step(0, batches)
         tr.optimizer.step = original  # type: ignore[method-assign]
-        values, _, _ = tr.state.window.summarise(tr.accelerator, tr.sides)
+        values, _, _ = tr.state.window.summarise(tr.accelerator, tr.cfg.spo.sides)
         return values, grads
 
     n_passes: list[int] = []
@@ -635,6 +635,6 @@ def test_balance_levels_reweights_level_zero_only_when_levels_are_sampled() -> N
     assert degree_w() == pytest.approx(degree_w(balance_levels=False), rel=1e-9)  # all levels: nothing to balance
     # eval scores every level, so its labels are balanced already: no weights there, only on sampled batches
     tr = _trainer(train_cfg(spo={"levels_per_step": 2}))
-    examples = [tr.train_examples[i] for i in idx]
-    assert tr._weights(tr.collator(examples, idx, step=0, all_levels=True)) is None
-    assert tr._weights(tr.collator(examples, idx, step=0)) is tr.level_weights is not None
+    examples = [tr.data.train_examples[i] for i in idx]
+    assert tr.stepper.weights(tr.data.collator(examples, idx, step=0, all_levels=True)) is None
+    assert tr.stepper.weights(tr.data.collator(examples, idx, step=0)) is tr.stepper.level_weights is not None

@@ -52,7 +52,7 @@ def test_dpo_spo_steps_on_smollm2(smollm2_base: Path, lora: bool, tmp_path: Path
     # the template's head (its default system prompt) survives prompt truncation
     head = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("x")[0]
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    assert all(ex.prompt_ids[: len(head_ids)] == head_ids for ex in trainer.train_examples)
+    assert all(ex.prompt_ids[: len(head_ids)] == head_ids for ex in trainer.data.train_examples)
     summary = trainer.train()
     assert summary["steps"] == 2 and summary["skipped_steps"] == 0
     trained = dict(trainer.unwrapped_lm().named_parameters())

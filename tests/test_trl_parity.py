@@ -135,7 +135,7 @@ def ours_step0(setup: dict, loss: str, **options: object) -> tuple[dict, object]
 
 
 def assert_same_tokens(trl_examples: list[dict], trainer: object) -> None:
-    ours = trainer.train_examples  # type: ignore[attr-defined]
+    ours = trainer.data.train_examples  # type: ignore[attr-defined]
     assert len(ours) == len(trl_examples)
     for i, (t, o) in enumerate(zip(trl_examples, ours)):
         assert o.prompt_ids == t["prompt_ids"], f"pair {i}: prompt token ids differ (tokenisation, not the loss)"
@@ -169,7 +169,7 @@ def test_ipo_loss_matches_trl_at_step0(setup: dict, tmp_path: Path) -> None:
     assert_same_logps(trl, parts)
     assert abs(trl["loss"] - 1 / (2 * BETA) ** 2) > 1e-2
 
-    examples = trainer.train_examples  # type: ignore[attr-defined]
+    examples = trainer.data.train_examples  # type: ignore[attr-defined]
     n_chosen = torch.tensor([len(e.chosen_ids) for e in examples], dtype=torch.float32)
     n_rejected = torch.tensor([len(e.rejected_ids) for e in examples], dtype=torch.float32)
     pc, pr = parts["chosen_logps"], parts["rejected_logps"]

@@ -110,8 +110,8 @@ def check_settings(cfg: SpoConfig) -> None:
     """Settings that must agree before any data or model is loaded (each error names the option)."""
     import torch
 
+    from spo.training.distributed import check_precision
     from spo.training.forward import MASK_IMPLEMENTATIONS
-    from spo.training.trainer import check_precision
 
     tc = cfg.train
     check_sequence_and_batch("train", tc.max_length, tc.max_prompt_length, tc.optim)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dpo_loss", "ipo_loss", "kto_loss", "degree_loss", "level_weights"]
+__all__ = ["degree_loss", "dpo_loss", "ipo_loss", "kto_loss", "level_weights"]
 
 
 def _rewards(policy: Tensor, reference: Tensor, beta: float) -> Tensor:
@@ -30,7 +30,8 @@ def _log_ratio_gap(
 
     The reference is detached here so no loss can leak gradient into it.
     """
-    reference_chosen_logps, reference_rejected_logps = reference_chosen_logps.detach(), reference_rejected_logps.detach()
+    reference_chosen_logps = reference_chosen_logps.detach()
+    reference_rejected_logps = reference_rejected_logps.detach()
     logits = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
     rewards = (
         _rewards(policy_chosen_logps, reference_chosen_logps, beta),
@@ -74,7 +75,8 @@ def ipo_loss(
     ``ipo`` loss type and the DPO reference repo. This function is agnostic to normalisation: it
     uses whatever log-probs it is given. Note TRL length-normalises for IPO (average per-token
     log-probs), because summed log-probs make the squared loss grow with response length; the
-    trainer passes averages with ``train.ipo_length_normalize: true``. Returns (losses [B], chosen_rewards [B], rejected_rewards [B]).
+    trainer passes averages with ``train.ipo_length_normalize: true``. Returns (losses [B], chosen_rewards [B],
+    rejected_rewards [B]).
     """
     logits, rewards = _log_ratio_gap(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                                      reference_rejected_logps, beta)
@@ -85,10 +87,10 @@ def ipo_loss(
 def kto_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
-    policy_kl_logps: Tensor,
+    policy_kl_logps: Tensor | None,
     reference_chosen_logps: Tensor,
     reference_rejected_logps: Tensor,
-    reference_kl_logps: Tensor,
+    reference_kl_logps: Tensor | None,
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
@@ -112,9 +114,12 @@ def kto_loss(
     rejected_rewards [B], z0 scalar).
     """
     if kl is None:
+        if policy_kl_logps is None or reference_kl_logps is None:
+            raise ValueError("kto_loss needs the mismatched rows' log-probs, or their KL estimate as kl")
         kl = (policy_kl_logps - reference_kl_logps).mean()
     z0 = kl.clamp(min=0).detach()
-    reference_chosen_logps, reference_rejected_logps = reference_chosen_logps.detach(), reference_rejected_logps.detach()
+    reference_chosen_logps = reference_chosen_logps.detach()
+    reference_rejected_logps = reference_rejected_logps.detach()
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
     chosen_losses = 1.0 - torch.sigmoid(beta * (chosen_logratios - z0))
@@ -128,7 +133,8 @@ def kto_loss(
     )
 
 
-def degree_loss(logits: Tensor, labels: Tensor, total: float | None = None, level_weights: Tensor | None = None) -> Tensor:
+def degree_loss(logits: Tensor, labels: Tensor, total: float | None = None,
+                level_weights: Tensor | None = None) -> Tensor:
     """Mean cross-entropy of a degree head over its variants (logits [M, N], labels [M] int64).
 
     Labels of −100 are ignored (e.g. responses excluded because their levels are not distinct).
@@ -145,7 +151,8 @@ def degree_loss(logits: Tensor, labels: Tensor, total: float | None = None, leve
     weight = None if level_weights is None else level_weights.to(device=logits.device, dtype=torch.float32)
     if total is None:
         return F.cross_entropy(logits.float(), labels.long(), weight=weight, ignore_index=-100)
-    return F.cross_entropy(logits.float(), labels.long(), weight=weight, ignore_index=-100, reduction="sum") / max(total, 1e-12)
+    summed = F.cross_entropy(logits.float(), labels.long(), weight=weight, ignore_index=-100, reduction="sum")
+    return summed / max(total, 1e-12)
 
 
 def level_weights(n_levels: int, levels_per_step: int | None) -> Tensor | None:

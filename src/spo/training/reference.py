@@ -19,15 +19,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from spo.io import InputError
+from spo.config import TrainConfig
+from spo.errors import InputError
+
+if TYPE_CHECKING:
+    from spo.training.plan import DataPlan
 
 log = logging.getLogger("spo.train")
 
@@ -55,7 +60,7 @@ def _update_ints(digest: Any, values: Sequence[int]) -> None:
     digest.update(b"".join(int(i).to_bytes(4, "little", signed=True) for i in values))
 
 
-def examples_fingerprint(splits: dict[str, Sequence[Any]], with_degrees: bool = False) -> str:
+def examples_fingerprint(splits: Mapping[str, Sequence[Any]], with_degrees: bool = False) -> str:
     """sha256 over the token ids of tokenised pairs; ``with_degrees`` adds every degree variant
     (ids, positions, kept tokens) — what identifies a training run's data for resumption."""
     digest = hashlib.sha256()
@@ -75,7 +80,7 @@ def examples_fingerprint(splits: dict[str, Sequence[Any]], with_degrees: bool = 
     return digest.hexdigest()
 
 
-def cache_key(splits: dict[str, Sequence[Any]], fingerprint: str, dtype: str, kl_plan: KlPlan | None) -> str:
+def cache_key(splits: Mapping[str, Sequence[Any]], fingerprint: str, dtype: str, kl_plan: KlPlan | None) -> str:
     plan = hashlib.sha256(repr(sorted((s, sorted((e, sorted(p.items())) for e, p in by_epoch.items()))
                                       for s, by_epoch in (kl_plan or {}).items())).encode()).hexdigest()
     payload = f"v{CACHE_VERSION}|{examples_fingerprint(splits)}|{fingerprint}|{dtype}|kl={plan}"
@@ -89,15 +94,17 @@ class Reference:
     """
 
     def __init__(self, kind: str, model: nn.Module | None = None, table: dict[str, dict[str, Any]] | None = None,
-                 autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
+                 autocast: Callable[[], AbstractContextManager[Any]] = nullcontext, reused: bool = False) -> None:
         """``autocast``: the policy's mixed-precision context.  The policy is prepared by Accelerate,
         which wraps its forward in autocast; a frozen copy is not, and must run under the same
         context, or its log-probs differ from the policy's own at step 0 (and from a table
-        precomputed by the prepared policy) by the bf16 rounding of the whole forward."""
+        precomputed by the prepared policy) by the bf16 rounding of the whole forward.
+        ``reused``: the table was read from an earlier run's cache (the summary reports it)."""
         self.kind = kind
         self.model = model
         self.table = table
         self.autocast = autocast
+        self.reused = reused
         self.forwards = 0  # reference forward passes run during training/eval
 
     @torch.no_grad()
@@ -136,8 +143,9 @@ def even_shards(n_chunks: int, rank: int, world: int) -> list[int | None]:
 
 
 @torch.no_grad()
-def precompute(model: nn.Module, splits: dict[str, Sequence[Any]], kl_plan: KlPlan | None,
-               alignment_batch: Callable[[Sequence[int], str], Any], kl_batch: Callable[[Sequence[int], dict[int, int], str], Any],
+def precompute(model: nn.Module, splits: Mapping[str, Sequence[Any]], kl_plan: KlPlan | None,
+               alignment_batch: Callable[[Sequence[int], str], Any],
+               kl_batch: Callable[[Sequence[int], dict[int, int], str], Any],
                micro_batch_size: int, accelerator: Any, progress: bool = True) -> dict[str, dict[str, Any]]:
     """Reference log-probs of every pair (and KTO row of ``kl_plan``) of every split, sharded.
 
@@ -153,9 +161,9 @@ def precompute(model: nn.Module, splits: dict[str, Sequence[Any]], kl_plan: KlPl
     for split, examples in splits.items():
         n = len(examples)
         jobs += [(split, None, list(range(s, min(s + micro_batch_size, n)))) for s in range(0, n, micro_batch_size)]
-        for epoch, partners in sorted((kl_plan or {}).get(split, {}).items()):
+        for kl_epoch, partners in sorted((kl_plan or {}).get(split, {}).items()):
             keys = sorted(partners)
-            jobs += [(split, epoch, keys[s: s + micro_batch_size]) for s in range(0, len(keys), micro_batch_size)]
+            jobs += [(split, kl_epoch, keys[s: s + micro_batch_size]) for s in range(0, len(keys), micro_batch_size)]
     sums = {split: {"chosen": torch.zeros(len(ex), device=device), "rejected": torch.zeros(len(ex), device=device)}
             for split, ex in splits.items()}
     kl = {split: {epoch: torch.zeros(2, len(splits[split]), device=device) for epoch in by_epoch}
@@ -196,7 +204,8 @@ def save_table(path: Path, key: str, table: dict[str, dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def load_table(path: Path, key: str, splits: dict[str, Sequence[Any]], explicit: bool) -> dict[str, dict[str, Any]] | None:
+def load_table(path: Path, key: str, splits: Mapping[str, Sequence[Any]],
+               explicit: bool) -> dict[str, dict[str, Any]] | None:
     """The cached table, or None when missing. A file the user named that does not match is an error."""
     if not path.is_file():
         return None
@@ -213,3 +222,42 @@ def load_table(path: Path, key: str, splits: dict[str, Sequence[Any]], explicit:
         if table.get(split, {}).get("ids") != [ex.id for ex in examples]:
             raise InputError(f"{path}: split {split!r} does not list the same pair ids as this run")
     return table
+
+
+def build_reference(cfg: TrainConfig, policy: nn.Module, frozen_copy: nn.Module | None, data: DataPlan,
+                    accelerator: Any, *, dtype: str, fingerprint: str, cache: Path | None, progress: bool) -> Reference:
+    """The run's reference: the prepared ``policy`` with its adapters off (LoRA), ``frozen_copy``
+    (full fine-tuning), or with ``train.precompute_reference`` a table of log-probs computed once
+    by the prepared policy before any update and kept under ``cache`` (a folder of tables by key,
+    or one file) for later runs with the same pairs and weights.
+
+    ``fingerprint`` identifies the reference weights and ``dtype`` their precision: both are in
+    the cache key. Every process must call it (the precompute is sharded and all-reduced).
+    """
+    if not cfg.precompute_reference:
+        if frozen_copy is not None:  # not prepared by Accelerate: the policy's autocast made explicit
+            return Reference("copy", model=frozen_copy, autocast=accelerator.autocast)
+        return Reference("adapter", model=policy)
+    splits = data.splits()
+    plan = data.kl_plan() if cfg.loss == "kto" else None
+    key = cache_key(splits, fingerprint, dtype, plan)
+    explicit = cfg.reference_logps_file is not None
+    path: Path | None
+    if cfg.reference_logps_file is not None:
+        path = Path(cfg.reference_logps_file)
+    else:
+        path = (cache / f"{key}.pt") if cache is not None and cache.suffix != ".pt" else cache
+    table = load_table(path, key, splits, explicit) if path is not None else None
+    if table is not None:
+        log.info("reference log-probs: reusing %s (%d train pairs)", path, len(data.train_examples))
+        return Reference("precomputed", table=table, reused=True)
+    started = time.perf_counter()
+    table = precompute(policy, splits, plan, data.alignment_batch, data.kl_batch, cfg.optim.micro_batch_size,
+                       accelerator, progress and accelerator.is_local_main_process)
+    if path is not None and accelerator.is_main_process:
+        save_table(path, key, table)
+    accelerator.wait_for_everyone()
+    log.info("reference log-probs: computed for %s pairs on %d process(es) in %.1f s, saved to %s",
+             " + ".join(f"{len(v)} {k}" for k, v in splits.items()), accelerator.num_processes,
+             time.perf_counter() - started, path)
+    return Reference("precomputed", table=table)
