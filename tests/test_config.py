@@ -8,7 +8,8 @@ import pytest
 import yaml
 from conftest import REPO
 
-from spo.config import ConfigError, SpoConfig, load_config
+from spo.config import SpoConfig, load_config
+from spo.errors import ConfigError
 
 
 def _leaf_keys(tree: dict, prefix: str = "") -> set[str]:
@@ -118,7 +119,8 @@ def test_explicit_comparisons_replace_or_extend_the_automatic_ones() -> None:
 
 def test_a_bare_no_for_mixed_precision_is_no_as_dvc_exp_run_writes_it(tmp_path) -> None:
     """`dvc exp run -S` writes params.yaml back without the quotes of "no"; PyYAML reads a bare no as false."""
-    from spo.config import ConfigError, load_config
+    from spo.config import load_config
+    from spo.errors import ConfigError
 
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  mixed_precision: no\n")
@@ -131,7 +133,8 @@ def test_a_bare_no_for_mixed_precision_is_no_as_dvc_exp_run_writes_it(tmp_path) 
 def test_a_yaml_syntax_error_names_the_file_or_the_override_and_where(tmp_path) -> None:
     """Found by a new user: both were tracebacks."""
     from spo.cli import main
-    from spo.config import ConfigError, load_config
+    from spo.config import load_config
+    from spo.errors import ConfigError
 
     params = tmp_path / "params.yaml"
     params.write_text("seed: 0\ntrain:\n  beta: [0.1\n")
@@ -145,7 +148,8 @@ def test_a_yaml_syntax_error_names_the_file_or_the_override_and_where(tmp_path) 
 def test_cross_section_mistakes_fail_when_the_params_are_read() -> None:
     """Found by a new user: levels_per_step above n_levels was accepted, and a batch that micro-batches do not
     divide was found only after the data had been tokenised."""
-    from spo.config import ConfigError, load_config
+    from spo.config import load_config
+    from spo.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"train.spo.levels_per_step: 9 levels per step, but degrees.n_levels makes only 4"):
         load_config(None, ["train.spo.levels_per_step=9"])

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from spo.io import InputError
+from spo.errors import ConfigError, InputError
 
 DATA_DIR_ENV = "SPO_DATA_DIR"
 SPLITS = ("train", "eval", "test")
@@ -317,7 +317,6 @@ class DegreeLossConfig(_Section):
                 "classifier learns nothing; use 2..n_levels, or null for all levels"
             )
         return value
-
 
     @property
     def sides(self) -> tuple[bool, bool]:
@@ -639,10 +638,6 @@ class SpoConfig(_Section):
         dumped = self.model_dump(mode="json", by_alias=True)
         payload = {name: dumped[name] for name in ("seed", *names)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class ConfigError(ValueError):
-    """A params file or override that cannot be turned into an SpoConfig."""
 
 
 def check_sequence_and_batch(section: str, max_length: int, max_prompt_length: int, optim: OptimConfig) -> None:
