@@ -12,7 +12,8 @@ from test_train_support import hh_pairs, read_metrics, state_of, tiny_model, tra
 
 from spo.training.data import SIDES
 from spo.training.losses import degree_loss
-from spo.training.trainer import NonFiniteLossError, PreferenceTrainer
+from spo.training.trainer import PreferenceTrainer
+from spo.errors import NonFiniteLossError
 
 N_TRAIN = 64
 

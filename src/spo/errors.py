@@ -122,3 +122,11 @@ class StoreError(StageFailed):
 
 class SubmitError(StageFailed):
     """The KFP API refused a request or the run did not succeed (``spo`` then exits non-zero)."""
+
+
+class NonFiniteLossError(StageFailed):
+    """A non-finite loss or gradient with ``nan_policy: raise``."""
+
+
+class CheckpointError(StageFailed):
+    """``train.resume`` found checkpoints but none is usable; the message names each damaged file."""

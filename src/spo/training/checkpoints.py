@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from spo.config import TrainConfig
-from spo.errors import StageFailed
+from spo.errors import CheckpointError
 from spo.io import disk_full, output_error, write_json
 from spo.training.data import PairExample
 from spo.training.metrics import Accumulator
@@ -38,10 +38,6 @@ FINAL_OUTPUTS = ("*.safetensors", "*.safetensors.index.json", "config.json", "ge
 # settings that change neither the numbers nor the data: a checkpoint written with others is resumed
 NOT_HASHED = {"resume", "logging_steps", "eval_steps", "save_steps", "keep_checkpoints", "keep_checkpoints_at_end",
               "out_dir", "metrics_file"}
-
-
-class CheckpointError(StageFailed):
-    """``train.resume`` found checkpoints but none is usable; the message names each damaged file."""
 
 
 class TrainerState:

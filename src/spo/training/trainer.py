@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from spo.config import TrainConfig
-from spo.errors import InputError, StageFailed
+from spo.errors import InputError, NonFiniteLossError
 from spo.training.checkpoints import Checkpoints, TrainerState, config_hash
 from spo.training.data import PairExample, kl_partners, tokenize_pairs
 from spo.training.distributed import accumulation_steps, is_peft, is_sharded, setup_accelerator, warn_half_weights
@@ -55,10 +55,6 @@ from spo.training.step import PreferenceStep
 log = logging.getLogger("spo.train")
 
 HEADS_SEED_OFFSET = 7919
-
-
-class NonFiniteLossError(StageFailed):
-    """A non-finite loss or gradient with ``nan_policy: raise``."""
 
 
 def disable_dropout(model: nn.Module) -> None:
