@@ -71,7 +71,8 @@ def main() -> None:
                 hook_times.append(round(time.perf_counter() - started, 2))
                 assert done.returncode == 0, done.stderr[-2000:]
             results["hook_seconds"] = {"install": hook_times[0], "upgrades_unchanged": hook_times[1:],
-                                       "uploads": len(server.calls("POST", r"/apis/v2beta1/pipelines/upload(_version)?")),
+                                       "uploads": len(server.calls("POST",
+                                                                   r"/apis/v2beta1/pipelines/upload(_version)?")),
                                        "recurring_runs": len(server.state.recurring_runs)}
     out = REPO / "bench" / "results" / "chart.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -120,10 +120,12 @@ def main() -> None:
     print(f"model: {model_source} ({n_params / 1e6:.1f} M params), prompts: {len(prompts)} from {rows_source}")
     print(f"prompt tokens: mean {statistics.mean(prompt_tokens):.0f}, max {max(prompt_tokens)}; "
           f"greedy, max_new_tokens {args.max_new_tokens}, {args.threads} thread(s), float32 CPU")
-    print(f"{'batch':>5} {'tokens':>7} {'s (best)':>9} {'s (median)':>11} {'tok/s (median)':>15} {'speedup':>8} {'same text':>9}")
+    print(f"{'batch':>5} {'tokens':>7} {'s (best)':>9} {'s (median)':>11} {'tok/s (median)':>15} {'speedup':>8} "
+          f"{'same text':>9}")
     for r in results:
-        print(f"{r['batch_size']:>5} {r['generated_tokens']:>7} {r['seconds_best']:>9.2f} {r['seconds_median']:>11.2f} "
-              f"{r['tokens_per_second_median']:>15.1f} {r['speedup_vs_first']:>8.2f} {str(r['texts_equal_batch_size_1']):>9}")
+        print(f"{r['batch_size']:>5} {r['generated_tokens']:>7} {r['seconds_best']:>9.2f} "
+              f"{r['seconds_median']:>11.2f} {r['tokens_per_second_median']:>15.1f} {r['speedup_vs_first']:>8.2f} "
+              f"{str(r['texts_equal_batch_size_1']):>9}")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

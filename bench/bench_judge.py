@@ -38,7 +38,8 @@ KEY_ENV = "SPO_BENCH_JUDGE_KEY"
 def run(server: JudgeServer, n: int, concurrency: int, tag: str) -> dict:
     cfg = OpenAIJudgeConfig(base_url=server.base_url, model="bench-judge", api_key_env=KEY_ENV,
                             concurrency=concurrency, retry=RetryConfig(max_retries=0, timeout=30.0))
-    requests = [JudgeRequest(f"\n\nHuman: question {tag} {i}?\n\nAssistant:", f"answer a{i}", f"answer b{i}", "dialogue")
+    requests = [JudgeRequest(f"\n\nHuman: question {tag} {i}?\n\nAssistant:", f"answer a{i}", f"answer b{i}",
+                             "dialogue")
                 for i in range(n)]
     with tempfile.TemporaryDirectory() as tmp:
         cache = JudgeCache(Path(tmp) / "cache.sqlite")

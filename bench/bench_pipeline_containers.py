@@ -174,7 +174,8 @@ def plot(results: dict, path: Path) -> None:
            label="kfp.local DockerRunner")
     ax.set_xticks(list(x), steps, rotation=30, ha="right")
     ax.set_ylabel("wall time per step (s)")
-    ax.set_title(f"{results['slice']}: dvc {results['dvc_repro_s']:.0f} s, in containers {results['kfp_docker_s']:.0f} s")
+    ax.set_title(f"{results['slice']}: dvc {results['dvc_repro_s']:.0f} s, "
+                 f"in containers {results['kfp_docker_s']:.0f} s")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -23,7 +23,8 @@ STAGES = ("prepare", "validate", "keywords", "degrees")
 
 
 def run_once(data: Path, dataset: str) -> dict[str, float]:
-    env = dict(os.environ, SPO_DATA_DIR=str(data), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, SPO_DATA_DIR=str(data),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     with tempfile.TemporaryDirectory() as scratch:
         shutil.copy(REPO / "params.yaml", Path(scratch) / "params.yaml")
         times = {}
@@ -51,7 +52,8 @@ def main() -> None:
         print(f"  {stage:<9} {best[stage]:6.2f} s   (runs: {', '.join(f'{r[stage]:.2f}' for r in runs)})")
     out = REPO / "bench" / "results" / f"stages_{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {"cores": os.cpu_count(), "python": platform.python_version()}, "runs": runs, "best": best}, indent=2))
+    out.write_text(json.dumps({"machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+                               "runs": runs, "best": best}, indent=2))
     print(f"wrote {out}")
 
 
