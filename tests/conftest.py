@@ -13,7 +13,8 @@ from spo.config import SpoConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "DVC_NO_ANALYTICS"):
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+              "DVC_NO_ANALYTICS"):
     os.environ.setdefault(_name, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -43,7 +44,8 @@ def write_raw(folder: Path, dataset: str, split: str, lines: list[str | bytes | 
     target = folder / dataset / f"{split}.jsonl{'.gz' if gz else ''}"
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = b"".join(
-        (line if isinstance(line, bytes) else (json.dumps(line) if isinstance(line, dict) else line).encode("utf-8")) + b"\n"
+        (line if isinstance(line, bytes)
+         else (json.dumps(line) if isinstance(line, dict) else line).encode("utf-8")) + b"\n"
         for line in lines
     )
     target.write_bytes(gzip.compress(payload) if gz else payload)

@@ -94,7 +94,8 @@ def echo_key_401(record: RequestRecord) -> Reply:
     """Like a real endpoint that quotes the (bad) key back in its 401 error message."""
     auth = record.headers.get("authorization", "")
     key = auth.removeprefix("Bearer ").strip()
-    return Reply(status=401, body={"error": {"message": f"Incorrect API key provided: {key}", "type": "invalid_request_error"}})
+    return Reply(status=401, body={"error": {"message": f"Incorrect API key provided: {key}",
+                                             "type": "invalid_request_error"}})
 
 
 Behaviour = Reply | Callable[["RequestRecord"], Reply]
@@ -148,7 +149,8 @@ class JudgeServer:
                     body = json.loads(raw) if raw else None
                 except ValueError:
                     body = None
-                record = RequestRecord(self.path, {k.lower(): v for k, v in self.headers.items()}, raw, body, time.monotonic())
+                record = RequestRecord(self.path, {k.lower(): v for k, v in self.headers.items()}, raw, body,
+                                       time.monotonic())
                 with server._lock:
                     server.requests.append(record)
                     behaviour = server.script.popleft() if server.script else server.default

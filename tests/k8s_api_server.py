@@ -33,8 +33,8 @@ _ROUTE = re.compile(r"/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/(?P<ns>[^
 _POD = re.compile(r"/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)")
 _PVC = re.compile(r"/api/v1/namespaces/(?P<ns>[^/]+)/persistentvolumeclaims/(?P<name>[^/]+)")
 _TRAINER_GROUP = "/apis/trainer.kubeflow.org/v1alpha1"
-_KFP = re.compile(r"/apis/pipelines\.kubeflow\.org/v2beta1/namespaces/(?P<ns>[^/]+)/(?P<plural>pipelines|pipelineversions)"
-                  r"(?:/(?P<name>[^/]+))?")
+_KFP = re.compile(r"/apis/pipelines\.kubeflow\.org/v2beta1/namespaces/(?P<ns>[^/]+)"
+                  r"/(?P<plural>pipelines|pipelineversions)(?:/(?P<name>[^/]+))?")
 _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "AlreadyExists",
             422: "Invalid", 429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable"}
 _MAX_BODY = 10 * 1024 * 1024

@@ -46,7 +46,8 @@ def test_each_bad_row_is_quarantined_with_its_reason_and_nothing_is_lost(tmp_pat
     validate.run(cfg)
 
     prep_q = {q["line"]: q for q in read_jsonl(tmp_path / "data/quarantine/prepare.jsonl")}
-    val_q = {q["line"]: q for q in read_jsonl(tmp_path / "data/quarantine/validate.jsonl") if q["origin"] == "hh/train.jsonl"}
+    val_q = {q["line"]: q for q in read_jsonl(tmp_path / "data/quarantine/validate.jsonl")
+             if q["origin"] == "hh/train.jsonl"}
     valid = [r for s in ("train", "eval", "test") for r in read_jsonl(tmp_path / "data/validated" / f"{s}.jsonl")]
     assert read == 13 and len(valid) + len(prep_q) + len(val_q) == read
 

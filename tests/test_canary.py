@@ -136,7 +136,8 @@ class Scanner:
                     self.stream(name, io.BufferedReader(rest, CHUNK))
 
     def summary(self) -> str:
-        return f"{self.n_files} files, {self.n_bytes} bytes ({self.n_bytes / 1e6:.1f} MB) scanned, {len(self.hits)} hits"
+        return (f"{self.n_files} files, {self.n_bytes} bytes ({self.n_bytes / 1e6:.1f} MB) scanned, "
+                f"{len(self.hits)} hits")
 
 
 class _Chain(io.RawIOBase):
@@ -411,7 +412,8 @@ def canary_judge_step(report: Output[Artifact]) -> None:
     judge.cache.close()
     logging.getLogger("canary").error("the judge failed: %s", error)
     status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
-    result = {"error": error, "calls": len(calls), "uid": os.getuid(), "key_set": bool(os.environ.get("SPO_CANARY_JUDGE_KEY")),
+    result = {"error": error, "calls": len(calls), "uid": os.getuid(),
+              "key_set": bool(os.environ.get("SPO_CANARY_JUDGE_KEY")),
               "CapEff": status.get("CapEff", "").strip(), "CapBnd": status.get("CapBnd", "").strip(),
               "NoNewPrivs": status.get("NoNewPrivs", "").strip()}
     print(json.dumps(result))
@@ -515,7 +517,8 @@ def image_facts() -> dict[str, Any]:
         "check = subprocess.run([sys.executable, '-m', 'pip', 'check', '--disable-pip-version-check'],"
         " capture_output=True, text=True)\n"
         "status = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)\n"
-        "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'pip_check': [check.returncode, check.stdout + check.stderr],"
+        "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(),"
+        " 'pip_check': [check.returncode, check.stdout + check.stderr],"
         " 'caps': {k: v.strip() for k, v in status.items() if k.startswith('Cap') or k == 'NoNewPrivs'},"
         " 'dists': {d.metadata['Name']: d.version for d in m.distributions()}}))\n")
     client = docker_client()

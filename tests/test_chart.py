@@ -66,7 +66,8 @@ def test_every_object_is_valid_kubernetes_labelled_and_namespaced(case: str) -> 
     import kubernetes_validate
 
     docs = objects(CASES[case])
-    assert {"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job", "Pod", "NetworkPolicy"} <= {d["kind"] for d in docs}
+    assert ({"ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job", "Pod", "NetworkPolicy"}
+            <= {d["kind"] for d in docs})
     for doc in docs:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)  # unknown fields are errors
         labels = doc["metadata"]["labels"]
@@ -149,7 +150,8 @@ def _compiled(tmp_path: Path, docs: list[dict[str, Any]]) -> tuple[dict[str, Any
     data = one(docs, "ConfigMap")["data"]
     for name in ("params.yaml", "platform.yaml", "dvc.yaml"):
         (tmp_path / name).write_text(data[name])
-    out = compile_pipeline(tmp_path / "pipeline.yaml", params=tmp_path / "params.yaml", platform=tmp_path / "platform.yaml")
+    out = compile_pipeline(tmp_path / "pipeline.yaml", params=tmp_path / "params.yaml",
+                           platform=tmp_path / "platform.yaml")
     spec, platform_spec = [d for d in yaml.safe_load_all(out.read_text()) if d]
     return spec, platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
@@ -320,7 +322,8 @@ def test_the_policy_scan_leaves_no_failed_check_unexplained(tmp_path: Path) -> N
     for case, values in CASES.items():
         write_manifests(objects(values), folder / case)
     report = _checkov(folder, sorted(skips))
-    failed = [(c["check_id"], c["resource"], c["file_path"]) for c in report.get("results", {}).get("failed_checks", [])]
+    failed = [(c["check_id"], c["resource"], c["file_path"])
+              for c in report.get("results", {}).get("failed_checks", [])]
     assert failed == [], failed
     assert report["summary"]["passed"] > 100
     # every documented skip is still needed: without it, that check fails
@@ -366,7 +369,8 @@ def test_the_hook_refuses_a_release_outside_the_namespace_where_kfp_runs_the_pod
     (kubeflow/pipelines resource_manager.go ReplaceNamespace at 2.17.0; test_submit.py)."""
     docs = objects({})
     with KfpApiServer("t" * 24) as server:
-        refused = _run_pod(one(docs, "Job", "-upload-1"), one(docs, "ConfigMap")["data"], tmp_path, server.url, "t" * 24)
+        refused = _run_pod(one(docs, "Job", "-upload-1"), one(docs, "ConfigMap")["data"], tmp_path, server.url,
+                           "t" * 24)
         assert refused.returncode != 0 and "pods would run in 'kubeflow'" in refused.stderr, refused.stderr[-2000:]
         assert f"are in '{NAMESPACE}'" in refused.stderr and not server.calls("POST")
 
@@ -396,7 +400,8 @@ def test_the_upload_hook_creates_nothing_when_rerun_and_helm_test_checks_its_ver
         assert len(server.calls("POST")) == requests and not server.calls("DELETE")  # nothing new
         after = _run_pod(check, config, tmp_path / "test-1", server.url, token)
         assert after.returncode == 0, after.stderr[-3000:]
-        assert after.stdout.strip() == server.state.versions[next(iter(server.state.versions))][0]["pipeline_version_id"]
+        first_version = server.state.versions[next(iter(server.state.versions))][0]
+        assert after.stdout.strip() == first_version["pipeline_version_id"]
         # an upgrade that changes a compiled-in override uploads one new version and moves the schedule to it
         changed = objects(deep_merge(values, {"pipeline": {"overrides": {"train.beta": 0.2}}}))
         upgraded = _run_pod(one(changed, "Job", "-upload-1"), one(changed, "ConfigMap")["data"], tmp_path / "upgrade-2",
@@ -410,7 +415,8 @@ def test_the_upload_hook_creates_nothing_when_rerun_and_helm_test_checks_its_ver
 def test_chart_files_are_the_repositorys() -> None:
     """The chart ships params.yaml, dvc.yaml (as dvc-stages.yaml) and .dvcignore (Helm reads files
     inside the chart only): they must be the repository's (`make chart-files` copies them)."""
-    for shipped, source in (("params.yaml", "params.yaml"), ("dvc-stages.yaml", "dvc.yaml"), ("dvcignore", ".dvcignore")):
+    for shipped, source in (("params.yaml", "params.yaml"), ("dvc-stages.yaml", "dvc.yaml"),
+                            ("dvcignore", ".dvcignore")):
         assert (CHART / "files" / shipped).read_bytes() == (REPO / source).read_bytes(), shipped
     # never a file DVC takes for a pipeline of this project: `dvc repro` would run its stages too
     assert not [p for p in CHART.rglob("*") if p.name in ("dvc.yaml", "dvc.lock") or p.suffix == ".dvc"]
@@ -445,10 +451,12 @@ def test_the_hook_runs_in_the_image_as_its_pod_spec_says(tmp_path: Path) -> None
     client = docker_client()
     run = client.containers.run(
         project_image("cpu"), container["args"], entrypoint=container["command"], detach=True, network_mode="none",
-        user=f"{user['runAsUser']}:{user['runAsGroup']}", read_only=container["securityContext"]["readOnlyRootFilesystem"],
+        user=f"{user['runAsUser']}:{user['runAsGroup']}",
+        read_only=container["securityContext"]["readOnlyRootFilesystem"],
         cap_drop=["ALL"], security_opt=["no-new-privileges"], tmpfs={"/work": "rw,size=256m"},
         environment={e["name"]: e["value"] for e in container["env"]},
-        volumes={str(config): {"bind": "/etc/spo", "mode": "ro"}, str(kfp): {"bind": "/var/run/secrets/kfp", "mode": "ro"}})
+        volumes={str(config): {"bind": "/etc/spo", "mode": "ro"},
+                 str(kfp): {"bind": "/var/run/secrets/kfp", "mode": "ro"}})
     try:
         status = run.wait(timeout=300)["StatusCode"]  # a hang guard: the hook fails within seconds here
         logs = run.logs().decode(errors="replace")
@@ -524,7 +532,8 @@ def test_the_checkpoint_volume_keeps_train_cacheable_and_is_made_writable_for_th
     assert job["metadata"]["annotations"]["helm.sh/hook-weight"] == "-5"  # before the upload hook (0) starts a run
     pod = job["spec"]["template"]["spec"]
     assert pod["securityContext"]["fsGroup"] == 1000 and pod["securityContext"]["runAsUser"] == 10001
-    assert pod["volumes"] == [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}]
+    assert pod["volumes"] == [{"name": "checkpoints",
+                               "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}]
     train_pool = CASES["gpu-pools"]["pools"][CASES["gpu-pools"]["steps"]["train"]]
     assert pod["nodeSelector"] == train_pool["nodeSelector"]  # a zonal volume is bound where train runs
     # an existing claim is the platform engineer's to prepare: no PVC, no Job, the platform names it

@@ -329,7 +329,8 @@ def text_and_phrases(draw):
     n = draw(st.integers(0, 25))
     parts = []
     for _ in range(n):
-        parts.append(draw(st.sampled_from(WORDS) | st.text(st.characters(categories=("L", "N")), min_size=1, max_size=4)))
+        parts.append(draw(st.sampled_from(WORDS)
+                          | st.text(st.characters(categories=("L", "N")), min_size=1, max_size=4)))
         parts.append(draw(st.sampled_from(SEPS) | st.text(st.characters(categories=("P", "S", "Z")), max_size=3)))
     text = draw(st.sampled_from(["", " "])) + "".join(parts)
     toks = TOKEN_RE.findall(text)
@@ -345,7 +346,8 @@ def text_and_phrases(draw):
     return text, phrases
 
 
-@settings(max_examples=int(__import__("os").environ.get("DEGREES_EXAMPLES", "400")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(__import__("os").environ.get("DEGREES_EXAMPLES", "400")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(text_and_phrases(), st.integers(2, 8), st.floats(0, 1))
 def test_level_properties(data, n_levels, cut_at) -> None:
     text, phrases = data

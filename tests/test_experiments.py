@@ -87,7 +87,8 @@ def test_common_overrides_come_first_in_every_run_and_a_runs_own_win(tmp_path: P
                                in_workspace=True, seeds=[0, 1])
     presets_file.write_text(presets_file.read_text().replace("degrees.n_levels=3", "degrees.n_levels=1"))
     with pytest.raises(ConfigError, match="n_levels"):  # a bad common override fails every run before DVC
-        experiments.run_preset("real", experiments.load_presets(presets_file), params=REPO / "params.yaml", dry_run=True)
+        experiments.run_preset("real", experiments.load_presets(presets_file), params=REPO / "params.yaml",
+                               dry_run=True)
 
 
 # -- against real DVC, in a scratch project whose one stage writes judge-like metrics from params
@@ -109,7 +110,8 @@ STAGE = textwrap.dedent("""
 def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     work = tmp_path / "proj"
     work.mkdir()
-    (work / "params.yaml").write_text("# the knobs\ndata:\n  dataset: hh\nkeywords:\n  method: rake   # extractor\nvariants:\n  dpo_spo: {loss: dpo, spo: true}\n")
+    (work / "params.yaml").write_text("# the knobs\ndata:\n  dataset: hh\nkeywords:\n  method: rake   # extractor\n"
+                                      "variants:\n  dpo_spo: {loss: dpo, spo: true}\n")
     (work / "stage.py").write_text(STAGE)
     (work / "dvc.yaml").write_text(textwrap.dedent("""
         stages:
@@ -138,14 +140,16 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return work
 
 
-def test_preset_runs_are_dvc_experiments_and_the_summary_shows_them(scratch: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preset_runs_are_dvc_experiments_and_the_summary_shows_them(scratch: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     params_before = (scratch / "params.yaml").read_text()
     monkeypatch.setenv("SPO_DATA_DIR", "shared/data")  # relative to the project, not to DVC's temporary copy
     assert main(["exp", "run", "extractor"]) == 0
     assert (scratch / "params.yaml").read_text() == params_before, "runs happen in temporary copies"
     assert json.loads((scratch / "metrics/judge.json").read_text())["dpo_spo_vs_chosen"]["win_rate"] == 0.55
 
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=True).stdout)
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True,
+                                      check=True).stdout)
     rows = experiments.parse_exp_show(shown)
     assert [r["name"] for r in rows][1:] == ["extractor-yake", "extractor-random"]  # the workspace is the baseline
     assert [r["win_rates"]["dpo_spo_vs_chosen"]["win_rate"] for r in rows] == [0.55, 0.6, 0.45]
@@ -157,10 +161,12 @@ def test_preset_runs_are_dvc_experiments_and_the_summary_shows_them(scratch: Pat
     assert main(["exp", "summary", "-o", "out"]) == 0
     md = (scratch / "out/experiments.md").read_text()
     assert "| extractor-yake | yake | dpo_spo | 60.0% [50.0, 70.0] (n=100) |" in md
-    assert "| extractor-random | random | dpo_spo, ipo | 45.0% [35.0, 55.0] (n=100) | 45.0% [35.0, 55.0] (n=100) |" in md
+    assert ("| extractor-random | random | dpo_spo, ipo | 45.0% [35.0, 55.0] (n=100) "
+            "| 45.0% [35.0, 55.0] (n=100) |") in md
     assert "| extractor-yake | dpo_spo | 0.600 |" in md
     assert "| Method | hh |" in md  # the paper's layout: the latest run for each method and data set
-    assert "| dpo_spo | 45.0% [35.0, 55.0] (n=100) |" in md and "| ipo | 45.0% [35.0, 55.0] (n=100) |" in md  # the policy's last evaluation
+    # the policy's last evaluation
+    assert "| dpo_spo | 45.0% [35.0, 55.0] (n=100) |" in md and "| ipo | 45.0% [35.0, 55.0] (n=100) |" in md
     assert (scratch / "out/experiments.png").stat().st_size > 1000
     assert "data:image/png;base64," in (scratch / "out/experiments.html").read_text()
     assert json.loads((scratch / "out/experiments.json").read_text())[1]["params"]["keywords.method"] == "yake"

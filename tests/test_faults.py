@@ -142,7 +142,8 @@ def judge_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
              "chosen": SHORT, "rejected": " no"} for i in range(N_ITEMS)]
     write_jsonl(tmp_path / "data/validated/test.jsonl", rows)
     write_jsonl(tmp_path / "outputs/generations/dpo_spo.jsonl",
-                [{"id": r["id"], "prompt": r["prompt"], "response": LONG, "sample": 0, "model": "dpo_spo"} for r in rows])
+                [{"id": r["id"], "prompt": r["prompt"], "response": LONG, "sample": 0, "model": "dpo_spo"}
+                 for r in rows])
     return tmp_path
 
 
@@ -385,7 +386,8 @@ def test_judge_biased_to_the_first_position(judge_workspace: Path, caplog: pytes
         caplog.set_level(logging.INFO)
         assert run_judge(params) == 0
         stats = winrates(judge_workspace)
-        assert (stats["win_rate"], stats["position_consistency"], stats["ties"], stats["n"]) == (0.5, 0.0, N_ITEMS, N_ITEMS)
+        assert ((stats["win_rate"], stats["position_consistency"], stats["ties"], stats["n"])
+                == (0.5, 0.0, N_ITEMS, N_ITEMS))
         assert stats["tie_rate"] == 1.0
         assert any(r.getMessage().startswith("dpo_spo_vs_chosen: win 50.0%") for r in caplog.records)
         assert_each_paid_once(ledger)
@@ -442,13 +444,15 @@ def test_disk_full_while_writing_an_output(tmp_path: Path, small_disk, caplog: p
 
     from spo.cli import main
 
-    rows = [{"id": f"hand-{i}", "prompt": "Human: hi", "chosen": c, "rejected": r} for i, (c, r) in enumerate(HAND_ROWS)]
+    rows = [{"id": f"hand-{i}", "prompt": "Human: hi", "chosen": c, "rejected": r}
+            for i, (c, r) in enumerate(HAND_ROWS)]
     rows += [{"id": f"hh-{i}", "prompt": p, "chosen": c, "rejected": r} for i, (p, c, r) in enumerate(_real_rows(40))]
     write_jsonl(tmp_path / "validated/train.jsonl", rows)
     disk = small_disk(1024)
     out = disk / "keywords"
-    args = ["keywords", "-p", "/dev/null", "-S", f"keywords.in_dir={tmp_path}/validated", "-S", f"keywords.out_dir={out}",
-            "-S", f"keywords.metrics_file={tmp_path}/metrics/keywords.json", "-S", "keywords.workers=1"]
+    args = ["keywords", "-p", "/dev/null", "-S", f"keywords.in_dir={tmp_path}/validated",
+            "-S", f"keywords.out_dir={out}", "-S", f"keywords.metrics_file={tmp_path}/metrics/keywords.json",
+            "-S", "keywords.workers=1"]
     caplog.set_level(logging.INFO)
     assert main(args) == 0
     complete = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -471,8 +475,9 @@ def test_disk_full_while_writing_an_output(tmp_path: Path, small_disk, caplog: p
 
 
 TRAIN_ARGS = ["train.max_length=96", "train.max_prompt_length=48", "train.optim.batch_size=4",
-              "train.optim.micro_batch_size=2", "train.eval_rows=4", "train.logging_steps=1", "train.spo.hidden_size=16",
-              "train.save_steps=1", "train.resume=true", "train.precompute_reference=false", "train.eval_steps=1000"]
+              "train.optim.micro_batch_size=2", "train.eval_rows=4", "train.logging_steps=1",
+              "train.spo.hidden_size=16", "train.save_steps=1", "train.resume=true", "train.precompute_reference=false",
+              "train.eval_steps=1000"]
 
 
 @pytest.fixture(scope="module")
@@ -549,7 +554,8 @@ def test_corrupted_and_truncated_checkpoints(train_inputs: Path, tmp_path: Path,
     assert complete_steps(out) == [1, 2]
 
     def resumed_from() -> list[str]:
-        return [m.group(1) for r in caplog.records if (m := re.search(r"resuming from \S*/(step-\d+) ", r.getMessage()))]
+        return [m.group(1) for r in caplog.records
+                if (m := re.search(r"resuming from \S*/(step-\d+) ", r.getMessage()))]
 
     def warnings() -> str:
         return "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -653,8 +659,8 @@ def kfp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
 def submit_cli(server, tmp_path: Path) -> int:  # noqa: ANN001
     from spo.cli import main
 
-    return main(["pipeline", "submit", "--host", server.url, "-p", str(REPO / "params.yaml"), "--platform", str(PLATFORM),
-                 "--token-file", str(tmp_path / "no-token-file")])
+    return main(["pipeline", "submit", "--host", server.url, "-p", str(REPO / "params.yaml"),
+                 "--platform", str(PLATFORM), "--token-file", str(tmp_path / "no-token-file")])
 
 
 @pytest.mark.parametrize(("method", "path", "status", "expected"), [
@@ -708,7 +714,8 @@ def test_kubernetes_api_errors_to_the_trainjob_launcher() -> None:
         server.inject("GET", Fault(403, "trainjobs is forbidden"))
         with pytest.raises(TrainJobApiError) as caught:  # created, then may not be read: not retried
             launch(a_job(), namespace=NS, api=api, poll_seconds=0.05, log=lines.append)
-        assert caught.value.status == 403 and "HTTP 403" in str(caught.value) and "trainjobs is forbidden" in str(caught.value)
+        assert (caught.value.status == 403 and "HTTP 403" in str(caught.value)
+                and "trainjobs is forbidden" in str(caught.value))
         assert len(server.jobs) == 1 and len(server.calls("POST")) == 3
         with pytest.raises(TrainJobApiError) as caught:  # a create of a name that exists, at the first try: not ours
             launch(a_job(), namespace=NS, api=api, poll_seconds=0.05, log=lines.append)

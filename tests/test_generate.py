@@ -140,7 +140,8 @@ def test_cut_at_stop_and_prompt_truncation(loaded: tuple) -> None:
     assert [p.ids for p in encode_prompts(tokenizer, rows, 10_000)] == [p.ids for p in full]
     for (prompt, source), f in zip(PROMPTS, full):  # the ids of the formatted prompt, as in training
         assert isinstance(f, PromptIds) and not f.truncated
-        assert f.ids == tokenizer(format_prompt(tokenizer, prompt, source), add_special_tokens=add_special_tokens(tokenizer))["input_ids"]
+        assert f.ids == tokenizer(format_prompt(tokenizer, prompt, source),
+                                  add_special_tokens=add_special_tokens(tokenizer))["input_ids"]
     head = tokenizer("<|bos|><|user|>", add_special_tokens=False)["input_ids"]
     tail = tokenizer("<|end|><|assistant|>", add_special_tokens=False)["input_ids"]
     cut = encode_prompts(tokenizer, PROMPTS, 8)
@@ -165,7 +166,8 @@ def test_vllm_missing_is_clear() -> None:
 
 
 def _stage_config(tmp_path: Path, models: dict[str, Path], *extra: str):
-    rows = [{"id": f"r{i}", "prompt": p, "chosen": "ok", "rejected": "no", "source": s} for i, (p, s) in enumerate(PROMPTS)]
+    rows = [{"id": f"r{i}", "prompt": p, "chosen": "ok", "rejected": "no", "source": s}
+            for i, (p, s) in enumerate(PROMPTS)]
     write_jsonl(tmp_path / "rows" / "test.jsonl", rows)
     return tmp_config(
         tmp_path, None,

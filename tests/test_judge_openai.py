@@ -70,7 +70,8 @@ def make_judge(server, tmp_path: Path, cache_name: str = "cache.sqlite", clock: 
 
 
 def reqs(n: int, task: str = "dialogue") -> list[JudgeRequest]:
-    return [JudgeRequest(f"\n\nHuman: question {i}?\n\nAssistant:", f"answer a{i}", f"answer b{i}", task) for i in range(n)]
+    return [JudgeRequest(f"\n\nHuman: question {i}?\n\nAssistant:", f"answer a{i}", f"answer b{i}", task)
+            for i in range(n)]
 
 
 # -- prompts -----------------------------------------------------------------------------------
@@ -203,7 +204,8 @@ def test_retries_5xx_and_gives_up_on_that_item_alone(server, tmp_path):
     assert judge.stats.retry_reasons == {"HTTP 500": 1, "HTTP 503": 1}
 
     # question 1 always fails: it is given up after 3 attempts, the other two are judged, nothing raises
-    server.default = lambda rec: server_error(502) if "question 1?" in rec.body["messages"][0]["content"] else verdict("B")
+    server.default = lambda rec: (server_error(502) if "question 1?" in rec.body["messages"][0]["content"]
+                                  else verdict("B"))
     judge2 = make_judge(server, tmp_path, cache_name="c2.sqlite", concurrency=1, retry={"max_retries": 2})
     out = judge2.judge_many(reqs(3), progress=False)
     assert [getattr(v, "winner", None) for v in out] == ["B", None, "B"]
@@ -269,7 +271,8 @@ def test_cache_rerun_makes_no_call_and_order_matters(server, tmp_path):
     assert server.calls == 9 and [v.winner for v in dup] == ["A"] * 3
     assert len(JudgeCache(tmp_path / "cache.sqlite")) == 9
     # another model is another cache entry
-    other = OpenAIJudge(make_cfg(server).model_copy(update={"model": "other"}), "v1", JudgeCache(tmp_path / "cache.sqlite"))
+    other = OpenAIJudge(make_cfg(server).model_copy(update={"model": "other"}), "v1",
+                        JudgeCache(tmp_path / "cache.sqlite"))
     other.judge_many(batch[:1], progress=False)
     assert server.calls == 10
 
@@ -295,7 +298,8 @@ def test_token_and_cost_budgets(server, tmp_path):
     out = judge.judge_many(reqs(5), progress=False)
     assert server.calls == 3 and sum(budget_stopped(v) for v in out) == 2 and "max_tokens" in judge.stopped_reason
     judge2 = make_judge(server, tmp_path, cache_name="c2.sqlite", concurrency=1,
-                        budget={"max_cost_usd": 0.001, "usd_per_1k_prompt_tokens": 5.0, "usd_per_1k_completion_tokens": 0.0})
+                        budget={"max_cost_usd": 0.001, "usd_per_1k_prompt_tokens": 5.0,
+                                "usd_per_1k_completion_tokens": 0.0})
     out2 = judge2.judge_many(reqs(5), progress=False)  # 0.5 $ per call: one call then stop
     assert server.calls == 4 and isinstance(out2[0], Verdict) and all(budget_stopped(v) for v in out2[1:])
     assert "max_cost_usd" in judge2.stopped_reason
@@ -434,8 +438,10 @@ def test_an_unreachable_endpoint_fails_fast_not_item_by_item(tmp_path):
 
 
 def test_a_moderate_share_of_invalid_answers_does_not_stop_the_judge(server, tmp_path):
-    server.default = lambda rec: garbage() if int(rec.body["messages"][0]["content"].split("question ")[1].split("?")[0]) % 3 == 0 \
-        else verdict("A")
+    def question(rec) -> int:
+        return int(rec.body["messages"][0]["content"].split("question ")[1].split("?")[0])
+
+    server.default = lambda rec: garbage() if question(rec) % 3 == 0 else verdict("A")
     judge = make_judge(server, tmp_path, concurrency=4)
     out = judge.judge_many(reqs(30), progress=False)
     assert sum(v.winner is None for v in out) == 10 and judge.stats.invalid == 10

@@ -207,7 +207,8 @@ def test_budget_stop_writes_partial_results(workspace: Path, monkeypatch: pytest
     assert any("budget stopped the run" in m and "12 of 15 items" in m for m in warnings)
     line = read_jsonl(workspace / "outputs/judgments/dpo_spo_vs_chosen.jsonl")[3]
     assert line["outcome"] == "not_judged" and line["ab"]["winner"] == "A"
-    assert line["ba"] == {"not_judged": "budget", "detail": "budget: max_calls=7 reached", "attempts": 0, "budget": True}
+    assert line["ba"] == {"not_judged": "budget", "detail": "budget: max_calls=7 reached", "attempts": 0,
+                          "budget": True}
 
 
 def test_items_the_judge_fails_on_do_not_stop_the_others(workspace: Path, monkeypatch: pytest.MonkeyPatch,

@@ -149,7 +149,8 @@ def test_bad_stopwords_fail_at_once_naming_the_key_with_any_worker_count(
     from conftest import REPO
 
     command = [sys.executable, "-m", "spo", "keywords", "-p", str(REPO / "params.yaml")]
-    paths = {"keywords.in_dir": prepared, "keywords.out_dir": tmp_path / "out", "keywords.metrics_file": tmp_path / "m.json"}
+    paths = {"keywords.in_dir": prepared, "keywords.out_dir": tmp_path / "out",
+             "keywords.metrics_file": tmp_path / "m.json"}
     for key, value in {**paths, "keywords.workers": workers, "keywords.stopwords": stopwords}.items():
         command += ["-S", f"{key}={value}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)  # a hang fails here, bounded

@@ -46,8 +46,8 @@ def test_graph_mirrors_dvc_yaml_and_the_knobs_are_pipeline_parameters(tmp_path: 
             "judge_model", "overrides", "data_dir", "params"} == set(params)
     assert params["loss"]["defaultValue"] == "dpo" and params["train_steps"]["defaultValue"] == 20
     # the report and the validation report are artifacts the KFP UI renders
-    outputs = {name: c["outputDefinitions"]["artifacts"] for name, c in spec["components"].items() if "outputDefinitions" in c
-               and "artifacts" in c["outputDefinitions"]}
+    outputs = {name: c["outputDefinitions"]["artifacts"] for name, c in spec["components"].items()
+               if "outputDefinitions" in c and "artifacts" in c["outputDefinitions"]}
     assert outputs["comp-report"]["report_md"]["artifactType"]["schemaTitle"] == "system.Markdown"
     assert outputs["comp-report"]["report_html"]["artifactType"]["schemaTitle"] == "system.HTML"
     assert outputs["comp-validate"]["report"]["artifactType"]["schemaTitle"] == "system.HTML"
@@ -75,18 +75,22 @@ def test_gpu_platform_places_exactly_what_it_asks_for(tmp_path: Path) -> None:
         gpu = container["resources"].get("accelerator")
         executor = k8s["deploymentSpec"]["executors"][f"exec-{task}"]
         if task in GPU_STEPS:
-            assert gpu == {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
+            assert gpu == {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu",
+                           "type": "nvidia.com/gpu"}
             assert container["resources"]["resourceMemoryRequest"] == "64Gi"
             assert executor["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
-            assert executor["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
-            assert tasks[task]["retryPolicy"]["maxRetryCount"] == 2 and tasks[task]["retryPolicy"]["backoffDuration"] == "120s"
+            assert executor["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu",
+                                                "operator": "Exists"}]
+            assert (tasks[task]["retryPolicy"]["maxRetryCount"] == 2
+                    and tasks[task]["retryPolicy"]["backoffDuration"] == "120s")
         else:
             assert gpu is None and "nodeSelector" not in executor and "tolerations" not in executor
             assert "retryPolicy" not in tasks[task]
         assert ("secretAsEnv" in executor) == (task == "judge")
         assert container["image"] == "registry.example.com/spo-pipeline:0.1.0-cuda"
     secret = k8s["deploymentSpec"]["executors"]["exec-judge"]["secretAsEnv"][0]
-    assert secret["secretName"] == "spo-judge" and secret["keyToEnv"] == [{"envVar": "OPENAI_API_KEY", "secretKey": "api-key"}]
+    assert secret["secretName"] == "spo-judge"
+    assert secret["keyToEnv"] == [{"envVar": "OPENAI_API_KEY", "secretKey": "api-key"}]
     # optional, so a reward-judge run never waits on a Secret it does not read: KFP's driver copies the flag
     # onto the pod's secretKeyRef (kubeflow/pipelines backend/src/v2/driver/k8s.go at 008dcd6, extendPodSpecPatch);
     # the OpenAI judge itself stops at once without its key (test_judge_openai)
@@ -151,7 +155,8 @@ def test_bad_platform_files_are_refused_naming_the_key(tmp_path: Path) -> None:
     cases = [
         ({"steps": {**base["steps"], "trian": "gpu"}}, "unknown step"),
         ({"steps": {**base["steps"], "sft": "tpu"}}, "pool(s) ['tpu'] are used but not defined"),
-        ({"pools": {**base["pools"], "gpu": {**base["pools"]["gpu"], "accelerator": {"type": "nvidia.com/gpu", "count": 0}}}},
+        ({"pools": {**base["pools"],
+                    "gpu": {**base["pools"]["gpu"], "accelerator": {"type": "nvidia.com/gpu", "count": 0}}}},
          "pools.gpu.accelerator.count"),
         ({"workspace": {"size": "20Gi", "access_modes": ["ReadWriteAll"]}}, "workspace.access_modes"),
         ({"extra": 1}, "extra"),
@@ -187,7 +192,8 @@ def test_the_compiled_pipeline_runs_under_kfp_local(tmp_path: Path, hh_slice: Pa
     assert train["steps"] == 1 and not train["spo"]  # the knob reached the stage; the first policy has no SPO
     assert json.loads(run.output("train-2", "metrics").read_text())["spo"]
     sft = run.output("sft", "sft")  # the artifact holds the weights, so a later run can take the step from the cache
-    assert (sft / "model.safetensors").is_file() and run.output("sft", "sft").parent.is_relative_to(work / "run" / "root")
+    assert (sft / "model.safetensors").is_file()
+    assert run.output("sft", "sft").parent.is_relative_to(work / "run" / "root")
     # publish: every output in the remote with the run's dvc.lock; a laptop's checkout pulls exactly those
     [run_files] = (work / "remote" / "runs").iterdir()
     assert (run_files / "dvc.lock").read_bytes() == run.output("publish", "dvc_lock").read_bytes()

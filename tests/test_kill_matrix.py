@@ -246,7 +246,8 @@ def test_killed_stage_leaves_its_previous_output_and_reruns_identically(
 
     # 2. the previous output and metrics, untouched; this run's work only in a temporary sibling
     after = _snapshot(final, metrics)
-    changed = sorted(str(Path(k).relative_to(project)) for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    changed = sorted(str(Path(k).relative_to(project))
+                     for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"the killed {stage} wrote, replaced or removed in place: {changed}"
     leftovers = _siblings(final)
     assert any(src.is_relative_to(p) for p in leftovers), (leftovers, src)
@@ -270,7 +271,8 @@ def _assert_killed_policy(policy: Path, metrics_file: Path) -> int:
     and 2, step 3's half written (no trainer_state.json), no final output. The last complete step."""
     steps = _checkpoint_steps(policy)
     assert steps == [1, 2], steps
-    assert (policy / "checkpoints" / "step-3").is_dir() and not (policy / "checkpoints" / "step-3" / "trainer_state.json").exists()
+    assert (policy / "checkpoints" / "step-3").is_dir()
+    assert not (policy / "checkpoints" / "step-3" / "trainer_state.json").exists()
     for name in ("model.safetensors", "degree_heads.safetensors", "train_summary.json", "provenance.json"):
         assert not (policy / name).exists(), f"the killed run left {name}: it would look finished"
     assert not metrics_file.exists()

@@ -61,7 +61,8 @@ def test_tokenizer_round_trips_real_text_and_has_specials(tokenizer, hh_texts) -
 
 
 def test_chat_template(tokenizer) -> None:
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Bye"}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text == "<|bos|><|user|>Hi<|end|><|assistant|>Hello!<|eos|><|user|>Bye<|end|><|assistant|>"
 
@@ -71,7 +72,8 @@ def test_tiny_llama_shapes_params_and_determinism(tokenizer) -> None:
     ids = torch.tensor([tokenizer("Hello there, how are you?")["input_ids"]])
     logits = model(input_ids=ids).logits
     assert logits.shape == (1, ids.shape[1], len(tokenizer))
-    assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert (model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_id) == (
         tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
 

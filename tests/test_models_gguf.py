@@ -111,10 +111,12 @@ def test_supported_architectures_come_from_transformers() -> None:
 
 def test_missing_package_names_the_install_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_loading) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == PACKAGE.module else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == PACKAGE.module else real(name, *a))
     monkeypatch.chdir(tmp_path)  # no folder called smollm2-135m-instruct here
     for call in (lambda: resolve_gguf(SMOLLM2), lambda: load_tokenizer(SMOLLM2),
-                 lambda: load_causal_lm(SMOLLM2, ModelConfig()), lambda: base_model.run(_stage_config(tmp_path, SMOLLM2))):
+                 lambda: load_causal_lm(SMOLLM2, ModelConfig()),
+                 lambda: base_model.run(_stage_config(tmp_path, SMOLLM2))):
         with pytest.raises(InputError) as err:
             call()
         assert INSTALL in str(err.value) and SMOLLM2 in str(err.value) and "not installed" in str(err.value)
@@ -196,7 +198,8 @@ def test_converted_smollm2_architecture(smollm2_model, smollm2_tokenizer) -> Non
     assert config.max_position_embeddings == 8192 == tokenizer.model_max_length
 
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
-    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    assert ((tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token)
+            == ("<|im_start|>", "<|im_end|>", "<|endoftext|>"))
     assert tokenizer.pad_token == "<|im_end|>" and tokenizer.pad_token_id == config.pad_token_id == 2
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id

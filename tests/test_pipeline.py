@@ -40,7 +40,8 @@ def test_four_stages_through_the_cli_on_a_200_row_slice(tmp_path: Path, hh_slice
         assert [r["id"] for r in rows] == [k["id"] for k in keywords] == [d["id"] for d in degrees]
         for row, kw, deg in zip(rows, keywords, degrees):
             for side in ("chosen", "rejected"):
-                assert all(row[side][s:e].lower() == p["phrase"].lower() or " " in p["phrase"] for p in kw[side] for s, e in p["spans"])
+                assert all(row[side][s:e].lower() == p["phrase"].lower() or " " in p["phrase"]
+                           for p in kw[side] for s, e in p["spans"])
                 levels = deg[side]["levels"]
                 assert len(levels) == 4 and levels[0] == normalise(row[side])  # level 0: the response, ends normalised
         validated_ids += [r["id"] for r in rows]
@@ -78,9 +79,11 @@ def test_whole_pipeline_end_to_end_on_a_slice(tmp_path: Path, hh_slice: Path) ->
     work = _project_copy(tmp_path)
     write_params(work, shrink_params(read_params(work)))
 
-    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=_env(hh_slice), capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    for stage in (*STAGES, "base_model", "sft", "train@dpo", "train@dpo_spo", "generate", "reward_model", "judge", "report"):
+    for stage in (*STAGES, "base_model", "sft", "train@dpo", "train@dpo_spo", "generate", "reward_model", "judge",
+                  "report"):
         assert f"Running stage '{stage}'" in result.stdout, stage
 
     judge = json.loads((work / "metrics/judge.json").read_text())
@@ -90,7 +93,8 @@ def test_whole_pipeline_end_to_end_on_a_slice(tmp_path: Path, hh_slice: Path) ->
     assert all(c["n"] + c["invalid"] + c["not_judged"] == 6 for c in judge.values())
     report = (work / "reports/report.md").read_text()
     win = judge["dpo_spo_vs_dpo"]
-    assert f"{100 * win['win_rate']:.1f}% [{100 * win['ci_low']:.1f}, {100 * win['ci_high']:.1f}] (n={win['n']})" in report
+    assert (f"{100 * win['win_rate']:.1f}% [{100 * win['ci_low']:.1f}, {100 * win['ci_high']:.1f}] "
+            f"(n={win['n']})") in report
     assert "data:image/png;base64," in (work / "reports/report.html").read_text()
 
     # dvc plots draws every declared plot from the run's files
@@ -108,7 +112,8 @@ def test_whole_pipeline_end_to_end_on_a_slice(tmp_path: Path, hh_slice: Path) ->
     params = read_params(work)
     params["train"]["beta"] = 0.2
     write_params(work, params)
-    rerun = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
+    rerun = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=_env(hh_slice), capture_output=True,
+                           text=True)
     assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
     ran = {line.split("'")[1] for line in rerun.stdout.splitlines() if line.startswith("Running stage '")}
     assert ran == {"train@dpo", "train@dpo_spo", "generate", "judge", "report"}

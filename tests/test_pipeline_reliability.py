@@ -12,8 +12,9 @@ disk.
 
 Both tests act on the running `dvc repro` at exact points, not after a poll that might come
 too late on a loaded machine: a ``sitecustomize`` hook (pipeline_helpers.Hold) stops the process
-there (at a chosen write, or once DVC holds its lock) until the test kills or releases it. (Ctrl-C sends SIGINT to the foreground process group; DVC ignores it while the stage
-runs and the stage process dies with a KeyboardInterrupt, which also leaves only the periodic
+there (at a chosen write, or once DVC holds its lock) until the test kills or releases it.
+(Ctrl-C sends SIGINT to the foreground process group; DVC ignores it while the stage runs
+and the stage process dies with a KeyboardInterrupt, which also leaves only the periodic
 checkpoints behind: the same state, reached more gently.)
 """
 
@@ -106,7 +107,8 @@ def test_a_killed_dvc_repro_resumes_training_from_the_last_checkpoint(tmp_path: 
         hold.wait(proc, log, f"the write completing {POLICY}/checkpoints/step-4")
     finally:
         _kill_group(proc)  # the crash: dvc, the shell and `spo train` all at once
-    assert proc.returncode == -signal.SIGKILL, f"the run had already ended (rc {proc.returncode}): not an interruption\n" + _tail(log)
+    assert proc.returncode == -signal.SIGKILL, (f"the run had already ended (rc {proc.returncode}): "
+                                                "not an interruption\n" + _tail(log))
 
     left = _checkpoint_steps(policy)
     assert left == [2], left  # step 4's checkpoint is half written: not complete, not resumed
@@ -116,7 +118,8 @@ def test_a_killed_dvc_repro_resumes_training_from_the_last_checkpoint(tmp_path: 
     lock = (work / "dvc.lock").read_text()
     assert "sft:" in lock and f"{TRAIN}:" not in lock, "upstream stages are committed, the killed one is not"
 
-    rerun = subprocess.run([*DVC, "repro", TRAIN], cwd=work, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    rerun = subprocess.run([*DVC, "repro", TRAIN], cwd=work, env=env, capture_output=True, text=True,
+                           timeout=HANG_GUARD_S)
     output = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, output[-6000:]
     assert re.findall(r"Running stage '([^']+)'", rerun.stdout) == [TRAIN], "only the interrupted stage reruns"
@@ -151,7 +154,8 @@ def _holds_repo_lock(work: Path, pid: int) -> bool:
     for line in Path("/proc/locks").read_text().splitlines():
         fields = line.split()
         # "1: FLOCK  ADVISORY  WRITE 12345 fd:01:678 0 EOF"
-        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[4] == str(pid) and fields[5].rsplit(":", 1)[-1] == str(inode):
+        if (len(fields) >= 6 and fields[1] == "FLOCK" and fields[4] == str(pid)
+                and fields[5].rsplit(":", 1)[-1] == str(inode)):
             return True
     return False
 
@@ -206,7 +210,8 @@ def test_a_second_dvc_repro_fails_on_the_lock_and_the_first_finishes(tmp_path: P
         assert f"Running stage '{stage}'" in out, stage
 
     # nothing corrupted: the outputs match what dvc.lock recorded, and no lock entry is left over
-    status = subprocess.run([*DVC, "status", "--with-deps", "degrees"], cwd=work, env=env, capture_output=True, text=True)
+    status = subprocess.run([*DVC, "status", "--with-deps", "degrees"], cwd=work, env=env, capture_output=True,
+                            text=True)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "Data and pipelines are up to date." in status.stdout, status.stdout
     again = subprocess.run([*DVC, "repro", "degrees"], cwd=work, env=env, capture_output=True, text=True)

@@ -64,7 +64,8 @@ def test_the_tldr_pipeline_end_to_end_on_a_slice(tmp_path: Path, tldr_slice: Pat
     prepared = [row for split in ("train", "eval", "test") for row in read_jsonl(work / f"data/prepared/{split}.jsonl")]
     assert prepared and {row["source"] for row in prepared} == {"tldr"}
     assert all(row["prompt"].startswith("SUBREDDIT: r/") for row in prepared)
-    validated = {row["id"]: row for split in ("train", "eval", "test") for row in read_jsonl(work / f"data/validated/{split}.jsonl")}
+    validated = {row["id"]: row for split in ("train", "eval", "test")
+                 for row in read_jsonl(work / f"data/validated/{split}.jsonl")}
     assert validated and {row["source"] for row in validated.values()} == {"tldr"}
 
     # every comparison judged, as a summarisation task, with ROUGE against the reference summary

@@ -99,7 +99,8 @@ def test_hash_mode_assigns_whole_groups(tmp_path: Path, hh_slice: Path) -> None:
 
 def test_divergent_hh_rows_are_quarantined_or_kept_with_their_context(tmp_path: Path, shared_data: Path) -> None:
     rows = read_gz(shared_data / "hh" / "train.jsonl.gz")
-    divergent = [r for r in rows if not parse_hh(r, keep_divergent=True).problems and "divergence" in parse_hh(r, True).extra]
+    divergent = [r for r in rows
+                 if not parse_hh(r, keep_divergent=True).problems and "divergence" in parse_hh(r, True).extra]
     assert len(divergent) == 6  # documented in shared/data/README.md
     folder = tmp_path / "raw"
     write_raw(folder, "hh", "train", divergent[:3] + rows[:2])
@@ -223,7 +224,8 @@ def test_corrupt_gzip_is_a_clear_error(tmp_path: Path) -> None:
         prepare.run(tmp_config(tmp_path, folder))
 
 
-def test_cli_exits_2_naming_the_missing_file(tmp_path: Path, caplog: pytest.LogCaptureFixture, no_data_env: None) -> None:
+def test_cli_exits_2_naming_the_missing_file(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                             no_data_env: None) -> None:
     folder = tmp_path / "raw"
     (folder / "hh").mkdir(parents=True)
     code = main(["prepare", "-p", str(tmp_path / "none.yaml"), "-S", f"data.local_dir={folder}"])
@@ -297,13 +299,16 @@ def test_pairs_labelled_both_ways_are_settled_and_counted(tmp_path: Path, shared
     assert summary["pairs_disagreeing"] == 2
     assert summary["rows_read"] == len(raw) == (
         len(out) + summary["rows_merged"] + summary["rows_outvoted"] + len(quarantined))
-    p_id, p_swapped = row_id("tldr", p["prompt"], p["chosen"], p["rejected"]), row_id("tldr", p["prompt"], p["rejected"], p["chosen"])
+    p_id = row_id("tldr", p["prompt"], p["chosen"], p["rejected"])
+    p_swapped = row_id("tldr", p["prompt"], p["rejected"], p["chosen"])
     by_id = {r["id"]: r for r in out}
     if mode == "majority":
-        assert p_swapped not in by_id and by_id[p_id]["disagreement"] == {"other_id": p_swapped, "votes_for": 3, "votes_against": 1}
+        assert p_swapped not in by_id
+        assert by_id[p_id]["disagreement"] == {"other_id": p_swapped, "votes_for": 3, "votes_against": 1}
         assert [c["original"]["worker"] for c in by_id[p_id]["outvoted"]] == ["w3"]
         assert len(quarantined) == 2 and {c["raw"]["worker"] for c in quarantined} == {q["worker"], "w5"}
-        assert all("annotators disagree" in c["reasons"][0]["reason"] and "a tie" in c["reasons"][0]["reason"] for c in quarantined)
+        assert all("annotators disagree" in c["reasons"][0]["reason"] and "a tie" in c["reasons"][0]["reason"]
+                   for c in quarantined)
         assert len(out) == 1 + len(other)
     elif mode == "keep":
         assert by_id[p_id]["disagreement"]["votes_for"] == 3 and by_id[p_swapped]["disagreement"]["votes_for"] == 1

@@ -45,7 +45,8 @@ def test_folded_head_reads_raw_features_and_ranks_held_out_pairs() -> None:
     assert cosine > 0.9  # it found the one informative feature
     # the bias centres the scores of the training responses
     assert score(torch.cat([chosen, rejected])).mean().item() == pytest.approx(0.0, abs=1e-3)
-    assert set(fit.cv_accuracy) == {1e-3, 1e-1, 10.0} and fit.l2 == max(fit.cv_accuracy, key=lambda k: (fit.cv_accuracy[k], k))
+    assert set(fit.cv_accuracy) == {1e-3, 1e-1, 10.0}
+    assert fit.l2 == max(fit.cv_accuracy, key=lambda k: (fit.cv_accuracy[k], k))
 
 
 def test_noise_gets_chance_cross_validation_at_every_strength() -> None:

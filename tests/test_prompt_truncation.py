@@ -76,21 +76,25 @@ def layout(request: pytest.FixtureRequest) -> tuple[str, Any]:
 
 def head_tail_ids(name: str, tokenizer: Any) -> tuple[list[int], list[int]]:
     head, tail = LAYOUTS[name]
-    return (tokenizer(head, add_special_tokens=False)["input_ids"], tokenizer(tail, add_special_tokens=False)["input_ids"])
+    return (tokenizer(head, add_special_tokens=False)["input_ids"],
+            tokenizer(tail, add_special_tokens=False)["input_ids"])
 
 
 def reference_ids(tokenizer: Any, prompt: str, source: str = "hh") -> list[int]:
     """What every stage encoded before truncation: the formatted prompt, tokenised once."""
-    return tokenizer(format_prompt(tokenizer, prompt, source), add_special_tokens=add_special_tokens(tokenizer))["input_ids"]
+    return tokenizer(format_prompt(tokenizer, prompt, source),
+                     add_special_tokens=add_special_tokens(tokenizer))["input_ids"]
 
 
 def long_multi_turn(tokenizer: Any, min_tokens: int, count: int = 25) -> list[str]:
-    out = [p for p in hh_prompts() if len(prompt_messages(p, "hh")) >= 3 and len(reference_ids(tokenizer, p)) > min_tokens]
+    out = [p for p in hh_prompts()
+           if len(prompt_messages(p, "hh")) >= 3 and len(reference_ids(tokenizer, p)) > min_tokens]
     assert len(out) >= 5, "not enough long multi-turn HH prompts in the sample"
     return out[:count]
 
 
-def check_cut(name: str, tokenizer: Any, prompt: str, source: str, got: PromptIds, max_len: int, *, sliced: bool = True) -> None:
+def check_cut(name: str, tokenizer: Any, prompt: str, source: str, got: PromptIds, max_len: int, *,
+              sliced: bool = True) -> None:
     head, tail = head_tail_ids(name, tokenizer)
     full = reference_ids(tokenizer, prompt, source)
     assert got.truncated and got.full_length == len(full)
@@ -165,7 +169,8 @@ def test_head_and_tail_longer_than_the_limit_is_a_clear_error() -> None:
     tokenizer = _tokenizers()["chatml"]
     head, tail = head_tail_ids("chatml", tokenizer)
     prompt = long_multi_turn(tokenizer, 40)[0]
-    with pytest.raises(InputError, match=rf"max_prompt_length 8 .*head \({len(head)} tokens.*tail \({len(tail)} tokens"):
+    with pytest.raises(InputError,
+                       match=rf"max_prompt_length 8 .*head \({len(head)} tokens.*tail \({len(tail)} tokens"):
         encode_prompt(tokenizer, prompt, "hh", 8)
     got = encode_prompt(tokenizer, prompt, "hh", len(head) + len(tail))  # exactly the template text
     assert got.ids == head + tail and got.truncated

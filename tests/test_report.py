@@ -71,8 +71,9 @@ def _fake_run(root: Path) -> None:
                                  "failed": False, "max_bad_fraction": 0.05, "rows_in": 4452,
                                  "rows_quarantined_prepare": 14, "rows_quarantined_validate": 10,
                                  "rows_read_prepare": 4466, "rows_valid": 4442})
-    _write(m / "keywords.json", {"method": "rake", "phrases_per_response_mean": 11.74, "phrases_per_response_median": 9.0,
-                                 "covered_char_fraction_mean": 0.5, "responses": 8884, "responses_without_phrases": 43})
+    _write(m / "keywords.json", {"method": "rake", "phrases_per_response_mean": 11.74,
+                                 "phrases_per_response_median": 9.0, "covered_char_fraction_mean": 0.5,
+                                 "responses": 8884, "responses_without_phrases": 43})
     audit = {"split": "train", "chance": 0.25, "train_responses": 1606, "test_responses": 1544, "judged": True,
              "max_above_chance": 0.05, "shortcuts": {"punctuation": 0.31},
              "probes": {"whitespace": {"accuracy": 0.253, "ci_low": 0.251, "ci_high": 0.254,
@@ -115,7 +116,8 @@ def _fake_run(root: Path) -> None:
         "packages": {"pydantic": "2.0"}})
 
 
-CELL = re.compile(r"\| (\S+) \| (\S+) vs (\S+) \| ([\d.]+)% \[([\d.]+), ([\d.]+)\] \(n=(\d+)\) \| ([\d.]+)% \| ([\d.]+)% \|")
+CELL = re.compile(r"\| (\S+) \| (\S+) vs (\S+) \| ([\d.]+)% \[([\d.]+), ([\d.]+)\] \(n=(\d+)\) "
+                  r"\| ([\d.]+)% \| ([\d.]+)% \|")
 
 
 def test_report_numbers_equal_the_judge_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -202,7 +204,8 @@ def test_plot_data_equals_the_metrics_and_dvc_draws_it(tmp_path: Path, monkeypat
     win = {r["comparison"]: r for r in csv.DictReader(open("plots/win_rates.csv"))}
     assert set(win) == set(JUDGE)
     for name, rec in JUDGE.items():
-        assert [float(win[name][k]) for k in ("win_rate", "ci_low", "ci_high")] == [rec[k] for k in ("win_rate", "ci_low", "ci_high")]
+        keys = ("win_rate", "ci_low", "ci_high")
+        assert [float(win[name][k]) for k in keys] == [rec[k] for k in keys]
         assert int(win[name]["n"]) == rec["n"]
     loss = list(csv.DictReader(open("plots/loss_parts/dpo_spo.csv")))
     assert [int(r["step"]) for r in loss] == [2, 4, 6, 8, 10]  # train lines only
@@ -219,7 +222,8 @@ def test_plot_data_equals_the_metrics_and_dvc_draws_it(tmp_path: Path, monkeypat
     shutil.copy(REPO / ".dvc" / "config", tmp_path / ".dvc" / "config")
     subprocess.run(["git", "init", "-q"], check=True)
     targets = ["plots/loss_parts", "plots/reward_accuracy", "plots/degree_accuracy", "plots/win_rates.csv"]
-    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", *targets, "--json"], capture_output=True, text=True)
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", *targets, "--json"], capture_output=True,
+                           text=True)
     assert shown.returncode == 0, shown.stderr
     rendered = json.loads(shown.stdout)
     assert not rendered.get("errors"), rendered.get("errors")

@@ -54,7 +54,8 @@ def test_an_api_judge_has_no_accuracy_line_and_json_is_there_too(tmp_path: Path,
     assert found["degrees"] == {}
 
 
-def test_degree_heads_are_shown_per_head_and_level_against_chance(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_degree_heads_are_shown_per_head_and_level_against_chance(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
     metrics = _metrics(tmp_path / "metrics")
     (tmp_path / "policy" / "dpo_spo").mkdir(parents=True)
     # 4 levels, 10 eval variants per true level: head w gets 10, 5, 3, 2 right (20 of 40); head l always says 0
@@ -70,8 +71,8 @@ def test_degree_heads_are_shown_per_head_and_level_against_chance(tmp_path: Path
     assert "bootstrap interval over responses" in out[at]
     assert out[at + 2].split() == ["policy", "head", "n", "accuracy", "95%", "interval", "chance", "per", "level"]
     low, high = bootstrap_ci(np.array([1.0] * 5 + [0.0] * 5), 2000, 0)
-    assert out[at + 3].split() == ["dpo_spo", "chosen", "40", "50.0%", f"[{100 * low:.1f},", f"{100 * high:.1f}]", "25%",
-                                   "1.00", "0.50", "0.30", "0.20"]
+    assert out[at + 3].split() == ["dpo_spo", "chosen", "40", "50.0%", f"[{100 * low:.1f},", f"{100 * high:.1f}]",
+                                   "25%", "1.00", "0.50", "0.30", "0.20"]
     # ten correlated responses are not forty trials: the interval is much wider than Wilson's over 40
     wilson_low, wilson_high = wilson_interval(20, 40)
     assert high - low > 1.5 * (wilson_high - wilson_low)

@@ -156,7 +156,8 @@ def test_lora_reward_model_round_trip(workdir: Path, tmp_path: Path) -> None:
     assert metrics["lora"] and metrics["steps"] == 3
     assert (tmp_path / "reward_lora" / "adapter_config.json").is_file()
     judge = RewardJudge(tmp_path / "reward_lora")
-    verdicts = judge.judge_many([JudgeRequest("\n\nHuman: hi\n\nAssistant:", "the cat banana", "the cat", "dialogue")], progress=False)
+    verdicts = judge.judge_many([JudgeRequest("\n\nHuman: hi\n\nAssistant:", "the cat banana", "the cat", "dialogue")],
+                                progress=False)
     assert verdicts[0] is not None and verdicts[0].winner in ("A", "B")
 
 
@@ -194,13 +195,18 @@ def test_probe_fits_the_value_head_alone_on_the_frozen_sft_backbone(workdir: Pat
     metrics = stage.run(cfg)
     assert metrics["steps"] == 0 and metrics["trainable_params"] == TINY.hidden_size + 1
     assert metrics["held_out_accuracy_after"] >= 0.85 > metrics["held_out_accuracy_before"], metrics
-    assert metrics["probe_l2"] in cfg.reward_model.probe_l2 and len(metrics["probe_cv_accuracy"]) == len(cfg.reward_model.probe_l2)
-    sft, saved = load_file(str(workdir / "sft" / "model.safetensors")), load_file(str(tmp_path / "probe" / "model.safetensors"))
+    assert metrics["probe_l2"] in cfg.reward_model.probe_l2
+    assert len(metrics["probe_cv_accuracy"]) == len(cfg.reward_model.probe_l2)
+    sft = load_file(str(workdir / "sft" / "model.safetensors"))
+    saved = load_file(str(tmp_path / "probe" / "model.safetensors"))
     assert sft.keys() == saved.keys() and all(torch.equal(sft[k], saved[k]) for k in sft)
-    held = [r for r in read_jsonl(workdir / "rows" / "eval.jsonl") if stage.is_held_out(r, cfg.reward_model.held_out_fraction)]
+    held = [r for r in read_jsonl(workdir / "rows" / "eval.jsonl")
+            if stage.is_held_out(r, cfg.reward_model.held_out_fraction)]
     judge = RewardJudge(tmp_path / "probe")
-    scores = judge.scores([JudgeRequest(r["prompt"], r["chosen"], r["rejected"], "dialogue") for r in held], progress=False)
-    assert pair_accuracy([a for a, _ in scores], [b for _, b in scores]) == pytest.approx(metrics["held_out_accuracy_after"])
+    scores = judge.scores([JudgeRequest(r["prompt"], r["chosen"], r["rejected"], "dialogue") for r in held],
+                          progress=False)
+    assert (pair_accuracy([a for a, _ in scores], [b for _, b in scores])
+            == pytest.approx(metrics["held_out_accuracy_after"]))
 
 
 def test_probe_with_lora_adapters_is_refused() -> None:

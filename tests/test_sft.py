@@ -70,7 +70,8 @@ def test_base_model_missing_text(tmp_path: Path) -> None:
         base_model.run(_config(tmp_path, tmp_path / "nowhere"))
 
 
-def test_sft_full_learns_and_saves(tmp_path: Path, rows_dir: Path, base: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_sft_full_learns_and_saves(tmp_path: Path, rows_dir: Path, base: Path,
+                                   caplog: pytest.LogCaptureFixture) -> None:
     cfg = _config(tmp_path, rows_dir, f"sft.base_dir={base}")
     with caplog.at_level("INFO", logger="spo.sft"):
         summary = sft.run(cfg)
@@ -101,7 +102,8 @@ def test_sft_lora_saves_an_adapter(tmp_path: Path, rows_dir: Path, base: Path) -
     assert any("lora_" in n for n, _ in model.named_parameters())
 
     # deterministic for the seed on CPU
-    again = _config(tmp_path / "again", rows_dir, f"sft.base_dir={base}", "sft.lora.enabled=true", "sft.optim.max_steps=10")
+    again = _config(tmp_path / "again", rows_dir, f"sft.base_dir={base}", "sft.lora.enabled=true",
+                    "sft.optim.max_steps=10")
     sft.run(again)
     assert json.loads(Path(again.sft.metrics_file).read_text())["eval_loss_after"] == metrics["eval_loss_after"]
     reloaded = load_trained(again.sft.out_dir, cfg.model)

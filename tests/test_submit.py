@@ -392,7 +392,8 @@ def test_a_schedule_is_created_once_kept_when_unchanged_and_replaced_when_change
         server: KfpApiServer, token: str, tmp_path: Path) -> None:
     first = _submit(server, tmp_path, schedule="0 0 3 * * *", action="schedule", arguments=["train_steps=200"])
     [created] = server.calls("POST", RECURRING)
-    assert created.body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *" and int(created.body["max_concurrency"]) == 1
+    assert created.body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+    assert int(created.body["max_concurrency"]) == 1
     assert created.body["display_name"] == "spo-pipeline-schedule" and created.body["no_catchup"] is True
     assert created.body["runtime_config"]["parameters"] == {"train_steps": 200}
     assert not server.calls("POST", RUNS)  # a schedule, not a run
@@ -538,8 +539,10 @@ def test_check_with_cluster_names_each_missing_or_unfit_volume_and_a_missing_tra
     assert "checkpoints.claim: PersistentVolumeClaim 'spo-checkpoints' does not exist" in message
     assert "data_volume.claim: PersistentVolumeClaim 'spo-data' does not exist" in message
     assert "trainer.kubeflow.org" not in message  # the fake serves Trainer's API group
-    cluster.claims[("team-a", "spo-checkpoints")] = {"spec": {"accessModes": ["ReadWriteOnce"]}, "status": {"phase": "Bound"}}
-    cluster.claims[("team-a", "spo-data")] = {"spec": {"accessModes": ["ReadWriteOnce"]}, "status": {"phase": "Pending"}}
+    cluster.claims[("team-a", "spo-checkpoints")] = {"spec": {"accessModes": ["ReadWriteOnce"]},
+                                                     "status": {"phase": "Bound"}}
+    cluster.claims[("team-a", "spo-data")] = {"spec": {"accessModes": ["ReadWriteOnce"]},
+                                              "status": {"phase": "Pending"}}
     cluster.trainer_installed = False
     with pytest.raises(SubmitError) as err:
         submit(server.url, params=REPO / "params.yaml", token_file=tmp_path / "none", action="check", **kw)

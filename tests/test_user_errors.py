@@ -21,7 +21,8 @@ from spo.cli import main
 from spo.stages import base_model, degrees, keywords, prepare, validate
 
 TINY = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_hidden_layers=1",
-        "model.tiny.num_attention_heads=2", "model.tiny.num_key_value_heads=1", "model.tiny.max_position_embeddings=256"]
+        "model.tiny.num_attention_heads=2", "model.tiny.num_key_value_heads=1",
+        "model.tiny.max_position_embeddings=256"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,8 @@ def _drop_field(folder: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-TRAIN = ["train", "-S", "train.sft_dir=models/base", "-S", "train.out_dir=models/never", "-S", "train.optim.max_steps=1"]
+TRAIN = ["train", "-S", "train.sft_dir=models/base", "-S", "train.out_dir=models/never",
+         "-S", "train.optim.max_steps=1"]
 SFT = ["sft", "-S", "sft.out_dir=models/never"]
 
 # case: (argv, setup(work) or None, the fragment the ERROR line must hold)
@@ -74,7 +76,8 @@ CASES: dict[str, tuple[list[str], Callable[[Path], None] | None, str]] = {
         ["train", "-S", "train.optim.learning_rate=-1"], None, "train.optim.learning_rate"),
     "params: a string where a count goes": (["degrees", "-S", "degrees.n_levels=four"], None, "degrees.n_levels"),
     "params: an unknown choice": (["keywords", "-S", "keywords.method=bert"], None, "keywords.method"),
-    "params: the params file is missing": (["prepare", "--params", "nope.yaml"], None, "nope.yaml: params file not found"),
+    "params: the params file is missing": (
+        ["prepare", "--params", "nope.yaml"], None, "nope.yaml: params file not found"),
     "model: a garbled config.json": (
         [*SFT, "-S", "sft.base_dir=models/badcfg"],
         lambda w: _copy(w, "models/base", "models/badcfg", lambda f: (f / "config.json").write_text("{not json")),
@@ -92,7 +95,8 @@ CASES: dict[str, tuple[list[str], Callable[[Path], None] | None, str]] = {
         lambda w: _copy(w, "data/degrees", "data/nolevels", _drop_field), "data/nolevels/train.jsonl"),
     "degrees: the folder is missing": (
         [*TRAIN, "-S", "train.degrees_dir=data/nodeg"], None, "data/nodeg/train.jsonl: degree dataset not found"),
-    "results: no judge metrics": (["results", "--metrics-dir", "nowhere"], None, "nowhere/judge.json: no judge metrics"),
+    "results: no judge metrics": (
+        ["results", "--metrics-dir", "nowhere"], None, "nowhere/judge.json: no judge metrics"),
     "results: a garbled metrics file": (
         ["results", "--metrics-dir", "garbled"],
         lambda w: ((w / "garbled").mkdir(exist_ok=True), (w / "garbled" / "judge.json").write_text("{trunc")),

@@ -195,7 +195,8 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Mixed:
 
 def test_empty_response(mixed: Mixed) -> None:
     assert mixed.reasons("empty") == [
-        {"check": "expect_column_values_to_be_between", "field": "chosen", "reason": "chosen is empty or only whitespace"}
+        {"check": "expect_column_values_to_be_between", "field": "chosen",
+         "reason": "chosen is empty or only whitespace"}
     ]
 
 
@@ -242,7 +243,8 @@ def test_duplicate_id_keeps_first_copy(mixed: Mixed) -> None:
 def test_prompt_shared_between_train_and_test(mixed: Mixed) -> None:
     assert mixed.reasons("shared") == [
         {"check": "expect_column_values_to_not_be_in_set", "field": "prompt",
-         "reason": f"prompt also occurs in train (id {mixed.shared_with}); test rows must not share a prompt with train"}
+         "reason": f"prompt also occurs in train (id {mixed.shared_with}); "
+                   "test rows must not share a prompt with train"}
     ]
     assert any(r["id"] == mixed.shared_with for r in mixed.valid["train"])  # the train row stays
 
@@ -251,7 +253,8 @@ def test_hh_prompt_without_assistant_marker(mixed: Mixed) -> None:
     [reason] = mixed.reasons("no_marker")
     assert reason["check"] == "expect_column_values_to_match_regex"
     assert reason["field"] == "prompt"
-    assert reason["reason"].startswith('HH prompt does not end with the assistant marker "\\n\\nAssistant:" (it ends with')
+    assert reason["reason"].startswith(
+        'HH prompt does not end with the assistant marker "\\n\\nAssistant:" (it ends with')
 
 
 def test_tldr_prompt_needs_no_hh_marker(mixed: Mixed) -> None:
@@ -273,7 +276,8 @@ def test_field_missing_from_one_row(mixed: Mixed) -> None:
 
 def test_non_string_field(mixed: Mixed) -> None:
     assert mixed.reasons("number") == [
-        {"check": "expect_column_values_to_be_of_type", "field": "chosen", "reason": "chosen is of type int, not a string"}
+        {"check": "expect_column_values_to_be_of_type", "field": "chosen",
+         "reason": "chosen is of type int, not a string"}
     ]
 
 
@@ -403,7 +407,8 @@ def test_column_missing_from_every_row(tmp_path: Path) -> None:
     assert len(read_jsonl(tmp_path / "quarantine" / "validate.jsonl")) == 5
     entry = read_jsonl(tmp_path / "quarantine" / "validate.jsonl")[0]
     assert entry["reasons"] == [
-        {"check": "expect_column_to_exist", "field": "source", "reason": "column source is missing from every input row"}
+        {"check": "expect_column_to_exist", "field": "source",
+         "reason": "column source is missing from every input row"}
     ]
     report = json.loads((tmp_path / "reports" / "validation.json").read_text())
     marker = next(e for e in report["expectations"] if e["check"] == "hh_assistant_marker")
