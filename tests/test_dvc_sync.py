@@ -167,7 +167,8 @@ def test_lock_run_on_a_toy_project_and_its_refusals(tmp_path: Path) -> None:
     assert not list((tmp_path / "view" / "src").rglob("__pycache__"))  # code copied without compiled files
     bundle = read_run_bundle(bundle_run(tmp_path / "view", tmp_path / "results.tar.gz"))
     assert set(bundle) == {"dvc.lock", "params.yaml", "m/a.json", "m/b.json"}  # the uncached outputs ride along
-    assert bundle_run(tmp_path / "view", tmp_path / "again.tar.gz").read_bytes() == (tmp_path / "results.tar.gz").read_bytes()
+    again = bundle_run(tmp_path / "view", tmp_path / "again.tar.gz")
+    assert again.read_bytes() == (tmp_path / "results.tar.gz").read_bytes()
     with pytest.raises(ValueError, match=r"missing \['final.txt'\]"):
         lock_run(tmp_path / "v2", {k: v for k, v in outputs.items() if k != "final.txt"}, params, TOY_DVC)
     with pytest.raises(ValueError, match=r"not in dvc.yaml \['typo'\]"):
@@ -266,12 +267,16 @@ def test_publish_step_gets_the_remote_and_the_keys_as_secret_refs_only(tmp_path:
     assert remote == {"url": "s3://spo-dvc/spo", "name": "cluster", "endpoint_url": "https://minio.example.com",
                       "region": None}
     assert "stages:" in inputs["dvc_yaml"]["runtimeValue"]["constant"]  # dvc.yaml is compiled in
-    assert inputs["params_all"]["taskOutputParameter"] == {"outputParameterKey": "params_all", "producerTask": "configure"}
-    assert set(publish["inputs"]["artifacts"]) >= {"validated", "policy", "policy_spo", "judgments", "plots",
-                                                   "degrees_plot", "report_md"}
+    assert inputs["params_all"]["taskOutputParameter"] == {"outputParameterKey": "params_all",
+                                                           "producerTask": "configure"}
+    # publish's inputs are named <task>_<output> (spo.stages.table.published)
+    assert set(publish["inputs"]["artifacts"]) >= {"validate_validated", "train_policy", "train_spo_policy",
+                                                   "judge_judgments", "report_plots", "degrees_plot",
+                                                   "report_report_md"}
     [secret] = k8s["deploymentSpec"]["executors"]["exec-publish"]["secretAsEnv"]
     assert secret["secretName"] == "spo-dvc" and secret["keyToEnv"] == [
-        {"secretKey": "key-id", "envVar": "AWS_ACCESS_KEY_ID"}, {"secretKey": "secret", "envVar": "AWS_SECRET_ACCESS_KEY"}]
+        {"secretKey": "key-id", "envVar": "AWS_ACCESS_KEY_ID"},
+        {"secretKey": "secret", "envVar": "AWS_SECRET_ACCESS_KEY"}]
     resources = spec["deploymentSpec"]["executors"]["exec-publish"]["container"]["resources"]
     assert "accelerator" not in resources  # the CPU pool (default_pool)
     outputs = spec["components"]["comp-publish"]["outputDefinitions"]["artifacts"]
