@@ -1,4 +1,4 @@
-"""Where each step runs: one platform file, read by the compiler (and, later, the Helm chart).
+"""Where each step runs: one platform file, read by the compiler and rendered by the Helm chart from its values.
 
 A platform file names the image, the run's workspace volume, and *pools* — a kind of node each
 with its accelerator, node selector, tolerations, CPU/memory requests and limits and retry

@@ -92,12 +92,6 @@ class GgufRef:
         return record
 
 
-def is_gguf_ref(ref: str | Path) -> bool:
-    """A packaged name, or a path ending in ``.gguf`` (existing or not)."""
-    text = str(ref)
-    return text in PACKAGED or text.lower().endswith(GGUF_SUFFIX)
-
-
 def resolve_packaged(name: str) -> GgufRef:
     """The packaged file for ``name`` (see :data:`PACKAGED`); InputError with the install line
     when its package is not installed or lacks the file."""
