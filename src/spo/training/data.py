@@ -293,6 +293,7 @@ def _side_degrees(tokenizer: Any, raw: str, enc: _Encoded, n_keep: int, entry: d
         stats.not_distinct += 1
         return sd
     removed = entry["removed_spans"]
+    levels: Sequence[Sequence[int]]  # token ids per level (reencode), or keep masks (bools)
     if mode == "reencode":
         sd.variant_ids, sd.variant_pos = _reencode_levels(tokenizer, raw, enc, n_keep, entry, where)
         levels = [enc.ids[:n_keep], *sd.variant_ids]
@@ -604,7 +605,8 @@ class PairCollator:
                  all_levels: bool = False, degrees: bool = True) -> PackedBatch:
         """The alignment pass: ``[prompt | chosen | rejected (| variants)]`` per pair, with every degree
         sample it can hold; ``degrees=False``: alignment segments only (a reference forward)."""
-        levels = self._levels(examples, indices, step, all_levels) if degrees else [[None, None] for _ in examples]
+        levels: list[list[list[int] | None]] = (self._levels(examples, indices, step, all_levels) if degrees
+                                                 else [[None, None] for _ in examples])
         # eval keeps the variants in the pass: without gradients there is no graph to bound
         with_variants = self.degree_mode == "reencode" and (all_levels or not self.separate_variants)
         segments = []

@@ -61,7 +61,13 @@ def token_logps(hidden: Tensor, targets: Tensor, head: nn.Module, chunk: int,
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def check_attention(lm: nn.Module) -> str:
+# A causal LM: a transformers model, or a PEFT model around one. Its methods (get_decoder,
+# get_output_embeddings, disable_adapter) are looked up at run time, and checked by
+# check_attention: through nn.Module's __getattr__ mypy would type each as Tensor | Module.
+CausalLM = Any
+
+
+def check_attention(lm: CausalLM) -> str:
     """The attention implementation, if the packed 4-D mask works with it (else InputError)."""
     impl = getattr(getattr(lm, "config", None), "_attn_implementation", None) or "eager"
     if impl not in MASK_IMPLEMENTATIONS:
@@ -81,9 +87,9 @@ def check_attention(lm: nn.Module) -> str:
 class SPOModule(nn.Module):
     """The policy LM plus the degree heads; ``forward`` is the concatenated forward (module doc)."""
 
-    def __init__(self, lm: nn.Module, heads: nn.Module | None, logits_chunk: int = 4096) -> None:
+    def __init__(self, lm: CausalLM, heads: nn.Module | None, logits_chunk: int = 4096) -> None:
         super().__init__()
-        self.lm = lm
+        self.lm: CausalLM = lm
         self.heads = heads
         self.logits_chunk = logits_chunk
         self.attn = check_attention(lm)

@@ -59,7 +59,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     from transformers import get_scheduler
 
     name = "constant" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
-    kwargs = {} if name == "constant" else {"num_warmup_steps": warmup_steps(cfg, total_steps)}
-    if name in ("linear", "cosine"):
-        kwargs["num_training_steps"] = total_steps
-    return get_scheduler(name, optimizer, **kwargs)
+    warmup = None if name == "constant" else warmup_steps(cfg, total_steps)
+    training = total_steps if name in ("linear", "cosine") else None  # None: get_scheduler's defaults
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=training)
