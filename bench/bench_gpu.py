@@ -120,7 +120,8 @@ def run_trl(name: str, base, tokenizer, pairs: list[dict], args: argparse.Namesp
         logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0, seed=0, max_grad_norm=1.0,
     )
     trainer = DPOTrainer(model=copy.deepcopy(base), ref_model=None if lora else copy.deepcopy(base), args=config,
-                         train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()], peft_config=peft_config)
+                         train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()],
+                         peft_config=peft_config)
     tokens = sum(p["tokens"] for p in pairs)  # prompt twice + both responses: the rows TRL runs
     trainer.train()
     return {"step_times": clock.steps(), "tokens_per_step": tokens}
@@ -146,8 +147,8 @@ def run_ours(name: str, base, tokenizer, pairs: list[dict], args: argparse.Names
     )
     rows = [{"id": str(p["index"]), "source": "hh", "prompt": p["prompt"], "chosen": p["chosen"],
              "rejected": p["rejected"]} for p in pairs]
-    trainer = PreferenceTrainer.from_rows(model, tokenizer, cfg, rows, [p["degrees"] for p in pairs] if enabled else None,
-                                          seed=0, progress=False)
+    trainer = PreferenceTrainer.from_rows(model, tokenizer, cfg, rows,
+                                          [p["degrees"] for p in pairs] if enabled else None, seed=0, progress=False)
     clock = Clock(args.device)
     clock.mark()
     for step in range(1, total + 1):
@@ -233,14 +234,16 @@ def main() -> None:
     ratios = {}
     for lora in (False, True):
         ok = {r["name"]: r for r in results if r["lora"] == lora and "error" not in r}
-        for num, den in (("dpo", "trl_pre"), ("dpo", "trl"), ("spo_m2", "dpo"), ("spo_all", "dpo"), ("spo_drop", "dpo")):
+        for num, den in (("dpo", "trl_pre"), ("dpo", "trl"), ("spo_m2", "dpo"), ("spo_all", "dpo"),
+                         ("spo_drop", "dpo")):
             if num in ok and den in ok:
                 key = f"{'lora' if lora else 'full'} {num}/{den}"
                 ratios[key] = {"step": ok[num]["median_step_s"] / ok[den]["median_step_s"]}
                 if ok[num]["peak_memory_gib"]:
                     ratios[key]["memory"] = ok[num]["peak_memory_gib"] / ok[den]["peak_memory_gib"]
     for key, value in ratios.items():
-        print(f"  {key:<24} step {value['step']:.2f}" + (f"  memory {value['memory']:.2f}" if "memory" in value else ""))
+        print(f"  {key:<24} step {value['step']:.2f}"
+              + (f"  memory {value['memory']:.2f}" if "memory" in value else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "device": gpu, "smoke": args.smoke, "settings": {k: str(v) for k, v in vars(args).items()},

@@ -113,7 +113,8 @@ def _model_and_tokenizer(name: str, rows: list[dict], seed: int):  # noqa: ANN20
         from spo.config import TinyModelConfig
         from spo.models.tiny import build_tiny_llama, train_tokenizer
 
-        tokenizer = train_tokenizer([r["chosen"] for r in rows] + [r["rejected"] for r in rows], TinyModelConfig().vocab_size)
+        tokenizer = train_tokenizer([r["chosen"] for r in rows] + [r["rejected"] for r in rows],
+                                    TinyModelConfig().vocab_size)
         return build_tiny_llama(TinyModelConfig(), tokenizer, seed=seed), tokenizer
     from spo.config import ModelConfig
     from spo.models.loading import load_causal_lm, load_tokenizer
@@ -211,7 +212,8 @@ def worker_trl(workdir: Path, args: argparse.Namespace, precompute: bool = False
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"],
                                  task_type="CAUSAL_LM")
     else:
         reference, _ = _load(workdir)
@@ -362,7 +364,8 @@ def main() -> None:
     unknown = set(names) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; choose from {CONFIGS}")
-    out = args.out or REPO / "bench" / "results" / ("train.json" if args.model == "tiny" else f"train_{args.model}.json")
+    out = args.out or REPO / "bench" / "results" / ("train.json" if args.model == "tiny"
+                                                    else f"train_{args.model}.json")
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         workdir = Path(tmp)
         setup = prepare(workdir, args)
@@ -401,8 +404,9 @@ def report(results: dict, setup: dict, args: argparse.Namespace, out: Path) -> N
           "| training increment (MiB) | one-off setup (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in ok.items():
-        print(f"| {name} | {r['median_step_s'] * 1000:.0f} | {r['min_step_s'] * 1000:.0f} | {r['median_cpu_s'] * 1000:.0f} "
-              f"| {r['peak_rss_mib']:.0f} | {r['train_increment_mib']:.0f} | {r.get('setup_s', float('nan')):.1f} |")
+        print(f"| {name} | {r['median_step_s'] * 1000:.0f} | {r['min_step_s'] * 1000:.0f} "
+              f"| {r['median_cpu_s'] * 1000:.0f} | {r['peak_rss_mib']:.0f} | {r['train_increment_mib']:.0f} "
+              f"| {r.get('setup_s', float('nan')):.1f} |")
     ratios = {}
     print("\nratios (step: median wall step time, [min wall, median CPU] in brackets; mem: peak RSS or increment):")
     for label, (num, den, target, what) in TARGETS.items():

@@ -140,7 +140,8 @@ def test_a_yaml_syntax_error_names_the_file_or_the_override_and_where(tmp_path) 
     params.write_text("seed: 0\ntrain:\n  beta: [0.1\n")
     with pytest.raises(ConfigError, match=rf"{params}: not valid YAML: .* at line 4, column 1"):
         load_config(params, [])
-    with pytest.raises(ConfigError, match=r"override 'train.beta=\[0.1': the value is not valid YAML \(.*line 1, column 5\)"):
+    with pytest.raises(ConfigError,
+                       match=r"override 'train.beta=\[0.1': the value is not valid YAML \(.*line 1, column 5\)"):
         load_config(None, ["train.beta=[0.1"])
     assert main(["config", "-p", str(params)]) == 2  # a message and exit 2, not a traceback
 
@@ -151,7 +152,8 @@ def test_cross_section_mistakes_fail_when_the_params_are_read() -> None:
     from spo.config import load_config
     from spo.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"train.spo.levels_per_step: 9 levels per step, but degrees.n_levels makes only 4"):
+    with pytest.raises(ConfigError,
+                       match=r"train.spo.levels_per_step: 9 levels per step, but degrees.n_levels makes only 4"):
         load_config(None, ["train.spo.levels_per_step=9"])
     with pytest.raises(ConfigError, match=r"reward_model.optim.batch_size: 8 is not a multiple of micro_batch_size 3"):
         load_config(None, ["reward_model.optim.micro_batch_size=3"])

@@ -9,12 +9,20 @@ import pytest
 import torch
 
 from spo.config import DegreeLossConfig
-from spo.training.heads import DegreeClassifier, DegreeHead, load_classifier, pooled_mean, save_classifier, sinusoidal_encoding
+from spo.training.heads import (
+    DegreeClassifier,
+    DegreeHead,
+    load_classifier,
+    pooled_mean,
+    save_classifier,
+    sinusoidal_encoding,
+)
 
 D, N = 16, 4
 
 
-def _inputs(b: int = 3, t: int = 7, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(b: int = 3, t: int = 7,
+            dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(b, t, D, generator=g).to(dtype)
     mask = torch.ones(b, t, dtype=torch.bool)
@@ -23,7 +31,8 @@ def _inputs(b: int = 3, t: int = 7, dtype: torch.dtype = torch.float32) -> tuple
     return hidden, mask, positions
 
 
-def run(clf: DegreeClassifier, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, side: str) -> torch.Tensor:
+def run(clf: DegreeClassifier, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+        side: str) -> torch.Tensor:
     """The classifier on dense [B, T] inputs, flattened as the trainer passes them: the selected
     tokens' features, their sample index and their positions."""
     rows, cols = mask.nonzero(as_tuple=True)
@@ -84,7 +93,8 @@ def test_shared_vs_two_heads() -> None:
     assert one == D * 8 + 8 + 8 * N + N
     assert sum(p.numel() for p in two.parameters()) == 2 * one
     assert sum(p.numel() for p in shared.parameters()) == one
-    assert set(two.state_dict()) == {f"heads.{s}.net.{i}.{w}" for s in ("chosen", "rejected") for i in (0, 3) for w in ("weight", "bias")}
+    assert set(two.state_dict()) == {f"heads.{s}.net.{i}.{w}" for s in ("chosen", "rejected") for i in (0, 3)
+                                     for w in ("weight", "bias")}
     assert len(shared.state_dict()) == 4  # each tensor once
     assert shared.head_for("chosen") is shared.head_for("rejected")
     assert two.head_for("chosen") is not two.head_for("rejected")

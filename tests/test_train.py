@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_train_support import hh_pairs, read_metrics, state_of, tiny_model, train_cfg
 
+from spo.errors import NonFiniteLossError
 from spo.training.data import SIDES
 from spo.training.losses import degree_loss
 from spo.training.trainer import PreferenceTrainer
-from spo.errors import NonFiniteLossError
 
 N_TRAIN = 64
 
@@ -48,7 +48,8 @@ def test_degree_loss_alone_gives_the_lm_gradients(mode: str) -> None:
     lm = tr.module.lm
     grads = {n: p.grad for n, p in lm.named_parameters()}
     assert all(g is not None for g in grads.values())
-    for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"):
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
+                 "model.embed_tokens.weight"):
         assert grads[name].abs().sum() > 0, name
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.heads.parameters() if p.ndim == 2)
 
@@ -115,7 +116,8 @@ def test_lambda_zero_is_bit_identical_to_plain_dpo() -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     # and training did move the weights
     _, init = tiny_model()
-    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], init.state_dict()["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"],
+                           init.state_dict()["model.layers.0.mlp.up_proj.weight"])
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -367,7 +369,8 @@ def test_reference_precompute_reads_alignment_rows_only(monkeypatch: pytest.Monk
 def test_kto_per_pair_sum_is_the_spec_and_trl_mean_is_half() -> None:
     """Defect 7: KTO averaged over the 2B responses (half the spec's per-pair sum)."""
     pair = _trainer(train_cfg(loss="kto", spo={"enabled": False})).batch_loss([0, 1, 2, 3])
-    response = _trainer(train_cfg(loss="kto", kto_reduction="response", spo={"enabled": False})).batch_loss([0, 1, 2, 3])
+    response = _trainer(train_cfg(loss="kto", kto_reduction="response",
+                                  spo={"enabled": False})).batch_loss([0, 1, 2, 3])
     assert pair["loss_align"] == pytest.approx(2 * response["loss_align"], rel=1e-6)
     assert pair["kl"] == pytest.approx(response["kl"]) and pair["kl"] >= 0
 
@@ -422,8 +425,10 @@ def test_dropout_is_off_in_the_policy_by_default_and_on_when_asked() -> None:
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.5)  # non-zero adapters, so that adapter dropout changes the output
-        tr = PreferenceTrainer.from_rows(model, tok, train_cfg(disable_dropout=disable), rows[:8], degs[:8], progress=False)
-        return tr.batch_loss([0, 1], train_mode=True)["loss_align"], tr.batch_loss([0, 1], train_mode=True)["loss_align"]
+        tr = PreferenceTrainer.from_rows(model, tok, train_cfg(disable_dropout=disable), rows[:8], degs[:8],
+                                         progress=False)
+        return (tr.batch_loss([0, 1], train_mode=True)["loss_align"],
+                tr.batch_loss([0, 1], train_mode=True)["loss_align"])
 
     a, b = twice(True)
     assert a == b
@@ -486,7 +491,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(lora: bool) 
         batch = tr.data.collator([tr.data.train_examples[i] for i in (0, 1)], [0, 1])
         out = tr.stepper.forward_loss(batch, "train", None)
         out.loss.backward()
-        return float(out.loss.detach()), {n: p.grad.clone() for n, p in tr.module.named_parameters() if p.grad is not None}
+        return float(out.loss.detach()), {n: p.grad.clone() for n, p in tr.module.named_parameters()
+                                          if p.grad is not None}
 
     loss_a, a = grads(False)
     loss_b, b = grads(True)
@@ -519,7 +525,8 @@ def test_schedules_and_optimizers() -> None:
         opt = build_optimizer(params, OptimConfig(optimizer=name, weight_decay=0.1))
         assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # no decay on 1-D tensors
     # the degree heads' own rate: their groups start at it, and the schedule scales both alike
-    body, head = [torch.nn.Parameter(torch.ones(3, 3))], [torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))]
+    body = [torch.nn.Parameter(torch.ones(3, 3))]
+    head = [torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))]
     cfg = OptimConfig(learning_rate=1e-4, warmup_steps=2, weight_decay=0.1)
     opt = build_optimizer(body + head, cfg, head_params=head, head_learning_rate=1e-2)
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in opt.param_groups] == [
@@ -605,7 +612,8 @@ def test_separate_variant_passes_give_the_joint_pass_loss_and_gradients(levels: 
         assert separate[key] == pytest.approx(joint[key], rel=1e-5), key
     a = _trainer(train_cfg(spo={"variant_passes": "joint", "levels_per_step": levels})).batch_loss([0, 1, 2, 3])
     b = _trainer(train_cfg(spo={"variant_passes": "separate", "levels_per_step": levels})).batch_loss([0, 1, 2, 3])
-    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["loss_degree_l"] == pytest.approx(a["loss_degree_l"], rel=1e-5)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert b["loss_degree_l"] == pytest.approx(a["loss_degree_l"], rel=1e-5)
     assert g_joint.keys() == g_separate.keys() and g_joint
     assert all(torch.allclose(g_joint[k], g_separate[k], atol=1e-6, rtol=1e-4) for k in g_joint)
 

@@ -75,7 +75,8 @@ def test_with_a_checkpoint_volume_no_step_has_the_run_in_its_cache_key(tmp_path:
                                          "pvcNameParameter": {"runtimeValue": {"constant": "spo-checkpoints"}}}]
         # the run's folder on it comes from the pod label Argo puts on every pod of the workflow, as an
         # environment variable: not in the key (cache.go), the same for each retry of the task
-        assert executor["fieldPathAsEnv"] == [{"name": RUN_NAME_ENV, "fieldPath": f"metadata.labels['{WORKFLOW_LABEL}']"}]
+        assert executor["fieldPathAsEnv"] == [{"name": RUN_NAME_ENV,
+                                               "fieldPath": f"metadata.labels['{WORKFLOW_LABEL}']"}]
 
 
 def test_without_one_a_single_pod_train_is_still_cacheable_and_a_trainjob_is_not(tmp_path: Path) -> None:

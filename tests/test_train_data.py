@@ -137,9 +137,11 @@ def test_packed_rows_segments_and_degree_samples() -> None:
         prompt_seg = int(batch.segment_ids[row, col])
         mine = (batch.segment_ids[row] >= 0) & (batch.context_ids[row] == prompt_seg)
         assert int(mine.sum()) == ex.length  # every token of the pair's run, and nothing else
-        assert len(set(batch.segment_ids[row][mine].tolist())) == 1 + 2 + 3 + 3  # prompt, chosen, rejected, 3+3 variants
+        # prompt, chosen, rejected, 3+3 variants
+        assert len(set(batch.segment_ids[row][mine].tolist())) == 1 + 2 + 3 + 3
         variants = [v for side in ("chosen", "rejected") for v in ex.degrees[side].variant_ids]
-        assert batch.input_ids[row][mine].tolist() == ex.prompt_ids + ex.chosen_ids + ex.rejected_ids + [t for v in variants for t in v]
+        assert batch.input_ids[row][mine].tolist() == (ex.prompt_ids + ex.chosen_ids + ex.rejected_ids
+                                                       + [t for v in variants for t in v])
         n_p = len(ex.prompt_ids)
         positions = batch.position_ids[row][mine].tolist()
         assert positions[:n_p] == list(range(n_p))  # every segment restarts where the prompt ends
@@ -151,7 +153,8 @@ def test_packed_rows_segments_and_degree_samples() -> None:
                                                           + [len(examples[i].rejected_ids) for i in idx]))
     first = examples[idx[0]]
     assert flat[batch.score_index[0]] == first.prompt_ids[-1] and batch.score_target[0] == first.chosen_ids[0]
-    assert torch.equal(flat[batch.score_index[1:len(first.chosen_ids)] + 1], batch.score_target[1:len(first.chosen_ids)])
+    assert torch.equal(flat[batch.score_index[1:len(first.chosen_ids)] + 1],
+                       batch.score_target[1:len(first.chosen_ids)])
     # degree samples: 4 levels x 2 sides x 2 pairs; level 0 reads the alignment segment
     assert batch.deg_label.numel() == 16
     level0 = (batch.deg_label == 0).nonzero(as_tuple=True)[0]
@@ -230,7 +233,8 @@ def test_kl_rows_pair_each_prompt_with_the_next_response_of_its_batch() -> None:
     batch = [5, 2, 9]
     partners = kl_partners(batch)
     assert partners == {5: 2, 2: 9, 9: 5} and all(partners[i] != i for i in batch)
-    kl = PairCollator(tok.pad_token_id).kl([examples[i] for i in batch], [examples[partners[i]] for i in batch], batch, 96)
+    kl = PairCollator(tok.pad_token_id).kl([examples[i] for i in batch], [examples[partners[i]] for i in batch],
+                                           batch, 96)
     # issue 22: both responses of the partner, as TRL's KTO shifts every completion (not the chosen alone)
     assert kl.n_scored == 6
     for j, i in enumerate(batch):

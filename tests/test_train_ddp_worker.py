@@ -1,7 +1,8 @@
 """Worker for test_train_distributed, launched as one process or several:
 
     torchrun --nproc_per_node N tests/test_train_ddp_worker.py OUT [--fsdp] [--stop-after K]
-    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N tests/test_train_ddp_worker.py OUT --fsdp
+    accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes N \\
+        tests/test_train_ddp_worker.py OUT --fsdp
 
 Not collected as tests (no test functions). ``--fsdp`` trains what a sharded run can (precomputed
 reference: no frozen copy); ``--stop-after K`` returns after K steps without the final save — a
@@ -19,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 STEPS = 4
 
 
-def main(out_dir: str, loss: str = "dpo", fsdp: bool = False, stop_after: int | None = None, lora: bool = False) -> None:
+def main(out_dir: str, loss: str = "dpo", fsdp: bool = False, stop_after: int | None = None,
+         lora: bool = False) -> None:
     import torch
     from test_train_support import hh_pairs, tiny_model, train_cfg
 

@@ -87,7 +87,8 @@ def test_fsdp_matches_one_process_and_a_killed_sharded_run_resumes_exactly(tmp_p
         assert (sharded / name).is_file(), name
     from safetensors.torch import load_file
 
-    heads_one, heads_two = load_file(str(one / "degree_heads.safetensors")), load_file(str(sharded / "degree_heads.safetensors"))
+    heads_one = load_file(str(one / "degree_heads.safetensors"))
+    heads_two = load_file(str(sharded / "degree_heads.safetensors"))
     assert all(torch.allclose(heads_one[k], heads_two[k], rtol=1e-4, atol=1e-6) for k in heads_one)
 
     killed = tmp_path / "killed"

@@ -28,7 +28,8 @@ def test_packed_forward_equals_one_row_per_sequence() -> None:
     rows, degs = hh_pairs()
     tok, lm = tiny_model()
     lm.eval()
-    examples, _ = tokenize_pairs(rows[:30], degs[:30], tok, max_length=200, max_prompt_length=150, degree_mode="reencode")
+    examples, _ = tokenize_pairs(rows[:30], degs[:30], tok, max_length=200, max_prompt_length=150,
+                                 degree_mode="reencode")
     distinct = [i for i, ex in enumerate(examples) if all(sd.distinct for sd in ex.degrees.values())]
     distinct.sort(key=lambda i: examples[i].length)
     idx = [distinct[-1], *distinct[:3]]  # a long pair and three short ones: the short ones share a row
@@ -47,7 +48,7 @@ def test_packed_forward_equals_one_row_per_sequence() -> None:
                 assert float(out["logps"][len(idx) + j]) == pytest.approx(
                     _plain_logps(lm, ex.prompt_ids, ex.rejected_ids), rel=1e-5)
             # a variant's features are its hidden states as if encoded alone after the prompt
-            for j, i in enumerate(idx):  # a variant's features are its hidden states as if encoded alone after the prompt
+            for j, i in enumerate(idx):
                 ex = examples[i]
                 variant = ex.degrees["rejected"].variant_ids[1]  # level 2
                 expected = heads.head_for("rejected")(_plain_hidden(lm, ex.prompt_ids, variant).mean(0, keepdim=True))

@@ -30,7 +30,6 @@ import pytest
 import yaml
 from test_train_support import write_train_inputs
 
-
 STEPS = 4
 # Both nodes together, counted once this process's own run is done. Only a guard against a hang
 # (a node stuck in the rendezvous or a collective); the nodes take under a minute even on a
@@ -141,7 +140,8 @@ def test_two_torchrun_nodes_from_pet_env_match_one_process(workspace: Path, tmp_
             except subprocess.TimeoutExpired:
                 code = None
             log_tail = (nodes[rank] / "torchrun.log").read_text(errors="replace")[-4000:]
-            assert code == 0, f"node {rank}: {f'hung ({HANG_GUARD_S} s)' if code is None else f'exit {code}'}\n{log_tail}"
+            outcome = f"hung ({HANG_GUARD_S} s)" if code is None else f"exit {code}"
+            assert code == 0, f"node {rank}: {outcome}\n{log_tail}"
     finally:
         for proc in procs:
             _stop(proc)

@@ -24,7 +24,8 @@ def _cfg(root: Path, variant: str, *overrides: str):
         f"train.rows_dir={root}/data/validated", f"train.degrees_dir={root}/data/degrees",
         f"train.sft_dir={root}/models/sft", f"train.out_dir={root}/models/policy/{variant}",
         f"train.metrics_file={root}/metrics/train_{variant}.json",
-        "train.max_length=96", "train.max_prompt_length=48", "train.optim.batch_size=4", "train.optim.micro_batch_size=2",
+        "train.max_length=96", "train.max_prompt_length=48", "train.optim.batch_size=4",
+        "train.optim.micro_batch_size=2",
         "train.optim.max_steps=3", "train.eval_rows=8", "train.logging_steps=1", "train.spo.hidden_size=16",
         *overrides,
     ])
@@ -84,5 +85,6 @@ def test_stage_bad_inputs(workspace: Path, tmp_path: Path) -> None:
 def test_cli_exit_code_on_missing_sft(workspace: Path, tmp_path: Path) -> None:
     from spo.cli import main
 
-    code = main(["train", "-q", "-S", f"train.sft_dir={tmp_path}/nope", "-S", f"train.rows_dir={workspace}/data/validated"])
+    code = main(["train", "-q", "-S", f"train.sft_dir={tmp_path}/nope",
+                 "-S", f"train.rows_dir={workspace}/data/validated"])
     assert code == 2

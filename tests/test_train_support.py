@@ -8,17 +8,18 @@ from __future__ import annotations
 import copy
 import gzip
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# the machine has 2 cores shared with other jobs: one intra-op thread avoids oversubscription stalls
-torch.set_num_threads(1)
-
 from spo.config import DegreeLossConfig, OptimConfig, TinyModelConfig, TrainConfig
 from spo.degrees import TOKEN_RE, build_degree_variants
+
+# the machine has 2 cores shared with other jobs: one intra-op thread avoids oversubscription stalls
+# (set here, before any test runs an op; spo.config and spo.degrees do not import torch)
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = "\n\nAssistant:"
@@ -51,7 +52,7 @@ def degree_line(row: dict[str, Any], n_levels: int = 4) -> dict[str, Any]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def hh_pairs(n: int = 80) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """n real HH pairs (prompt, chosen, rejected) + degree lines; shortish ones for speed."""
     from conftest import shared_data_dir
@@ -70,7 +71,7 @@ def hh_pairs(n: int = 80) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return rows, [degree_line(r) for r in rows]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tiny(seed: int = 0) -> tuple[Any, Any]:
     from spo.models.tiny import build_tiny_llama, train_tokenizer
 

@@ -39,7 +39,8 @@ from spo.kube.manifests import load_crd_schemas, strict_json_schema
 from spo.kube.platform import Platform, load_platform
 from spo.pipelines.train_job import run_train_job, trainjob_name, workspace_claim
 
-if sys.version_info >= (3, 11):
+# requires-python is 3.10 (ruff's target-version, 3.11, reads this block as always true)
+if sys.version_info >= (3, 11):  # noqa: UP036
     import tomllib
 else:  # pragma: no cover
     tomllib = None
@@ -123,7 +124,8 @@ def test_single_pod_platforms_keep_their_behaviour() -> None:
         assert not platform.train_job
         assert all(p.nodes == 1 and p.processes_per_node is None and not p.env and not p.secret_env
                    for p in platform.pools.values())
-    four = Platform.model_validate({"image": "x", "pools": {"cpu": {"accelerator": {"type": "nvidia.com/gpu", "count": 4}}}})
+    four = Platform.model_validate({"image": "x",
+                                    "pools": {"cpu": {"accelerator": {"type": "nvidia.com/gpu", "count": 4}}}})
     assert not four.train_job  # an unset processes_per_node never turns a single pod into a TrainJob
     assert four.pools["cpu"].procs_per_node == 4  # ... but a TrainJob on the pool would run one per GPU
 
@@ -136,7 +138,8 @@ def test_multinode_platform_asks_for_a_trainjob() -> None:
     assert platform.launcher().accelerator is None
 
 
-@pytest.mark.parametrize(("value", "seconds"), [("90m", 5400), ("1h30m", 5400), ("45s", 45), ("3600", 3600), (120, 120)])
+@pytest.mark.parametrize(("value", "seconds"),
+                         [("90m", 5400), ("1h30m", 5400), ("45s", 45), ("3600", 3600), (120, 120)])
 def test_active_deadline_takes_durations(value: Any, seconds: int) -> None:
     pool = Platform.model_validate({"image": "x", "pools": {"cpu": {"active_deadline": value}}}).pools["cpu"]
     assert pool.active_deadline == seconds
@@ -210,7 +213,8 @@ def test_trainjob_runs_the_train_stage_under_torchrun_on_the_train_pool() -> Non
     assert pod["metadata"]["labels"]["pipeline/runid"] == "1234"  # kubectl get pods -l pipeline/runid=...
     assert job["metadata"]["labels"]["app.kubernetes.io/name"] == "spo-pipeline"
     pod_spec = pod["spec"]
-    assert {"name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "run-abc-kfp-workspace"}} in pod_spec["volumes"]
+    assert ({"name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "run-abc-kfp-workspace"}}
+            in pod_spec["volumes"])
     assert pod_spec["containers"] == [{"name": "node", "volumeMounts": [
         {"name": "kfp-workspace", "mountPath": "/kfp-workspace"}, {"name": "dshm", "mountPath": "/dev/shm"}],
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}]
@@ -473,7 +477,8 @@ def test_a_cancel_whose_delete_fails_says_how_to_delete_by_hand(server: TrainJob
     with pytest.raises(KeyboardInterrupt):
         launch(a_job(), namespace=NS, api=api, poll_seconds=POLL, log=log.append, clock=clock, sleep=clock.sleep)
     assert len(server.calls("DELETE")) == 1  # tried once: a 403 is not retried
-    assert "could NOT delete it" in log.text() and f"kubectl delete trainjob -n {NS} spo-dpo-1234abcd-0a0b" in log.text()
+    assert "could NOT delete it" in log.text()
+    assert f"kubectl delete trainjob -n {NS} spo-dpo-1234abcd-0a0b" in log.text()
 
 
 # --------------------------------------------------------------------------- the launcher task's step
@@ -514,7 +519,8 @@ def test_the_step_stages_its_inputs_on_the_workspace_and_hands_the_trained_model
     monkeypatch.setenv("KFP_POD_NAME", "spo-pipeline-x7k2q-system-container-impl-123")
     server.pods[(NS, "spo-pipeline-x7k2q-system-container-impl-123")] = {
         "pipeline/runid": "7e57c0de-0000-4000-8000-000000000000"}
-    config = dsl.TaskConfig(volumes=[{"name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "run-7-kfp-workspace"}}],
+    config = dsl.TaskConfig(volumes=[{"name": "kfp-workspace",
+                                      "persistentVolumeClaim": {"claimName": "run-7-kfp-workspace"}}],
                             volume_mounts=[{"name": "kfp-workspace", "mountPath": str(workspace)}])
     policy, metrics = dsl.Model(uri=str(tmp_path / "policy")), dsl.Metrics(uri=str(tmp_path / "metrics.json"))
     train_job(params=(REPO / "params.yaml").read_text(), validated=dsl.Dataset(uri=str(rows)),
@@ -628,8 +634,9 @@ def test_a_bad_param_fails_the_step_before_any_job_is_created(tmp_path: Path, se
                             volume_mounts=[{"name": "w", "mountPath": str(workspace)}])
     with pytest.raises(ConfigError, match="bogus_section"):
         run_train_job(params=params, loss="dpo", spo=True, spo_variant=False, rows_dir=str(rows), degrees_dir=str(rows),
-                      sft_dir=str(workspace / "sft"), workspace=str(workspace), platform_json=multinode().model_dump_json(),
-                      run_id="r", task_config=config, metrics_file=str(tmp_path / "m.json"), namespace=NS, api=api)
+                      sft_dir=str(workspace / "sft"), workspace=str(workspace),
+                      platform_json=multinode().model_dump_json(), run_id="r", task_config=config,
+                      metrics_file=str(tmp_path / "m.json"), namespace=NS, api=api)
     assert not server.requests and not (workspace / "trainjobs").exists()  # nothing staged either
 
 
@@ -637,7 +644,8 @@ def test_the_workspace_claim_comes_from_the_task_config() -> None:
     from kfp import dsl
 
     config = dsl.TaskConfig(volumes=[{"name": "other", "configMap": {"name": "x"}},
-                                     {"name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "wf-1-kfp-workspace"}}],
+                                     {"name": "kfp-workspace",
+                                      "persistentVolumeClaim": {"claimName": "wf-1-kfp-workspace"}}],
                             volume_mounts=[{"name": "other", "mountPath": "/etc/x"},
                                            {"name": "kfp-workspace", "mountPath": "/kfp-workspace"}])
     assert workspace_claim(config, "/kfp-workspace") == "wf-1-kfp-workspace"

@@ -77,8 +77,10 @@ def setup() -> dict:
     pairs = []
     for row in raw:
         pair = split_hh(row)
-        longest = max(len(tokenizer(pair["prompt"] + pair[s] + tokenizer.eos_token)["input_ids"]) for s in ("chosen", "rejected"))
-        if longest <= MAX_TOKENS and pair["chosen"].strip() and pair["rejected"].strip() and pair["chosen"] != pair["rejected"]:
+        longest = max(len(tokenizer(pair["prompt"] + pair[s] + tokenizer.eos_token)["input_ids"])
+                      for s in ("chosen", "rejected"))
+        if (longest <= MAX_TOKENS and pair["chosen"].strip() and pair["rejected"].strip()
+                and pair["chosen"] != pair["rejected"]):
             pairs.append(pair)
         if len(pairs) == N_PAIRS:
             break

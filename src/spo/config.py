@@ -201,7 +201,9 @@ class TinyModelConfig(_Section):
     num_attention_heads: int = Field(default=4, ge=1)
     num_key_value_heads: int = Field(default=4, ge=1)
     max_position_embeddings: int = Field(default=1024, ge=64)
-    tokenizer_max_rows: int | None = Field(default=None, ge=1, description="Train the tokenizer on at most this many rows.")
+    tokenizer_max_rows: int | None = Field(
+        default=None, ge=1, description="Train the tokenizer on at most this many rows."
+    )
 
 
 class ModelConfig(_Section):
@@ -241,18 +243,22 @@ class OptimConfig(_Section):
 
     learning_rate: float = Field(default=5e-4, gt=0.0)
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"] = Field(
-        default="adamw_torch", description="AdamW (fused: one kernel per step on GPUs), Adafactor (no momentum: least memory), or plain SGD."
+        default="adamw_torch",
+        description="AdamW (fused: one kernel per step on GPUs), Adafactor (no momentum: least memory), or plain SGD.",
     )
     adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
     adam_epsilon: float = Field(default=1e-8, gt=0.0)
-    weight_decay: float = Field(default=0.0, ge=0.0, description="Decoupled; never on biases, norms or the heads' 1-D tensors.")
+    weight_decay: float = Field(
+        default=0.0, ge=0.0, description="Decoupled; never on biases, norms or the heads' 1-D tensors."
+    )
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         default="linear", description="After warm-up: linear or cosine decay to 0 at the last step, or constant."
     )
     warmup_steps: int = Field(default=10, ge=0)
     warmup_ratio: float | None = Field(
-        default=None, ge=0.0, lt=1.0, description="Warm up over this fraction of the steps instead (wins over warmup_steps)."
+        default=None, ge=0.0, lt=1.0,
+        description="Warm up over this fraction of the steps instead (wins over warmup_steps).",
     )
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     batch_size: int = Field(default=8, ge=1, description="Pairs per optimizer step, summed over all processes.")
@@ -303,7 +309,8 @@ class DegreeLossConfig(_Section):
     )
     head_learning_rate: float | None = Field(
         default=None, gt=0.0,
-        description="Learning rate of the degree heads (fresh MLPs); None: train.optim.learning_rate, tuned for the policy.",
+        description="Learning rate of the degree heads (fresh MLPs); None: train.optim.learning_rate, tuned for the "
+        "policy.",
     )
     lambda_w: float = Field(default=0.1, ge=0.0)
     lambda_l: float = Field(default=0.1, ge=0.0)
@@ -367,7 +374,8 @@ class TrainConfig(_Section):
     )
     max_length: int = Field(default=256, ge=16, description="Prompt + response tokens.")
     max_prompt_length: int = Field(
-        default=192, ge=8, description="Longer prompts lose their oldest dialogue content (a chat template's head stays)."
+        default=192, ge=8,
+        description="Longer prompts lose their oldest dialogue content (a chat template's head stays).",
     )
     group_by_length: bool = Field(default=True, description="Batch pairs of similar length: less padding.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
@@ -383,18 +391,21 @@ class TrainConfig(_Section):
         return "no" if value is False else value
 
     activation_checkpointing: bool = Field(
-        default=False, description="Recompute each decoder layer's activations in the backward (TRL's activation_checkpointing): "
-        "less memory, about a third more compute."
+        default=False, description="Recompute each decoder layer's activations in the backward (TRL's "
+        "activation_checkpointing): less memory, about a third more compute."
     )
     disable_dropout: bool = Field(
         default=True, description="Dropout off in the policy LM (TRL's disable_dropout): the reference has none, so "
         "dropout would bias the log-ratios. The degree heads keep spo.dropout."
     )
     logits_chunk: int = Field(
-        default=4096, ge=1, description="Response tokens per LM-head chunk: bounds float32 logits memory for large vocabularies."
+        default=4096, ge=1,
+        description="Response tokens per LM-head chunk: bounds float32 logits memory for large vocabularies.",
     )
     precompute_reference: bool = Field(default=False, description="Reference log-probs once, saved and reused.")
-    reference_logps_file: str | None = Field(default=None, description="Reuse this file (default: <sft_dir>/reference_logps/...).")
+    reference_logps_file: str | None = Field(
+        default=None, description="Reuse this file (default: <sft_dir>/reference_logps/...)."
+    )
     eval_steps: int = Field(default=10, ge=1)
     eval_rows: int = Field(default=50, ge=1)
     save_steps: int = Field(default=10, ge=1)
@@ -404,7 +415,9 @@ class TrainConfig(_Section):
         default=False, description="Keep the checkpoints (optimizer state included) once training has finished."
     )
     resume: bool = Field(default=True, description="Continue from the last checkpoint in out_dir if there is one.")
-    nan_policy: Literal["raise", "skip"] = Field(default="raise", description="On a non-finite loss: stop, or skip the step and log it.")
+    nan_policy: Literal["raise", "skip"] = Field(
+        default="raise", description="On a non-finite loss: stop, or skip the step and log it."
+    )
 
     @model_validator(mode="after")
     def _kto_needs_two_pairs(self) -> TrainConfig:
@@ -428,15 +441,21 @@ class GenerateConfig(_Section):
     max_prompts: int | None = Field(default=100, ge=1, description="First N prompts of the split (None: all).")
     models: dict[str, str] = Field(
         default_factory=lambda: {"sft": "models/sft"},
-        description="Generation name -> model folder (full weights, or a LoRA adapter on its base), besides the policies.",
+        description="Generation name -> model folder (full weights, or a LoRA adapter on its base), besides the "
+        "policies.",
     )
-    policies: bool = Field(default=True, description="Also generate from every policy in `variants` (<policy_dir>/<name>).")
+    policies: bool = Field(
+        default=True, description="Also generate from every policy in `variants` (<policy_dir>/<name>)."
+    )
     policy_dir: str = Field(default="models/policy", description="Where the train stage writes each variant's policy.")
     out_dir: str = "outputs/generations"
     metrics_file: str = "metrics/generate.json"
     backend: Literal["transformers", "vllm"] = "transformers"
     batch_size: int = Field(default=8, ge=1)
-    max_prompt_length: int = Field(default=192, ge=8, description="Longer prompts lose their oldest dialogue content (a chat template's head stays).")
+    max_prompt_length: int = Field(
+        default=192, ge=8,
+        description="Longer prompts lose their oldest dialogue content (a chat template's head stays).",
+    )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
 
@@ -520,7 +539,9 @@ class RewardModelConfig(_Section):
     split: Literal["eval"] = Field(
         default="eval", description="Pairs disjoint from the policy's train pairs and the test prompts."
     )
-    held_out_fraction: float = Field(default=0.2, gt=0.0, lt=1.0, description="Pairs kept for the judge's own accuracy.")
+    held_out_fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0, description="Pairs kept for the judge's own accuracy."
+    )
     sft_dir: str = "models/sft"
     out_dir: str = "models/reward"
     metrics_file: str = "metrics/reward_model.json"
@@ -536,9 +557,12 @@ class RewardModelConfig(_Section):
     )
     probe_l2: list[float] = Field(
         default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0], min_length=1,
-        description="train_backbone false: the L2 strengths tried; the best by cross-validation on the train pairs wins.",
+        description="train_backbone false: the L2 strengths tried; the best by cross-validation on the train pairs "
+        "wins.",
     )
-    probe_folds: int = Field(default=5, ge=2, description="train_backbone false: cross-validation folds, by prompt group.")
+    probe_folds: int = Field(
+        default=5, ge=2, description="train_backbone false: cross-validation folds, by prompt group."
+    )
 
     @model_validator(mode="after")
     def _probe_has_no_adapters(self) -> RewardModelConfig:
@@ -646,7 +670,8 @@ def check_sequence_and_batch(section: str, max_length: int, max_prompt_length: i
         raise InputError(f"{section}.max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
     if optim.batch_size % optim.micro_batch_size:
         raise InputError(
-            f"{section}.optim.batch_size ({optim.batch_size}) must be a multiple of micro_batch_size ({optim.micro_batch_size})"
+            f"{section}.optim.batch_size ({optim.batch_size}) must be a multiple of micro_batch_size "
+            f"({optim.micro_batch_size})"
         )
 
 

@@ -1,10 +1,11 @@
 """The SPO degree classifier: pooled LM hidden states (+ positional encoding) → MLP → N levels.
 
-See /work/shared/spo-method.md ("Features", "Positional encoding", "Heads"). The classifier reads
-the policy's own final-layer hidden states *with gradient*, so its cross-entropy trains the LM as
-well as the heads. Each kept token gets the sinusoidal encoding of its position within the
-ORIGINAL response added before mean pooling: that is what lets the classifier see where content
-is missing (a variant's tokens have gaps in their original positions).
+See docs/method.md ("Our definitions and defaults": the rows features, positional encoding and
+heads). The classifier reads the policy's own final-layer hidden states *with gradient*, so its
+cross-entropy trains the LM as well as the heads. Each kept token gets the sinusoidal encoding
+of its position within the ORIGINAL response added before mean pooling: that is what lets the
+classifier see where content is missing (a variant's tokens have gaps in their original
+positions).
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def load_classifier(path_dir: str | Path, device: str | torch.device = "cpu") ->
     """Rebuild a classifier saved by ``save_classifier`` (strict: every tensor must match)."""
     path = Path(path_dir)
     kwargs = json.loads((path / CONFIG_FILE).read_text())
-    module = DegreeClassifier(int(kwargs["hidden_size_of_lm"]), int(kwargs["n_levels"]), DegreeLossConfig(**kwargs["cfg"]))
+    module = DegreeClassifier(int(kwargs["hidden_size_of_lm"]), int(kwargs["n_levels"]),
+                              DegreeLossConfig(**kwargs["cfg"]))
     module.load_state_dict(load_file(str(path / WEIGHTS_FILE), device=str(device)))
     return module.to(device)

@@ -1,11 +1,12 @@
 """Per-example alignment losses (DPO, IPO, KTO) and the SPO degree loss.
 
 Every function takes per-example tensors and returns per-example losses, so the trainer decides
-how to reduce (mean over the batch, masking of skipped rows, distributed averaging). The formulas
-follow /work/shared/spo-method.md ("Alignment losses", "Degree loss"). Rewards are always
-β·(log π_θ − log π_ref), detached: they are metrics, never a path for gradients. Reference
-log-probs are detached on entry: π_ref is fixed (with LoRA it is the same network with adapters
-off), so even if a caller forgot ``torch.no_grad`` no gradient may reach it through the loss.
+how to reduce (mean over the batch, masking of skipped rows, distributed averaging). The
+formulas follow docs/method.md ("Alignment losses"; the degree loss is the row loss of "Our
+definitions and defaults"). Rewards are always β·(log π_θ − log π_ref), detached: they are
+metrics, never a path for gradients. Reference log-probs are detached on entry: π_ref is fixed
+(with LoRA it is the same network with adapters off), so even if a caller forgot
+``torch.no_grad`` no gradient may reach it through the loss.
 """
 
 from __future__ import annotations
