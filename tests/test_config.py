@@ -157,6 +157,8 @@ def test_cross_section_mistakes_fail_when_the_params_are_read() -> None:
         load_config(None, ["train.spo.levels_per_step=9"])
     with pytest.raises(ConfigError, match=r"reward_model.optim.batch_size: 8 is not a multiple of micro_batch_size 3"):
         load_config(None, ["reward_model.optim.micro_batch_size=3"])
+    with pytest.raises(ConfigError, match=r"sft.max_prompt_length: 96 must be below max_length 96"):
+        load_config(None, ["sft.max_length=96", "sft.max_prompt_length=96"])
     assert load_config(None, ["degrees.n_levels=6", "train.spo.levels_per_step=6"]).train.spo.levels_per_step == 6
     kto_one_pair = ["train.loss=kto", "train.optim.batch_size=1", "train.optim.micro_batch_size=1"]
     with pytest.raises(ConfigError, match=r"train: .*optim.batch_size 1: loss kto needs at least 2 pairs per batch"):

@@ -10,7 +10,7 @@ import torch
 from conftest import tmp_config
 
 from spo.config import SpoConfig
-from spo.errors import InputError
+from spo.errors import ConfigError, InputError
 from spo.io import read_jsonl, write_jsonl
 from spo.models.loading import load_tokenizer, load_trained
 from spo.stages import base_model, prepare, sft, validate
@@ -112,6 +112,6 @@ def test_sft_lora_saves_an_adapter(tmp_path: Path, rows_dir: Path, base: Path) -
 
 
 def test_sft_rejects_bad_lengths(tmp_path: Path, rows_dir: Path, base: Path) -> None:
-    cfg = _config(tmp_path, rows_dir, f"sft.base_dir={base}", "sft.max_prompt_length=128")
-    with pytest.raises(InputError, match="max_prompt_length"):
-        sft.run(cfg)
+    """Refused when the params are read, before any model loads."""
+    with pytest.raises(ConfigError, match="sft.max_prompt_length: 128 must be below max_length"):
+        _config(tmp_path, rows_dir, f"sft.base_dir={base}", "sft.max_prompt_length=128")

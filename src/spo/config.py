@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from spo.errors import ConfigError, InputError
+from spo.errors import ConfigError
 
 DATA_DIR_ENV = "SPO_DATA_DIR"
 SPLITS = ("train", "eval", "test")
@@ -664,17 +664,6 @@ class SpoConfig(_Section):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_sequence_and_batch(section: str, max_length: int, max_prompt_length: int, optim: OptimConfig) -> None:
-    """Settings each training stage needs to agree before it loads a model (fail in seconds)."""
-    if max_prompt_length >= max_length:
-        raise InputError(f"{section}.max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})")
-    if optim.batch_size % optim.micro_batch_size:
-        raise InputError(
-            f"{section}.optim.batch_size ({optim.batch_size}) must be a multiple of micro_batch_size "
-            f"({optim.micro_batch_size})"
-        )
-
-
 def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
@@ -734,7 +723,11 @@ def _inconsistencies(cfg: SpoConfig) -> list[str]:
         found.append(f"train.spo.levels_per_step: {levels} levels per step, but degrees.n_levels makes only "
                      f"{cfg.degrees.n_levels}; use 2..{cfg.degrees.n_levels}, or null for all levels")
     for section in ("sft", "train", "reward_model"):
-        optim = getattr(cfg, section).optim
+        settings = getattr(cfg, section)
+        if settings.max_prompt_length >= settings.max_length:
+            found.append(f"{section}.max_prompt_length: {settings.max_prompt_length} must be below max_length "
+                         f"{settings.max_length}")
+        optim = settings.optim
         if optim.batch_size % optim.micro_batch_size:
             found.append(f"{section}.optim.batch_size: {optim.batch_size} is not a multiple of micro_batch_size "
                          f"{optim.micro_batch_size}")

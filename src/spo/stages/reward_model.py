@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
-from spo.config import OptimConfig, SpoConfig, check_sequence_and_batch
+from spo.config import OptimConfig, SpoConfig
 from spo.errors import InputError
 from spo.io import atomic_dir, read_jsonl, tree_sha256, write_json, write_provenance
 
@@ -86,7 +86,6 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     from transformers import set_seed
 
     rm = cfg.reward_model
-    check_sequence_and_batch("reward_model", rm.max_length, rm.max_prompt_length, rm.optim)
     set_seed(cfg.seed, deterministic=False)
     rows_dir, sft_dir = Path(rm.rows_dir), Path(rm.sft_dir)
     rows, rows_path = _read(rows_dir, rm.split, _FIELDS)

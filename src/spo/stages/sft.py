@@ -28,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from spo.config import SpoConfig, check_sequence_and_batch
+from spo.config import SpoConfig
 from spo.errors import InputError
 from spo.io import atomic_dir, read_jsonl, tree_sha256, write_json, write_provenance
 
@@ -155,7 +155,6 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     from spo.models.loading import save_model
 
     sft = cfg.sft
-    check_sequence_and_batch("sft", sft.max_length, sft.max_prompt_length, sft.optim)
     set_seed(cfg.seed, deterministic=False)
     rows_dir, base_dir, out_dir = Path(sft.rows_dir), Path(sft.base_dir), Path(sft.out_dir)
     (train_rows, train_file), (eval_rows, eval_file) = _splits(rows_dir, sft.eval_rows)

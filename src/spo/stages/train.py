@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spo.config import SpoConfig, check_sequence_and_batch
+from spo.config import SpoConfig
 from spo.errors import InputError
 from spo.io import tree_sha256, write_json, write_provenance
 
@@ -92,7 +92,6 @@ def check_settings(cfg: SpoConfig) -> None:
     from spo.training.forward import MASK_IMPLEMENTATIONS
 
     tc = cfg.train
-    check_sequence_and_batch("train", tc.max_length, tc.max_prompt_length, tc.optim)
     if cfg.model.attn_implementation not in MASK_IMPLEMENTATIONS:
         raise InputError(f"model.attn_implementation {cfg.model.attn_implementation!r}: training packs each pair into "
                          f"one row with a 4-D attention mask, which needs one of {list(MASK_IMPLEMENTATIONS)}")
