@@ -208,7 +208,9 @@ def parse_exp_show(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             revs = exp.get("revs") or []
             if revs:
                 name = exp.get("name") or revs[0].get("name") or revs[0]["rev"][:7]
-                rows.append(_row(name, revs[0]["rev"], revs[0].get("data")))
+                row = _row(name, revs[0]["rev"], revs[0].get("data"))
+                if row is not None:  # an experiment without data (still queued, or failed)
+                    rows.append(row)
     if workspace is not None and not any(
         r and (r["params"], r["win_rates"]) == (workspace["params"], workspace["win_rates"]) for r in rows
     ):

@@ -221,7 +221,7 @@ def generate_texts(
 def import_vllm() -> Any:
     """The vllm module, or an InputError saying how to get it."""
     try:
-        import vllm  # type: ignore[import-not-found]
+        import vllm
     except ImportError:
         raise InputError(VLLM_MISSING) from None
     return vllm
@@ -246,7 +246,7 @@ def generate_texts_vllm(
     the transformers backend (:func:`encode_prompts`). Not tested here (no GPU, no vllm).
     """
     vllm = import_vllm()
-    from vllm import SamplingParams  # type: ignore[import-not-found]
+    from vllm import SamplingParams
 
     if llm is None:
         if adapter_base is not None:
@@ -266,7 +266,7 @@ def generate_texts_vllm(
     inputs = [{"prompt_token_ids": ids} for ids in encoded]
     kwargs: dict[str, Any] = {}
     if adapter_base is not None:
-        from vllm.lora.request import LoRARequest  # type: ignore[import-not-found]
+        from vllm.lora.request import LoRARequest
 
         kwargs["lora_request"] = LoRARequest("adapter", 1, str(model_path))
     started = time.perf_counter()

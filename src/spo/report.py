@@ -518,8 +518,8 @@ class Builder:
         self.policy_lines[name] = lines  # the dvc plots data comes from the same lines
         last = {}
         for split in ("train", "eval"):
-            rows = [r for r in lines if r.get("split") == split]
-            last[split] = rows[-1] if rows else {}
+            logged = [r for r in lines if r.get("split") == split]
+            last[split] = logged[-1] if logged else {}
         if not last["eval"] and isinstance(summary.get("eval"), dict):
             last["eval"] = summary["eval"]
         if summary:
@@ -607,7 +607,8 @@ class Builder:
         dumped = self.cfg.model_dump(mode="json", by_alias=True)
         d.details("params (resolved)", "yaml", yaml.safe_dump(dumped, sort_keys=False))
         d.h(2, "Provenance")
-        rows, packages = [], {}
+        rows: list[list[str]] = []
+        packages: dict[str, set[str]] = {}
         for path in self.provenance_files():
             prov = _load_json(path)
             if not isinstance(prov, dict):

@@ -147,7 +147,7 @@ def win_rate_table(summary: dict[str, Any]) -> str:
                  f"{100 * judge['ci_high']:.1f}] on {judge['pairs']} pairs (chance 50%)")
     lines = [head, ""]
     header = ("comparison", "n", "win rate", "95% interval", "ties", "LC win rate")
-    table = [header]
+    table: list[tuple[str, ...]] = [header]  # reused below for the degree heads' seven columns
     for r in summary["win_rates"].values():
         interval = (f"[{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
                     if r.get("ci_low") is not None and r.get("ci_high") is not None else "–")

@@ -189,17 +189,23 @@ def build_checks(params: ValidateConfig, frame: pd.DataFrame, rows: Sequence[dic
         expectation = expectation_cls(meta={"check": name}, description=title, **kwargs)
         checks.append(Check(name, title, fld, needs, expectation, describe, exempt))
 
+    # each describe function binds its field as a default (n=name): a closure would read the loop's last
     for name in REQUIRED_FIELDS:
-        add(f"exists:{name}", f"column {name} exists", name, (), gxe.ExpectColumnToExist,
-            lambda row, n=name: f"column {n} is missing from every input row", column=name)
+        def absent(row: dict[str, Any], n: str = name) -> str:
+            return f"column {n} is missing from every input row"
+
+        add(f"exists:{name}", f"column {name} exists", name, (), gxe.ExpectColumnToExist, absent, column=name)
     for name in REQUIRED_FIELDS:
+        def null(row: dict[str, Any], n: str = name) -> str:
+            return f"{n} is missing from the row" if n not in row else f"{n} is null"
+
         add(f"not_null:{name}", f"{name} is present and not null", name, (name,),
-            gxe.ExpectColumnValuesToNotBeNull,
-            lambda row, n=name: f"{n} is missing from the row" if n not in row else f"{n} is null",
-            column=name)
+            gxe.ExpectColumnValuesToNotBeNull, null, column=name)
     for name in REQUIRED_FIELDS:
-        add(f"is_str:{name}", f"{name} is a string", name, (name,), gxe.ExpectColumnValuesToBeOfType,
-            lambda row, n=name: f"{n} is of type {type(row.get(n)).__name__}, not a string",
+        def not_str(row: dict[str, Any], n: str = name) -> str:
+            return f"{n} is of type {type(row.get(n)).__name__}, not a string"
+
+        add(f"is_str:{name}", f"{name} is a string", name, (name,), gxe.ExpectColumnValuesToBeOfType, not_str,
             column=name, type_="str")
     add("known:split", "split is train, eval or test", "split", ("split",), gxe.ExpectColumnValuesToBeInSet,
         lambda row: f"split {quoted(str(row.get('split')))} is not one of {', '.join(SPLITS)}",
@@ -355,6 +361,8 @@ def run_suite(frame: pd.DataFrame, checks: list[Check]) -> list[Outcome]:
     outcomes: dict[str, Outcome] = {}
     all_rows = list(range(len(frame)))
     for item in result.results:
+        if item.expectation_config is None:  # GX attaches it to every result of a suite run
+            raise RuntimeError(f"great_expectations returned a result without its expectation: {item}")
         check = by_name[item.expectation_config.meta["check"]]
         error = _raised(item.exception_info)
         if error is not None:

@@ -144,9 +144,10 @@ def _parse_tldr_original(raw: dict[str, Any]) -> Parsed:
         out.problems.append(Problem("info", "must be an object with post, title, subreddit"))
     if not (isinstance(summaries, list) and len(summaries) == 2 and all(isinstance(s, dict) for s in summaries)):
         out.problems.append(Problem("summaries", "must be a list of two {text, ...} objects"))
-    if choice not in (0, 1):
+    if not isinstance(choice, int) or choice not in (0, 1):  # 1.0 too: it cannot index the summaries
         out.problems.append(Problem("choice", f"must be 0 or 1, got {choice!r}"))
-    if out.problems:
+    # the isinstance tests repeat the checks above for the type checker: each already named a problem
+    if out.problems or not isinstance(info, dict) or not isinstance(summaries, list) or not isinstance(choice, int):
         return out
     post = info.get("post") or ""
     title = info.get("title") or ""

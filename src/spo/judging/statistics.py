@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from spo.judging.base import NotJudged, Verdict
 
@@ -135,7 +136,7 @@ def _sigmoid(z: np.ndarray | float) -> np.ndarray | float:
 
 
 def length_controlled_win_rate(
-    scores: Sequence[float], len_a: Sequence[float], len_b: Sequence[float],
+    scores: ArrayLike, len_a: ArrayLike, len_b: ArrayLike,
     iterations: int = 50, ridge: float = LC_RIDGE,
 ) -> dict[str, float | None]:
     """Logistic regression score ~ intercept + slope * scaled length difference (see module doc).

@@ -47,8 +47,8 @@ def get_extractor(
     cls = METHODS.get(method)
     if cls is None:
         raise ValueError(f"unknown key-phrase method {method!r}; choose one of: {', '.join(METHODS)}")
-    if method == "random":
-        return cls(stopwords=stopwords, max_phrases=max_phrases, seed=seed, **options)
+    if method == "random":  # the one method that takes a seed
+        return RandomSpanExtractor(stopwords=stopwords, max_phrases=max_phrases, seed=seed, **options)
     return cls(stopwords=stopwords, max_phrases=max_phrases, **options)
 
 

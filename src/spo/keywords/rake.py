@@ -58,7 +58,7 @@ class _TokenRake(Rake):
         self._build_word_co_occurance_graph(counts)
         return self._rank_distinct(counts)
 
-    def _build_word_co_occurance_graph(self, counts: Counter[tuple[str, ...]]) -> None:  # type: ignore[override]
+    def _build_word_co_occurance_graph(self, counts: Counter[tuple[str, ...]]) -> None:
         """rake-nltk's word degrees without materialising the co-occurrence graph.
 
         rake-nltk adds 1 to graph[w][c] for every ordered pair (w, c) of word occurrences in

@@ -214,7 +214,7 @@ def load_crd_schemas(crd_set: str = _CRD_SET) -> dict[GroupVersionKind, dict[str
     the CRDs; :func:`strict_json_schema` turns one into the JSON Schema that
     :func:`validate_manifests` applies.
     """
-    return copy.deepcopy(dict(_raw_schemas(crd_set)))
+    return {gvk: copy.deepcopy(dict(schema)) for gvk, schema in _raw_schemas(crd_set).items()}
 
 
 # --------------------------------------------------------------------------- OpenAPI -> JSON Schema

@@ -201,13 +201,19 @@ class Pool(_Strict):
         return self.processes_per_node or (self.accelerator.count if self.accelerator else 1)
 
 
+AccessMode = Literal["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany", "ReadWriteOncePod"]
+
+
+def _read_write_once() -> list[AccessMode]:  # a named factory: mypy infers a lambda's list as list[str]
+    return ["ReadWriteOnce"]
+
+
 class Workspace(_Strict):
     """The run's shared volume: model folders and checkpoints (a PVC per run on a cluster)."""
 
     size: str = "20Gi"
     storage_class: str | None = None
-    access_modes: list[Literal["ReadWriteOnce", "ReadWriteMany", "ReadOnlyMany", "ReadWriteOncePod"]] = Field(
-        default_factory=lambda: ["ReadWriteOnce"])
+    access_modes: list[AccessMode] = Field(default_factory=_read_write_once)
 
 
 class Platform(_Strict):

@@ -283,9 +283,11 @@ def load_trained(
     base_ref = str(base) if base is not None else recorded
     if base is None and not Path(base_ref).exists() and (Path(ref) / base_ref).exists():
         base_ref = str(Path(ref) / base_ref)
-    model = load_causal_lm(base_ref, model_cfg, trainable=False)
+    base_lm = load_causal_lm(base_ref, model_cfg, trainable=False)
     try:
-        model = PeftModel.from_pretrained(model, ref, is_trainable=trainable and not merge)
+        # Any: merge_and_unload is the LoRA tuner's, reached through PeftModel.__getattr__, which
+        # mypy reads as nn.Module's (Tensor | Module)
+        model: Any = PeftModel.from_pretrained(base_lm, ref, is_trainable=trainable and not merge)
     except _load_errors() as err:
         raise InputError(f"{ref}: cannot load the LoRA adapter on {base_ref}: {err}") from None
     if merge:

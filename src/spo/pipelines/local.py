@@ -69,9 +69,10 @@ def _checked_container(client: Any, image: str, command: list[str], volumes: dic
                        step_seconds: dict[str, float] | None = None, **run_args: Any) -> int:
     """``kfp.local``'s container run, with the exit code read before the container is removed;
     the container's wall time (start to exit) is recorded in ``step_seconds`` under its task."""
+    # the submodule by name: a bare `import docker` resolves, for mypy and ruff's isort, to this
+    # repository's docker/ folder (a namespace package), which has no `errors`
+    import docker.errors
     from kfp.local import docker_task_handler
-
-    import docker
 
     run_args.pop("auto_remove", None)
     run_args.setdefault("network_mode", "none")  # never a bridge: no runner of ours asks for one

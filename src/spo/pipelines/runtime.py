@@ -121,7 +121,7 @@ def path_defaults() -> dict[str, str]:
     from spo.stages.table import TABLE
 
     dumped = SpoConfig().model_dump(mode="json", by_alias=True)
-    keys = {item.key for row in TABLE for item in (*row.inputs, *row.outputs)}
+    keys = {i.key for row in TABLE for i in row.inputs} | {o.key for row in TABLE for o in row.outputs}
     found: dict[str, str] = {}
     for key in keys:
         value: Any = dumped
