@@ -62,6 +62,12 @@ test: setup checkov
 test-fast: setup
 	$(OFFLINE) PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -m "not slow"
 
+.PHONY: lint
+## ruff (style, imports, likely bugs) and mypy (the package's types), configured in pyproject.toml; CI runs it.
+lint: setup
+	$(BIN)/ruff check src tests bench tools pipelines
+	$(BIN)/mypy
+
 ## Benchmarks; figures go to bench/results/ and are copied by hand into docs/benchmarks.md.
 bench: setup
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/bench_keywords.py
