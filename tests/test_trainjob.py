@@ -11,7 +11,7 @@ import json
 import shutil
 import signal
 import socket
-import sys
+import tomllib
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -38,12 +38,6 @@ from spo.errors import (
 from spo.kube.manifests import load_crd_schemas, strict_json_schema
 from spo.kube.platform import Platform, load_platform
 from spo.pipelines.train_job import run_train_job, trainjob_name, workspace_claim
-
-# requires-python is 3.10 (ruff's target-version, 3.11, reads this block as always true)
-if sys.version_info >= (3, 11):  # noqa: UP036
-    import tomllib
-else:  # pragma: no cover
-    tomllib = None
 
 PLATFORMS = REPO / "configs" / "platform"
 TRAINJOB = ("trainer.kubeflow.org", "v1alpha1", "TrainJob")
@@ -84,7 +78,6 @@ def test_vendored_crd_matches_its_source_record() -> None:
     assert {"runtimePatches", "activeDeadlineSeconds"} <= set(spec)  # what the pin was chosen for
 
 
-@pytest.mark.skipif(tomllib is None, reason="tomllib needs Python 3.11")
 def test_crd_files_are_package_data() -> None:
     """A wheel ships only what package-data matches; without the CRD the launcher cannot validate."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
