@@ -9,10 +9,7 @@ this module imports nothing of the project, so any module may raise these.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from spo.kube.manifests import Problem
+from dataclasses import dataclass
 
 
 class StageFailed(RuntimeError):
@@ -62,6 +59,22 @@ class JudgeAPIError(StageFailed):
 
 class JudgeCannotJudge(StageFailed):
     """Too many new requests ended without a verdict: the judge stopped before paying for the rest."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one manifest document.
+
+    ``document`` identifies it as ``Kind/name (document N)`` (N counts from 1
+    in input order), ``path`` is a JSON path such as ``$.spec.tags['a.b']``.
+    """
+
+    document: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.document}: {self.path}: {self.message}"
 
 
 class ManifestValidationError(ValueError):

@@ -22,7 +22,6 @@ import json
 import os
 import re
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +29,7 @@ import jsonschema
 import jsonschema.exceptions
 import yaml
 
-from spo.errors import ManifestValidationError
+from spo.errors import ManifestValidationError, Problem
 from spo.kube.crd_cel import cel_rule_schema, re2_pattern
 
 if TYPE_CHECKING:
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GroupVersionKind",
-    "Problem",
     "load_crd_schemas",
     "read_manifests",
     "strict_json_schema",
@@ -150,22 +148,6 @@ def _object_meta_schema(*, name_required: bool) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- errors
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with one manifest document.
-
-    ``document`` identifies it as ``Kind/name (document N)`` (N counts from 1
-    in input order), ``path`` is a JSON path such as ``$.spec.tags['a.b']``.
-    """
-
-    document: str
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.document}: {self.path}: {self.message}"
 
 
 # --------------------------------------------------------------------------- CRD loading

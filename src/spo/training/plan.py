@@ -14,7 +14,9 @@ from typing import Any
 from spo.config import TrainConfig
 from spo.errors import InputError
 from spo.training.data import PackedBatch, PairCollator, PairExample, epoch_batches, kl_partners
-from spo.training.reference import KlPlan
+
+# a plan of KTO mismatched rows: split -> epoch (eval: 0) -> {pair index: partner index}
+KlPlan = dict[str, dict[int, dict[int, int]]]
 
 
 class DataPlan:

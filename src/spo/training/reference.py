@@ -32,14 +32,12 @@ from spo.config import TrainConfig
 from spo.errors import InputError
 
 if TYPE_CHECKING:
-    from spo.training.plan import DataPlan
+    from spo.training.plan import DataPlan, KlPlan
 
 log = logging.getLogger("spo.train")
 
 CACHE_VERSION = 3  # 3: KTO rows hold both responses of the partner
 
-# a plan of KTO mismatched rows: split -> epoch (eval: 0) -> {pair index: partner index}
-KlPlan = dict[str, dict[int, dict[int, int]]]
 
 
 def weights_fingerprint(model: nn.Module) -> str:
