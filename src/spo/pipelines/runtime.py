@@ -152,9 +152,7 @@ def run_step(stage: str, params: str, artifacts: Mapping[str, Any], *, loss: str
         paths: dict[str, Any] = {}
         for item in row.inputs:
             _, _, source = producer(item.source)
-            artifact = artifacts[item.name]
-            where = model_dir(artifact) if source.kind == "Model" else artifact.path
-            where = "/".join(part for part in (where, source.file, item.file) if part)
+            where = _location(artifacts[item.name], source.kind, source.file, item.file)
             if item.gather:
                 name = checkout_path(item.source, defaults, variants).rsplit("/", 1)[-1]
                 folder = paths.setdefault(item.key, str(Path(scratch, item.key)))
@@ -190,10 +188,15 @@ def published_outputs(artifacts: Mapping[str, Any], loss: str) -> dict[str, str]
     outputs: dict[str, str] = {}
     for name, source in published():
         _, _, out = producer(source)
-        artifact = artifacts[name]
-        where = model_dir(artifact) if out.kind == "Model" else artifact.path
-        outputs[checkout_path(source, defaults, variants)] = "/".join(part for part in (where, out.file) if part)
+        outputs[checkout_path(source, defaults, variants)] = _location(artifacts[name], out.kind, out.file)
     return outputs
+
+
+def _location(artifact: Any, kind: str, *files: str) -> str:
+    """Where a written artifact's content lies: a ``Model``'s folder, else its path; then the
+    named file inside it, if any (a single-file output is kept inside its artifact's folder)."""
+    folder = model_dir(artifact) if kind == "Model" else artifact.path
+    return "/".join(part for part in (folder, *files) if part)
 
 
 def _place_input(source: str, target: Path, *, link: bool) -> None:
