@@ -10,7 +10,7 @@ from pathlib import Path
 
 from spo import __version__
 from spo.accelerator import require_placed_gpus
-from spo.config import load_config
+from spo.config import SpoConfig, load_config
 from spo.errors import ConfigError, GpuUnavailableError, InputError, StageFailed
 from spo.stages import STAGES, load_stage
 
@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
         )
         stage.add_argument("--json", action="store_true", help="print the stage summary as JSON on stdout")
         stage.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+        if name == "train":
+            stage.add_argument("--variant", help="train this cell of the grid: the variant (from `variants`) ...")
+            stage.add_argument("--seed", type=int, help="... with this training seed (dvc.yaml's matrix passes both); "
+                               "its policy goes to models/policy/<variant>_s<seed>")
         if name == "judge":
             stage.add_argument("--retry-invalid", action="store_true",
                                help="ask again for the answers the cache holds without a verdict "
@@ -39,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     show = sub.add_parser("config", help="print the resolved configuration as YAML")
     show.add_argument("-p", "--params", default="params.yaml")
     show.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    grid = sub.add_parser("grid", help="the grid's size and cost (cells, steps, generations, judge calls) and its "
+                          "limits, before anything is spent")
+    grid.add_argument("-p", "--params", default="params.yaml")
+    grid.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    grid.add_argument("--json", action="store_true", help="the same as JSON")
     res = sub.add_parser("results", help="the run's win-rate table, its judge's accuracy and where the report is")
     res.add_argument("--metrics-dir", default="metrics", help="the metrics files (default: metrics)")
     res.add_argument("--reports-dir", default="reports", help="where report.md/.html are (default: reports)")
@@ -269,6 +278,38 @@ def _exp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grid(cfg: SpoConfig, as_json: bool) -> int:
+    """``spo grid``: the size, and each limit it is over (exit 1 when over any)."""
+    from spo.grid import format_grid, grid_size, over_limits
+
+    size = grid_size(cfg)
+    over = over_limits(cfg, size)
+    if as_json:
+        print(json.dumps({**size.as_dict(), "over_limits": over}, indent=2))
+    else:
+        print(format_grid(size))
+        print("cells: " + ", ".join(cell.name for cell in cfg.cells()))
+        for line in over:
+            print(f"over a limit: {line}")
+    return 1 if over else 0
+
+
+def _cell(cfg: SpoConfig, args: argparse.Namespace) -> SpoConfig:
+    """``spo train --variant V --seed S``: the config of that cell, once the grid is checked against
+    its limits (every cell checks, so ``dvc repro`` of a grid over them trains nothing)."""
+    variant, seed = getattr(args, "variant", None), getattr(args, "seed", None)
+    if variant is None and seed is None:
+        return cfg
+    if variant is None or seed is None:
+        raise ConfigError("spo train: --variant and --seed go together (one cell of the grid)")
+    if seed not in cfg.grid.seeds:
+        log.warning("seed %d is not in grid.seeds %s: this cell is outside the grid", seed, cfg.grid.seeds)
+    from spo.grid import check_grid
+
+    check_grid(cfg)
+    return cfg.cell(variant, seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -297,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
             return 0
+        if args.command == "grid":
+            return _grid(cfg, args.json)
+        cfg = _cell(cfg, args)
         require_placed_gpus()
         summary = load_stage(args.command).run(cfg)
     except (ConfigError, InputError, StageFailed, GpuUnavailableError) as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -586,14 +587,73 @@ class ReportConfig(_Section):
 
 
 class VariantConfig(_Section):
-    """One policy the `train` stage trains (a DVC foreach item): the loss, with or without SPO."""
+    """One recipe of the grid: the loss, with or without SPO, and its own settings of ``train``.
+
+    ``set`` holds ``train`` keys (dotted below it, e.g. ``beta`` or ``spo.lambda_w``) this
+    variant changes, so one grid can hold DPO at beta 0.1 for HH beside IPO at another beta.
+    """
 
     loss: Literal["dpo", "ipo", "kto"] = "dpo"
     spo: bool = Field(default=True, description="Add the SPO degree loss.")
+    set: dict[str, Any] = Field(
+        default_factory=dict, description="train keys this variant changes, dotted below train: {beta: 0.5}.")
+
+    @field_validator("set")
+    @classmethod
+    def _train_keys_only(cls, value: dict[str, Any]) -> dict[str, Any]:
+        owned = {"loss", "spo.enabled", "seed", "out_dir", "metrics_file"}
+        taken = sorted(owned & set(value))
+        if taken:
+            raise ValueError(f"{', '.join(taken)}: set by the grid itself (the variant's loss and spo, the seed "
+                             "from grid.seeds, the cell's folders), not by `set`")
+        return value
 
 
 def _default_variants() -> dict[str, VariantConfig]:
     return {"dpo": VariantConfig(loss="dpo", spo=False), "dpo_spo": VariantConfig(loss="dpo", spo=True)}
+
+
+CELL_POLICY = "models/policy/{cell}"  # a cell's policy folder in a checkout (dvc.yaml's train outs)
+CELL_METRICS = "metrics/train_{cell}.json"  # and its DVC metrics file
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid: a variant trained with one seed. Its ``name``
+    (``<variant>_s<seed>``) names its policy folder, metrics file, generations and judgments."""
+
+    variant: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}_s{self.seed}"
+
+
+class GridConfig(_Section):
+    """The grid: every variant trained once per seed, on the same data and prefix.
+
+    The seeds are training seeds (``train.seed`` of each cell): batch order, initialisation of
+    LoRA and the degree heads, sampled levels. The data split, SFT, generation sampling and the
+    judge stay those of the run's ``seed``, so every cell is judged on the same prompts with the
+    same sampling seeds. The limits stop a grid larger than meant before it is paid for
+    (``spo grid``, ``spo pipeline compile/submit``, each ``spo train`` cell).
+    """
+
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1,
+                             description="Training seeds: each variant is trained once per seed.")
+    max_cells: int = Field(default=16, ge=1, description="Refuse a grid of more cells (variants x seeds).")
+    max_judge_calls: int | None = Field(
+        default=None, ge=1, description="Refuse a grid whose judge would make more calls (null: no limit).")
+    max_cost_usd: float | None = Field(
+        default=None, gt=0, description="Refuse a grid whose OpenAI judge estimate is above this (null: no limit).")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value}: a seed is listed twice (two cells would share one folder)")
+        return value
 
 
 class SpoConfig(_Section):
@@ -609,8 +669,10 @@ class SpoConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     variants: dict[str, VariantConfig] = Field(
         default_factory=_default_variants,
-        description="Policies `dvc repro` trains: name -> loss and SPO on/off; each writes models/policy/<name>.",
+        description="The grid's recipes: name -> loss, SPO on/off and train settings; each is trained once per "
+        "grid seed, writing models/policy/<name>_s<seed>.",
     )
+    grid: GridConfig = Field(default_factory=GridConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     reward_model: RewardModelConfig = Field(default_factory=RewardModelConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
@@ -618,39 +680,85 @@ class SpoConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, value: dict[str, VariantConfig]) -> dict[str, VariantConfig]:
+        import re
+
+        bad = [name for name in value if not re.fullmatch(r"[A-Za-z0-9]+(_[A-Za-z0-9]+)*", name)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: a variant's name is letters and digits joined by single "
+                             "underscores (it names folders, DVC stages and KFP tasks)")
+        return value
+
+    def cells(self) -> list[Cell]:
+        """The grid: every variant once per seed, in the order of ``variants``, then ``grid.seeds``
+        (dvc.yaml's matrix generates ``train@<variant>-<seed>`` in this order)."""
+        return [Cell(name, seed) for name in self.variants for seed in self.grid.seeds]
+
+    def cell(self, variant: str, seed: int) -> SpoConfig:
+        """This config as the ``train`` stage of one cell: the variant's loss, SPO switch and
+        ``set``, the seed as ``train.seed``, and the cell's own policy folder and metrics file
+        (what ``spo train --variant --seed`` and the KFP train task run)."""
+        spec = self.variants.get(variant)
+        if spec is None:
+            raise ConfigError(f"variant {variant!r} is not in variants ({', '.join(self.variants)})")
+        name = Cell(variant, seed).name
+        dumped = self.model_dump(mode="json", by_alias=True)
+        train = dumped["train"]
+        for dotted, value in spec.set.items():
+            node = train
+            keys = dotted.split(".")
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = value
+        train.update(loss=spec.loss, seed=seed, out_dir=CELL_POLICY.format(cell=name),
+                     metrics_file=CELL_METRICS.format(cell=name))
+        train["spo"]["enabled"] = spec.spo
+        try:
+            return SpoConfig.model_validate(dumped)
+        except ValidationError as err:
+            lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+            raise ConfigError(f"variants.{variant}.set: invalid train settings:\n  " + "\n  ".join(lines)) from None
+
     def generation_models(self) -> dict[str, str]:
-        """What `generate` samples from: generate.models, then every variant's policy folder."""
+        """What `generate` samples from: generate.models, then every cell's policy folder."""
         models = dict(self.generate.models)
         if self.generate.policies:
-            for name in self.variants:
-                models.setdefault(name, f"{self.generate.policy_dir.rstrip('/')}/{name}")
+            for cell in self.cells():
+                models.setdefault(cell.name, f"{self.generate.policy_dir.rstrip('/')}/{cell.name}")
         return models
 
     def judge_comparisons(self) -> list[ComparisonConfig]:
-        """The automatic comparisons (the paper's table: policy vs chosen, SPO vs its loss without SPO,
-        SPO vs SFT) followed by judge.comparisons; an explicit entry replaces the automatic one it names."""
+        """The automatic comparisons, per cell (the paper's table: policy vs chosen, SPO vs its loss
+        without SPO and the same seed, SPO vs SFT), followed by judge.comparisons; an explicit entry
+        replaces the automatic one it names."""
         explicit = {c.name: c for c in self.judge.comparisons}
         auto: list[ComparisonConfig] = []
         if self.judge.auto_comparisons:
             generated = self.generation_models()
-            for name, variant in self.variants.items():
+            for cell in self.cells():
+                name = cell.name
                 auto.append(ComparisonConfig(name=f"{name}_vs_chosen", a=name, b="chosen"))
-                if not variant.spo:
+                if not self.variants[cell.variant].spo:
                     continue
-                partner = self.twin(name)
-                if partner is not None:
-                    auto.append(ComparisonConfig(name=f"{name}_vs_{partner}", a=name, b=partner))
+                partner = self.twin(cell.variant)
+                if partner is not None:  # the twin trained with the same seed: same pairs, same order
+                    twin = Cell(partner, cell.seed).name
+                    auto.append(ComparisonConfig(name=f"{name}_vs_{twin}", a=name, b=twin))
                 if "sft" in generated:
                     auto.append(ComparisonConfig(name=f"{name}_vs_sft", a=name, b="sft"))
         merged = [explicit.pop(c.name, c) for c in auto]
         return merged + list(explicit.values())
 
     def twin(self, variant: str) -> str | None:
-        """The variant with the same loss and no SPO, for an SPO variant: the arm it is compared with."""
+        """The variant with the same loss and settings and no SPO, for an SPO variant: the arm it is
+        compared with (same ``set``, so SPO is the only difference; failing that, the same loss)."""
         spec = self.variants.get(variant)
         if spec is None or not spec.spo:
             return None
-        return next((n for n, v in self.variants.items() if v.loss == spec.loss and not v.spo), None)
+        plain = [(n, v) for n, v in self.variants.items() if v.loss == spec.loss and not v.spo]
+        return next((n for n, v in plain if v.set == spec.set), next((n for n, _ in plain), None))
 
     @property
     def training_seed(self) -> int:
@@ -718,6 +826,11 @@ def load_config(path: str | Path | None = "params.yaml", overrides: list[str] | 
 def _inconsistencies(cfg: SpoConfig) -> list[str]:
     """What no single section can see wrong: found here, before any data is read or tokenised."""
     found = []
+    for variant in cfg.variants:  # each variant's `set` makes a valid train section
+        try:
+            cfg.cell(variant, cfg.grid.seeds[0])
+        except ConfigError as err:
+            found.append(str(err))
     levels = cfg.train.spo.levels_per_step
     if levels is not None and levels > cfg.degrees.n_levels:
         found.append(f"train.spo.levels_per_step: {levels} levels per step, but degrees.n_levels makes only "

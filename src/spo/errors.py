@@ -143,3 +143,8 @@ class NonFiniteLossError(StageFailed):
 
 class CheckpointError(StageFailed):
     """``train.resume`` found checkpoints but none is usable; the message names each damaged file."""
+
+
+class GridTooLarge(ConfigError):
+    """A grid over one of ``grid``'s limits (cells, judge calls, the judge's estimated cost): refused
+    before anything is trained or paid for, unless asked for on purpose."""
