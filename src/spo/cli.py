@@ -74,6 +74,7 @@ def _pipeline_parser(sub: argparse._SubParsersAction) -> None:
                       help="Pipeline + PipelineVersion resources, for KFP installs that keep pipelines in Kubernetes")
     comp.add_argument("--namespace", help="namespace of the resources (--kubernetes-manifests)")
     comp.add_argument("--version", dest="version_name", help="PipelineVersion name (default: from the image tag)")
+    comp.add_argument("--allow-large-grid", action="store_true", help="compile a grid over params.yaml's grid limits")
     graph = actions.add_parser("graph", help="draw a compiled pipeline's graph as a PNG (GPU steps highlighted)")
     graph.add_argument("pipeline", nargs="?", default="build/pipeline.yaml")
     graph.add_argument("-o", "--out", default="build/pipeline.png")
@@ -119,6 +120,7 @@ def _pipeline_parser(sub: argparse._SubParsersAction) -> None:
                         "(KFP's Kubernetes-native mode), in --namespace or the pod's")
     submit.set_defaults(action="run")
     submit.add_argument("--wait", action="store_true", help="follow the run; exit non-zero unless it succeeds")
+    submit.add_argument("--allow-large-grid", action="store_true", help="submit a grid over params.yaml's grid limits")
     submit.add_argument("--timeout", type=float, default=86400.0,
                         help="seconds --wait follows the run (default: a day)")
     submit.add_argument("--token-env", default="KFP_TOKEN", help="environment variable with the bearer token")
@@ -175,7 +177,7 @@ def _pipeline(args: argparse.Namespace) -> int:
 
         print(compile_pipeline(args.out, params=args.params, platform=args.platform, image=args.image,
                                kubernetes_manifests=args.kubernetes_manifests, namespace=args.namespace,
-                               version=args.version_name))
+                               version=args.version_name, allow_large_grid=args.allow_large_grid))
         return 0
     if args.pipeline_command == "submit":
         from spo.pipelines.submit import submit
@@ -185,7 +187,8 @@ def _pipeline(args: argparse.Namespace) -> int:
                arguments=args.arguments, wait=args.wait, timeout=args.timeout, token_env=args.token_env,
                token_file=args.token_file, action="schedule" if args.schedule else args.action, schedule=args.schedule,
                schedule_name=args.schedule_name, store=args.store, workload_namespace=args.workload_namespace,
-               kfp_namespace=args.kfp_namespace, cluster=_cluster_client() if args.cluster else None)
+               kfp_namespace=args.kfp_namespace, cluster=_cluster_client() if args.cluster else None,
+               allow_large_grid=args.allow_large_grid)
         return 0
     if args.pipeline_command == "graph":
         from spo.pipelines.graph import draw

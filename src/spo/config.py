@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spo.errors import ConfigError
+from spo.stages.table import CELL_METRICS, CELL_POLICY
 
 DATA_DIR_ENV = "SPO_DATA_DIR"
 SPLITS = ("train", "eval", "test")
@@ -613,10 +614,6 @@ def _default_variants() -> dict[str, VariantConfig]:
     return {"dpo": VariantConfig(loss="dpo", spo=False), "dpo_spo": VariantConfig(loss="dpo", spo=True)}
 
 
-CELL_POLICY = "models/policy/{cell}"  # a cell's policy folder in a checkout (dvc.yaml's train outs)
-CELL_METRICS = "metrics/train_{cell}.json"  # and its DVC metrics file
-
-
 @dataclass(frozen=True)
 class Cell:
     """One training run of the grid: a variant trained with one seed. Its ``name``
@@ -696,30 +693,41 @@ class SpoConfig(_Section):
         (dvc.yaml's matrix generates ``train@<variant>-<seed>`` in this order)."""
         return [Cell(name, seed) for name in self.variants for seed in self.grid.seeds]
 
-    def cell(self, variant: str, seed: int) -> SpoConfig:
-        """This config as the ``train`` stage of one cell: the variant's loss, SPO switch and
-        ``set``, the seed as ``train.seed``, and the cell's own policy folder and metrics file
-        (what ``spo train --variant --seed`` and the KFP train task run)."""
+    def cell_settings(self, variant: str, seed: int) -> dict[str, Any]:
+        """What makes ``train`` one cell's: ``train.<key>`` -> value for the variant's ``set``, its
+        loss and SPO switch, and the seed (the KFP train task gets exactly these, so its cache key
+        holds its own variant and no other)."""
         spec = self.variants.get(variant)
         if spec is None:
             raise ConfigError(f"variant {variant!r} is not in variants ({', '.join(self.variants)})")
-        name = Cell(variant, seed).name
+        return {**{f"train.{key}": value for key, value in spec.set.items()}, "train.loss": spec.loss,
+                "train.spo.enabled": spec.spo, "train.seed": seed}
+
+    def cell(self, variant: str, seed: int, *, folders: bool = True) -> SpoConfig:
+        """This config as the ``train`` stage of one cell (:meth:`cell_settings`), with the cell's
+        own policy folder and metrics file unless ``folders`` is false (a KFP task keeps its
+        artifacts' paths): what ``spo train --variant --seed`` runs."""
+        settings = self.cell_settings(variant, seed)
+        if folders:
+            name = Cell(variant, seed).name
+            settings.update({"train.out_dir": CELL_POLICY.format(cell=name),
+                             "train.metrics_file": CELL_METRICS.format(cell=name)})
+        return self.with_settings(settings, where=f"variants.{variant}.set")
+
+    def with_settings(self, settings: dict[str, Any], where: str = "settings") -> SpoConfig:
+        """A copy with ``section.key`` -> value settings applied, validated as a whole."""
         dumped = self.model_dump(mode="json", by_alias=True)
-        train = dumped["train"]
-        for dotted, value in spec.set.items():
-            node = train
+        for dotted, value in settings.items():
+            node = dumped
             keys = dotted.split(".")
             for key in keys[:-1]:
                 node = node.setdefault(key, {})
             node[keys[-1]] = value
-        train.update(loss=spec.loss, seed=seed, out_dir=CELL_POLICY.format(cell=name),
-                     metrics_file=CELL_METRICS.format(cell=name))
-        train["spo"]["enabled"] = spec.spo
         try:
             return SpoConfig.model_validate(dumped)
         except ValidationError as err:
             lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-            raise ConfigError(f"variants.{variant}.set: invalid train settings:\n  " + "\n  ".join(lines)) from None
+            raise ConfigError(f"{where}: invalid train settings:\n  " + "\n  ".join(lines)) from None
 
     def generation_models(self) -> dict[str, str]:
         """What `generate` samples from: generate.models, then every cell's policy folder."""

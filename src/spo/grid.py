@@ -62,7 +62,8 @@ def grid_size(cfg: SpoConfig) -> GridSize:
     return GridSize(variants=len(cfg.variants), seeds=len(cfg.grid.seeds), cells=len(cells),
                     steps_per_cell=known_steps[0] if known_steps and len(set(known_steps)) == 1 else None,
                     train_steps=sum(known_steps) if known_steps is not None else None,
-                    generated_models=len(models), generations=None if prompts is None else prompts * samples * len(models),
+                    generated_models=len(models),
+                    generations=None if prompts is None else prompts * samples * len(models),
                     comparisons=len(comparisons), judge_calls=calls, judge=judge, cost_usd_at_most=cost)
 
 

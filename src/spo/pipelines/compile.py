@@ -23,16 +23,24 @@ DEFAULT_PLATFORM = "configs/platform/local.yaml"
 
 def compile_pipeline(out: str | Path, *, params: str | Path = "params.yaml", platform: str | Path = DEFAULT_PLATFORM,
                      image: str | None = None, kubernetes_manifests: bool = False, namespace: str | None = None,
-                     version: str | None = None, pipeline_name: str | None = None) -> Path:
-    """Compile to ``out``; ``image`` replaces the platform file's image. Returns ``out``."""
+                     version: str | None = None, pipeline_name: str | None = None,
+                     allow_large_grid: bool = False) -> Path:
+    """Compile to ``out``; ``image`` replaces the platform file's image. Returns ``out``.
+
+    The grid's size and cost are logged first, and a grid over ``grid``'s limits is refused
+    (:class:`~spo.errors.GridTooLarge`) unless ``allow_large_grid``."""
     from kfp import compiler
 
+    from spo.config import load_config
+    from spo.grid import check_grid, format_grid
     from spo.pipelines.dag import PIPELINE_NAME, build_pipeline
 
     started = time.perf_counter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     placed = load_platform(platform, image)
+    size = check_grid(load_config(params), allow_over=allow_large_grid)
+    log.info("pipeline compile: %s", format_grid(size))
     pipeline = build_pipeline(params, placed)
     options = None
     if kubernetes_manifests:

@@ -39,17 +39,15 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Ou
 # defined beside it would not exist in the container, which runs this function's source alone.
 # mypy accepts no call in an annotation, hence the ignore on that line.
 def configure(params: str, compiled_params: str, overrides: List[str], data_dir: str, dataset: str, model: str,
-              loss: str, spo: bool, n_levels: int, spo_lambda: float, train_steps: int, judge_backend: str,
-              judge_model: str
+              n_levels: int, spo_lambda: float, train_steps: int, judge_backend: str, judge_model: str
               ) -> NamedTuple("StageParams", prepare=str, validate=str, keywords=str, degrees=str, base_model=str,  # type: ignore[valid-type]
                               sft=str, train=str, generate=str, reward_model=str, judge=str, report=str,
                               params_all=str):
     from spo.pipelines.runtime import configure
 
     return configure(params or compiled_params, overrides, {
-        "data_dir": data_dir, "dataset": dataset, "model": model, "loss": loss, "spo": spo, "n_levels": n_levels,
-        "spo_lambda": spo_lambda, "train_steps": train_steps, "judge_backend": judge_backend,
-        "judge_model": judge_model})
+        "data_dir": data_dir, "dataset": dataset, "model": model, "n_levels": n_levels, "spo_lambda": spo_lambda,
+        "train_steps": train_steps, "judge_backend": judge_backend, "judge_model": judge_model}, compiled_params)
 
 
 def data_version(params: str) -> str:
@@ -103,39 +101,44 @@ def sft(params: str, validated: Input[Dataset], base: Input[Model], sft: Output[
 
 
 def train(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: Input[Model],
-          checkpoints: str, loss: str, spo: bool, spo_variant: bool, policy: Output[Model], metrics: Output[Metrics]):
-    from spo.pipelines.runtime import run_step, train_folder, variant_names
+          checkpoints: str, cell: str, settings: str, policy: Output[Model], metrics: Output[Metrics]):
+    # one cell of the grid: its name and its train settings (spo.config.SpoConfig.cell_settings)
+    import json
 
-    name = variant_names(loss)[int(spo_variant)]  # the run's two policies: <loss>, <loss>_spo
+    from spo.pipelines.runtime import mark_cell, run_step, train_folder
+
     # on the checkpoint volume, if any: a retried (pre-empted) task resumes from the checkpoints it left there
-    with train_folder(checkpoints, name, policy.path) as folder:
+    with train_folder(checkpoints, cell, policy.path) as folder:
         run_step("train", params, {"validated": validated, "degrees": degrees, "sft": sft, "policy": policy,
-                                   "metrics": metrics},
-                 settings={"train.loss": loss, "train.spo.enabled": spo and spo_variant, "train.out_dir": folder})
+                                   "metrics": metrics}, settings={**json.loads(settings), "train.out_dir": folder})
+    mark_cell(cell, policy, metrics)
 
 
 def train_job(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: Input[Model],
-              workspace: str, loss: str, spo: bool, spo_variant: bool, platform: str, task_config: TaskConfig,
+              workspace: str, cell: str, settings: str, platform: str, task_config: TaskConfig,
               policy: Output[Model], metrics: Output[Metrics]):
-    from spo.pipelines.runtime import discard_run_files, log_metrics, model_dir, write_model
+    import json
+
+    from spo.pipelines.runtime import discard_run_files, log_metrics, mark_cell, model_dir, write_model
     from spo.pipelines.train_job import run_train_job
 
     folder, run_folder = run_train_job(
-        params=params, loss=loss, spo=spo, spo_variant=spo_variant, rows_dir=validated.path,
+        params=params, cell=cell, settings=json.loads(settings), rows_dir=validated.path,
         degrees_dir=degrees.path, sft_dir=model_dir(sft), workspace=workspace, platform_json=platform,
         task_config=task_config, metrics_file=metrics.path)
     write_model(policy, folder)
     log_metrics(metrics, metrics.path)
+    mark_cell(cell, policy, metrics)
     if run_folder is not None:  # on the checkpoint volume: the model is in the artifact store now
         discard_run_files(folder, run_folder)
 
 
-def generate(params: str, validated: Input[Dataset], sft: Input[Model], policy: Input[Model],
-             policy_spo: Input[Model], loss: str, generations: Output[Dataset], metrics: Output[Metrics]):
+def generate(params: str, validated: Input[Dataset], sft: Input[Model], policies: Input[List[Model]],
+             generations: Output[Dataset], metrics: Output[Metrics]):
     from spo.pipelines.runtime import run_step
 
-    run_step("generate", params, {"validated": validated, "sft": sft, "policy": policy, "policy_spo": policy_spo,
-                                  "generations": generations, "metrics": metrics}, loss=loss)
+    run_step("generate", params, {"validated": validated, "sft": sft, "policies": policies,
+                                  "generations": generations, "metrics": metrics})
 
 
 def reward_model(params: str, validated: Input[Dataset], sft: Input[Model], reward: Output[Model],
@@ -154,42 +157,40 @@ def judge(params: str, validated: Input[Dataset], generations: Input[Dataset], r
     html_image(judgments.path + "/winrates.png", winrates.path, "Win rates")
 
 
-def report(params: str, loss: str, validation: Input[Artifact], degrees: Input[Dataset],
-           judgments: Input[Dataset], policy: Input[Model], policy_spo: Input[Model], validate_metrics: Input[Metrics],
-           keywords_metrics: Input[Metrics], degrees_metrics: Input[Metrics], sft_metrics: Input[Metrics],
-           train_metrics: Input[Metrics], train_spo_metrics: Input[Metrics], generate_metrics: Input[Metrics],
-           reward_model_metrics: Input[Metrics], judge_metrics: Input[Metrics], report_md: Output[Markdown],
-           report_html: Output[HTML], plots: Output[Artifact]):
+def report(params: str, validation: Input[Artifact], degrees: Input[Dataset], judgments: Input[Dataset],
+           policies: Input[List[Model]], validate_metrics: Input[Metrics], keywords_metrics: Input[Metrics],
+           degrees_metrics: Input[Metrics], sft_metrics: Input[Metrics], train_metrics: Input[List[Metrics]],
+           generate_metrics: Input[Metrics], reward_model_metrics: Input[Metrics], judge_metrics: Input[Metrics],
+           report_md: Output[Markdown], report_html: Output[HTML], plots: Output[Artifact]):
     from spo.pipelines.runtime import run_step
 
     run_step("report", params, {
-        "validation": validation, "degrees": degrees, "judgments": judgments, "policy": policy,
-        "policy_spo": policy_spo, "validate_metrics": validate_metrics, "keywords_metrics": keywords_metrics,
+        "validation": validation, "degrees": degrees, "judgments": judgments, "policies": policies,
+        "validate_metrics": validate_metrics, "keywords_metrics": keywords_metrics,
         "degrees_metrics": degrees_metrics, "sft_metrics": sft_metrics, "train_metrics": train_metrics,
-        "train_spo_metrics": train_spo_metrics, "generate_metrics": generate_metrics,
-        "reward_model_metrics": reward_model_metrics, "judge_metrics": judge_metrics, "report_md": report_md,
-        "report_html": report_html, "plots": plots}, loss=loss)
+        "generate_metrics": generate_metrics, "reward_model_metrics": reward_model_metrics,
+        "judge_metrics": judge_metrics, "report_md": report_md, "report_html": report_html, "plots": plots})
 
 
-def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id: str, loss: str,
+def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id: str,
             prepare_prepared: Input[Dataset], prepare_quarantine: Input[Dataset], validate_validated: Input[Dataset],
             validate_quarantine: Input[Dataset], validate_validation: Input[Artifact], validate_metrics: Input[Metrics],
             keywords_keywords: Input[Dataset], keywords_metrics: Input[Metrics], degrees_degrees: Input[Dataset],
             degrees_metrics: Input[Metrics], degrees_plot: Input[Artifact], degrees_audit_plot: Input[Artifact],
             base_model_base: Input[Model], sft_sft: Input[Model], sft_metrics: Input[Metrics],
-            train_policy: Input[Model], train_metrics: Input[Metrics], train_spo_policy: Input[Model],
-            train_spo_metrics: Input[Metrics], generate_generations: Input[Dataset], generate_metrics: Input[Metrics],
+            train_policy: Input[List[Model]], train_metrics: Input[List[Metrics]],
+            generate_generations: Input[Dataset], generate_metrics: Input[Metrics],
             reward_model_reward: Input[Model], reward_model_metrics: Input[Metrics], judge_judgments: Input[Dataset],
             judge_judge_cache: Input[Artifact], judge_metrics: Input[Metrics], report_report_md: Input[Markdown],
             report_report_html: Input[HTML], report_plots: Input[Artifact], dvc_lock: Output[Artifact],
             params_yaml: Output[Artifact], results: Output[Artifact]):
-    # every output of the run, as <task>_<output> (spo.stages.table.published)
+    # every output of the run, as <stage>_<output> (spo.stages.table.published; a list from every cell for train)
     import json
 
     from spo.lineage.publish import publish
     from spo.pipelines.runtime import published_outputs
 
-    outputs = published_outputs(locals(), loss)
+    outputs = published_outputs(locals())
     publish(outputs=outputs, params_text=params_all, dvc_yaml=dvc_yaml, dvcignore=dvcignore,
             remote=json.loads(remote) if remote else None, run_id=run_id, dvc_lock=dvc_lock.path,
             params_yaml=params_yaml.path, results=results.path)

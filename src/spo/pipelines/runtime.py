@@ -28,13 +28,7 @@ from typing import Any
 
 from spo.errors import WorkspaceNotWritable
 
-
-def variant_names(loss: str) -> tuple[str, str]:
-    """The two policies every run trains: the loss alone, and the loss with SPO's degree loss."""
-    return loss, f"{loss}_spo"
-
-
-# the pipeline's knobs: parameter -> the params keys it sets (loss and spo set the variants)
+# the pipeline's knobs: parameter -> the params keys it sets (the grid itself is compiled in: spo.pipelines.dag)
 KNOBS: dict[str, tuple[str, ...]] = {
     "data_dir": ("data.local_dir",),
     "dataset": ("data.dataset",),
@@ -47,31 +41,44 @@ KNOBS: dict[str, tuple[str, ...]] = {
 }
 
 
-def variants(loss: str, spo: bool) -> dict[str, dict[str, Any]]:
-    """The two policies every run trains: the loss alone, and the loss with SPO's degree loss
-    (``spo: false`` trains the second without it: a same-recipe control)."""
-    plain, with_spo = variant_names(loss)
-    return {plain: {"loss": loss, "spo": False}, with_spo: {"loss": loss, "spo": bool(spo)}}
-
-
 def resolve(params: str, overrides: Sequence[str], knobs: Mapping[str, Any]) -> Any:
     """The run's whole config: params text, then overrides, then the knobs (which win)."""
     sets = [f"{key}={json.dumps(knobs[name] if name != 'data_dir' else knobs[name] or None)}"
             for name, keys in KNOBS.items() if name in knobs for key in keys]
-    if "loss" in knobs:
-        sets.append(f"variants={json.dumps(variants(knobs['loss'], knobs.get('spo', True)))}")
     return stage_config(params, [*overrides, *sets], {})
 
 
-def configure(params: str, overrides: Sequence[str], knobs: Mapping[str, Any]) -> tuple[str, ...]:
+def grid_of(cfg: Any) -> dict[str, Any]:
+    """What fixes the pipeline's train tasks: each cell's name and settings (the loop's items)."""
+    return {cell.name: cfg.cell_settings(cell.variant, cell.seed) for cell in cfg.cells()}
+
+
+def check_same_grid(resolved: Any, compiled_params: str) -> None:
+    """Fail before any work when the run's grid is not the one compiled into the pipeline: the
+    train tasks (one per cell, with that cell's settings) are fixed at compile time."""
+    from spo.errors import ConfigError
+
+    compiled, run = grid_of(stage_config(compiled_params, [], {})), grid_of(resolved)
+    if compiled != run:
+        changed = sorted(name for name in set(compiled) | set(run) if compiled.get(name) != run.get(name))
+        raise ConfigError(f"the run's grid differs from the compiled pipeline's in {', '.join(changed)}: the train "
+                          "tasks (one per cell of variants x grid.seeds) are fixed when the pipeline is compiled. "
+                          "Change variants or grid.seeds in the params file and compile again (spo pipeline "
+                          "compile/submit do it)")
+
+
+def configure(params: str, overrides: Sequence[str], knobs: Mapping[str, Any],
+              compiled_params: str | None = None) -> tuple[str, ...]:
     """One params text per stage (in the stage table's order, each with the sections
     :func:`spo.stages.table.sections` gives it), from the run's resolved config, then the run's
-    whole params.yaml (:func:`params_all`)."""
+    whole params.yaml (:func:`params_all`). The run's grid must be the one compiled in
+    (``compiled_params``; by default ``params``)."""
     import yaml
 
     from spo.stages.table import TABLE, sections
 
     resolved = resolve(params, overrides, knobs)
+    check_same_grid(resolved, compiled_params or params)
     dumped = resolved.model_dump(mode="json", by_alias=True)
     stages = tuple(yaml.safe_dump({k: dumped[k] for k in sections(row)}, sort_keys=True) for row in TABLE)
     return (*stages, params_all(params, resolved))
@@ -132,33 +139,35 @@ def path_defaults() -> dict[str, str]:
     return found
 
 
-def run_step(stage: str, params: str, artifacts: Mapping[str, Any], *, loss: str = "",
+def run_step(stage: str, params: str, artifacts: Mapping[str, Any], *,
              settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run ``stage`` on its task's artifacts, each placed at the config key the stage table names.
 
-    ``artifacts`` maps the component's parameter names to its input and output artifacts;
-    ``loss`` names the run's two variants, for the inputs gathered per variant; ``settings`` are
-    further config values (they win over the paths). After the stage, ``Model`` outputs get their
-    metadata, ``Metrics`` outputs their scalars, and a file the stage wrote inside or beside
-    another output is copied onto its own artifact.
+    ``artifacts`` maps the component's parameter names to its input and output artifacts (a list
+    for an input collected from every cell of a per-cell stage); ``settings`` are further config
+    values (they win over the paths). After the stage, ``Model`` outputs get their metadata,
+    ``Metrics`` outputs their scalars, and a file the stage wrote inside or beside another output is
+    copied onto its own artifact.
     """
     from spo.stages.table import checkout_path, producer
     from spo.stages.table import stage as row_of
 
     row = row_of(stage)
-    variants = variant_names(loss) if loss else ()
     defaults = path_defaults()
     with tempfile.TemporaryDirectory(prefix=f"spo-{stage}-") as scratch:
         paths: dict[str, Any] = {}
         for item in row.inputs:
-            _, _, source = producer(item.source)
-            where = _location(artifacts[item.name], source.kind, source.file, item.file)
-            if item.gather:
-                name = checkout_path(item.source, defaults, variants).rsplit("/", 1)[-1]
-                folder = paths.setdefault(item.key, str(Path(scratch, item.key)))
-                _place_input(where, Path(folder) / name, link=source.kind == "Model")
-            else:
-                paths[item.key] = where
+            _, source = producer(item.source)
+            given = artifacts[item.name]
+            if not item.gather:
+                paths[item.key] = _location(given, source.kind, source.file, item.file)
+                continue
+            folder = paths.setdefault(item.key, str(Path(scratch, item.key)))
+            for artifact in given if isinstance(given, list) else [given]:
+                cell = cell_of(artifact) if source.per_cell else ""
+                name = checkout_path(item.source, defaults, cell).rsplit("/", 1)[-1]
+                _place_input(_location(artifact, source.kind, source.file, item.file), Path(folder) / name,
+                             link=source.kind == "Model")
         for out in row.outputs:
             if out.inside:
                 paths[out.key] = str(Path(scratch, out.key))
@@ -179,16 +188,38 @@ def run_step(stage: str, params: str, artifacts: Mapping[str, Any], *, loss: str
     return result
 
 
-def published_outputs(artifacts: Mapping[str, Any], loss: str) -> dict[str, str]:
+CELL = "cell"  # the metadata key naming the cell a per-cell task's artifact belongs to
+
+
+def mark_cell(cell: str, *artifacts: Any) -> None:
+    """Name the cell on a per-cell task's outputs: the steps that collect them (generate, report,
+    publish) place each where ``dvc repro`` would, whatever order the loop's list comes in."""
+    for artifact in artifacts:
+        artifact.metadata[CELL] = cell
+
+
+def cell_of(artifact: Any) -> str:
+    """The cell a collected artifact belongs to (:func:`mark_cell`)."""
+    cell = (artifact.metadata or {}).get(CELL)
+    if not isinstance(cell, str) or not cell:
+        raise ValueError(f"{artifact.uri or artifact.path}: a per-cell artifact without its cell in the metadata "
+                         "(written by a train task of an older pipeline? compile the pipeline again)")
+    return cell
+
+
+def published_outputs(artifacts: Mapping[str, Any]) -> dict[str, str]:
     """Checkout path -> artifact path for every output of the run, from ``publish``'s inputs
-    (named ``<task>_<output>``, :func:`spo.stages.table.published`)."""
+    (named ``<stage>_<output>``, :func:`spo.stages.table.published`; a per-cell one is a list)."""
     from spo.stages.table import checkout_path, producer, published
 
-    defaults, variants = path_defaults(), variant_names(loss)
+    defaults = path_defaults()
     outputs: dict[str, str] = {}
     for name, source in published():
-        _, _, out = producer(source)
-        outputs[checkout_path(source, defaults, variants)] = _location(artifacts[name], out.kind, out.file)
+        _, out = producer(source)
+        given = artifacts[name]
+        for artifact in given if isinstance(given, list) else [given]:
+            cell = cell_of(artifact) if out.per_cell else ""
+            outputs[checkout_path(source, defaults, cell)] = _location(artifact, out.kind, out.file)
     return outputs
 
 

@@ -41,6 +41,7 @@ import yaml
 from spo.config import load_config
 from spo.errors import InputError, SubmitError
 from spo.pipelines.compile import DEFAULT_PLATFORM, compile_pipeline
+from spo.pipelines.runtime import check_same_grid
 
 log = logging.getLogger("spo.pipeline")
 
@@ -153,7 +154,8 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
            token_env: str = TOKEN_ENV, token_file: str | Path = SA_TOKEN_FILE, action: str = "run",
            schedule: str | None = None, schedule_name: str | None = None, store: str = "api",
            workload_namespace: str | None = None, kfp_namespace: str | None = None,
-           kubernetes_api: Any | None = None, cluster: Any | None = None, clock: Callable[[], float] = time.monotonic,
+           kubernetes_api: Any | None = None, cluster: Any | None = None, allow_large_grid: bool = False,
+           clock: Callable[[], float] = time.monotonic,
            sleep: Callable[[float], None] = time.sleep) -> str:
     """Compile, upload or reuse the version, start a run in ``experiment``; print its link, return its id.
 
@@ -165,7 +167,9 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
     ``CustomObjectsApi``, default the pod's), and runs still go through the REST API.
 
     ``overrides`` (``section.key=value``) go into the ``overrides`` list parameter (after any
-    ``-A overrides=[...]``) and are checked against ``params`` first; ``arguments``
+    ``-A overrides=[...]``) and are checked against ``params`` first (one that changes the grid,
+    compiled in, is refused: edit the params file); a grid over ``grid``'s limits is refused
+    unless ``allow_large_grid``; ``arguments``
     (``knob=value``) set pipeline parameters. ``namespace`` is the profile namespace of a
     multi-user KFP: the pipeline, the experiment and the run go there; ``workload_namespace`` and
     ``kfp_namespace`` are checked against where KFP will run the pods (:func:`check_namespaces`).
@@ -197,13 +201,14 @@ def submit(host: str, *, experiment: str = "spo", params: str | Path = "params.y
                          "(--workload-namespace, or --namespace on multi-user KFP)")
     auth = read_token(token_env, token_file)
     with tempfile.TemporaryDirectory(prefix="spo-submit-") as tmp:
-        package = compile_pipeline(Path(tmp) / "pipeline.yaml", params=params, platform=platform, image=image)
+        package = compile_pipeline(Path(tmp) / "pipeline.yaml", params=params, platform=platform, image=image,
+                                   allow_large_grid=allow_large_grid)
         digest = hashlib.sha256(package.read_bytes()).hexdigest()
         spec = next(yaml.safe_load_all(package.read_text(encoding="utf-8")))
         run_arguments = parse_arguments(arguments, spec["root"]["inputDefinitions"]["parameters"])
         if overrides:
             if "params" not in run_arguments:  # a whole params text given at run time is checked by the run itself
-                load_config(params, list(overrides))
+                check_same_grid(load_config(params, list(overrides)), Path(params).read_text(encoding="utf-8"))
             run_arguments["overrides"] = [*run_arguments.get("overrides", []), *overrides]
         name = pipeline_name or spec["pipelineInfo"]["name"]
         done: tuple[str, str] | None = None  # what an action other than run returns and prints

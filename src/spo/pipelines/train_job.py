@@ -7,7 +7,7 @@ into this pod). It resolves the stage config here — a bad value fails in secon
 GPUs were scheduled — builds and validates the TrainJob, launches it in this pod's namespace and
 follows it; once it completes it copies the metrics file the job wrote onto the task's
 ``Metrics`` output, and the component copies the model folder onto its ``Model`` output. The
-model folder (``<volume>/[<run>/]models/policy/<variant>``) is the same for every attempt, so a
+model folder (``<volume>/[<run>/]models/policy/<cell>``) is the same for every attempt, so a
 retried task resumes from its checkpoints. The job is labelled with the KFP run it belongs
 to (read from this pod's labels: see :func:`~spo.cluster.launcher.launcher_pod`).
 
@@ -29,7 +29,7 @@ from spo.cluster import launcher
 from spo.cluster.trainjob import WorkspaceMount, build_trainjob, validate_trainjob
 from spo.errors import TrainJobError
 from spo.kube.platform import Platform
-from spo.pipelines.runtime import check_writable, copy_file, discard_run_files, run_folder, stage_config, variant_names
+from spo.pipelines.runtime import check_writable, copy_file, discard_run_files, run_folder, stage_config
 
 __all__ = ["DEADLINE_GRACE_SECONDS", "run_train_job", "trainjob_name", "workspace_claim"]
 
@@ -37,11 +37,11 @@ __all__ = ["DEADLINE_GRACE_SECONDS", "run_train_job", "trainjob_name", "workspac
 DEADLINE_GRACE_SECONDS = 600
 
 
-def trainjob_name(variant: str, run_id: str | None) -> str:
-    """``spo-<variant>-<run>-<random>``: an RFC 1035 label, new for each attempt, so a retry never
+def trainjob_name(cell: str, run_id: str | None) -> str:
+    """``spo-<cell>-<run>-<random>``: an RFC 1035 label, new for each attempt, so a retry never
     collides with the failed job an earlier attempt kept for its logs."""
     run = re.sub(r"[^a-z0-9]", "", (run_id or "").lower())[:8] or "run"
-    stem = re.sub(r"[^a-z0-9-]+", "-", f"spo-{variant.lower()}-{run}").strip("-")
+    stem = re.sub(r"[^a-z0-9-]+", "-", f"spo-{cell.lower()}-{run}").strip("-")
     return f"{stem[:57]}-{secrets.token_hex(2)}"
 
 
@@ -56,18 +56,18 @@ def workspace_claim(task_config: Any, workspace: str) -> str:
                         "pass the run's workspace through (TaskConfig KUBERNETES_VOLUMES passthrough, KFP >= 2.15)")
 
 
-def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_dir: str, degrees_dir: str,
+def run_train_job(*, params: str, cell: str, settings: dict[str, Any], rows_dir: str, degrees_dir: str,
                   sft_dir: str, workspace: str, platform_json: str, task_config: Any, metrics_file: str,
                   run_id: str | None = None, namespace: str | None = None, api: Any | None = None,
                   poll_seconds: float = 15.0) -> tuple[str, Path | None]:
-    """Train one policy as a TrainJob; returns its model folder and, when that lies on the
+    """Train one cell of the grid (``settings``: its train settings) as a TrainJob; returns its model folder and,
+    when that lies on the
     platform's checkpoint volume, the run's folder there (the model folder is to be removed from it
     once stored; see the module doc)."""
     platform = Platform.model_validate_json(platform_json)
     volume = platform.checkpoints if platform.checkpoints and workspace == platform.checkpoints.mount_path else None
-    variant = variant_names(loss)[int(spo_variant)]
     staged = {"rows": rows_dir, "degrees": degrees_dir, "sft": sft_dir}
-    paths: dict[str, Any] = {"train.loss": loss, "train.spo.enabled": spo and spo_variant}
+    paths: dict[str, Any] = dict(settings)
     # the job's config, checked before anything is staged or scheduled
     stage_config(params, [], {**paths, "train.out_dir": str(Path(workspace, "models")),
                               **{f"train.{key}_dir": path for key, path in staged.items()}})
@@ -76,13 +76,13 @@ def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_
     else:
         check_writable(workspace)  # the staging below and every trainer pod write there
         claim, base = workspace_claim(task_config, workspace), Path(workspace)
-    folder = str(base / "models" / "policy" / variant)
+    folder = str(base / "models" / "policy" / cell)
     paths["train.out_dir"] = folder
     namespace = namespace or launcher.current_namespace()
     api = api if api is not None else launcher.custom_objects_api()
     pod = launcher.launcher_pod(api, namespace)
     run_id = run_id or (pod.run_id if pod else None)
-    name = trainjob_name(variant, run_id)
+    name = trainjob_name(cell, run_id)
     job_dir = base / "trainjobs" / name
     written = job_dir / "metrics.json"
     paths.update({f"train.{key}_dir": str(job_dir / key) for key in staged})
@@ -95,7 +95,7 @@ def run_train_job(*, params: str, loss: str, spo: bool, spo_variant: bool, rows_
         platform, name=name, params_file=str(job_dir / "params.yaml"),
         overrides=[f"{key}={json.dumps(value)}" for key, value in paths.items()],
         workspace=WorkspaceMount(claim=claim, path=workspace),
-        labels={**({"pipeline/runid": run_id} if run_id else {}), "spo-pipeline/variant": variant.replace("_", "-")},
+        labels={**({"pipeline/runid": run_id} if run_id else {}), "spo-pipeline/cell": cell.replace("_", "-")},
         owner_pod=(pod.name, pod.uid) if pod and pod.uid else None)
     validate_trainjob(manifest)
     deadline = platform.pool("train").active_deadline

@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from spo.config import ComparisonConfig, SpoConfig
+from spo.config import Cell, ComparisonConfig, SpoConfig
 from spo.errors import BudgetExhausted, InputError, StageFailed
 from spo.io import atomic_dir, file_sha256, save_figure, write_json, write_jsonl, write_provenance
 from spo.judging.base import Judge, JudgeRequest, NotJudged, Verdict
@@ -44,6 +44,7 @@ from spo.judging.comparisons import (
     needed_ids,
     requests_for,
 )
+from spo.judging.grid import GRID, GRID_DIFFERENCES, format_family, grid_results
 from spo.judging.statistics import (
     SCORE,
     format_summary,
@@ -59,6 +60,7 @@ log = logging.getLogger("spo.judge")
 WINRATES_JSON = "winrates.json"
 WINRATES_PNG = "winrates.png"
 PAIRED = "paired_differences"  # the key of the SPO-vs-twin differences beside the comparisons
+SUMMARIES = (PAIRED, GRID, GRID_DIFFERENCES)  # the keys of the results that are not one comparison
 
 
 def make_judge(cfg: SpoConfig) -> tuple[Judge, Any]:
@@ -133,7 +135,7 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     judge_id = judge.judge_id
     prompt_version = jc.prompt_version if jc.backend == "openai" else None
     rouge_metric = None
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {}  # comparison name -> its statistics, then the SUMMARIES
     by_item: dict[str, dict[str, str]] = {}  # comparison -> item id -> outcome (the paired differences)
     failed: list[NotJudged] = []  # the requests the judge gave up on (not the budget's), all comparisons
     try:
@@ -151,12 +153,19 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
                 log.info("%s", format_summary(comp.name, stats))
 
             paired = _paired_differences(cfg, results, by_item)
+            pooled, pooled_differences = grid_results(cfg, results, by_item)
             if paired:
                 results[PAIRED] = paired
                 for name, diff in paired.items():
                     log.info("%s", format_difference(name, diff))
+            if pooled:
+                results[GRID], results[GRID_DIFFERENCES] = pooled, pooled_differences
+                for name, family in pooled.items():
+                    log.info("grid %s", format_family(name, family))
+                for name, diff in pooled_differences.items():
+                    log.info("grid %s", format_difference(name, diff))
             write_json(building / WINRATES_JSON, results)
-            _plot({k: v for k, v in results.items() if k != PAIRED}, building / WINRATES_PNG, judge_id)
+            _plot({k: v for k, v in results.items() if k not in SUMMARIES}, building / WINRATES_PNG, judge_id)
             write_provenance(building, stage="judge", config_hash=cfg.section_hash("judge"),
                              inputs=_inputs(row_files, built, judge_id, prompt_version))
     finally:
@@ -246,7 +255,7 @@ def _report_not_judged(cfg: SpoConfig, results: dict[str, Any], failed: list[Not
     failed requests a warning, or StageFailed past ``judge.max_unjudged_fraction``.  Returns how
     many items were not judged."""
     jc = cfg.judge
-    compared = [r for name, r in results.items() if name != PAIRED]
+    compared = [r for name, r in results.items() if name not in SUMMARIES]
     items = sum(r["items"] for r in compared)
     by_budget = sum(r["not_judged_budget"] for r in compared)
     unjudged = sum(r["not_judged_failed"] for r in compared)
@@ -264,13 +273,15 @@ def _report_not_judged(cfg: SpoConfig, results: dict[str, Any], failed: list[Not
 
 
 def _paired_differences(cfg: SpoConfig, results: dict[str, Any], by_item: dict[str, dict[str, str]]) -> dict[str, Any]:
-    """Each SPO variant against its twin without SPO (same loss, :meth:`SpoConfig.twin`), judged
+    """Each SPO cell against its twin without SPO (same loss, :meth:`SpoConfig.twin`, same seed), judged
     against the same opponent on the same prompts: the win-rate difference with a paired bootstrap
     interval.  The arms train on the same pairs in the same order, so this isolates what SPO adds."""
     out: dict[str, Any] = {}
+    twins = {cell.name: Cell(twin, cell.seed).name for cell in cfg.cells()
+             if (twin := cfg.twin(cell.variant)) is not None}  # the twin trained with the same seed
     for name, stats in results.items():
         a, b = stats["a"], stats["b"]
-        twin = cfg.twin(a)
+        twin = twins.get(a)
         other = next((n for n, s in results.items() if twin is not None and s["a"] == twin and s["b"] == b), None)
         if other is None:
             continue

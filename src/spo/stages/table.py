@@ -38,16 +38,17 @@ class Out:
     file: str = ""
     inside: str = ""
     beside: str = ""
-    per_variant: str = ""  # a per-variant stage's checkout path, with {variant}
+    per_cell: str = ""  # a per-cell stage's checkout path, with {cell}
 
 
 @dataclass(frozen=True)
 class In:
-    """One thing a stage reads that another stage wrote: ``source`` is ``<task>.<output>``.
+    """One thing a stage reads that another stage wrote: ``source`` is ``<stage>.<output>``.
 
     ``gather``: the key names a folder holding several such inputs, each under the last part of
-    its checkout path (the report's metrics folder, the policies' folder). ``file``: the key names
-    this file inside the input's folder.
+    its checkout path (the report's metrics folder, the policies' folder); from a per-cell stage
+    the input is the list of every cell's artifact. ``file``: the key names this file inside the
+    input's folder.
     """
 
     name: str  # the component's input parameter
@@ -63,8 +64,8 @@ class Stage:
 
     ``params`` are dvc.yaml's (what invalidates the stage); ``reads`` adds the config sections
     the stage reads without depending on them (the report shows every stage's settings).
-    ``tasks`` names the KFP tasks of a stage run once per variant (train: the loss, and the loss
-    with SPO).
+    ``per_cell``: the stage runs once per cell of the grid (variant x seed): a DVC matrix, a KFP
+    loop whose outputs the stages after it collect as lists.
     """
 
     name: str
@@ -72,7 +73,7 @@ class Stage:
     inputs: tuple[In, ...] = ()
     outputs: tuple[Out, ...] = ()
     reads: tuple[str, ...] = ()
-    tasks: tuple[str, ...] = ()
+    per_cell: bool = False
 
     def output(self, name: str) -> Out:
         """The output called ``name``."""
@@ -81,11 +82,6 @@ class Stage:
                 return out
         raise KeyError(f"stage {self.name} has no output {name!r}; it has {[o.name for o in self.outputs]}")
 
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        """The KFP tasks this stage becomes: one, or one per variant."""
-        return self.tasks or (self.name,)
-
 
 def _metrics(stage: str) -> Out:
     return Out("metrics", "Metrics", f"{stage}.metrics_file", dvc="metrics", cache=False)
@@ -93,7 +89,9 @@ def _metrics(stage: str) -> Out:
 
 _ROWS = "validate.validated"
 _ALL_SECTIONS = ("seed", "data", "prepare", "validate", "keywords", "degrees", "model", "base_model", "sft", "train",
-                 "variants", "generate", "reward_model", "judge", "report")
+                 "variants", "grid", "generate", "reward_model", "judge", "report")
+CELL_POLICY = "models/policy/{cell}"  # a cell's policy folder in a checkout (dvc.yaml's train outs)
+CELL_METRICS = "metrics/train_{cell}.json"  # and its DVC metrics file
 
 TABLE: tuple[Stage, ...] = (
     Stage("prepare", ("seed", "data", "prepare"), outputs=(
@@ -121,21 +119,20 @@ TABLE: tuple[Stage, ...] = (
     Stage("sft", ("seed", "model", "sft"), inputs=(
         In("validated", _ROWS, "sft.rows_dir"), In("base", "base_model.base", "sft.base_dir")), outputs=(
         Out("sft", "Model", "sft.out_dir"), _metrics("sft"))),
-    Stage("train", ("seed", "model", "train", "variants.${key}"), tasks=("train", "train_spo"), inputs=(
+    Stage("train", ("seed", "model", "train", "variants.${item.variant}"), per_cell=True, inputs=(
         In("validated", _ROWS, "train.rows_dir"), In("degrees", "degrees.degrees", "train.degrees_dir"),
         In("sft", "sft.sft", "train.sft_dir")), outputs=(
-        Out("policy", "Model", "train.out_dir", persist=True, per_variant="models/policy/{variant}"),
-        Out("metrics", "Metrics", "train.metrics_file", dvc="metrics", cache=False,
-            per_variant="metrics/train_{variant}.json"))),
-    Stage("generate", ("seed", "model", "generate", "variants"), inputs=(
+        Out("policy", "Model", "train.out_dir", persist=True, per_cell=CELL_POLICY),
+        Out("metrics", "Metrics", "train.metrics_file", dvc="metrics", cache=False, per_cell=CELL_METRICS))),
+    Stage("generate", ("seed", "model", "generate", "variants", "grid.seeds"), inputs=(
         In("validated", _ROWS, "generate.rows_dir"), In("sft", "sft.sft", "generate.models.sft"),
-        In("policy", "train.policy", "generate.policy_dir", gather=True),
-        In("policy_spo", "train_spo.policy", "generate.policy_dir", gather=True)), outputs=(
+        In("policies", "train.policy", "generate.policy_dir", gather=True)), outputs=(
         Out("generations", "Dataset", "generate.out_dir"), _metrics("generate"))),
     Stage("reward_model", ("seed", "model", "reward_model"), inputs=(
         In("validated", _ROWS, "reward_model.rows_dir"), In("sft", "sft.sft", "reward_model.sft_dir")), outputs=(
         Out("reward", "Model", "reward_model.out_dir"), _metrics("reward_model"))),
-    Stage("judge", ("seed", "data.dataset", "model", "judge", "variants", "generate.models", "generate.policies"),
+    Stage("judge", ("seed", "data.dataset", "model", "judge", "variants", "grid.seeds", "generate.models",
+                    "generate.policies"),
           inputs=(
         In("validated", _ROWS, "judge.rows_dir"), In("generations", "generate.generations", "judge.generations_dir"),
         In("reward", "reward_model.reward", "judge.reward_model_dir")), outputs=(
@@ -146,11 +143,10 @@ TABLE: tuple[Stage, ...] = (
         In("validation", "validate.validation", "report.validation_report", file="validation.json"),
         In("degrees", "degrees.degrees", "report.degrees_dir"),
         In("judgments", "judge.judgments", "report.judgments_dir"),
-        In("policy", "train.policy", "report.policy_dir", gather=True),
-        In("policy_spo", "train_spo.policy", "report.policy_dir", gather=True),
+        In("policies", "train.policy", "report.policy_dir", gather=True),
         *(In(f"{stage}_metrics", f"{stage}.metrics", "report.metrics_dir", gather=True)
-          for stage in ("validate", "keywords", "degrees", "sft", "train", "train_spo", "generate", "reward_model",
-                        "judge"))), outputs=(
+          for stage in ("validate", "keywords", "degrees", "sft", "train", "generate", "reward_model", "judge"))),
+        outputs=(
         Out("report_md", "Markdown", "report.out_dir", cache=False, inside="report.md"),
         Out("report_html", "HTML", "report.out_dir", cache=False, inside="report.html"),
         Out("plots", "Artifact", "report.plots_dir", cache=False))),
@@ -170,13 +166,10 @@ def stage(name: str) -> Stage:
     raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
 
 
-def producer(source: str) -> tuple[Stage, str, Out]:
-    """``<task>.<output>`` -> the stage, the task and the output it names."""
-    task, _, output = source.partition(".")
-    for row in TABLE:
-        if task in row.task_names:
-            return row, task, row.output(output)
-    raise ValueError(f"no task {task!r} in the stage table")
+def producer(source: str) -> tuple[Stage, Out]:
+    """``<stage>.<output>`` -> the stage and the output it names."""
+    name, _, output = source.partition(".")
+    return stage(name), stage(name).output(output)
 
 
 def sections(row: Stage) -> tuple[str, ...]:
@@ -185,24 +178,23 @@ def sections(row: Stage) -> tuple[str, ...]:
     KFP keys its cache on that text, so a step reruns when exactly these change, as DVC's stage
     does on its params.
     """
-    # a templated entry (train's ``variants.${key}``) is DVC's: a KFP task gets its variant as parameters
+    # a templated entry (train's ``variants.${item.variant}``) is DVC's: a KFP train task gets its cell's
+    # settings as a parameter (spo.config.SpoConfig.cell_settings), so its cache key holds its own variant only
     wanted = {entry.split(".", 1)[0] for entry in row.params if "${" not in entry} | set(row.reads)
     return tuple(section for section in _ALL_SECTIONS if section in wanted)
 
 
-def variant_of(row: Stage, task: str, variants: tuple[str, ...]) -> str:
-    """The variant a per-variant stage's task trains (``train`` -> the first, ``train_spo`` -> the second)."""
-    return variants[row.task_names.index(task)]
-
-
-def checkout_path(source: str, defaults: dict[str, str], variants: tuple[str, ...]) -> str:
-    """Where ``<task>.<output>`` lies in a checkout, as ``dvc repro`` writes it.
+def checkout_path(source: str, defaults: dict[str, str], cell: str = "") -> str:
+    """Where ``<stage>.<output>`` lies in a checkout, as ``dvc repro`` writes it (a per-cell
+    stage's output: that of ``cell``).
 
     ``defaults`` maps config keys to their default values (:func:`spo.config.path_defaults`).
     """
-    row, task, out = producer(source)
-    if out.per_variant:
-        return out.per_variant.format(variant=variant_of(row, task, variants))
+    row, out = producer(source)
+    if out.per_cell:
+        if not cell:
+            raise ValueError(f"{source} is written once per cell: name the cell")
+        return out.per_cell.format(cell=cell)
     path = defaults[out.key]
     if out.inside:
         return f"{path.rstrip('/')}/{out.inside}"
@@ -212,7 +204,7 @@ def checkout_path(source: str, defaults: dict[str, str], variants: tuple[str, ..
 
 
 def published() -> tuple[tuple[str, str], ...]:
-    """Every output of a run as ``(publish's input parameter, <task>.<output>)``: the parameter is
-    ``<task>_<output>``, so the ``publish`` component's signature follows from the table."""
-    return tuple((f"{task}_{out.name}", f"{task}.{out.name}")
-                 for row in TABLE for task in row.task_names for out in row.outputs)
+    """Every output of a run as ``(publish's input parameter, <stage>.<output>)``: the parameter is
+    ``<stage>_<output>`` (a list of every cell's, for a per-cell stage), so the ``publish``
+    component's signature follows from the table."""
+    return tuple((f"{row.name}_{out.name}", f"{row.name}.{out.name}") for row in TABLE for out in row.outputs)
