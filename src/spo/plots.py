@@ -8,9 +8,11 @@ variants are) and ``dvc plots diff`` compares experiments file by file::
     plots/loss_parts/<policy>.csv       step, loss, loss_align, loss_degree_w, loss_degree_l  (train)
     plots/reward_accuracy/<policy>.csv  step, reward_accuracy, reward_margin                  (eval)
     plots/degree_accuracy/<policy>.csv  level, accuracy_w, accuracy_l    (last eval; SPO policies)
-    plots/win_rates.csv                 comparison, a, b, win_rate, ci_low, ci_high, n, tie_rate
+    plots/win_rates.csv                 comparison, a, b, win_rate, ci_low, ci_high, n, tie_rate  (per cell)
+    plots/grid.csv                      family, loss, spo, opponent, seeds, n, win_rate, ci_low, ci_high,
+                                        seed_sd, tie_rate  (the grid: each family pooled over its seeds)
 
-The win rates are drawn with their intervals by the custom template
+Both win-rate files are drawn with their intervals by the custom template
 ``.dvc/plots/win_rate_interval.json``.
 """
 
@@ -22,9 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from spo.io import atomic_open
+from spo.results import grid_rows
 
 LOSS_PARTS = ("loss", "loss_align", "loss_degree_w", "loss_degree_l")
 WIN_RATE_COLUMNS = ("comparison", "a", "b", "win_rate", "ci_low", "ci_high", "n", "tie_rate")
+GRID_COLUMNS = ("family", "loss", "spo", "opponent", "seeds", "n", "win_rate", "ci_low", "ci_high", "seed_sd",
+                "tie_rate")
 
 
 def _finite(value: Any) -> bool:
@@ -81,4 +86,20 @@ def win_rate_plot(judge_metrics: dict[str, Any], plots_dir: Path) -> Path | None
         return None
     path = plots_dir / "win_rates.csv"
     _write_csv(path, WIN_RATE_COLUMNS, rows)
+    return path
+
+
+def grid_plot(judge_metrics: dict[str, Any], plots_dir: Path) -> Path | None:
+    """plots/grid.csv from the ``grid`` block of metrics/judge.json: the rows of the results table
+    (:func:`spo.results.grid_rows`), so ``dvc plots`` draws the numbers ``spo results`` prints; seeds
+    is how many, seed_sd is empty with one seed."""
+    grid = judge_metrics.get("grid")
+    rows = [[name, f.get("loss", ""), "yes" if f.get("spo") else "no", f.get("b", ""), len(f.get("seeds") or []),
+             f.get("n"), f["win_rate"], f.get("ci_low"), f.get("ci_high"),
+             f["seed_sd"] if _finite(f.get("seed_sd")) else "", f.get("tie_rate")]
+            for name, f in grid_rows(grid if isinstance(grid, dict) else {}) if _finite(f.get("win_rate"))]
+    if not rows:
+        return None
+    path = plots_dir / "grid.csv"
+    _write_csv(path, GRID_COLUMNS, rows)
     return path

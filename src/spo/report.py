@@ -21,7 +21,22 @@ import yaml
 
 from spo.config import SpoConfig
 from spo.degree_audit import FORMATTING_PROBES
-from spo.plots import degree_levels, policy_plots, win_rate_plot
+from spo.errors import InputError
+from spo.plots import degree_levels, grid_plot, policy_plots, win_rate_plot
+from spo.results import (
+    DIFFERENCE_HEADER,
+    GRID_HEADER,
+    VARIANT_DEGREE_HEADER,
+    audit_line,
+    degree_accuracy,
+    degree_by_variant,
+    grid_difference_table,
+    grid_rows,
+    grid_table,
+    judge_line,
+    judge_quality,
+    variant_degree_table,
+)
 
 log = logging.getLogger("spo.report")
 
@@ -30,6 +45,7 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 TEXT_CHARS = 300
 PROVENANCE_FILE = "provenance.json"
+GRID_PNG = "grid.png"
 
 
 # --------------------------------------------------------------------------- document model
@@ -277,6 +293,43 @@ def plot_training(name: str, lines: list[dict[str, Any]], out_dir: Path) -> list
     return files
 
 
+def plot_grid(rows: list[tuple[str, dict[str, Any]]], path: Path) -> bool:
+    """grid.png: per family (a variant against chosen, SFT or its twin) the win rate pooled over seeds
+    as a bar with its 95% interval, each seed's own win rate as a dot (how much the seed moves it),
+    and the 50% line; False when no family has a win rate."""
+    from spo.io import save_figure
+
+    rows = [(name, f) for name, f in rows if _num(f.get("win_rate")) is not None]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(rows)))
+    ys = list(range(len(rows)))[::-1]  # the table's first row on top
+    for y, (_, f) in zip(ys, rows):
+        low, high = _num(f.get("ci_low")), _num(f.get("ci_high"))
+        ax.barh(y, f["win_rate"], color="#8fb3d9", height=0.6)
+        if low is not None and high is not None:
+            ax.errorbar(f["win_rate"], y, xerr=[[f["win_rate"] - low], [high - f["win_rate"]]], fmt="none",
+                        ecolor="#222", capsize=4)
+        seeds = [v for v in (f.get("per_seed") or {}).values() if _num(v) is not None]
+        ax.scatter(seeds, [y] * len(seeds), color="#c0392b", s=18, zorder=3,
+                   label="one seed" if y == ys[0] else None)
+    ax.axvline(0.5, color="grey", lw=0.8, ls=":", label="50%")
+    ax.set_yticks(ys, [f"{f.get('a', '?')} vs {f.get('b', '?')}" for _, f in rows])
+    ax.set(xlim=(0, 1), xlabel="win rate (ties count half), 95% paired bootstrap interval",
+           title="The grid: win rate pooled over seeds")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+def _title(header: tuple[str, ...]) -> list[str]:
+    """The terminal's column names as the report's table headers (first letter upper case)."""
+    return [h[:1].upper() + h[1:] for h in header]
+
+
 # --------------------------------------------------------------------------- sections
 class Builder:
     def __init__(self, cfg: SpoConfig) -> None:
@@ -309,13 +362,74 @@ class Builder:
         self.images.append(name)
         return name
 
+    def judged(self) -> dict[str, Any]:
+        """The judge's results: metrics/judge.json, or the judgments folder's copy of it."""
+        judge = self.metric("judge")
+        if judge is None:
+            judge = _load_json(self.judgments_dir / "winrates.json")
+        return judge if isinstance(judge, dict) else {}
+
+    # -- the grid
+    def grid(self) -> None:
+        """The results table of the grid (as ``spo results`` prints it): each family pooled over the
+        seeds, SPO minus its twin, the judge's accuracy, and the degree heads per variant beside the
+        shortcut audit they must beat."""
+        d = self.doc
+        d.h(2, "Grid")
+        judged = self.judged()
+        grid = judged.get("grid")
+        grid = grid if isinstance(grid, dict) else {}
+        rows = grid_table(grid)
+        self._status("grid", bool(rows))
+        if not rows:
+            d.not_run("Grid (win rates pooled over seeds)")
+            return
+        d.p("Each variant (loss x SPO) is trained once per seed and judged on the same prompts by the same judge. "
+            "Win rate pooled over the seeds: the mean over seeds and prompts (ties count half), its 95% paired "
+            "bootstrap interval over prompts, the seed spread (the per-seed win rates' range and sd) and tie rate.")
+        d.table(_title(GRID_HEADER), [list(row) for row in rows])
+        if self._plot_grid(grid):
+            self.images.append(GRID_PNG)
+            d.img("the grid's win rates", GRID_PNG)
+        differences = grid_difference_table({k: v for k, v in (judged.get("grid_differences") or {}).items()
+                                             if isinstance(v, dict)})
+        if differences:
+            d.p("SPO minus its twin without SPO, pooled over seeds: points of win rate against the same opponent, "
+                "95% paired bootstrap interval over prompts.")
+            d.table(_title(DIFFERENCE_HEADER), [list(row) for row in differences])
+        self.grid_judge_and_heads(judged)
+
+    def _plot_grid(self, grid: dict[str, Any]) -> bool:
+        try:
+            return plot_grid(grid_rows(grid), self.out_dir / GRID_PNG)
+        except Exception as err:  # a plotting problem must not lose the report
+            log.warning("could not plot the grid: %s", err)
+            return False
+
+    def grid_judge_and_heads(self, judged: dict[str, Any]) -> None:
+        """Under the grid, how far its numbers can be trusted: the judge's held-out accuracy, and the
+        degree heads' accuracy per variant beside the length probes of the shortcut audit."""
+        d = self.doc
+        records = {k: v for k, v in judged.items() if isinstance(v, dict) and "win_rate" in v}
+        try:
+            judge = judge_quality(records, self.metrics_dir / "reward_model.json")
+            heads = variant_degree_table(degree_by_variant(degree_accuracy(self.policy_dir)))
+        except InputError as err:
+            log.warning("grid: %s", err)
+            return
+        d.p(f"The {judge_line(judge)}.")
+        if heads:
+            d.p("Degree heads per variant: mean eval accuracy over its seeds, seed spread (range and sd), chance 1/N.")
+            d.table(_title(VARIANT_DEGREE_HEADER), [list(row) for row in heads])
+        audit = (self.metric("degrees") or {}).get("shortcut_audit")
+        if isinstance(audit, dict) and isinstance(audit.get("probes"), dict):
+            d.p(audit_line(audit) + ".")
+
     # -- win rates
     def winrates(self) -> None:
         d = self.doc
         d.h(2, "Win rates")
-        judge = self.metric("judge")
-        if judge is None:
-            judge = _load_json(self.judgments_dir / "winrates.json")
+        judge = self.judged()
         records = {k: v for k, v in (judge or {}).items() if isinstance(v, dict) and "win_rate" in v}
         self._status("winrates", bool(records))
         if not records:
@@ -640,6 +754,7 @@ class Builder:
         d = self.doc
         d.h(1, f"SPO report — {self.cfg.data.dataset}")
         d.p(f"Data set: {self.cfg.data.dataset}; base model: {self.cfg.model.name_or_path}; seed {self.cfg.seed}.")
+        self.grid()
         self.winrates()
         self.validation()
         self.keywords()
@@ -668,8 +783,9 @@ def write_plot_data(cfg: SpoConfig, builder: Builder) -> list[Path]:
     written = []
     for name, lines in builder.policy_lines.items():
         written += policy_plots(name, lines, plots_dir)
-    win_rates = win_rate_plot(builder.metric("judge") or {}, plots_dir)
-    return written + ([win_rates] if win_rates else [])
+    judged = builder.metric("judge") or {}
+    tables = [win_rate_plot(judged, plots_dir), grid_plot(judged, plots_dir)]
+    return written + [path for path in tables if path]
 
 
 def build_report(cfg: SpoConfig) -> dict[str, Any]:
