@@ -81,40 +81,41 @@ def test_generation_and_comparisons_follow_the_variants() -> None:
         "variants.ipo_spo={loss: ipo, spo: true}",
         "variants.kto_spo={loss: kto, spo: true}",
     ])
-    assert cfg.generation_models() == {
+    assert cfg.generation_models() == {  # one policy per cell: params.yaml's grid.seeds is [0]
         "sft": "models/sft",
-        **{name: f"models/policy/{name}" for name in ("dpo", "dpo_spo", "ipo", "ipo_spo", "kto_spo")},
+        **{f"{name}_s0": f"models/policy/{name}_s0" for name in ("dpo", "dpo_spo", "ipo", "ipo_spo", "kto_spo")},
     }
     pairs = [(c.name, c.a, c.b) for c in cfg.judge_comparisons()]
     assert pairs == [
-        ("dpo_vs_chosen", "dpo", "chosen"),
-        ("dpo_spo_vs_chosen", "dpo_spo", "chosen"),
-        ("dpo_spo_vs_dpo", "dpo_spo", "dpo"),
-        ("dpo_spo_vs_sft", "dpo_spo", "sft"),
-        ("ipo_vs_chosen", "ipo", "chosen"),
-        ("ipo_spo_vs_chosen", "ipo_spo", "chosen"),
-        ("ipo_spo_vs_ipo", "ipo_spo", "ipo"),
-        ("ipo_spo_vs_sft", "ipo_spo", "sft"),
-        ("kto_spo_vs_chosen", "kto_spo", "chosen"),  # no KTO without SPO to compare with
-        ("kto_spo_vs_sft", "kto_spo", "sft"),
+        ("dpo_s0_vs_chosen", "dpo_s0", "chosen"),
+        ("dpo_spo_s0_vs_chosen", "dpo_spo_s0", "chosen"),
+        ("dpo_spo_s0_vs_dpo_s0", "dpo_spo_s0", "dpo_s0"),
+        ("dpo_spo_s0_vs_sft", "dpo_spo_s0", "sft"),
+        ("ipo_s0_vs_chosen", "ipo_s0", "chosen"),
+        ("ipo_spo_s0_vs_chosen", "ipo_spo_s0", "chosen"),
+        ("ipo_spo_s0_vs_ipo_s0", "ipo_spo_s0", "ipo_s0"),
+        ("ipo_spo_s0_vs_sft", "ipo_spo_s0", "sft"),
+        ("kto_spo_s0_vs_chosen", "kto_spo_s0", "chosen"),  # no KTO without SPO to compare with
+        ("kto_spo_s0_vs_sft", "kto_spo_s0", "sft"),
     ]
 
 
 def test_explicit_comparisons_replace_or_extend_the_automatic_ones() -> None:
     cfg = load_config(None, [
-        "judge.comparisons=[{name: dpo_spo_vs_sft, a: sft, b: dpo_spo}, {name: sft_vs_chosen, a: sft, b: chosen}]",
+        "judge.comparisons=[{name: dpo_spo_s0_vs_sft, a: sft, b: dpo_spo_s0},"
+        " {name: sft_vs_chosen, a: sft, b: chosen}]",
         "generate.models={}",
     ])
     pairs = [(c.name, c.a, c.b) for c in cfg.judge_comparisons()]
     assert pairs == [
-        ("dpo_vs_chosen", "dpo", "chosen"),
-        ("dpo_spo_vs_chosen", "dpo_spo", "chosen"),
-        ("dpo_spo_vs_dpo", "dpo_spo", "dpo"),
-        ("dpo_spo_vs_sft", "sft", "dpo_spo"),  # no sft generated: kept only because it is explicit
+        ("dpo_s0_vs_chosen", "dpo_s0", "chosen"),
+        ("dpo_spo_s0_vs_chosen", "dpo_spo_s0", "chosen"),
+        ("dpo_spo_s0_vs_dpo_s0", "dpo_spo_s0", "dpo_s0"),
+        ("dpo_spo_s0_vs_sft", "sft", "dpo_spo_s0"),  # no sft generated: kept only because it is explicit
         ("sft_vs_chosen", "sft", "chosen"),
     ]
     cfg.judge.auto_comparisons = False
-    assert [c.name for c in cfg.judge_comparisons()] == ["dpo_spo_vs_sft", "sft_vs_chosen"]
+    assert [c.name for c in cfg.judge_comparisons()] == ["dpo_spo_s0_vs_sft", "sft_vs_chosen"]
 
 
 def test_a_bare_no_for_mixed_precision_is_no_as_dvc_exp_run_writes_it(tmp_path) -> None:

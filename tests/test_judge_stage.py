@@ -66,12 +66,13 @@ def workspace(tmp_path: Path) -> Path:
     write_jsonl(tmp_path / "data/validated/test.jsonl", rows)
     gens = tmp_path / "outputs/generations"
     long = [{"id": r["id"], "prompt": r["prompt"], "response": " a much longer and detailed answer here", "sample": 0,
-             "model": "dpo_spo"} for r in rows]
+             "model": "dpo_spo_s0"} for r in rows]
     long[9]["response"] = " the cat sat on the mat"  # identical to the reference: ROUGE 1 on this item
     long[0]["response"] = " garbage"  # invalid verdicts for h0
-    extra = {"id": "zz", "prompt": "\n\nHuman: orphan\n\nAssistant:", "response": " x", "sample": 0, "model": "dpo_spo"}
+    extra = {"id": "zz", "prompt": "\n\nHuman: orphan\n\nAssistant:", "response": " x", "sample": 0,
+             "model": "dpo_spo_s0"}
     second_sample = {**long[1], "sample": 1, "response": " IGNORED"}
-    write_jsonl(gens / "dpo_spo.jsonl", [*long, extra, second_sample])
+    write_jsonl(gens / "dpo_spo_s0.jsonl", [*long, extra, second_sample])
     short = [{"id": r["id"], "prompt": r["prompt"], "response": " ok", "sample": 0, "model": "sft"} for r in rows[:5]]
     write_jsonl(gens / "sft.jsonl", short)
     return tmp_path
@@ -88,8 +89,8 @@ def _cfg(root: Path) -> SpoConfig:
     jc.bootstrap_samples = 200
     jc.auto_comparisons = False
     jc.comparisons = [
-        ComparisonConfig(name="dpo_spo_vs_chosen", a="dpo_spo", b="chosen"),
-        ComparisonConfig(name="dpo_spo_vs_sft", a="dpo_spo", b="sft"),
+        ComparisonConfig(name="dpo_spo_s0_vs_chosen", a="dpo_spo_s0", b="chosen"),
+        ComparisonConfig(name="dpo_spo_s0_vs_sft", a="dpo_spo_s0", b="sft"),
     ]
     return cfg
 
@@ -117,14 +118,16 @@ def test_stage_end_to_end(workspace: Path, monkeypatch: pytest.MonkeyPatch, capl
     summary = judge_stage.run(_cfg(workspace))
 
     out = workspace / "outputs/judgments"
-    for name in ("dpo_spo_vs_chosen.jsonl", "dpo_spo_vs_sft.jsonl", "winrates.json", "winrates.png", "provenance.json"):
+    for name in ("dpo_spo_s0_vs_chosen.jsonl", "dpo_spo_s0_vs_sft.jsonl", "winrates.json", "winrates.png",
+                 "provenance.json"):
         assert (out / name).is_file(), name
     assert (workspace / "outputs/judge_cache.sqlite").is_file(), "the persistent DVC output exists for every backend"
     assert (out / "winrates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     winrates = json.loads((out / "winrates.json").read_text())
     assert json.loads((workspace / "metrics/judge.json").read_text()) == winrates
-    assert set(winrates) == {"dpo_spo_vs_chosen", "dpo_spo_vs_sft"}
-    vs_chosen = winrates["dpo_spo_vs_chosen"]
+    assert set(winrates) == {"dpo_spo_s0_vs_chosen", "dpo_spo_s0_vs_sft", "grid", "grid_differences"}
+    assert set(winrates["grid"]) == {"dpo_spo_vs_chosen", "dpo_spo_vs_sft"} and winrates["grid_differences"] == {}
+    vs_chosen = winrates["dpo_spo_s0_vs_chosen"]
     assert WINRATE_FIELDS <= set(vs_chosen)
     # h0 is garbage -> invalid; t3's generation equals chosen (equal length: A wins both orders -> tie);
     # every other generation is longer than chosen -> win.
@@ -133,20 +136,20 @@ def test_stage_end_to_end(workspace: Path, monkeypatch: pytest.MonkeyPatch, capl
     assert vs_chosen["ci_low"] <= vs_chosen["win_rate"] <= vs_chosen["ci_high"]
     assert vs_chosen["judge_id"] == "fake:longer" and vs_chosen["not_judged"] == 0
     # ROUGE over the 4 TL;DR items: t3 copies the reference (1.0), t0-t2 share one long answer.
-    assert set(vs_chosen["rouge"]) == {"dpo_spo"}  # the chosen side is the reference itself
-    assert vs_chosen["rouge"]["dpo_spo"]["rouge1"] == pytest.approx((1.0 + 3 * _r1_long()) / 4)
-    assert "rouge" not in winrates["dpo_spo_vs_sft"]  # HH items only
+    assert set(vs_chosen["rouge"]) == {"dpo_spo_s0"}  # the chosen side is the reference itself
+    assert vs_chosen["rouge"]["dpo_spo_s0"]["rouge1"] == pytest.approx((1.0 + 3 * _r1_long()) / 4)
+    assert "rouge" not in winrates["dpo_spo_s0_vs_sft"]  # HH items only
     assert vs_chosen["lengths"]["mean_chars_a"] > vs_chosen["lengths"]["mean_chars_b"]
-    vs_sft = winrates["dpo_spo_vs_sft"]
-    assert vs_sft["only_a"] == 6 and vs_sft["n"] == 4 and vs_sft["win_rate"] == 1.0  # h5, t0-t3, zz only in dpo_spo
+    vs_sft = winrates["dpo_spo_s0_vs_sft"]
+    assert vs_sft["only_a"] == 6 and vs_sft["n"] == 4 and vs_sft["win_rate"] == 1.0  # h5, t0-t3, zz only in dpo_spo_s0
 
-    lines = read_jsonl(out / "dpo_spo_vs_chosen.jsonl")
+    lines = read_jsonl(out / "dpo_spo_s0_vs_chosen.jsonl")
     assert len(lines) == 10
     first = lines[1]
     assert {"id", "outcome", "chars_a", "chars_b", "ab", "ba", "judge_id", "prompt_version"} <= set(first)
     assert first["outcome"] == "win" and first["ab"]["raw"] == "[[A]]" and first["ba"]["prefers"] == "a"
     assert lines[0]["outcome"] == "invalid"
-    assert any(r.message.startswith("dpo_spo_vs_chosen: win 94.4% [") and "n=9" in r.message for r in caplog.records)
+    assert any(r.message.startswith("dpo_spo_s0_vs_chosen: win 94.4% [") and "n=9" in r.message for r in caplog.records)
     assert summary["not_judged"] == 0
 
 
@@ -161,27 +164,32 @@ def test_spo_against_its_twin_is_a_paired_difference_on_the_same_prompts(
     from spo.judging.statistics import bootstrap_ci
 
     rows = read_jsonl(workspace / "data/validated/test.jsonl")
-    write_jsonl(workspace / "outputs/generations/dpo.jsonl",
-                [{"id": r["id"], "prompt": r["prompt"], "response": " ok", "sample": 0, "model": "dpo"} for r in rows])
+    write_jsonl(workspace / "outputs/generations/dpo_s0.jsonl",
+                [{"id": r["id"], "prompt": r["prompt"], "response": " ok", "sample": 0, "model": "dpo_s0"}
+                 for r in rows])
     cfg = _cfg(workspace)
-    cfg.judge.comparisons = [*cfg.judge.comparisons, ComparisonConfig(name="dpo_vs_chosen", a="dpo", b="chosen")]
+    cfg.judge.comparisons = [*cfg.judge.comparisons, ComparisonConfig(name="dpo_s0_vs_chosen", a="dpo_s0", b="chosen")]
     monkeypatch.setattr(judge_stage, "make_judge", lambda cfg: (LongerWins(), None))
     caplog.set_level(logging.INFO, logger="spo.judge")
     judge_stage.run(cfg)
     judged = json.loads((workspace / "metrics/judge.json").read_text())
     paired = judged["paired_differences"]
-    assert list(paired) == ["dpo_spo_minus_dpo_vs_chosen"]  # dpo_spo_vs_sft has no twin judged against sft
-    diff = paired["dpo_spo_minus_dpo_vs_chosen"]
+    assert list(paired) == ["dpo_spo_s0_minus_dpo_s0_vs_chosen"]  # dpo_spo_s0_vs_sft has no twin judged against sft
+    diff = paired["dpo_spo_s0_minus_dpo_s0_vs_chosen"]
     # dpo's " ok" loses every item; dpo_spo wins 8, ties t3, and h0 is invalid: dropped from both arms
-    assert (diff["a"], diff["twin"], diff["b"], diff["n"]) == ("dpo_spo", "dpo", "chosen", 9)
+    assert (diff["a"], diff["twin"], diff["b"], diff["n"]) == ("dpo_spo_s0", "dpo_s0", "chosen", 9)
     assert diff["difference"] == pytest.approx(8.5 / 9)
     assert (diff["ci_low"], diff["ci_high"]) == bootstrap_ci(np.array([1.0] * 8 + [0.5]), 200, cfg.seed)
-    assert diff["comparisons"] == ["dpo_spo_vs_chosen", "dpo_vs_chosen"]
-    assert "dpo_spo_minus_dpo_vs_chosen: +94.4 points [" in caplog.text
+    assert diff["comparisons"] == ["dpo_spo_s0_vs_chosen", "dpo_s0_vs_chosen"]
+    assert "dpo_spo_s0_minus_dpo_s0_vs_chosen: +94.4 points [" in caplog.text
     assert "on 9 prompts (paired bootstrap)" in caplog.text
-    assert set(judged) - {"paired_differences"} == {"dpo_spo_vs_chosen", "dpo_spo_vs_sft", "dpo_vs_chosen"}
+    assert set(judged) - {"paired_differences", "grid", "grid_differences"} == {
+        "dpo_spo_s0_vs_chosen", "dpo_spo_s0_vs_sft", "dpo_s0_vs_chosen"}
+    pooled = judged["grid_differences"]["dpo_spo_minus_dpo_vs_chosen"]  # one seed: the same difference
+    assert (pooled["n"], pooled["seeds"], pooled["seed_sd"]) == (9, [0], None)
+    assert pooled["difference"] == pytest.approx(diff["difference"])
     assert main(["results", "--metrics-dir", str(workspace / "metrics"), "--policy-dir", str(workspace / "none")]) == 0
-    assert "  dpo_spo_minus_dpo_vs_chosen: +94.4 points [" in capsys.readouterr().out
+    assert "  dpo_spo_s0_minus_dpo_s0_vs_chosen: +94.4 points [" in capsys.readouterr().out
 
 
 def _r1_long() -> float:
@@ -197,15 +205,15 @@ def test_budget_stop_writes_partial_results(workspace: Path, monkeypatch: pytest
     caplog.set_level(logging.INFO, logger="spo.judge")
     judge_stage.run(_cfg(workspace))
     winrates = json.loads((workspace / "outputs/judgments/winrates.json").read_text())
-    vs_chosen = winrates["dpo_spo_vs_chosen"]
+    vs_chosen = winrates["dpo_spo_s0_vs_chosen"]
     assert vs_chosen["not_judged"] == 7 and vs_chosen["invalid"] == 1 and vs_chosen["n"] == 2
-    assert winrates["dpo_spo_vs_sft"]["not_judged"] == 5 and winrates["dpo_spo_vs_sft"]["win_rate"] is None
+    assert winrates["dpo_spo_s0_vs_sft"]["not_judged"] == 5 and winrates["dpo_spo_s0_vs_sft"]["win_rate"] is None
     assert (workspace / "outputs/judgments/winrates.png").is_file()
     assert (vs_chosen["not_judged_budget"], vs_chosen["not_judged_failed"]) == (7, 0)
     assert (workspace / "outputs/judgments/winrates.png").is_file()
     warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
     assert any("budget stopped the run" in m and "12 of 15 items" in m for m in warnings)
-    line = read_jsonl(workspace / "outputs/judgments/dpo_spo_vs_chosen.jsonl")[3]
+    line = read_jsonl(workspace / "outputs/judgments/dpo_spo_s0_vs_chosen.jsonl")[3]
     assert line["outcome"] == "not_judged" and line["ab"]["winner"] == "A"
     assert line["ba"] == {"not_judged": "budget", "detail": "budget: max_calls=7 reached", "attempts": 0,
                           "budget": True}
@@ -228,11 +236,11 @@ def test_items_the_judge_fails_on_do_not_stop_the_others(workspace: Path, monkey
     assert "judge.max_unjudged_fraction 0.0" in message and "\n" not in message
     winrates = json.loads((workspace / "outputs/judgments/winrates.json").read_text())
     assert json.loads((workspace / "metrics/judge.json").read_text()) == winrates
-    for name, n in (("dpo_spo_vs_chosen", 7), ("dpo_spo_vs_sft", 2)):  # both comparisons judged the rest (h0: invalid)
+    for name, n in (("dpo_spo_s0_vs_chosen", 7), ("dpo_spo_s0_vs_sft", 2)):  # both judged the rest (h0: invalid)
         stats = winrates[name]
         assert (stats["not_judged_failed"], stats["not_judged_budget"], stats["n"]) == (2, 0, n)
         assert stats["not_judged_reasons"] == {"HTTP 429": 4}
-    lines = {r["id"]: r for r in read_jsonl(workspace / "outputs/judgments/dpo_spo_vs_chosen.jsonl")}
+    lines = {r["id"]: r for r in read_jsonl(workspace / "outputs/judgments/dpo_spo_s0_vs_chosen.jsonl")}
     assert lines["h2"]["outcome"] == "not_judged" and lines["h2"]["ab"]["not_judged"] == "HTTP 429"
     assert lines["h2"]["ab"]["attempts"] == 6 and "Rate limit" in lines["h2"]["ab"]["detail"]
 

@@ -19,11 +19,11 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_train_inputs(tmp_path_factory.mktemp("train_stage"), slice(0, 64), slice(64, 80))
 
 
-def _cfg(root: Path, variant: str, *overrides: str):
+def _cfg(root: Path, cell: str, *overrides: str):
     return load_config(None, [
         f"train.rows_dir={root}/data/validated", f"train.degrees_dir={root}/data/degrees",
-        f"train.sft_dir={root}/models/sft", f"train.out_dir={root}/models/policy/{variant}",
-        f"train.metrics_file={root}/metrics/train_{variant}.json",
+        f"train.sft_dir={root}/models/sft", f"train.out_dir={root}/models/policy/{cell}",
+        f"train.metrics_file={root}/metrics/train_{cell}.json",
         "train.max_length=96", "train.max_prompt_length=48", "train.optim.batch_size=4",
         "train.optim.micro_batch_size=2",
         "train.optim.max_steps=3", "train.eval_rows=8", "train.logging_steps=1", "train.spo.hidden_size=16",
@@ -35,19 +35,19 @@ def test_stage_writes_everything_and_reuses_reference(workspace: Path, caplog: p
     from spo.stages import train
 
     caplog.set_level(logging.INFO, logger="spo.train")
-    summary = train.run(_cfg(workspace, "dpo_spo", "train.precompute_reference=true"))
-    out = workspace / "models/policy/dpo_spo"
+    summary = train.run(_cfg(workspace, "dpo_spo_s0", "train.precompute_reference=true"))
+    out = workspace / "models/policy/dpo_spo_s0"
     for name in ("model.safetensors", "tokenizer.json", "degree_heads.safetensors", "metrics.jsonl",
                  "train_summary.json", "provenance.json", "degree_confusion.png"):
         assert (out / name).is_file(), name
-    metrics = json.loads((workspace / "metrics/train_dpo_spo.json").read_text())
+    metrics = json.loads((workspace / "metrics/train_dpo_spo_s0.json").read_text())
     assert metrics["steps"] == 3 and metrics["spo"] and "rewards/accuracies" in metrics["eval"]
     assert summary["reference"] == "precomputed" and not summary["reference_reused"]
     assert len(list((workspace / "models/sft/reference_logps").glob("*.pt"))) == 1
     assert any(r.message.startswith("train: dpo+spo(reencode) on 64 pairs") for r in caplog.records)
 
     caplog.clear()
-    again = train.run(_cfg(workspace, "ipo", "train.loss=ipo", "train.beta=0.5", "train.spo.enabled=false",
+    again = train.run(_cfg(workspace, "ipo_s0", "train.loss=ipo", "train.beta=0.5", "train.spo.enabled=false",
                            "train.precompute_reference=true"))
     assert again["reference_reused"] and again["reference_forwards"] == 0
     assert any("reusing" in r.message for r in caplog.records)
@@ -56,9 +56,9 @@ def test_stage_writes_everything_and_reuses_reference(workspace: Path, caplog: p
 def test_stage_with_lora_saves_an_adapter(workspace: Path) -> None:
     from spo.stages import train
 
-    train.run(_cfg(workspace, "lora", "train.lora.enabled=true", "train.lora.r=4", "train.precompute_reference=false",
-                   "train.spo.mode=drop"))
-    out = workspace / "models/policy/lora"
+    train.run(_cfg(workspace, "lora_s0", "train.lora.enabled=true", "train.lora.r=4",
+                   "train.precompute_reference=false", "train.spo.mode=drop"))
+    out = workspace / "models/policy/lora_s0"
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (out / "model.safetensors").exists()
 
