@@ -260,7 +260,8 @@ def test_publish_step_gets_the_remote_and_the_keys_as_secret_refs_only(tmp_path:
     spec, k8s = _compiled(tmp_path, platform)
     tasks = spec["root"]["dag"]["tasks"]
     publish = tasks["publish"]
-    assert {"report", "judge", "train", "train-2", "configure"} <= set(publish["dependentTasks"])
+    assert {"report", "judge", "configure"} <= set(publish["dependentTasks"])
+    assert any(task.startswith("for-loop") for task in publish["dependentTasks"])  # the grid's train loop
     assert not publish.get("cachingOptions", {}).get("enableCache", False)  # pushes this run's outputs, always
     inputs = publish["inputs"]["parameters"]
     remote = json.loads(inputs["remote"]["runtimeValue"]["constant"])
@@ -270,7 +271,7 @@ def test_publish_step_gets_the_remote_and_the_keys_as_secret_refs_only(tmp_path:
     assert inputs["params_all"]["taskOutputParameter"] == {"outputParameterKey": "params_all",
                                                            "producerTask": "configure"}
     # publish's inputs are named <task>_<output> (spo.stages.table.published)
-    assert set(publish["inputs"]["artifacts"]) >= {"validate_validated", "train_policy", "train_spo_policy",
+    assert set(publish["inputs"]["artifacts"]) >= {"validate_validated", "train_policy", "train_metrics",
                                                    "judge_judgments", "report_plots", "degrees_plot",
                                                    "report_report_md"}
     [secret] = k8s["deploymentSpec"]["executors"]["exec-publish"]["secretAsEnv"]
@@ -305,6 +306,27 @@ def test_params_all_is_the_params_text_unless_the_run_changed_it() -> None:
     text = (REPO / "params.yaml").read_text()
     knobs = knob_defaults(load_config(REPO / "params.yaml"))
     assert configure(text, [], knobs)[-1] == text  # comments and all: a laptop's params.yaml stays as committed
-    changed = yaml.safe_load(configure(text, ["train.beta=0.3"], {**knobs, "loss": "ipo"})[-1])
-    assert changed["train"]["beta"] == 0.3 and set(changed["variants"]) == {"ipo", "ipo_spo"}
-    assert changed["seed"] == 0 and "report" in changed
+    changed = yaml.safe_load(configure(text, ["train.beta=0.3"], {**knobs, "train_steps": 7})[-1])
+    assert changed["train"]["beta"] == 0.3 and changed["train"]["optim"]["max_steps"] == 7
+    assert changed["seed"] == 0 and "report" in changed and set(changed["variants"]) == {"dpo", "dpo_spo"}
+
+
+def test_a_run_that_changes_the_compiled_grid_is_refused_before_any_work() -> None:
+    """The train tasks are the compiled grid's cells: a run whose params or overrides make another grid
+    would train cells nobody compiled (or skip some), so configure stops it, saying to compile again."""
+    from spo.config import load_config
+    from spo.errors import ConfigError
+    from spo.pipelines.dag import knob_defaults
+    from spo.pipelines.runtime import configure
+
+    text = (REPO / "params.yaml").read_text()
+    knobs = knob_defaults(load_config(REPO / "params.yaml"))
+    for override, changed in (("grid.seeds=[0, 1]", "dpo_s1, dpo_spo_s1"), ("variants.dpo.set={beta: 0.5}", "dpo_s0"),
+                              ("variants.dpo.loss=ipo", "dpo_s0")):
+        with pytest.raises(ConfigError, match=f"grid differs .* in {changed}: .*compile again"):
+            configure(text, [override], knobs, text)
+    # a whole params text given at run time is held to the compiled one too
+    other = text.replace("seeds: [0]", "seeds: [3]")
+    with pytest.raises(ConfigError, match="dpo_s0, dpo_s3, dpo_spo_s0, dpo_spo_s3"):
+        configure(other, [], knobs, text)
+    assert configure(text, ["train.beta=0.3"], knobs, text)  # anything else is the run's to change

@@ -15,7 +15,7 @@ from conftest import REPO
 from spo.errors import InputError
 from spo.pipelines.compile import compile_pipeline
 
-GPU_STEPS = {"sft", "train", "train-2", "generate", "reward-model", "judge"}
+GPU_STEPS = {"sft", "train", "generate", "reward-model", "judge"}
 
 
 def _compile(tmp_path: Path, platform: str = "local", **kw) -> tuple[dict, dict]:
@@ -25,26 +25,46 @@ def _compile(tmp_path: Path, platform: str = "local", **kw) -> tuple[dict, dict]
     return spec, platform_spec["platforms"]["kubernetes"]
 
 
+def _loop(spec: dict) -> tuple[dict, dict]:
+    """The grid's loop task (``dsl.ParallelFor`` over the cells) and its component."""
+    (task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    return task, spec["components"][task["componentRef"]["name"]]
+
+
+def _tasks(spec: dict) -> dict[str, dict]:
+    """Every step's task: the pipeline's, and the one inside the grid's loop in place of the loop."""
+    tasks = {name: t for name, t in spec["root"]["dag"]["tasks"].items() if "parameterIterator" not in t}
+    return {**tasks, **_loop(spec)[1]["dag"]["tasks"]}
+
+
 def _container(spec: dict, task: str) -> dict:
-    component = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
+    component = _tasks(spec)[task]["componentRef"]["name"]
     return spec["deploymentSpec"]["executors"][spec["components"][component]["executorLabel"]]["container"]
+
+
+def _cells(spec: dict) -> list[dict]:
+    """The loop's items: one per cell, its name and its train settings."""
+    return json.loads(_loop(spec)[0]["parameterIterator"]["items"]["raw"])
 
 
 def test_graph_mirrors_dvc_yaml_and_the_knobs_are_pipeline_parameters(tmp_path: Path) -> None:
     spec, _ = _compile(tmp_path)
-    tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"configure", "prepare", "validate", "keywords", "degrees", "base-model", "sft", "train",
-                          "train-2", "generate", "reward-model", "judge", "report", "publish"}
-    after = {name: set(t.get("dependentTasks", [])) - {"configure"} for name, t in tasks.items()}
+    assert set(_tasks(spec)) == {"configure", "prepare", "validate", "keywords", "degrees", "base-model", "sft",
+                                 "train", "generate", "reward-model", "judge", "report", "publish"}
+    loop, _ = _loop(spec)
+    tasks = {**spec["root"]["dag"]["tasks"], "grid": loop}
+    after = {name: {"grid" if d == loop["taskInfo"]["name"] or d.startswith("for-loop") else d
+                    for d in t.get("dependentTasks", [])} - {"configure"} for name, t in tasks.items()}
     assert after["validate"] == {"prepare"} and after["degrees"] == {"validate", "keywords"}
-    assert after["train"] == after["train-2"] == {"validate", "degrees", "sft"}  # the two policies side by side
-    assert after["generate"] == {"validate", "sft", "train", "train-2"}
+    assert after["grid"] == {"validate", "degrees", "sft"}  # every cell side by side, from the one SFT model
+    assert after["generate"] == {"validate", "sft", "grid"}
     assert after["judge"] == {"validate", "generate", "reward-model"}
-    assert {"judge", "train", "train-2", "validate"} <= after["report"]
+    assert {"judge", "grid", "validate"} <= after["report"]
+    assert [c["cell"] for c in _cells(spec)] == ["dpo_s0", "dpo_spo_s0"]  # params.yaml's grid
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert {"dataset", "model", "loss", "spo", "n_levels", "spo_lambda", "train_steps", "judge_backend",
+    assert {"dataset", "model", "n_levels", "spo_lambda", "train_steps", "judge_backend",
             "judge_model", "overrides", "data_dir", "params"} == set(params)
-    assert params["loss"]["defaultValue"] == "dpo" and params["train_steps"]["defaultValue"] == 20
+    assert params["train_steps"]["defaultValue"] == 20
     # the report and the validation report are artifacts the KFP UI renders
     outputs = {name: c["outputDefinitions"]["artifacts"] for name, c in spec["components"].items()
                if "outputDefinitions" in c and "artifacts" in c["outputDefinitions"]}
@@ -56,7 +76,7 @@ def test_graph_mirrors_dvc_yaml_and_the_knobs_are_pipeline_parameters(tmp_path: 
 
 def test_local_platform_places_no_accelerator_selector_toleration_or_secret(tmp_path: Path) -> None:
     spec, k8s = _compile(tmp_path)
-    for task in spec["root"]["dag"]["tasks"]:
+    for task in _tasks(spec):
         resources = _container(spec, task)["resources"]
         assert "accelerator" not in resources and resources["resourceMemoryLimit"] == "12Gi"
         assert _container(spec, task)["image"] == "spo-pipeline:0.1.0-cpu"
@@ -69,7 +89,7 @@ def test_local_platform_places_no_accelerator_selector_toleration_or_secret(tmp_
 
 def test_gpu_platform_places_exactly_what_it_asks_for(tmp_path: Path) -> None:
     spec, k8s = _compile(tmp_path, "gpu")
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = _tasks(spec)
     for task in tasks:
         container = _container(spec, task)
         gpu = container["resources"].get("accelerator")
@@ -115,16 +135,15 @@ def test_a_changed_platform_file_changes_only_placement(tmp_path: Path) -> None:
             gpus = (resources or {}).get("accelerator", {}).get("resourceCount")
             assert env == ([{"name": "SPO_PLACED_GPUS", "value": str(gpus)}] if gpus else [])
             executor["container"].pop("image")
-        for task in spec["root"]["dag"]["tasks"].values():
+        for task in _tasks(spec).values():
             task.pop("retryPolicy", None)
         return spec
 
     # besides placement, the one difference: where train checkpoints (gpu.yaml's checkpoint volume, mounted by
     # kfp-kubernetes in the platform spec; none in local.yaml)
     for spec, where in ((local, ""), (gpu, "/spo-checkpoints")):
-        for task in ("train", "train-2"):
-            value = spec["root"]["dag"]["tasks"][task]["inputs"]["parameters"].pop("checkpoints")
-            assert value == {"runtimeValue": {"constant": where}}
+        value = _tasks(spec)["train"]["inputs"]["parameters"].pop("checkpoints")
+        assert value == {"runtimeValue": {"constant": where}}
     assert without_placement(local) == without_placement(gpu)
 
 
@@ -186,11 +205,12 @@ def test_the_compiled_pipeline_runs_under_kfp_local(tmp_path: Path, hh_slice: Pa
     (work / "platform.yaml").write_text(yaml.safe_dump(platform))
     pipeline = compile_pipeline(work / "pipeline.yaml", params=work / "params.yaml", platform=work / "platform.yaml")
     run = run_local(pipeline, work / "run", data_dir=hh_slice, runner="subprocess", arguments={"train_steps": 1})
-    assert set(summary(run)["win_rates"]) == {"dpo_vs_chosen", "dpo_spo_vs_chosen", "dpo_spo_vs_dpo", "dpo_spo_vs_sft"}
+    assert set(summary(run)["win_rates"]) == {"dpo_s0_vs_chosen", "dpo_spo_s0_vs_chosen", "dpo_spo_s0_vs_dpo_s0",
+                                              "dpo_spo_s0_vs_sft"}
     assert "Win rates" in run.output("report", "report_md").read_text()
-    train = json.loads(run.output("train", "metrics").read_text())
-    assert train["steps"] == 1 and not train["spo"]  # the knob reached the stage; the first policy has no SPO
-    assert json.loads(run.output("train-2", "metrics").read_text())["spo"]
+    train = json.loads(run.output("train@dpo_s0", "metrics").read_text())
+    assert train["steps"] == 1 and not train["spo"]  # the knob reached the stage; the plain cell has no SPO
+    assert json.loads(run.output("train@dpo_spo_s0", "metrics").read_text())["spo"]
     sft = run.output("sft", "sft")  # the artifact holds the weights, so a later run can take the step from the cache
     assert (sft / "model.safetensors").is_file()
     assert run.output("sft", "sft").parent.is_relative_to(work / "run" / "root")
@@ -203,8 +223,8 @@ def test_the_compiled_pipeline_runs_under_kfp_local(tmp_path: Path, hh_slice: Pa
     pull_and_check(clone, run_files / "results.tar.gz", None, "cluster", env)
     pulled = {"data/validated": run.output("validate", "validated"), "data/degrees": run.output("degrees", "degrees"),
               "outputs/judgments": run.output("judge", "judgments"), "plots": run.output("report", "plots"),
-              "metrics/train_dpo_spo.json": run.output("train-2", "metrics"), "models/sft": sft,
-              "models/policy/dpo_spo": run.output("train-2", "policy"),
+              "metrics/train_dpo_spo_s0.json": run.output("train@dpo_spo_s0", "metrics"), "models/sft": sft,
+              "models/policy/dpo_spo_s0": run.output("train@dpo_spo_s0", "policy"),
               "outputs/judge_cache.sqlite": run.output("judge", "judge_cache") / "judge_cache.sqlite"}
     for path, artifact in pulled.items():
         assert tree_bytes(clone / path) == tree_bytes(artifact), path
@@ -238,10 +258,15 @@ def _publish_from_cache(pipeline: Path, run: object, *, out: Path, run_id: str) 
     kwargs: dict[str, object] = {}
     for name, ref in task["inputs"]["artifacts"].items():
         source = ref["taskOutputArtifact"]
+        if source["producerTask"].startswith("for-loop"):  # every cell's output, collected: a list
+            output = source["outputArtifactKey"].rsplit("-", 1)[-1]
+            kwargs[name] = [dsl.Artifact(uri=str(run.output(task, output)), metadata={"cell": task.split("@")[1]})
+                            for task in run.tasks if task.startswith("train@")]
+            continue
         kwargs[name] = dsl.Artifact(uri=str(run.output(source["producerTask"], source["outputArtifactKey"])))
     for name, value in task["inputs"]["parameters"].items():
         kwargs[name] = value["runtimeValue"]["constant"] if "runtimeValue" in value else None
-    kwargs.update(params_all=run.output("publish", "params_yaml").read_text(), run_id=run_id, loss="dpo")
+    kwargs.update(params_all=run.output("publish", "params_yaml").read_text(), run_id=run_id)
     outputs = {name: dsl.Artifact(uri=str(out / name)) for name in ("dvc_lock", "params_yaml", "results")}
     assert set(kwargs) | set(outputs) == set(publish.__code__.co_varnames[:publish.__code__.co_argcount])
     publish(**kwargs, **outputs)
@@ -311,3 +336,74 @@ def test_a_moving_image_tag_is_warned_about_at_compile_time(tmp_path: Path, capl
     caplog.set_level(logging.WARNING, logger="spo.pipeline")
     _compile(tmp_path, image=image)
     assert ("is a tag that can move" in caplog.text) is not pinned
+
+
+def _grid_params(tmp_path: Path, **variants: dict) -> Path:
+    """params.yaml with a 2 losses x SPO on/off x 2 seeds grid (and any variant replaced)."""
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    data["variants"] = {"dpo": {"loss": "dpo", "spo": False}, "dpo_spo": {"loss": "dpo", "spo": True},
+                        "ipo": {"loss": "ipo", "spo": False}, "ipo_spo": {"loss": "ipo", "spo": True}, **variants}
+    data["grid"]["seeds"] = [0, 1]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_a_2x2x2_grid_compiles_to_one_prefix_and_eight_placed_training_cells(tmp_path: Path) -> None:
+    from spo.config import load_config
+    from spo.pipelines.runtime import configure
+    from spo.stages.table import STAGES
+
+    params = _grid_params(tmp_path)
+    out = compile_pipeline(tmp_path / "grid.yaml", params=params, platform=REPO / "configs/platform/gpu.yaml")
+    spec, k8s = [d for d in yaml.safe_load_all(out.read_text()) if d]
+    tasks = _tasks(spec)
+    # the shared prefix once: one of each data stage, one base model, one SFT; one train task, in the loop
+    assert sorted(tasks) == sorted(["configure", "publish", *(s.replace("_", "-") for s in STAGES)])
+    cells = _cells(spec)
+    assert [c["cell"] for c in cells] == ["dpo_s0", "dpo_s1", "dpo_spo_s0", "dpo_spo_s1", "ipo_s0", "ipo_s1",
+                                          "ipo_spo_s0", "ipo_spo_s1"]
+    settings = {c["cell"]: json.loads(c["settings"]) for c in cells}
+    assert settings["ipo_spo_s1"] == {"train.loss": "ipo", "train.spo.enabled": True, "train.seed": 1}
+    assert settings["dpo_s0"] == {"train.loss": "dpo", "train.spo.enabled": False, "train.seed": 0}
+    # each cell is a GPU task as the platform file says, handed its own name and settings by the loop
+    train = tasks["train"]
+    assert _container(spec, "train")["resources"]["accelerator"]["resourceCount"] == "1"
+    assert k8s["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]["tolerations"]
+    loop_input = _loop(spec)[0]["parameterIterator"]["itemInput"]
+    assert train["inputs"]["parameters"]["cell"]["componentInputParameter"] == loop_input
+    assert train["inputs"]["parameters"]["settings"]["componentInputParameter"] == loop_input
+    # the judge's params (from configure, as at run time) cover every comparison of every cell
+    text = params.read_text()
+    stage_texts = dict(zip(STAGES, configure(text, [], {}, text)))
+    judged = load_config(None, [f"{k}={json.dumps(v)}" for k, v in yaml.safe_load(stage_texts["judge"]).items()])
+    names = {c.name for c in judged.judge_comparisons()}
+    for cell in settings:
+        assert f"{cell}_vs_chosen" in names
+    for loss in ("dpo", "ipo"):
+        for seed in (0, 1):
+            assert {f"{loss}_spo_s{seed}_vs_{loss}_s{seed}", f"{loss}_spo_s{seed}_vs_sft"} <= names
+    assert len(names) == 8 + 4 * 2
+
+
+def test_changing_one_variant_changes_only_its_cells_cache_keys(tmp_path: Path) -> None:
+    """KFP's cache key of a cell holds its own settings (the loop item) and the train params text,
+    which holds no variant: a changed variant reruns its two cells, the six others are reused."""
+    before, after = tmp_path / "a", tmp_path / "b"
+    before.mkdir()
+    after.mkdir()
+    specs = []
+    for folder, variants in ((before, {}), (after, {"ipo": {"loss": "ipo", "spo": False, "set": {"beta": 0.5}}})):
+        out = compile_pipeline(folder / "p.yaml", params=_grid_params(folder, **variants),
+                               platform=REPO / "configs/platform/local.yaml")
+        specs.append(next(yaml.safe_load_all(out.read_text())))
+    old, new = ({c["cell"]: c["settings"] for c in _cells(spec)} for spec in specs)
+    assert {cell for cell in old if old[cell] != new[cell]} == {"ipo_s0", "ipo_s1"}
+    assert json.loads(new["ipo_s1"])["train.beta"] == 0.5
+    # the train step's params text (configure's output) holds no variant, so it is the same for every cell
+    from spo.pipelines.runtime import configure
+    from spo.stages.table import STAGES
+
+    texts = [dict(zip(STAGES, configure((folder / "params.yaml").read_text(), [], {})))["train"]
+             for folder in (before, after)]
+    assert texts[0] == texts[1] and "variants" not in yaml.safe_load(texts[0])

@@ -11,18 +11,21 @@ import yaml
 from conftest import REPO
 
 from spo.pipelines import components
-from spo.pipelines.runtime import path_defaults, variant_names
+from spo.pipelines.runtime import path_defaults
 from spo.stages.table import STAGES, TABLE, Stage, checkout_path, producer, published, sections
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
 DEFAULTS = path_defaults()
-TEMPLATE = ("${key}",)  # dvc.yaml's foreach stage writes a variant's paths with ${key}
+TEMPLATE = "${item.variant}_s${item.seed}"  # dvc.yaml's matrix stage names a cell's paths so
 
 
 def _dvc_stage(row: Stage) -> dict:
     entry = DVC[row.name]
-    assert ("foreach" in entry) == bool(row.tasks), f"{row.name}: a per-variant stage is dvc.yaml's foreach"
-    return entry.get("do", entry)
+    assert ("matrix" in entry) == row.per_cell, f"{row.name}: a per-cell stage is dvc.yaml's matrix"
+    if row.per_cell:  # over every variant and every seed: the grid's cells
+        assert entry["matrix"] == {"variant": "${variants}", "seed": "${grid.seeds}"}
+        assert entry["cmd"] == f"spo {row.name} --variant ${{item.variant}} --seed ${{item.seed}}"
+    return entry
 
 
 def _listed(entries: list) -> dict[str, dict]:
@@ -41,24 +44,24 @@ def test_dvc_yaml_stage_matches_the_table(row: Stage) -> None:
     assert entry["cmd"].split()[:2] == ["spo", row.name]
     assert entry["params"] == list(row.params), f"{row.name}: dvc.yaml's params differ from the stage table's"
     for section in ("outs", "metrics", "plots"):
-        expected = {checkout_path(f"{row.task_names[0]}.{out.name}", DEFAULTS, TEMPLATE): out
+        expected = {checkout_path(f"{row.name}.{out.name}", DEFAULTS, TEMPLATE if out.per_cell else ""): out
                     for out in row.outputs if out.dvc == section}
         listed = _listed(entry.get(section))
         assert set(listed) == set(expected), f"{row.name}: dvc.yaml's {section}"
         for path, out in expected.items():
             assert listed[path].get("cache", True) == out.cache, f"{row.name}: {path} cache"
             assert listed[path].get("persist", False) == out.persist, f"{row.name}: {path} persist"
-    # its data deps: what its inputs' producers write (a per-variant policy: the folder of all of them;
-    # DVC's foreach has no folder for the per-variant metrics, which change only with that policy)
+    # its data deps: what its inputs' producers write (a per-cell policy: the folder of all of them;
+    # DVC's matrix has no folder for the per-cell metrics, which change only with that policy)
     deps = {d for d in _listed(entry["deps"]) if not d.startswith("src/")}
     expected_deps = set()
     for item in row.inputs:
-        _, _, out = producer(item.source)
-        if out.per_variant:
+        _, out = producer(item.source)
+        if out.per_cell:
             if out.kind == "Model":
-                expected_deps.add(out.per_variant.rsplit("/", 1)[0])
+                expected_deps.add(out.per_cell.rsplit("/", 1)[0])
             continue
-        expected_deps.add(checkout_path(item.source, DEFAULTS, TEMPLATE))
+        expected_deps.add(checkout_path(item.source, DEFAULTS))
     assert deps == expected_deps, f"{row.name}: dvc.yaml's data deps differ from the stage table's inputs"
     assert f"src/spo/stages/{row.name}.py" in _listed(entry["deps"])
 
@@ -71,30 +74,43 @@ def test_every_input_names_an_output_of_an_earlier_task_and_a_config_key() -> No
             assert task in seen, f"{row.name}.{item.name}: {item.source} is not made before it"
             producer(item.source)
         for out in row.outputs:
-            assert out.key in DEFAULTS or out.per_variant, f"{row.name}.{out.name}: {out.key} is not a path key"
-        seen.update(row.task_names)
+            assert out.key in DEFAULTS or out.per_cell, f"{row.name}.{out.name}: {out.key} is not a path key"
+        seen.add(row.name)
 
 
 def test_checkout_paths_are_the_configs_defaults() -> None:
-    variants = variant_names("dpo")
-    assert checkout_path("prepare.quarantine", DEFAULTS, variants) == "data/quarantine/prepare.jsonl"
-    assert checkout_path("degrees.audit_plot", DEFAULTS, variants) == "metrics/degrees_shortcut_audit.png"
-    assert checkout_path("report.report_md", DEFAULTS, variants) == "reports/report.md"
-    assert checkout_path("train_spo.policy", DEFAULTS, variants) == "models/policy/dpo_spo"
-    assert checkout_path("train.metrics", DEFAULTS, variants) == "metrics/train_dpo.json"
+    assert checkout_path("prepare.quarantine", DEFAULTS) == "data/quarantine/prepare.jsonl"
+    assert checkout_path("degrees.audit_plot", DEFAULTS) == "metrics/degrees_shortcut_audit.png"
+    assert checkout_path("report.report_md", DEFAULTS) == "reports/report.md"
+    assert checkout_path("train.policy", DEFAULTS, "dpo_spo_s1") == "models/policy/dpo_spo_s1"
+    assert checkout_path("train.metrics", DEFAULTS, "dpo_s0") == "metrics/train_dpo_s0.json"
+    with pytest.raises(ValueError, match="name the cell"):
+        checkout_path("train.policy", DEFAULTS)
+
+
+def test_a_cells_checkout_paths_are_what_spo_train_writes() -> None:
+    """``spo train --variant --seed`` (dvc.yaml's matrix) writes where the table says a cell's outputs lie."""
+    from spo.config import SpoConfig
+
+    cfg = SpoConfig().cell("dpo_spo", 3)
+    assert cfg.train.out_dir == checkout_path("train.policy", DEFAULTS, "dpo_spo_s3")
+    assert cfg.train.metrics_file == checkout_path("train.metrics", DEFAULTS, "dpo_spo_s3")
 
 
 @pytest.mark.parametrize("row", TABLE, ids=STAGES)
 def test_each_component_takes_what_the_table_names(row: Stage) -> None:
     """A stage's component has one input per table input, of its producer's artifact type, and one
     output per table output: the stage table, not the component, says where each one goes."""
-    funcs = [components.STEPS[row.name]] + ([components.STEPS["train_job"]] if row.tasks else [])
+    funcs = [components.STEPS[row.name]] + ([components.STEPS["train_job"]] if row.per_cell else [])
     for func in funcs:
         params = inspect.signature(func).parameters
         for item in row.inputs:
-            kind = producer(item.source)[2].kind
+            source = producer(item.source)[1]
             assert item.name in params, f"{func.__name__}: no input {item.name}"
-            assert f"[{kind}]" in str(params[item.name].annotation) or kind in repr(params[item.name].annotation)
+            annotation = repr(params[item.name].annotation)
+            assert source.kind in annotation, f"{func.__name__}.{item.name} is not {source.kind}"
+            # every cell's output comes as a list (dsl.Collected over the grid's loop)
+            assert ("List[" in annotation) == bool(source.per_cell), f"{func.__name__}.{item.name}: {annotation}"
         for out in row.outputs:
             assert out.name in params, f"{func.__name__}: no output {out.name}"
             assert out.kind in repr(params[out.name].annotation), f"{func.__name__}.{out.name} is not {out.kind}"

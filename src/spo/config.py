@@ -603,11 +603,19 @@ class VariantConfig(_Section):
     @classmethod
     def _train_keys_only(cls, value: dict[str, Any]) -> dict[str, Any]:
         owned = {"loss", "spo.enabled", "seed", "out_dir", "metrics_file"}
-        taken = sorted(owned & set(value))
+        taken = sorted(owned & set(_dotted(value)))
         if taken:
             raise ValueError(f"{', '.join(taken)}: set by the grid itself (the variant's loss and spo, the seed "
                              "from grid.seeds, the cell's folders), not by `set`")
         return value
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every leaf key of a nested mapping, dotted (``{spo: {enabled: x}}`` -> ``spo.enabled``)."""
+    keys: list[str] = []
+    for key, value in tree.items():
+        keys += _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
 
 
 def _default_variants() -> dict[str, VariantConfig]:
@@ -722,7 +730,9 @@ class SpoConfig(_Section):
             keys = dotted.split(".")
             for key in keys[:-1]:
                 node = node.setdefault(key, {})
-            node[keys[-1]] = value
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{where}: {dotted}: {key} is a value, not a section")
+            _merge(node, keys[-1], value)
         try:
             return SpoConfig.model_validate(dumped)
         except ValidationError as err:
@@ -778,6 +788,16 @@ class SpoConfig(_Section):
         dumped = self.model_dump(mode="json", by_alias=True)
         payload = {name: dumped[name] for name in ("seed", *names)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _merge(node: dict[str, Any], key: str, value: Any) -> None:
+    """``node[key] = value``, a mapping merged key by key into the section it names (so that
+    ``set: {optim: {batch_size: 4}}`` keeps the rest of ``train.optim``)."""
+    if isinstance(value, dict) and isinstance(node.get(key), dict):
+        for inner, item in value.items():
+            _merge(node[key], inner, item)
+    else:
+        node[key] = value
 
 
 def _apply_override(tree: dict[str, Any], assignment: str) -> None:

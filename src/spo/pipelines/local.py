@@ -11,6 +11,13 @@ Two things the local runner gets wrong are handled here:
   container exits fast, ``container.wait()`` can find it gone and the runner then reports exit
   code 0 — a failed task counted as a success. :func:`_checked_container` (patched in for the
   run) keeps the container until its exit code is read, then removes it.
+* kfp.local 2.17's loop iterations (``kfp/local/orchestrator/task_spec_utils.py``,
+  ``create_parameter_loop_iteration_task_spec``) replace *every* input of a ``ParallelFor`` that
+  comes from another task's output parameter with the loop item, not only the list iterated
+  over: the grid's loop, which iterates over compiled-in cells and also takes ``configure``'s
+  train params text, would hand each cell a dict for its params. The KFP backend resolves the two
+  apart (its driver reads ``parameterIterator.items`` alone). :func:`_loop_inputs_kept` (patched
+  in for the run) restores the inputs that are not the iterated list after the call.
 * file ownership: a non-root image user cannot write a pipeline root the host's root user made,
   so when the host user is root the roots are handed to the image's user and the containers run
   as that user (never as root); any other host user runs the containers as itself.
@@ -41,7 +48,8 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_O
 
 @dataclass
 class LocalRun:
-    """Where a local run left its artifacts: ``tasks[task][output]`` is a path under the run's root."""
+    """Where a local run left its artifacts: ``tasks[task][output]`` is a path under the run's root; a task
+    of the grid's loop is ``<task>@<cell>`` (``train@dpo_spo_s0``)."""
 
     root: Path
     seconds: float
@@ -60,7 +68,9 @@ def _task_of(command: list[str]) -> str:
     """The task a kfp.local container runs: its executor input's output file is <root>/<run>/<task>/..."""
     try:
         executor_input = json.loads(command[command.index("--executor_input") + 1])
-        return Path(executor_input["outputs"]["outputFile"]).parent.name
+        task = Path(executor_input["outputs"]["outputFile"]).parent
+        # a task in a loop iteration (the grid's cells): <run>/for-loop-<n>-iteration-<i>/<task>/...
+        return f"{task.parent.name}/{task.name}" if task.parent.name.startswith("for-loop") else task.name
     except (ValueError, IndexError, KeyError, TypeError):
         return "?"
 
@@ -106,6 +116,36 @@ def _exit_codes_checked(step_seconds: dict[str, float]) -> Iterator[None]:
         yield
     finally:
         docker_task_handler.run_docker_container = original
+
+
+def _loop_inputs_kept(original: Any) -> Any:
+    """kfp.local's loop-iteration builder with the loop's other task-output inputs left alone (see
+    the module docstring): only the list a loop iterates over (``items.input_parameter``; none for
+    compiled-in items) becomes the item."""
+    def build(task_spec: Any, loop_item: Any, loop_task_name: str) -> Any:
+        iterated = task_spec.parameter_iterator.items.input_parameter
+        kept = {name: spec for name, spec in task_spec.inputs.parameters.items()
+                if spec.HasField("task_output_parameter") and name != iterated}
+        built = original(task_spec, loop_item, loop_task_name)
+        for name, spec in kept.items():
+            built.inputs.parameters[name].CopyFrom(spec)
+        return built
+
+    return build
+
+
+@contextmanager
+def _kfp_local_fixed(step_seconds: dict[str, float]) -> Iterator[None]:
+    """The run with both kfp.local fixes of the module docstring patched in, and taken out after."""
+    from kfp.local.orchestrator import task_spec_utils
+
+    original = task_spec_utils.create_parameter_loop_iteration_task_spec
+    task_spec_utils.create_parameter_loop_iteration_task_spec = _loop_inputs_kept(original)
+    try:
+        with _exit_codes_checked(step_seconds):
+            yield
+    finally:
+        task_spec_utils.create_parameter_loop_iteration_task_spec = original
 
 
 def _runner(kind: str, root: Path, workspace: Path) -> Any:
@@ -157,7 +197,7 @@ def run_local(pipeline_yaml: str | Path, work_dir: str | Path, *, data_dir: str 
     before = set(root.iterdir())
     step_seconds: dict[str, float] = {}
     try:
-        with _exit_codes_checked(step_seconds):
+        with _kfp_local_fixed(step_seconds):
             pipeline(**args)
     except RuntimeError as err:  # kfp.local's "Task ... finished with status FAILURE"
         raise StageFailed(f"local pipeline run failed: {err}") from None
@@ -167,9 +207,32 @@ def run_local(pipeline_yaml: str | Path, work_dir: str | Path, *, data_dir: str 
         raise StageFailed(f"{root}: expected one new run folder, found {[p.name for p in run_roots]}")
     run = LocalRun(run_roots[0], seconds, step_seconds=step_seconds)
     for task in sorted(p for p in run.root.iterdir() if p.is_dir()):
-        run.tasks[task.name] = {out.name: out for out in task.iterdir() if out.name != "executor_output.json"}
+        if not task.name.startswith("for-loop"):
+            run.tasks[task.name] = _outputs(task)
+            continue
+        for inner in sorted(p for p in task.iterdir() if p.is_dir()):  # a cell of the grid: <task>@<cell>
+            name = f"{inner.name}@{_cell(inner)}"
+            run.tasks[name] = _outputs(inner)
+            if f"{task.name}/{inner.name}" in step_seconds:
+                step_seconds[name] = step_seconds.pop(f"{task.name}/{inner.name}")
     log.info("pipeline run-local (%s): %d tasks in %.1f s -> %s", runner, len(run.tasks), seconds, run.root)
     return run
+
+
+def _outputs(task: Path) -> dict[str, Path]:
+    return {out.name: out for out in task.iterdir() if out.name != "executor_output.json"}
+
+
+def _cell(task: Path) -> str:
+    """The cell a loop iteration's task trained: the metadata its outputs carry (runtime.mark_cell)."""
+    from spo.pipelines.runtime import CELL
+
+    written = json.loads((task / "executor_output.json").read_text(encoding="utf-8"))
+    for output in written.get("artifacts", {}).values():
+        for artifact in output.get("artifacts", []):
+            if (artifact.get("metadata") or {}).get(CELL):
+                return str(artifact["metadata"][CELL])
+    raise StageFailed(f"{task}: a loop iteration's task whose outputs name no cell")
 
 
 def summary(run: LocalRun) -> dict[str, Any]:
