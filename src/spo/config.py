@@ -404,10 +404,15 @@ class TrainConfig(_Section):
         default=4096, ge=1,
         description="Response tokens per LM-head chunk: bounds float32 logits memory for large vocabularies.",
     )
-    precompute_reference: bool = Field(default=False, description="Reference log-probs once, saved and reused.")
+    precompute_reference: bool = Field(
+        default=True, description="Reference log-probs from a table computed once (the reference stage's, or this "
+        "run's own, saved under out_dir) instead of a frozen reference model: every cell of the grid reads the one "
+        "table, and no second model sits in memory.")
+    reference_dir: str = Field(
+        default="models/reference", description="The reference stage's tables (<key>.pt): read, never written.")
     reference_logps_file: str | None = Field(
-        default=None, description="Reuse this file (default: <sft_dir>/reference_logps/...)."
-    )
+        default=None, description="Reuse this file (default: the table of reference_dir with this run's key, else "
+        "<out_dir>/reference_logps/<key>.pt).")
     eval_steps: int = Field(default=10, ge=1)
     eval_rows: int = Field(default=50, ge=1)
     save_steps: int = Field(default=10, ge=1)

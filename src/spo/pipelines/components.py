@@ -41,7 +41,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Ou
 def configure(params: str, compiled_params: str, overrides: List[str], data_dir: str, dataset: str, model: str,
               n_levels: int, spo_lambda: float, train_steps: int, judge_backend: str, judge_model: str
               ) -> NamedTuple("StageParams", prepare=str, validate=str, keywords=str, degrees=str, base_model=str,  # type: ignore[valid-type]
-                              sft=str, train=str, generate=str, reward_model=str, judge=str, report=str,
+                              sft=str, reference=str, train=str, generate=str, reward_model=str, judge=str, report=str,
                               params_all=str):
     from spo.pipelines.runtime import configure
 
@@ -100,8 +100,15 @@ def sft(params: str, validated: Input[Dataset], base: Input[Model], sft: Output[
     run_step("sft", params, {"validated": validated, "base": base, "sft": sft, "metrics": metrics})
 
 
+def reference(params: str, validated: Input[Dataset], sft: Input[Model], reference: Output[Dataset]):
+    from spo.pipelines.runtime import run_step
+
+    run_step("reference", params, {"validated": validated, "sft": sft, "reference": reference})
+
+
 def train(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: Input[Model],
-          checkpoints: str, cell: str, settings: str, policy: Output[Model], metrics: Output[Metrics]):
+          reference: Input[Dataset], checkpoints: str, cell: str, settings: str, policy: Output[Model],
+          metrics: Output[Metrics]):
     # one cell of the grid: its name and its train settings (spo.config.SpoConfig.cell_settings)
     import json
 
@@ -109,14 +116,15 @@ def train(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: 
 
     # on the checkpoint volume, if any: a retried (pre-empted) task resumes from the checkpoints it left there
     with train_folder(checkpoints, cell, policy.path) as folder:
-        run_step("train", params, {"validated": validated, "degrees": degrees, "sft": sft, "policy": policy,
-                                   "metrics": metrics}, settings={**json.loads(settings), "train.out_dir": folder})
+        run_step("train", params, {"validated": validated, "degrees": degrees, "sft": sft, "reference": reference,
+                                   "policy": policy, "metrics": metrics},
+                 settings={**json.loads(settings), "train.out_dir": folder})
     mark_cell(cell, policy, metrics)
 
 
 def train_job(params: str, validated: Input[Dataset], degrees: Input[Dataset], sft: Input[Model],
-              workspace: str, cell: str, settings: str, platform: str, task_config: TaskConfig,
-              policy: Output[Model], metrics: Output[Metrics]):
+              reference: Input[Dataset], workspace: str, cell: str, settings: str, platform: str,
+              task_config: TaskConfig, policy: Output[Model], metrics: Output[Metrics]):
     import json
 
     from spo.pipelines.runtime import discard_run_files, log_metrics, mark_cell, model_dir, write_model
@@ -124,8 +132,8 @@ def train_job(params: str, validated: Input[Dataset], degrees: Input[Dataset], s
 
     folder, run_folder = run_train_job(
         params=params, cell=cell, settings=json.loads(settings), rows_dir=validated.path,
-        degrees_dir=degrees.path, sft_dir=model_dir(sft), workspace=workspace, platform_json=platform,
-        task_config=task_config, metrics_file=metrics.path)
+        degrees_dir=degrees.path, sft_dir=model_dir(sft), reference_dir=reference.path, workspace=workspace,
+        platform_json=platform, task_config=task_config, metrics_file=metrics.path)
     write_model(policy, folder)
     log_metrics(metrics, metrics.path)
     mark_cell(cell, policy, metrics)
@@ -178,6 +186,7 @@ def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id:
             keywords_keywords: Input[Dataset], keywords_metrics: Input[Metrics], degrees_degrees: Input[Dataset],
             degrees_metrics: Input[Metrics], degrees_plot: Input[Artifact], degrees_audit_plot: Input[Artifact],
             base_model_base: Input[Model], sft_sft: Input[Model], sft_metrics: Input[Metrics],
+            reference_reference: Input[Dataset],
             train_policy: Input[List[Model]], train_metrics: Input[List[Metrics]],
             generate_generations: Input[Dataset], generate_metrics: Input[Metrics],
             reward_model_reward: Input[Model], reward_model_metrics: Input[Metrics], judge_judgments: Input[Dataset],
@@ -197,8 +206,8 @@ def publish(params_all: str, dvc_yaml: str, dvcignore: str, remote: str, run_id:
 
 
 STEPS: dict[str, Callable[..., Any]] = {
-    f.__name__: f for f in (configure, data_version, prepare, validate, keywords, degrees, base_model, sft, train,
-                            train_job, generate, reward_model, judge, report, publish)
+    f.__name__: f for f in (configure, data_version, prepare, validate, keywords, degrees, base_model, sft, reference,
+                            train, train_job, generate, reward_model, judge, report, publish)
 }
 
 

@@ -57,8 +57,8 @@ def workspace_claim(task_config: Any, workspace: str) -> str:
 
 
 def run_train_job(*, params: str, cell: str, settings: dict[str, Any], rows_dir: str, degrees_dir: str,
-                  sft_dir: str, workspace: str, platform_json: str, task_config: Any, metrics_file: str,
-                  run_id: str | None = None, namespace: str | None = None, api: Any | None = None,
+                  sft_dir: str, reference_dir: str, workspace: str, platform_json: str, task_config: Any,
+                  metrics_file: str, run_id: str | None = None, namespace: str | None = None, api: Any | None = None,
                   poll_seconds: float = 15.0) -> tuple[str, Path | None]:
     """Train one cell of the grid (``settings``: its train settings) as a TrainJob; returns its model folder and,
     when that lies on the
@@ -66,7 +66,7 @@ def run_train_job(*, params: str, cell: str, settings: dict[str, Any], rows_dir:
     once stored; see the module doc)."""
     platform = Platform.model_validate_json(platform_json)
     volume = platform.checkpoints if platform.checkpoints and workspace == platform.checkpoints.mount_path else None
-    staged = {"rows": rows_dir, "degrees": degrees_dir, "sft": sft_dir}
+    staged = {"rows": rows_dir, "degrees": degrees_dir, "sft": sft_dir, "reference": reference_dir}
     paths: dict[str, Any] = dict(settings)
     # the job's config, checked before anything is staged or scheduled
     stage_config(params, [], {**paths, "train.out_dir": str(Path(workspace, "models")),

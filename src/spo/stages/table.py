@@ -119,9 +119,14 @@ TABLE: tuple[Stage, ...] = (
     Stage("sft", ("seed", "model", "sft"), inputs=(
         In("validated", _ROWS, "sft.rows_dir"), In("base", "base_model.base", "sft.base_dir")), outputs=(
         Out("sft", "Model", "sft.out_dir"), _metrics("sft"))),
+    Stage("reference", ("model", "train.max_length", "train.max_prompt_length", "train.eval_rows", "train.lora",
+                        "train.mixed_precision", "train.optim.micro_batch_size"), inputs=(
+        In("validated", _ROWS, "train.rows_dir"), In("sft", "sft.sft", "train.sft_dir")), outputs=(
+        Out("reference", "Dataset", "train.reference_dir"),)),
     Stage("train", ("seed", "model", "train", "variants.${item.variant}"), per_cell=True, inputs=(
         In("validated", _ROWS, "train.rows_dir"), In("degrees", "degrees.degrees", "train.degrees_dir"),
-        In("sft", "sft.sft", "train.sft_dir")), outputs=(
+        In("sft", "sft.sft", "train.sft_dir"), In("reference", "reference.reference", "train.reference_dir")),
+        outputs=(
         Out("policy", "Model", "train.out_dir", persist=True, per_cell=CELL_POLICY),
         Out("metrics", "Metrics", "train.metrics_file", dvc="metrics", cache=False, per_cell=CELL_METRICS))),
     Stage("generate", ("seed", "model", "generate", "variants", "grid.seeds"), inputs=(

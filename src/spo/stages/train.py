@@ -59,10 +59,10 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
     if pairs.eval_rows:
         eval_ex, _ = tokenize_pairs(pairs.eval_rows, pairs.eval_degrees, tokenizer, where=str(rows_dir / "eval.jsonl"),
                                     **common)
-    sft_hash = {k: v for k, v in tree_sha256(sft_dir).items() if not k.startswith("reference_logps")}
+    shared = Path(tc.reference_dir)
     trainer = PreferenceTrainer(
         model, tokenizer, tc, train_ex, eval_ex, seed=cfg.training_seed, out_dir=out_dir,
-        reference_cache=sft_dir / "reference_logps", reference_fingerprint=str(sorted(sft_hash.items())),
+        reference_shared=shared if shared.is_dir() else None, reference_fingerprint=sft_fingerprint(sft_dir),
     )
     summary = trainer.train()
     summary["tokenize"] = train_stats.as_dict()
@@ -75,13 +75,21 @@ def run(cfg: SpoConfig) -> dict[str, Any]:
             "skipped_steps": summary["skipped_steps"],
             "train": _last_metrics(out_dir / "metrics.jsonl", "train"), "eval": summary.get("eval", {}),
             "train_seconds": summary["train_seconds"],
+            # the reference's kind, and whether its table was read (the reference stage's, shared by every cell)
+            "reference": summary.get("reference"), "reference_reused": summary.get("reference_reused"),
         }
         write_json(tc.metrics_file, _finite(metrics))
         write_json(out_dir / "train_summary.json", _finite(summary))
-        _write_provenance(cfg, sft_hash, with_eval=bool(pairs.eval_rows))
+        _write_provenance(cfg, tree_sha256(sft_dir), with_eval=bool(pairs.eval_rows))
     summary["seconds"] = round(time.perf_counter() - started, 3)
     _log_summary(cfg, summary, len(train_ex), len(eval_ex or []))
     return summary
+
+
+def sft_fingerprint(sft_dir: Path) -> str:
+    """What identifies the reference weights in the reference tables' key: the SFT folder's files
+    (the reference stage and every cell compute it alike, so a cell finds the stage's table)."""
+    return str(sorted(tree_sha256(sft_dir).items()))
 
 
 def check_settings(cfg: SpoConfig) -> None:

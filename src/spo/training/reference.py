@@ -223,11 +223,17 @@ def load_table(path: Path, key: str, splits: Mapping[str, Sequence[Any]],
 
 
 def build_reference(cfg: TrainConfig, policy: nn.Module, frozen_copy: nn.Module | None, data: DataPlan,
-                    accelerator: Any, *, dtype: str, fingerprint: str, cache: Path | None, progress: bool) -> Reference:
+                    accelerator: Any, *, dtype: str, fingerprint: str, cache: Path | None, progress: bool,
+                    shared: Path | None = None) -> Reference:
     """The run's reference: the prepared ``policy`` with its adapters off (LoRA), ``frozen_copy``
     (full fine-tuning), or with ``train.precompute_reference`` a table of log-probs computed once
-    by the prepared policy before any update and kept under ``cache`` (a folder of tables by key,
-    or one file) for later runs with the same pairs and weights.
+    by the prepared policy before any update.
+
+    The table is looked up by its key in ``shared`` first (the reference stage's folder, read
+    only: every cell of the grid reads the one table), then in ``cache`` (a folder of tables by
+    key, or one file), where a table computed here is saved for a later run with the same pairs
+    and weights. A table read from elsewhere is checked against a fresh forward on its first
+    rows (:func:`check_sample`): a table that does not match this model stops the run.
 
     ``fingerprint`` identifies the reference weights and ``dtype`` their precision: both are in
     the cache key. Every process must call it (the precompute is sharded and all-reduced).
@@ -245,10 +251,15 @@ def build_reference(cfg: TrainConfig, policy: nn.Module, frozen_copy: nn.Module 
         path = Path(cfg.reference_logps_file)
     else:
         path = (cache / f"{key}.pt") if cache is not None and cache.suffix != ".pt" else cache
-    table = load_table(path, key, splits, explicit) if path is not None else None
-    if table is not None:
-        log.info("reference log-probs: reusing %s (%d train pairs)", path, len(data.train_examples))
-        return Reference("precomputed", table=table, reused=True)
+    for found in ([] if explicit or shared is None else [shared / f"{key}.pt"]) + ([path] if path else []):
+        table = load_table(found, key, splits, explicit)
+        if table is not None:
+            check_sample(policy, table, data, accelerator, cfg.mixed_precision, found)
+            log.info("reference log-probs: reusing %s (%d train pairs)", found, len(data.train_examples))
+            return Reference("precomputed", table=table, reused=True)
+    if shared is not None and not explicit:
+        log.info("reference log-probs: %s holds no table for these pairs and weights (key %s%s): computing this "
+                 "run's own", shared, key, ", KTO's mismatched rows depend on the seed" if plan else "")
     started = time.perf_counter()
     table = precompute(policy, splits, plan, data.alignment_batch, data.kl_batch, cfg.optim.micro_batch_size,
                        accelerator, progress and accelerator.is_local_main_process)
@@ -259,3 +270,32 @@ def build_reference(cfg: TrainConfig, policy: nn.Module, frozen_copy: nn.Module 
              " + ".join(f"{len(v)} {k}" for k, v in splits.items()), accelerator.num_processes,
              time.perf_counter() - started, path)
     return Reference("precomputed", table=table)
+
+
+SAMPLE_PAIRS = 4  # the first train pairs of a reused table that are computed again and compared
+# how far a sum of log-probs may move between two packings of the same rows: float32 reductions in
+# another order; under bf16/fp16 autocast the whole forward is rounded to 8 (11) mantissa bits
+TOLERANCE = {"no": (1e-3, 1e-4), "bf16": (0.5, 2e-2), "fp16": (0.25, 1e-2)}  # (absolute, relative)
+
+
+@torch.no_grad()
+def check_sample(model: nn.Module, table: dict[str, dict[str, Any]], data: DataPlan, accelerator: Any,
+                 mixed_precision: str, where: Path) -> None:
+    """Compute the first train pairs' log-probs again with ``model`` and compare them with the
+    table: a table computed from other weights or another tokenisation under the same key (a
+    stale or tampered file) stops the run before it trains on a wrong reference."""
+    n = min(SAMPLE_PAIRS, len(data.train_examples))
+    if n == 0:
+        return
+    idx = list(range(n))
+    fresh = forward_logps(model, data.alignment_batch(idx, "train")).float().cpu()
+    stored = torch.cat([table["train"]["chosen"][:n], table["train"]["rejected"][:n]]).float()
+    atol, rtol = TOLERANCE.get(mixed_precision, TOLERANCE["no"])
+    if str(next(model.parameters()).dtype) != "torch.float32":
+        atol, rtol = TOLERANCE["bf16"]
+    worst = (fresh - stored).abs().max().item()
+    if not torch.allclose(fresh, stored, atol=atol, rtol=rtol):
+        raise InputError(f"{where}: the reference log-probs of the first {n} train pairs differ from a fresh "
+                         f"computation by up to {worst:.4g} (allowed {atol} + {rtol} x |value|): the table was not "
+                         "computed from these weights and pairs; delete it to recompute")
+    log.info("reference log-probs: %d pairs checked against a fresh forward (max difference %.2g)", 2 * n, worst)

@@ -75,7 +75,8 @@ class PreferenceTrainer:
     the degree loss is active). ``out_dir`` None: nothing is written (benchmarks, parity tests).
     ``reference_fingerprint``: identifies the reference weights for the precompute cache (the
     stage passes the SFT folder's hash; default: a hash of the weights). ``reference_cache``:
-    where the precomputed log-probs live (file or folder; default ``out_dir/reference_logps``).
+    where the precomputed log-probs live (file or folder; default ``out_dir/reference_logps``);
+    ``reference_shared``: a folder of tables to read first, never written (the reference stage's).
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class PreferenceTrainer:
         n_levels: int | None = None,
         accelerator: Any = None,
         reference_cache: str | Path | None = None,
+        reference_shared: str | Path | None = None,
         reference_fingerprint: str | None = None,
         progress: bool = True,
     ) -> None:
@@ -142,7 +144,8 @@ class PreferenceTrainer:
         cache = Path(reference_cache) if reference_cache is not None else (
             self.out_dir / "reference_logps" if self.out_dir is not None else None)
         self.reference = build_reference(cfg, self.model, frozen_copy, self.data, acc, dtype=dtype,
-                                         fingerprint=weights, cache=cache, progress=progress)
+                                         fingerprint=weights, cache=cache, progress=progress,
+                                         shared=Path(reference_shared) if reference_shared is not None else None)
         self.stepper = PreferenceStep(cfg, self.model, self.reference, self.data, acc, self.n_levels)
         self.checkpoints = Checkpoints(self.out_dir, acc, self.scheduler, self.state, cfg.keep_checkpoints)
         self.writer = MetricsWriter(self.out_dir, acc.is_main_process)
