@@ -32,25 +32,59 @@ def _cfg(root: Path, cell: str, *overrides: str):
 
 
 def test_stage_writes_everything_and_reuses_reference(workspace: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from spo.stages import train
+    """The reference stage computes the table once; cells of any loss, beta or SPO switch read it
+    (checked on their first pairs) and write nothing into the SFT folder or the reference folder."""
+    from spo.stages import reference, train
 
-    caplog.set_level(logging.INFO, logger="spo.train")
-    summary = train.run(_cfg(workspace, "dpo_spo_s0", "train.precompute_reference=true"))
+    shared = f"train.reference_dir={workspace}/models/reference"
+    caplog.set_level(logging.INFO, logger="spo")
+    made = reference.run(_cfg(workspace, "reference", shared))
+    tables = list((workspace / "models/reference").glob("*.pt"))
+    assert [t.stem for t in tables] == [made["key"]] and made["train_pairs"] == 64 and made["eval_pairs"] == 8
+    assert json.loads((workspace / "models/reference/reference.json").read_text())["key"] == made["key"]
+    before = {p: p.stat().st_mtime_ns for p in (workspace / "models").rglob("*") if p.is_file()
+              and "policy" not in p.parts}
+
+    summary = train.run(_cfg(workspace, "dpo_spo_s0", shared))
     out = workspace / "models/policy/dpo_spo_s0"
     for name in ("model.safetensors", "tokenizer.json", "degree_heads.safetensors", "metrics.jsonl",
                  "train_summary.json", "provenance.json", "degree_confusion.png"):
         assert (out / name).is_file(), name
     metrics = json.loads((workspace / "metrics/train_dpo_spo_s0.json").read_text())
     assert metrics["steps"] == 3 and metrics["spo"] and "rewards/accuracies" in metrics["eval"]
-    assert summary["reference"] == "precomputed" and not summary["reference_reused"]
-    assert len(list((workspace / "models/sft/reference_logps").glob("*.pt"))) == 1
+    assert summary["reference"] == "precomputed" and summary["reference_reused"] and summary["reference_forwards"] == 0
+    assert metrics["reference"] == "precomputed" and metrics["reference_reused"]
     assert any(r.message.startswith("train: dpo+spo(reencode) on 64 pairs") for r in caplog.records)
+    assert any("checked against a fresh forward" in r.message for r in caplog.records)
 
-    caplog.clear()
-    again = train.run(_cfg(workspace, "ipo_s0", "train.loss=ipo", "train.beta=0.5", "train.spo.enabled=false",
-                           "train.precompute_reference=true"))
+    again = train.run(_cfg(workspace, "ipo_s0", shared, "train.loss=ipo", "train.beta=0.5",
+                           "train.spo.enabled=false"))
     assert again["reference_reused"] and again["reference_forwards"] == 0
-    assert any("reusing" in r.message for r in caplog.records)
+    # nothing written beside the SFT model or into the reference stage's folder (DVC outputs of other stages)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert not (workspace / "models/sft/reference_logps").exists()
+
+
+def test_a_reference_table_that_does_not_match_the_model_stops_the_cell(workspace: Path, tmp_path: Path) -> None:
+    """A table under the right key but with other numbers (computed from other weights, or edited)
+    is caught by the fresh forward on its first pairs before any training step."""
+    import shutil
+
+    import torch
+
+    from spo.stages import reference, train
+
+    folder = tmp_path / "reference"
+    made = reference.run(_cfg(workspace, "reference", f"train.reference_dir={folder}"))
+    table_file = folder / f"{made['key']}.pt"
+    payload = torch.load(table_file, weights_only=False)
+    payload["table"]["train"]["chosen"][0] += 1.0  # one pair's reference log-prob off by one nat
+    torch.save(payload, table_file)
+    with pytest.raises(InputError, match="differ from a fresh computation"):
+        train.run(_cfg(tmp_path, "dpo_s0", f"train.reference_dir={folder}", f"train.rows_dir={workspace}/data/validated",
+                       f"train.degrees_dir={workspace}/data/degrees", f"train.sft_dir={workspace}/models/sft"))
+    assert not (tmp_path / "models/policy/dpo_s0/model.safetensors").exists()
+    shutil.rmtree(folder)
 
 
 def test_stage_with_lora_saves_an_adapter(workspace: Path) -> None:
