@@ -4,11 +4,13 @@ Tasks and their dependencies are read off the compiled spec (``root.dag.tasks[*]
 the picture keeps the transitive reduction (an edge implied by a longer path is left out: every
 task reads ``configure``'s params, only the first shows it) and lays tasks out in layers (one
 below the deepest dependency). A task placed on an accelerator by the platform file is drawn in
-the accelerator's colour, so the picture also shows where the GPUs go.
+the accelerator's colour, so the picture also shows where the GPUs go. The grid's loop is drawn
+as its train task, labelled with the number of cells it runs.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,14 @@ def tasks(pipeline_yaml: str | Path) -> dict[str, dict[str, Any]]:
     components = spec["components"]
     out = {}
     for name, task in spec["root"]["dag"]["tasks"].items():
-        executor = components[task["componentRef"]["name"]]["executorLabel"]
+        label, inner = task["taskInfo"]["name"], task
+        if "parameterIterator" in task:  # the grid's loop: drawn as its task, once per cell
+            (inner,) = components[task["componentRef"]["name"]]["dag"]["tasks"].values()
+            items = task["parameterIterator"]["items"].get("raw")
+            label = f"{inner['taskInfo']['name']} x {len(json.loads(items)) if items else 'n'} cells"
+        executor = components[inner["componentRef"]["name"]]["executorLabel"]
         accelerator = executors[executor]["container"].get("resources", {}).get("accelerator", {}).get("resourceType")
-        out[name] = {"label": task["taskInfo"]["name"], "after": list(task.get("dependentTasks", [])),
-                     "accelerator": accelerator}
+        out[name] = {"label": label, "after": list(task.get("dependentTasks", [])), "accelerator": accelerator}
     return out
 
 
