@@ -198,3 +198,21 @@ def test_json_carries_the_grid_and_the_degree_heads_per_variant(tmp_path: Path, 
     assert main(args) == 0
     heads = _lines_after(capsys.readouterr().out.splitlines(), "Degree heads per variant")
     assert heads[1:] == [["dpo_spo", "chosen", "2", "75.0%", "70.0", "to", "80.0%", "(sd", "7.1)", "50%"]]
+
+
+def test_another_runs_grid_joins_the_table_as_its_data_set(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The paper's table is loss x SPO x data set; each data set is a run of its own (its own
+    prefix): ``--also`` adds the other run's grid, each row named by its data set."""
+    hh = _metrics(tmp_path / "hh", grid=True)
+    tldr = _metrics(tmp_path / "tldr", grid=True)
+    judged = json.loads((tldr / "judge.json").read_text())
+    for record in (*judged["grid"].values(), *judged["grid_differences"].values()):
+        record["dataset"] = "tldr"
+    judged["grid"]["dpo_spo_vs_chosen"]["win_rate"] = 0.66
+    (tldr / "judge.json").write_text(json.dumps(judged))
+    assert main(["results", "--metrics-dir", str(hh), "--also", str(tldr), "--policy-dir", str(tmp_path / "none")]) == 0
+    rows = _lines_after(capsys.readouterr().out.splitlines(), "The grid:")[1:]
+    against_chosen = [(r[0], r[1], r[2], r[6]) for r in rows if r[3] == "chosen"]
+    assert against_chosen == [("hh", "dpo", "no", "42.0%"), ("tldr", "dpo", "no", "42.0%"),
+                              ("hh", "dpo", "yes", "47.0%"), ("tldr", "dpo", "yes", "66.0%")]
+    assert main(["results", "--metrics-dir", str(hh), "--also", str(tmp_path / "nothing")]) == 2  # named, not a trace

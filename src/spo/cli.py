@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--json", action="store_true", help="the same as JSON")
     res = sub.add_parser("results", help="the run's win-rate table, its judge's accuracy and where the report is")
     res.add_argument("--metrics-dir", default="metrics", help="the metrics files (default: metrics)")
+    res.add_argument("--also", action="append", default=[], metavar="METRICS_DIR",
+                     help="another run's metrics folder (e.g. the TL;DR run's) whose grid joins the table: loss x SPO "
+                     "x data set (repeatable)")
     res.add_argument("--reports-dir", default="reports", help="where report.md/.html are (default: reports)")
     res.add_argument("--policy-dir", default="models/policy",
                      help="the policies' degree_confusion.json (default: models/policy)")
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "results":
             from spo.results import results, win_rate_table
 
-            found = results(args.metrics_dir, args.reports_dir, args.policy_dir)
+            found = results(args.metrics_dir, args.reports_dir, args.policy_dir, tuple(args.also))
             print(json.dumps(found, indent=2) if args.json else win_rate_table(found))
             return 0
         overrides = list(args.overrides)

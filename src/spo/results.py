@@ -36,10 +36,14 @@ VARIANT_DEGREE_HEADER = ("variant", "head", "seeds", "accuracy", "seed spread", 
 
 
 def results(metrics_dir: str | Path = "metrics", reports_dir: str | Path = "reports",
-            policy_dir: str | Path = "models/policy") -> dict[str, Any]:
+            policy_dir: str | Path = "models/policy", also: tuple[str | Path, ...] = ()) -> dict[str, Any]:
     """The win rates (per cell and pooled over the grid's seeds) and the judge's quality, from the judge
     and reward_model metrics files, and the degree heads' accuracy of every policy under ``policy_dir``
-    that has them, per cell and per variant."""
+    that has them, per cell and per variant.
+
+    ``also``: the metrics folders of other runs (another data set: the paper's table is loss x SPO x
+    data set, and each data set is a run of its own, with its own prefix), whose grid rows join this
+    run's, each named after its data set."""
     metrics_dir, reports_dir = Path(metrics_dir), Path(reports_dir)
     judge_file = metrics_dir / "judge.json"
     if not judge_file.is_file():
@@ -47,9 +51,18 @@ def results(metrics_dir: str | Path = "metrics", reports_dir: str | Path = "repo
     judged = _read_json(judge_file)
     rows = {name: r for name, r in judged.items() if isinstance(r, dict) and "win_rate" in r}
     degrees = degree_accuracy(policy_dir)
+    grid, differences = _block(judged, "grid"), _block(judged, "grid_differences")
+    for other in also:  # another run's grid: its families under <data set>/<family>
+        other_file = Path(other) / "judge.json"
+        if not other_file.is_file():
+            raise InputError(f"{other_file}: no judge metrics of the other run (give its metrics folder)")
+        more = _read_json(other_file)
+        for block, into in (("grid", grid), ("grid_differences", differences)):
+            for name, record in _block(more, block).items():
+                into[f"{record.get('dataset', Path(other).name)}/{name}"] = record
     return {"win_rates": rows, "judge": judge_quality(rows, metrics_dir / "reward_model.json"),
             "paired_differences": _block(judged, "paired_differences"),
-            "grid": _block(judged, "grid"), "grid_differences": _block(judged, "grid_differences"),
+            "grid": grid, "grid_differences": differences,
             "degrees": degrees, "degrees_by_variant": degree_by_variant(degrees),
             "shortcut_audit": _shortcut_audit(metrics_dir / "degrees.json"),
             "report": [str(reports_dir / name) for name in ("report.md", "report.html")
@@ -208,7 +221,8 @@ def grid_rows(grid: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         return len(OPPONENTS) if family.get("spo") and plain.get(b, "") == family.get("loss") else -1
 
     chosen = [(name, f) for name, f in grid.items() if opponent_rank(f) >= 0]
-    return sorted(chosen, key=lambda item: (opponent_rank(item[1]), str(item[1].get("loss")), bool(item[1].get("spo"))))
+    return sorted(chosen, key=lambda item: (opponent_rank(item[1]), str(item[1].get("loss")), bool(item[1].get("spo")),
+                                            str(item[1].get("dataset"))))
 
 
 def _pct(value: Any, sign: str = "") -> str:
@@ -243,7 +257,8 @@ def grid_table(grid: dict[str, Any]) -> list[tuple[str, ...]]:
 def grid_difference_table(differences: dict[str, Any]) -> list[tuple[str, ...]]:
     """Each SPO variant minus its twin against one opponent, pooled over seeds, as the cells of
     :data:`DIFFERENCE_HEADER` (points of win rate)."""
-    return [(f"{d.get('a', '?')} − {d.get('twin', '?')}", str(d.get("b", "?")), str(len(d.get("seeds") or [])),
+    return [(f"{d.get('a', '?')} − {d.get('twin', '?')}" + (f" ({d['dataset']})" if d.get("dataset") else ""),
+             str(d.get("b", "?")), str(len(d.get("seeds") or [])),
              str(d.get("n", "?")), _pct(d.get("difference"), "+"), _interval(d, "+"),
              _seed_spread(d, "+", unit=" points"))
             for d in differences.values()]

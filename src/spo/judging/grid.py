@@ -111,7 +111,8 @@ def grid_results(cfg: SpoConfig, results: dict[str, Any], by_item: dict[str, dic
         diff = pool_difference([by_item[family["comparisons"][s]] for s in seeds],
                                [by_item[partner["comparisons"][s]] for s in seeds], seeds, samples, seed)
         differences[f"{family['a']}_minus_{twin}_vs_{family['b']}"] = {
-            "a": family["a"], "twin": twin, "b": family["b"], "families": [name, f"{twin}_vs_{family['b']}"], **diff}
+            "a": family["a"], "twin": twin, "b": family["b"], "dataset": cfg.data.dataset,
+            "families": [name, f"{twin}_vs_{family['b']}"], **diff}
     return pooled, differences
 
 
