@@ -242,6 +242,8 @@ def summary(run: LocalRun) -> dict[str, Any]:
         out["step_seconds"] = {task: round(s, 2) for task, s in sorted(run.step_seconds.items())}
     judge = run.tasks.get("judge", {}).get("metrics")
     if judge is not None and judge.is_file():
-        out["win_rates"] = {k: v.get("win_rate") for k, v in json.loads(judge.read_text()).items()
+        judged = json.loads(judge.read_text())
+        out["win_rates"] = {k: v.get("win_rate") for k, v in judged.items()
                             if isinstance(v, dict) and "win_rate" in v}  # not the paired differences
+        out["grid"] = {k: v.get("win_rate") for k, v in (judged.get("grid") or {}).items()}  # pooled over seeds
     return out
