@@ -34,15 +34,21 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import read_gz, write_raw  # noqa: E402
 from pipeline_helpers import DVC, _env, _project_copy, read_params, shrink_params, write_params  # noqa: E402
 
+from spo.config import load_config  # noqa: E402
 from spo.pipelines.compile import compile_pipeline  # noqa: E402
 from spo.pipelines.local import run_local, summary  # noqa: E402
+from spo.stages.judge import SUMMARIES  # noqa: E402
 
-KFP_TO_DVC = {"train": "train@dpo", "train-2": "train@dpo_spo"}
+
+def kfp_to_dvc(params: Path) -> dict[str, str]:
+    """The grid's KFP train tasks -> their dvc stages: the loop's iteration ``train@<variant>_s<seed>``
+    (spo.pipelines.local names it by its cell) is dvc.yaml's matrix stage ``train@<variant>-<seed>``."""
+    return {f"train@{cell.name}": f"train@{cell.variant}-{cell.seed}" for cell in load_config(params).cells()}
 
 
-def stage_of(task: str) -> str:
-    """The dvc stage a KFP task runs."""
-    return KFP_TO_DVC.get(task, task.replace("-", "_"))
+def stage_of(task: str, grid: dict[str, str]) -> str:
+    """The dvc stage a KFP task runs (``grid``: :func:`kfp_to_dvc`)."""
+    return grid.get(task, task.replace("-", "_"))
 
 
 def slice_of(shared: Path, target: Path, rows: int) -> Path:
@@ -105,6 +111,7 @@ def main() -> None:
         work = _project_copy(tmp_path)
         if not args.full:
             write_params(work, shrink_params(read_params(work)))
+        grid = kfp_to_dvc(work / "params.yaml")
 
         started = time.perf_counter()
         pipeline = compile_pipeline(tmp_path / "pipeline.yaml", params=work / "params.yaml",
@@ -124,13 +131,15 @@ def main() -> None:
         kfp = summary(run)
         judge_dvc = json.loads((work / "metrics" / "judge.json").read_text())
         judge_kfp = json.loads(run.output("judge", "metrics").read_text())
-        same_win_rates = all(judge_dvc[k]["win_rate"] == judge_kfp[k]["win_rate"] for k in judge_dvc)
+        compared = [k for k in judge_dvc if k not in SUMMARIES]  # each cell's comparisons, not the summaries
+        same_win_rates = set(judge_dvc) == set(judge_kfp) and all(
+            judge_dvc[k]["win_rate"] == judge_kfp[k]["win_rate"] for k in compared)
 
     order = list(dvc["stages"])  # the pipeline's order, as dvc ran it; configure (KFP only) first
     steps = {}
-    for task, seconds in sorted(run.step_seconds.items(), key=lambda item: order.index(stage_of(item[0]))
-                                if stage_of(item[0]) in order else -1):
-        stage = stage_of(task)
+    for task, seconds in sorted(run.step_seconds.items(), key=lambda item: order.index(stage_of(item[0], grid))
+                                if stage_of(item[0], grid) in order else -1):
+        stage = stage_of(task, grid)
         dvc_s = dvc["stages"].get(stage)
         steps[task] = {"kfp_container_s": round(seconds, 2), "dvc_stage_s": dvc_s,
                        "overhead_s": round(seconds - dvc_s, 2) if dvc_s is not None else None}
@@ -150,9 +159,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     plot(results, out.with_suffix(".png"))
-    print(f"{'step':14} {'dvc s':>8} {'kfp s':>8} {'overhead':>9}")
+    print(f"{'step':20} {'dvc s':>8} {'kfp s':>8} {'overhead':>9}")
     for task, s in steps.items():
-        print(f"{task:14} {s['dvc_stage_s'] if s['dvc_stage_s'] is not None else '-':>8} "
+        print(f"{task:20} {s['dvc_stage_s'] if s['dvc_stage_s'] is not None else '-':>8} "
               f"{s['kfp_container_s']:>8} {s['overhead_s'] if s['overhead_s'] is not None else '-':>9}")
     print(f"pipeline in containers: {kfp['seconds']:.0f} s vs dvc repro {dvc['seconds']:.0f} s; per-step "
           f"overhead median {results['overhead_per_step_s']['median']} s; compile {compile_in_process:.1f} s; "

@@ -156,15 +156,26 @@ def _compiled(tmp_path: Path, docs: list[dict[str, Any]]) -> tuple[dict[str, Any
     return spec, platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
+def _step_tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every step's task: the pipeline's, and the train task inside the grid's loop (``dsl.ParallelFor``
+    over the cells, one iteration each) in place of the loop."""
+    root = spec["root"]["dag"]["tasks"]
+    (loop,) = [t for t in root.values() if "parameterIterator" in t]
+    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert len(json.loads(loop["parameterIterator"]["items"]["raw"])) >= 2  # a cell per variant x seed
+    return {**{name: t for name, t in root.items() if t is not loop}, **body}
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_the_gpu_settings_of_the_values_are_what_the_compiled_pipeline_carries(tmp_path: Path, case: str) -> None:
     values = deep_merge(VALUES, CASES[case])
     docs = objects(CASES[case])
     spec, executors = _compiled(tmp_path, docs)
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = _step_tasks(spec)
+    assert {"train", "train-job"} & set(tasks) and not {"train-2", "train-job-2"} & set(tasks)
     checked = 0
     for task_name, task in tasks.items():
-        step = task_name.removesuffix("-2").replace("-", "_")
+        step = task_name.replace("-", "_")
         step = "train" if step == "train_job" else step
         pool = values["pools"][values["steps"].get(step, values["defaultPool"])]
         launched = step == "train" and (pool.get("nodes", 1) > 1 or pool.get("processesPerNode", 1) > 1)
@@ -208,8 +219,8 @@ def test_two_gpu_pools_keep_their_own_tolerations(tmp_path: Path) -> None:
     assert executors["exec-prepare"]["pvcMount"][0]["mountPath"] == "/data"  # the data volume, prepare only
     mounts = {name: [m["mountPath"] for m in e["pvcMount"]] for name, e in executors.items() if "pvcMount" in e}
     # and the data version (what prepare's cache key follows) and the checkpoint volume, the train steps only
-    assert mounts == {"exec-data-version": ["/data"], "exec-prepare": ["/data"], "exec-train": ["/spo-checkpoints"],
-                      "exec-train-2": ["/spo-checkpoints"]}
+    # (one train executor: the task in the grid's loop, every cell's)
+    assert mounts == {"exec-data-version": ["/data"], "exec-prepare": ["/data"], "exec-train": ["/spo-checkpoints"]}
 
 
 # --------------------------------------------------------------------------- secrets

@@ -11,9 +11,12 @@ from conftest import REPO
 from docker_helpers import project_image, require_docker
 from pipeline_helpers import DVC, _env, small_project
 
+from spo.config import load_config
 from spo.errors import StageFailed
+from spo.judging.grid import GRID
 from spo.pipelines.compile import compile_pipeline
 from spo.pipelines.local import run_local
+from spo.stages.judge import PAIRED, SUMMARIES
 
 pytestmark = pytest.mark.slow
 TIMINGS = ("seconds", "responses_per_second", "tokens_per_second", "train_seconds", "generate_seconds")
@@ -55,9 +58,22 @@ def test_the_pipeline_in_containers_gives_the_numbers_of_dvc_repro(tmp_path: Pat
     assert validation["rows_valid"] > 0 and _numbers(kfp_metrics("validate")) == _numbers(validation)
     assert _numbers(kfp_metrics("degrees")) == _numbers(dvc_metrics("degrees"))
     assert _numbers(kfp_metrics("keywords")) == _numbers(dvc_metrics("keywords"))
+    # the grid: the train task in the loop, one iteration per cell (variants x grid.seeds), each named by its cell
+    cells = [cell.name for cell in load_config(work / "params.yaml").cells()]
+    assert cells == ["dpo_s0", "dpo_spo_s0"]
+    assert sorted(t for t in run.tasks if t.startswith("train")) == [f"train@{cell}" for cell in cells]
+    for cell in cells:  # dvc.yaml's matrix stage train@<variant>-<seed> wrote metrics/train_<cell>.json
+        trained, recorded = kfp_metrics(f"train@{cell}"), dvc_metrics(f"train_{cell}")
+        assert trained["spo"] == recorded["spo"] == cell.startswith("dpo_spo")
+        for key in ("loss", "steps", "pairs"):
+            assert trained[key] == recorded[key], (cell, key)
+        assert run.output(f"train@{cell}", "policy").is_dir() and (work / "models" / "policy" / cell).is_dir()
     judged, expected = kfp_metrics("judge"), dvc_metrics("judge")
-    assert judged.pop("paired_differences") == expected.pop("paired_differences")  # DPO+SPO against its twin
-    assert set(judged) == set(expected) == {"dpo_vs_chosen", "dpo_spo_vs_chosen", "dpo_spo_vs_dpo", "dpo_spo_vs_sft"}
+    assert expected[PAIRED] and expected[GRID]
+    for summary in SUMMARIES:  # DPO+SPO against its twin of the same seed; the families pooled over the seeds
+        assert judged.pop(summary, None) == expected.pop(summary, None), summary
+    assert set(judged) == set(expected) == {"dpo_s0_vs_chosen", "dpo_spo_s0_vs_chosen", "dpo_spo_s0_vs_dpo_s0",
+                                            "dpo_spo_s0_vs_sft"}
     for name, record in expected.items():
         for key in ("win_rate", "ci_low", "ci_high", "ties", "wins", "losses", "n", "lc_win_rate", "tie_rate"):
             assert judged[name][key] == record[key], (name, key)

@@ -87,10 +87,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = {"seed": 0, "train": {
         "rows_dir": str(root / "data/validated"), "degrees_dir": str(root / "data/degrees"),
         "sft_dir": str(root / "models/sft"),
-        "out_dir": "models/policy/dpo_spo", "metrics_file": "metrics/train.json",  # relative: per node
+        "out_dir": "models/policy/dpo_spo_s0", "metrics_file": "metrics/train.json",  # relative: per node
+        # one cell of the grid, dpo_spo_s0: its settings as a TrainJob gets them (SpoConfig.cell_settings)
+        "loss": "dpo", "seed": 0,
         "max_length": 96, "max_prompt_length": 48, "eval_rows": 8, "eval_steps": 2, "logging_steps": 1,
         "save_steps": 2, "precompute_reference": False,
-        "spo": {"hidden_size": 16, "dropout": 0.0, "levels_per_step": 3},
+        "spo": {"enabled": True, "hidden_size": 16, "dropout": 0.0, "levels_per_step": 3},
         "optim": {"learning_rate": 1e-3, "warmup_steps": 1, "batch_size": 4, "micro_batch_size": 2,
                   "max_steps": STEPS},
     }}
@@ -99,7 +101,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _records(node: Path) -> list[dict]:
-    path = node / "models/policy/dpo_spo/metrics.jsonl"
+    path = node / "models/policy/dpo_spo_s0/metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -165,16 +167,16 @@ def test_two_torchrun_nodes_from_pet_env_match_one_process(workspace: Path, tmp_
     import torch
     from safetensors.torch import load_file
 
-    w_one = load_file(str(one / "models/policy/dpo_spo/model.safetensors"))
-    w_two = load_file(str(nodes[0] / "models/policy/dpo_spo/model.safetensors"))
+    w_one = load_file(str(one / "models/policy/dpo_spo_s0/model.safetensors"))
+    w_two = load_file(str(nodes[0] / "models/policy/dpo_spo_s0/model.safetensors"))
     assert w_one.keys() == w_two.keys()
     assert all(torch.allclose(w_one[k], w_two[k], rtol=1e-4, atol=1e-6) for k in w_one)
-    summary = json.loads((nodes[0] / "models/policy/dpo_spo/train_summary.json").read_text())
+    summary = json.loads((nodes[0] / "models/policy/dpo_spo_s0/train_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["accumulation_steps"] == 1
     assert json.loads((nodes[0] / "metrics/train.json").read_text())["steps"] == STEPS
 
     # node 1 (global rank 1, yet the local main process of its node) wrote none of the outputs
     written = _files(nodes[1]) - {"torchrun.log"}
     assert not (nodes[1] / "metrics").exists()
-    assert all(name.startswith("models/policy/dpo_spo/checkpoints/") for name in written), sorted(written)
+    assert all(name.startswith("models/policy/dpo_spo_s0/checkpoints/") for name in written), sorted(written)
     assert not any(name.endswith((".safetensors", ".jsonl", ".json")) for name in written), sorted(written)

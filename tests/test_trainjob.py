@@ -27,6 +27,7 @@ from kubernetes import client as k8s
 from spo.cluster import launcher as launcher_module
 from spo.cluster.launcher import Terminated, launch
 from spo.cluster.trainjob import WorkspaceMount, build_trainjob, render_trainjob, validate_trainjob
+from spo.config import load_config
 from spo.errors import (
     InputError,
     ManifestValidationError,
@@ -268,8 +269,9 @@ def test_render_checks_the_params_and_that_every_path_is_on_the_volume(tmp_path:
 
 
 def test_trainjob_names_are_rfc1035_labels_new_for_each_attempt() -> None:
-    first, second = trainjob_name("dpo_spo", "9F2C1D3E-aaaa-bbbb"), trainjob_name("dpo_spo", "9F2C1D3E-aaaa-bbbb")
-    assert first != second and first.startswith("spo-dpo-spo-9f2c1d3e-") and len(first) <= 63
+    first, second = (trainjob_name("dpo_spo_s0", "9F2C1D3E-aaaa-bbbb"),
+                     trainjob_name("dpo_spo_s0", "9F2C1D3E-aaaa-bbbb"))
+    assert first != second and first.startswith("spo-dpo-spo-s0-9f2c1d3e-") and len(first) <= 63
     assert len(trainjob_name("x" * 80, "run")) <= 63
 
 
@@ -485,8 +487,8 @@ def test_the_step_stages_its_inputs_on_the_workspace_and_hands_the_trained_model
     from spo.pipelines.runtime import model_dir
 
     workspace = tmp_path / "ws"
-    rows, degrees = tmp_path / "validated", tmp_path / "degrees"
-    for folder in (rows, degrees):
+    rows, degrees, reference = tmp_path / "validated", tmp_path / "degrees", tmp_path / "reference"
+    for folder in (rows, degrees, reference):
         folder.mkdir()
         (folder / "train.jsonl").write_text("{}\n")
     sft = dsl.Model(uri=str(tmp_path / "sft-artifact"))  # the SFT step's artifact, downloaded into this pod
@@ -516,39 +518,47 @@ def test_the_step_stages_its_inputs_on_the_workspace_and_hands_the_trained_model
                                       "persistentVolumeClaim": {"claimName": "run-7-kfp-workspace"}}],
                             volume_mounts=[{"name": "kfp-workspace", "mountPath": str(workspace)}])
     policy, metrics = dsl.Model(uri=str(tmp_path / "policy")), dsl.Metrics(uri=str(tmp_path / "metrics.json"))
+    # one cell of the grid, as the pipeline's loop hands it over (spo.pipelines.dag): its name and its settings
+    settings = load_config(REPO / "params.yaml").cell_settings("dpo_spo", 0)
+    assert settings == {"train.loss": "dpo", "train.spo.enabled": True, "train.seed": 0}
     train_job(params=(REPO / "params.yaml").read_text(), validated=dsl.Dataset(uri=str(rows)),
-              degrees=dsl.Dataset(uri=str(degrees)), sft=sft, workspace=str(workspace), loss="dpo", spo=True,
-              spo_variant=True, platform=multinode().model_dump_json(), task_config=config, policy=policy,
-              metrics=metrics)
+              degrees=dsl.Dataset(uri=str(degrees)), sft=sft, reference=dsl.Dataset(uri=str(reference)),
+              workspace=str(workspace), cell="dpo_spo_s0", settings=json.dumps(settings, sort_keys=True),
+              platform=multinode().model_dump_json(), task_config=config, policy=policy, metrics=metrics)
 
     (created,) = server.calls("POST")
     job = created.body
     validate_trainjob(job)
     name = job["metadata"]["name"]
-    assert name.startswith("spo-dpo-spo-7e57c0de-") and job["metadata"]["labels"]["spo-pipeline/variant"] == "dpo-spo"
-    assert job["metadata"]["labels"]["pipeline/runid"] == "7e57c0de-0000-4000-8000-000000000000"
+    labels = job["metadata"]["labels"]
+    assert name.startswith("spo-dpo-spo-s0-7e57c0de-") and labels["spo-pipeline/cell"] == "dpo-spo-s0"
+    assert "spo-pipeline/variant" not in labels
+    assert labels["pipeline/runid"] == "7e57c0de-0000-4000-8000-000000000000"
     # owned by the launcher's pod: Kubernetes' garbage collector deletes the job with the pod, whether or not
     # a SIGTERM ever reached the launcher (the cleanup in launch() covers only that case)
     assert job["metadata"]["ownerReferences"] == [{
         "apiVersion": "v1", "kind": "Pod", "name": "spo-pipeline-x7k2q-system-container-impl-123",
         "uid": "uid-spo-pipeline-x7k2q-system-container-impl-123", "controller": False, "blockOwnerDeletion": False}]
     staged = workspace / "trainjobs" / name
-    assert seen["rows/train.jsonl"] == seen["degrees/train.jsonl"] == b"{}\n"
+    assert seen["rows/train.jsonl"] == seen["degrees/train.jsonl"] == seen["reference/train.jsonl"] == b"{}\n"
     assert seen["params.yaml"] == (REPO / "params.yaml").read_bytes()
     args = job["spec"]["trainer"]["args"]
     assert args[:2] == ["-p", str(staged / "params.yaml")]
     assert seen["sft/model.safetensors"] == b"sft weights"  # the trainer pods see the volume only
     assert not staged.exists()  # once the job is done its copies of the inputs are removed
-    assert f'train.sft_dir="{staged}/sft"' in args and "train.spo.enabled=true" in args
+    assert f'train.sft_dir="{staged}/sft"' in args and f'train.reference_dir="{staged}/reference"' in args
+    assert {"train.spo.enabled=true", 'train.loss="dpo"', "train.seed=0"} <= set(args)  # the cell's settings
     pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     volumes = pod["template"]["spec"]["template"]["spec"]["volumes"]
     assert volumes[0] == {"name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "run-7-kfp-workspace"}}
-    assert f'train.out_dir="{workspace}/models/policy/dpo_spo"' in args  # the single-pod task's folder: resumable
+    assert f'train.out_dir="{workspace}/models/policy/dpo_spo_s0"' in args  # the single-pod task's folder: resumable
     # the artifact holds the weights themselves: a later run taking this step from KFP's cache needs no workspace
     shutil.rmtree(workspace)
     assert (Path(model_dir(policy)) / "adapter.bin").read_bytes() == b"weights"
     assert policy.metadata["files"] == 1 and len(policy.metadata["sha256"]) == 64
-    assert metrics.metadata == {"train.loss": 0.5}
+    # each output names its cell: generate, report and publish place the collected lists by it
+    assert policy.metadata["cell"] == "dpo_spo_s0"
+    assert metrics.metadata == {"train.loss": 0.5, "cell": "dpo_spo_s0"}
     assert json.loads(Path(metrics.path).read_text()) == {"train": {"loss": 0.5}}
 
 
@@ -579,13 +589,16 @@ def test_on_the_checkpoint_volume_the_step_works_in_its_runs_folder_and_leaves_i
     monkeypatch.setattr(launcher_module, "current_namespace", lambda: NS)
     monkeypatch.setenv(RUN_NAME_ENV, "spo-pipeline-x7k2q")
     policy = dsl.Model(uri=str(tmp_path / "policy"))
+    settings = load_config(REPO / "params.yaml").cell_settings("dpo", 0)
     train_job(params=(REPO / "params.yaml").read_text(), validated=dsl.Dataset(uri=str(inputs)),
-              degrees=dsl.Dataset(uri=str(inputs)), sft=dsl.Model(uri=str(inputs)), workspace=str(volume), loss="dpo",
-              spo=True, spo_variant=False, platform=platform.model_dump_json(), task_config=dsl.TaskConfig(),
+              degrees=dsl.Dataset(uri=str(inputs)), sft=dsl.Model(uri=str(inputs)),
+              reference=dsl.Dataset(uri=str(inputs)), workspace=str(volume), cell="dpo_s0",
+              settings=json.dumps(settings), platform=platform.model_dump_json(), task_config=dsl.TaskConfig(),
               policy=policy, metrics=dsl.Metrics(uri=str(tmp_path / "metrics.json")))
     (created,) = server.calls("POST")
     args = created.body["spec"]["trainer"]["args"]
-    assert f'train.out_dir="{volume}/spo-pipeline-x7k2q/models/policy/dpo"' in args  # the same for a retry
+    assert f'train.out_dir="{volume}/spo-pipeline-x7k2q/models/policy/dpo_s0"' in args  # the same for a retry
+    assert "train.spo.enabled=false" in args
     pod = created.body["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
     assert pod["template"]["spec"]["template"]["spec"]["volumes"][0] == {
         "name": "kfp-workspace", "persistentVolumeClaim": {"claimName": "spo-checkpoints"}}
@@ -626,11 +639,21 @@ def test_a_bad_param_fails_the_step_before_any_job_is_created(tmp_path: Path, se
     config = dsl.TaskConfig(volumes=[{"name": "w", "persistentVolumeClaim": {"claimName": "c"}}],
                             volume_mounts=[{"name": "w", "mountPath": str(workspace)}])
     with pytest.raises(ConfigError, match="bogus_section"):
-        run_train_job(params=params, loss="dpo", spo=True, spo_variant=False, rows_dir=str(rows), degrees_dir=str(rows),
-                      sft_dir=str(workspace / "sft"), workspace=str(workspace),
+        run_train_job(params=params, cell="dpo_s0", settings={"train.loss": "dpo", "train.spo.enabled": False,
+                                                              "train.seed": 0},
+                      rows_dir=str(rows), degrees_dir=str(rows), sft_dir=str(workspace / "sft"),
+                      reference_dir=str(rows), workspace=str(workspace),
                       platform_json=multinode().model_dump_json(), run_id="r", task_config=config,
                       metrics_file=str(tmp_path / "m.json"), namespace=NS, api=api)
     assert not server.requests and not (workspace / "trainjobs").exists()  # nothing staged either
+    with pytest.raises(ConfigError, match=r"train\.loss: Input should be"):  # nor a bad setting of the cell's
+        run_train_job(params=(REPO / "params.yaml").read_text(), cell="bogus_s0",
+                      settings={"train.loss": "bogus", "train.spo.enabled": False, "train.seed": 0},
+                      rows_dir=str(rows), degrees_dir=str(rows), sft_dir=str(workspace / "sft"),
+                      reference_dir=str(rows), workspace=str(workspace),
+                      platform_json=multinode().model_dump_json(), run_id="r", task_config=config,
+                      metrics_file=str(tmp_path / "m.json"), namespace=NS, api=api)
+    assert not server.requests and not (workspace / "trainjobs").exists()
 
 
 def test_the_workspace_claim_comes_from_the_task_config() -> None:
@@ -658,39 +681,67 @@ def _compile(tmp_path: Path, platform: str) -> tuple[dict[str, Any], dict[str, A
     return spec, platform_spec["platforms"]["kubernetes"]
 
 
+def _loop(spec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The grid's loop task (``dsl.ParallelFor`` over the cells) and its component."""
+    (task,) = [t for t in spec["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    return task, spec["components"][task["componentRef"]["name"]]
+
+
+def _tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every step's task: the pipeline's, and the one inside the grid's loop in place of the loop."""
+    tasks = {name: t for name, t in spec["root"]["dag"]["tasks"].items() if "parameterIterator" not in t}
+    return {**tasks, **_loop(spec)[1]["dag"]["tasks"]}
+
+
+def _cells(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The loop's items: one per cell, its name and its train settings."""
+    return json.loads(_loop(spec)[0]["parameterIterator"]["items"]["raw"])
+
+
 def _container(spec: dict[str, Any], task: str) -> dict[str, Any]:
-    component = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
+    component = _tasks(spec)[task]["componentRef"]["name"]
     return spec["deploymentSpec"]["executors"][spec["components"][component]["executorLabel"]]["container"]
 
 
 def test_multinode_pipeline_launches_trainjobs_from_cpu_pods(tmp_path: Path) -> None:
     spec, k8s_spec = _compile(tmp_path, "multinode")
-    tasks = spec["root"]["dag"]["tasks"]
-    assert {"train-job", "train-job-2"} <= set(tasks) and not {"train", "train-2"} & set(tasks)
-    assert set(tasks["generate"]["dependentTasks"]) >= {"train-job", "train-job-2"}
-    for name, display in (("train-job", "train"), ("train-job-2", "train spo")):
-        task = tasks[name]
-        assert task["taskInfo"]["name"] == display and task["componentRef"]["name"].startswith("comp-train-job")
-        resources = _container(spec, name)["resources"]
-        assert "accelerator" not in resources and resources["resourceMemoryLimit"] == "16Gi"  # the cpu pool
-        executor = k8s_spec["deploymentSpec"]["executors"][f"exec-{name}"]
-        assert "nodeSelector" not in executor and "tolerations" not in executor
-        assert task["retryPolicy"]["maxRetryCount"] == 1  # the train pool's retries: a new TrainJob per retry
-        assert task["cachingOptions"] == {"enableCache": True}  # its model is an artifact: reusable by a later run
-        platform = json.loads(task["inputs"]["parameters"]["platform"]["runtimeValue"]["constant"])
-        assert platform["pools"]["gpu-multinode"]["nodes"] == 2
-        assert "run_id" not in task["inputs"]["parameters"]  # a per-run input would defeat the cache
+    tasks, root = _tasks(spec), spec["root"]["dag"]["tasks"]
+    loop, body = _loop(spec)
+    # one launcher task in the grid's loop, one iteration per cell (variants x grid.seeds), none outside it
+    assert set(body["dag"]["tasks"]) == {"train-job"} and not {"train", "train-2", "train-job-2"} & set(tasks)
+    assert not {"train", "train-job"} & set(root)
+    assert [c["cell"] for c in _cells(spec)] == [c.name for c in load_config(REPO / "params.yaml").cells()]
+    assert loop["taskInfo"]["name"] == "grid"
+    assert set(root["generate"]["dependentTasks"]) >= {next(n for n, t in root.items() if t is loop)}
+    assert root["generate"]["inputs"]["artifacts"]["policies"]["taskOutputArtifact"]["outputArtifactKey"] \
+        == "pipelinechannel--train-job-policy"  # every cell's policy, collected from the launcher tasks
+    assert not [n for n in spec["deploymentSpec"]["executors"] if n.startswith("exec-train") and n != "exec-train-job"]
+    task = tasks["train-job"]
+    assert task["taskInfo"]["name"] == "train" and task["componentRef"]["name"] == "comp-train-job"
+    resources = _container(spec, "train-job")["resources"]
+    assert "accelerator" not in resources and resources["resourceMemoryLimit"] == "16Gi"  # the cpu pool
+    executor = k8s_spec["deploymentSpec"]["executors"]["exec-train-job"]
+    assert "nodeSelector" not in executor and "tolerations" not in executor
+    assert task["retryPolicy"]["maxRetryCount"] == 1  # the train pool's retries: a new TrainJob per retry
+    assert task["cachingOptions"] == {"enableCache": True}  # its model is an artifact: reusable by a later run
+    platform = json.loads(task["inputs"]["parameters"]["platform"]["runtimeValue"]["constant"])
+    assert platform["pools"]["gpu-multinode"]["nodes"] == 2
+    parameters = task["inputs"]["parameters"]
+    assert set(parameters) == {"params", "workspace", "cell", "settings", "platform"}
+    assert "run_id" not in parameters  # a per-run input would defeat the cache
+    for key in ("cell", "settings"):  # each iteration's own cell, from the loop's item
+        assert parameters[key]["componentInputParameter"] == loop["parameterIterator"]["itemInput"]
+        assert parameters[key]["parameterExpressionSelector"] == f'parseJson(string_value)["{key}"]'
     component = spec["components"]["comp-train-job"]
     assert set(component["outputDefinitions"]["artifacts"]) == {"policy", "metrics"}  # as train's
-    assert set(component["inputDefinitions"]["artifacts"]) == {"validated", "degrees", "sft"}
+    assert set(component["inputDefinitions"]["artifacts"]) == {"validated", "degrees", "sft", "reference"}
     passthrough = {p["field"]: p["applyToTask"] for p in component["taskConfigPassthroughs"]}
     assert passthrough["KUBERNETES_VOLUMES"] and all(passthrough.values()) and len(passthrough) == 6
     assert _container(spec, "sft")["resources"]["accelerator"]["count"] == "1"  # the other GPU steps as before
     # its pods work on the checkpoint volume (a fixed claim: the step stays cacheable), so no run has a workspace PVC
     assert "workspace" not in k8s_spec.get("pipelineConfig", {})
-    for name in ("train-job", "train-job-2"):
-        assert tasks[name]["inputs"]["parameters"]["workspace"] == {"runtimeValue": {"constant": "/spo-checkpoints"}}
-        assert k8s_spec["deploymentSpec"]["executors"][f"exec-{name}"]["pvcMount"][0]["constant"] == "spo-checkpoints"
+    assert parameters["workspace"] == {"runtimeValue": {"constant": "/spo-checkpoints"}}
+    assert executor["pvcMount"][0]["constant"] == "spo-checkpoints"
     from spo.pipelines.compile import compile_pipeline
 
     compile_pipeline(tmp_path / "k8s.yaml", params=REPO / "params.yaml", platform=PLATFORMS / "multinode.yaml",
@@ -700,11 +751,14 @@ def test_multinode_pipeline_launches_trainjobs_from_cpu_pods(tmp_path: Path) -> 
 @pytest.mark.parametrize("platform", ["local", "gpu"])
 def test_single_node_pipelines_keep_the_single_pod_train(tmp_path: Path, platform: str) -> None:
     spec, _ = _compile(tmp_path, platform)
-    tasks = spec["root"]["dag"]["tasks"]
-    assert tasks["train"]["componentRef"]["name"] == "comp-train" and "train-2" in tasks
+    tasks = _tasks(spec)
+    # the single-pod train task in the grid's loop, one iteration per cell
+    assert set(_loop(spec)[1]["dag"]["tasks"]) == {"train"} and "train" not in spec["root"]["dag"]["tasks"]
+    assert tasks["train"]["componentRef"]["name"] == "comp-train" and "train-2" not in tasks
+    assert [c["cell"] for c in _cells(spec)] == [c.name for c in load_config(REPO / "params.yaml").cells()]
     assert not any(name.startswith("comp-train-job") for name in spec["components"])
     assert "taskConfigPassthroughs" not in json.dumps(spec)
-    assert set(tasks["train"]["inputs"]["parameters"]) == {"params", "checkpoints", "loss", "spo", "spo_variant"}
+    assert set(tasks["train"]["inputs"]["parameters"]) == {"params", "checkpoints", "cell", "settings"}
     gpu = _container(spec, "train")["resources"].get("accelerator")
     assert (gpu is not None) == (platform == "gpu")
 
