@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO
 from docker_helpers import project_image, require_docker
 from pipeline_helpers import DVC, _env, small_project
@@ -41,6 +42,9 @@ def test_the_pipeline_in_containers_gives_the_numbers_of_dvc_repro(tmp_path: Pat
     require_docker()
     image = project_image()
     work = small_project(tmp_path)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["grid"]["seeds"] = [0, 1]  # a real grid: two variants x two seeds, four cells
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = subprocess.run([*DVC, "repro"], cwd=work, env=_env(hh_slice), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -60,7 +64,7 @@ def test_the_pipeline_in_containers_gives_the_numbers_of_dvc_repro(tmp_path: Pat
     assert _numbers(kfp_metrics("keywords")) == _numbers(dvc_metrics("keywords"))
     # the grid: the train task in the loop, one iteration per cell (variants x grid.seeds), each named by its cell
     cells = [cell.name for cell in load_config(work / "params.yaml").cells()]
-    assert cells == ["dpo_s0", "dpo_spo_s0"]
+    assert cells == ["dpo_s0", "dpo_s1", "dpo_spo_s0", "dpo_spo_s1"]
     assert sorted(t for t in run.tasks if t.startswith("train")) == [f"train@{cell}" for cell in cells]
     for cell in cells:  # dvc.yaml's matrix stage train@<variant>-<seed> wrote metrics/train_<cell>.json
         trained, recorded = kfp_metrics(f"train@{cell}"), dvc_metrics(f"train_{cell}")
@@ -70,15 +74,17 @@ def test_the_pipeline_in_containers_gives_the_numbers_of_dvc_repro(tmp_path: Pat
         assert run.output(f"train@{cell}", "policy").is_dir() and (work / "models" / "policy" / cell).is_dir()
     judged, expected = kfp_metrics("judge"), dvc_metrics("judge")
     assert expected[PAIRED] and expected[GRID]
+    assert {name: f["seeds"] for name, f in expected[GRID].items()} == {
+        "dpo_vs_chosen": [0, 1], "dpo_spo_vs_chosen": [0, 1], "dpo_spo_vs_dpo": [0, 1], "dpo_spo_vs_sft": [0, 1]}
     for summary in SUMMARIES:  # DPO+SPO against its twin of the same seed; the families pooled over the seeds
         assert judged.pop(summary, None) == expected.pop(summary, None), summary
-    assert set(judged) == set(expected) == {"dpo_s0_vs_chosen", "dpo_spo_s0_vs_chosen", "dpo_spo_s0_vs_dpo_s0",
-                                            "dpo_spo_s0_vs_sft"}
+    assert set(judged) == set(expected) == {name.format(s=seed) for seed in (0, 1) for name in (
+        "dpo_s{s}_vs_chosen", "dpo_spo_s{s}_vs_chosen", "dpo_spo_s{s}_vs_dpo_s{s}", "dpo_spo_s{s}_vs_sft")}
     for name, record in expected.items():
         for key in ("win_rate", "ci_low", "ci_high", "ties", "wins", "losses", "n", "lc_win_rate", "tie_rate"):
             assert judged[name][key] == record[key], (name, key)
     report = run.output("report", "report_md").read_text()
-    assert len(_winrate_rows(report)) == 4
+    assert len(_winrate_rows(report)) == 8
     assert _winrate_rows(report) == _winrate_rows((work / "reports" / "report.md").read_text())
     assert set(run.step_seconds) == set(run.tasks)  # every task ran in a container, timed
     assert run.output("validate", "report").read_text().lstrip().lower().startswith("<!doctype html")
