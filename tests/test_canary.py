@@ -273,14 +273,14 @@ def test_the_demo_path_with_the_openai_judge_leaves_no_key(tmp_path: Path, hh_sl
     assert len(rows) == 4
     generations = work / "outputs/generations"
     generations.mkdir(parents=True)
-    (generations / "dpo_spo.jsonl").write_text("".join(
+    (generations / "dpo_spo_s0.jsonl").write_text("".join(
         json.dumps({"id": r["id"], "prompt": r["prompt"], "response": " a longer, careful answer", "sample": 0,
-                    "model": "dpo_spo"}) + "\n" for r in rows))
+                    "model": "dpo_spo_s0"}) + "\n" for r in rows))
     server = JudgeServer().start()
     try:
         params = read_params(work)
         params["judge"].update(backend="openai", auto_comparisons=False,
-                               comparisons=[{"name": "dpo_spo_vs_chosen", "a": "dpo_spo", "b": "chosen"}])
+                               comparisons=[{"name": "dpo_spo_s0_vs_chosen", "a": "dpo_spo_s0", "b": "chosen"}])
         params["judge"]["openai"].update(base_url=server.base_url, model="judge-canary", api_key_env=KEY_ENV,
                                          concurrency=2)
         params["judge"]["openai"]["retry"].update(max_retries=3, initial_backoff=0.01, max_backoff=0.05,
@@ -298,7 +298,7 @@ def test_the_demo_path_with_the_openai_judge_leaves_no_key(tmp_path: Path, hh_sl
     finally:
         server.stop()
 
-    assert json.loads((work / "metrics/judge.json").read_text())["dpo_spo_vs_chosen"]["n"] == 4
+    assert json.loads((work / "metrics/judge.json").read_text())["dpo_spo_s0_vs_chosen"]["n"] == 4
     # the key did travel — as the Authorization header, and nowhere else in any request
     assert server.requests and all(r.headers["authorization"] == f"Bearer {KEY}" for r in server.requests)
     for i, r in enumerate(server.requests):

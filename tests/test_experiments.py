@@ -76,7 +76,7 @@ def test_common_overrides_come_first_in_every_run_and_a_runs_own_win(tmp_path: P
     # a preset's targets end the command: those stages and what they depend on, no more
     [heads] = experiments.run_preset("real_degrees", experiments.load_presets(REPO / "experiments.yaml"),
                                      params=REPO / "params.yaml", dry_run=True, only=["without_pe"])
-    assert heads["command"][-3:] == ["-S", "train.spo.positional_encoding=false", "train@dpo_spo"]
+    assert heads["command"][-3:] == ["-S", "train.spo.positional_encoding=false", "train@dpo_spo-0"]
     # --seeds: every run once per training seed, train.seed set last, named <preset>-<run>-s<seed>
     seeded = experiments.run_preset("real", presets, params=REPO / "params.yaml", dry_run=True, only=["base"],
                                     seeds=[0, 1, 2])
@@ -91,18 +91,43 @@ def test_common_overrides_come_first_in_every_run_and_a_runs_own_win(tmp_path: P
                                dry_run=True)
 
 
+def test_a_train_target_must_be_a_stage_of_the_runs_grid(tmp_path: Path) -> None:
+    """dvc.yaml's train is a matrix: a target names a cell's stage, train@<variant>-<seed>; a policy's
+    name alone (train@dpo_spo, the stage before the grid) or a cell outside grid.seeds fails before DVC."""
+    assert experiments.train_stage("dpo_spo_s0") == "train@dpo_spo-0"
+    assert experiments.train_stage("kto_s12") == "train@kto-12"
+    assert experiments.train_stage("dpo_spo") == "train@dpo_spo"  # a run from before the grid
+    presets_file = tmp_path / "experiments.yaml"
+    for targets, ok in (("[train@dpo_spo-0]", True), ("[train, judge]", True), ("[train@dpo_spo]", False),
+                        ("[train@dpo_spo-1]", False), ("[train@ipo-0]", False)):
+        presets_file.write_text(f"presets:\n  p:\n    description: x\n    targets: {targets}\n    runs:\n      a: []\n")
+        presets = experiments.load_presets(presets_file)
+        if ok:
+            [run] = experiments.run_preset("p", presets, params=REPO / "params.yaml", dry_run=True)
+            assert run["command"][-len(presets["p"].targets):] == presets["p"].targets
+        else:
+            with pytest.raises(ConfigError, match="not a train stage of this run's grid"):
+                experiments.run_preset("p", presets, params=REPO / "params.yaml", dry_run=True)
+    # the run's own overrides make the grid: a variant added, or more seeds, adds its stages
+    [run] = experiments.run_preset("p", presets, params=REPO / "params.yaml", dry_run=True,
+                                   extra=["++variants.ipo={loss: ipo, spo: false}", "grid.seeds=[0,1]"])
+    assert run["command"][-1] == "train@ipo-0"
+
+
 # -- against real DVC, in a scratch project whose one stage writes judge-like metrics from params
 STAGE = textwrap.dedent("""
     import json, os, pathlib, yaml
     p = yaml.safe_load(open("params.yaml"))
     rate = {"rake": 0.55, "yake": 0.6, "random": 0.45}[p["keywords"]["method"]]
     pathlib.Path("metrics").mkdir(exist_ok=True)
-    judge = {f"{v}_vs_chosen": {"a": v, "b": "chosen", "win_rate": rate, "ci_low": rate - 0.1,
-             "ci_high": rate + 0.1, "n": 100, "tie_rate": 0.0} for v in p["variants"]}
+    stats = {"win_rate": rate, "ci_low": rate - 0.1, "ci_high": rate + 0.1, "n": 100, "tie_rate": 0.0}
+    # as spo judge writes it: one comparison per grid cell (<variant>_s<seed>), each family pooled over seeds
+    judge = {f"{v}_s0_vs_chosen": {"a": f"{v}_s0", "b": "chosen", **stats} for v in p["variants"]}
+    judge["grid"] = {f"{v}_vs_chosen": {"a": v, "b": "chosen", "seeds": [0], **stats} for v in p["variants"]}
     judge["data_dir"] = os.environ.get("SPO_DATA_DIR")
     json.dump(judge, open("metrics/judge.json", "w"))
     for v in p["variants"]:
-        json.dump({"eval": {"rewards/accuracies": rate}}, open(f"metrics/train_{v}.json", "w"))
+        json.dump({"eval": {"rewards/accuracies": rate}}, open(f"metrics/train_{v}_s0.json", "w"))
 """)
 
 
@@ -121,7 +146,7 @@ def scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             params: [data, keywords, variants]
             metrics:
               - metrics/judge.json: {cache: false}
-              - metrics/train_dpo_spo.json: {cache: false}
+              - metrics/train_dpo_spo_s0.json: {cache: false}
     """))
     (work / "experiments.yaml").write_text(textwrap.dedent("""
         presets:
@@ -146,14 +171,17 @@ def test_preset_runs_are_dvc_experiments_and_the_summary_shows_them(scratch: Pat
     monkeypatch.setenv("SPO_DATA_DIR", "shared/data")  # relative to the project, not to DVC's temporary copy
     assert main(["exp", "run", "extractor"]) == 0
     assert (scratch / "params.yaml").read_text() == params_before, "runs happen in temporary copies"
-    assert json.loads((scratch / "metrics/judge.json").read_text())["dpo_spo_vs_chosen"]["win_rate"] == 0.55
+    assert json.loads((scratch / "metrics/judge.json").read_text())["dpo_spo_s0_vs_chosen"]["win_rate"] == 0.55
 
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True,
                                       check=True).stdout)
     rows = experiments.parse_exp_show(shown)
     assert [r["name"] for r in rows][1:] == ["extractor-yake", "extractor-random"]  # the workspace is the baseline
-    assert [r["win_rates"]["dpo_spo_vs_chosen"]["win_rate"] for r in rows] == [0.55, 0.6, 0.45]
-    assert "ipo_vs_chosen" in rows[2]["win_rates"] and "ipo_vs_chosen" not in rows[1]["win_rates"]
+    assert [r["win_rates"]["dpo_spo_s0_vs_chosen"]["win_rate"] for r in rows] == [0.55, 0.6, 0.45]
+    assert "ipo_s0_vs_chosen" in rows[2]["win_rates"] and "ipo_s0_vs_chosen" not in rows[1]["win_rates"]
+    assert [r["training"] for r in rows][1:] == [{"dpo_spo_s0": {"rewards/accuracies": 0.6}},
+                                                 {"dpo_spo_s0": {"rewards/accuracies": 0.45}}]  # metrics/train_<cell>
+    assert [r["grid"]["dpo_spo_vs_chosen"]["win_rate"] for r in rows] == [0.55, 0.6, 0.45]  # the families
     assert experiments.varying_params(rows) == ["keywords.method", "variants"]
     yake = next(e for e in shown[1]["experiments"] if e["name"] == "extractor-yake")["revs"][0]["data"]
     assert yake["metrics"]["metrics/judge.json"]["data"]["data_dir"] == str(scratch / "shared/data")
@@ -163,10 +191,11 @@ def test_preset_runs_are_dvc_experiments_and_the_summary_shows_them(scratch: Pat
     assert "| extractor-yake | yake | dpo_spo | 60.0% [50.0, 70.0] (n=100) |" in md
     assert ("| extractor-random | random | dpo_spo, ipo | 45.0% [35.0, 55.0] (n=100) "
             "| 45.0% [35.0, 55.0] (n=100) |") in md
-    assert "| extractor-yake | dpo_spo | 0.600 |" in md
+    assert "| extractor-yake | dpo_spo_s0 | 0.600 |" in md  # the policy's last evaluation: one per cell
     assert "| Method | hh |" in md  # the paper's layout: the latest run for each method and data set
-    # the policy's last evaluation
+    # a method is a variant, its win rate the grid family's (pooled over seeds), not one cell's
     assert "| dpo_spo | 45.0% [35.0, 55.0] (n=100) |" in md and "| ipo | 45.0% [35.0, 55.0] (n=100) |" in md
+    assert "| dpo_spo_s0 | 45.0%" not in md
     assert (scratch / "out/experiments.png").stat().st_size > 1000
     assert "data:image/png;base64," in (scratch / "out/experiments.html").read_text()
     assert json.loads((scratch / "out/experiments.json").read_text())[1]["params"]["keywords.method"] == "yake"
@@ -181,7 +210,7 @@ def test_degree_heads_per_level_carry_n_intervals_and_chance(tmp_path: Path) -> 
     ev = {"pairs": 48.0, "excluded_w": 2.0, "degree/accuracy_w": 0.5,
           "degree/accuracy_w/ci_low": 0.38, "degree/accuracy_w/ci_high": 0.62,
           **{f"degree/accuracy_w/level_{k}": v for k, v in enumerate([1.0, 0.5, 0.25, 0.25])}}
-    rows = [{"name": "real_degrees-random", "training": {"dpo_spo": ev, "dpo": {"rewards/accuracies": 0.5}}}]
+    rows = [{"name": "real_degrees-random", "training": {"dpo_spo_s0": ev, "dpo_s0": {"rewards/accuracies": 0.5}}}]
     [head] = experiments.degree_levels(rows)
     assert (head["head"], head["n"], head["chance"]) == ("chosen", 4 * 46, 0.25)
     # over all levels: the trainer's bootstrap over responses, never a binomial over 4 x 46 correlated trials
@@ -192,7 +221,7 @@ def test_degree_heads_per_level_carry_n_intervals_and_chance(tmp_path: Path) -> 
     from spo.report import to_markdown
 
     md = to_markdown(experiments.summary_doc([{**rows[0], "rev": "x", "params": {}, "win_rates": {}}]))
-    assert "| real_degrees-random | dpo_spo | chosen | 184 | 0.500 |" in md
+    assert "| real_degrees-random | dpo_spo_s0 | chosen | 184 | 0.500 |" in md
     # beside the heads, what they must beat: the shortcut audit of the same degree data (metrics/degrees.json)
     audit = {"chance": 0.25, "formatting_max": 0.271, "probes": {"length": {"accuracy": 0.33},
              "word_length": {"accuracy": 0.548}, "length_all": {"accuracy": 0.56}}}
@@ -201,47 +230,67 @@ def test_degree_heads_per_level_carry_n_intervals_and_chance(tmp_path: Path) -> 
 
 
 def test_a_training_only_experiment_is_a_row_of_the_summary() -> None:
-    """A targets: [train@dpo_spo] run in a workspace that never ran the judge has no judge.json at all:
+    """A targets: [train@dpo_spo-0] run in a workspace that never ran the judge has no judge.json at all:
     its degree heads are still its result (dvc exp show --json's shape, as parse_exp_show reads it)."""
     data = {"params": {"params.yaml": {"data": {"keywords": {"method": "random"}}}},
-            "metrics": {"metrics/train_dpo_spo.json": {"data": {"eval": {"degree/accuracy_w": 0.4}}},
+            "metrics": {"metrics/train_dpo_spo_s0.json": {"data": {"eval": {"degree/accuracy_w": 0.4}}},
                         "metrics/degrees.json": {"data": {"shortcut_audit": {"chance": 0.25, "probes": {}}}}}}
     entries = [{"rev": "a" * 40, "name": "main", "data": None,
                 "experiments": [{"revs": [{"rev": "b" * 40, "name": "real_degrees-random-s0", "data": data}]}]}]
     [row] = experiments.parse_exp_show(entries)
-    assert row["name"] == "real_degrees-random-s0" and row["training"]["dpo_spo"]["degree/accuracy_w"] == 0.4
+    assert row["name"] == "real_degrees-random-s0" and row["training"]["dpo_spo_s0"]["degree/accuracy_w"] == 0.4
     assert row["audit"] == {"chance": 0.25, "probes": {}}
 
 
 def test_a_targeted_runs_summary_shows_only_the_metrics_it_produced() -> None:
-    """real_degrees runs train@dpo_spo: its judge.json and train_dpo.json are the baseline's files."""
+    """real_degrees runs train@dpo_spo-0: its judge.json and train_dpo_s0.json are the baseline's files."""
     presets = experiments.load_presets(REPO / "experiments.yaml")
     ev = {"rewards/accuracies": 0.4}
-    row = {"name": "real_degrees-random", "win_rates": {"dpo_spo_vs_dpo": {"win_rate": 0.57}},
-           "training": {"dpo": ev, "dpo_spo": ev}}
+    row = {"name": "real_degrees-random", "win_rates": {"dpo_spo_s0_vs_dpo_s0": {"win_rate": 0.57}},
+           "grid": {"dpo_spo_vs_dpo": {"a": "dpo_spo", "b": "dpo", "win_rate": 0.57}},
+           "training": {"dpo_s0": ev, "dpo_spo_s0": ev, "dpo_spo_s1": ev}}
     full = {**row, "name": "real-hh"}
     kept, untouched = experiments.only_what_ran([row, full], presets)
-    assert kept["win_rates"] == {} and list(kept["training"]) == ["dpo_spo"]
+    # the cell dpo_spo_s0 is the stage train@dpo_spo-0; dpo_spo_s1 (train@dpo_spo-1) did not run either
+    assert kept["win_rates"] == {} and kept["grid"] == {} and list(kept["training"]) == ["dpo_spo_s0"]
     assert untouched == full  # a preset without targets ran everything
     # a run of `--seeds` (<run>-s<seed>) is the same run of the same preset
     [seeded] = experiments.only_what_ran([{**row, "name": "real_degrees-random-s2"}], presets)
-    assert seeded["win_rates"] == {} and list(seeded["training"]) == ["dpo_spo"]
+    assert seeded["win_rates"] == {} and list(seeded["training"]) == ["dpo_spo_s0"]
 
 
 def test_seeded_runs_give_mean_spread_and_range_per_metric() -> None:
     def row(name: str, rate: float, acc: float) -> dict:
-        return {"name": name, "win_rates": {"dpo_spo_vs_dpo": {"win_rate": rate}},
-                "training": {"dpo_spo": {"degree/accuracy_w": acc}}, "params": {}}
+        return {"name": name, "win_rates": {"dpo_spo_s0_vs_dpo_s0": {"win_rate": rate}},
+                "training": {"dpo_spo_s0": {"degree/accuracy_w": acc}}, "params": {}}
 
     rows = [row("real-base-s0", 0.50, 0.40), row("real-base-s1", 0.56, 0.44), row("real-base-s2", 0.53, 0.48),
             row("real-other", 0.9, 0.9)]
     [group] = experiments.seed_groups(rows)
     assert group["run"] == "real-base" and group["seeds"] == [0, 1, 2]
-    win = group["metrics"]["win rate dpo_spo_vs_dpo"]
+    win = group["metrics"]["win rate dpo_spo_s0_vs_dpo_s0"]
     assert win["mean"] == pytest.approx(0.53) and win["sd"] == pytest.approx(0.03)  # sample sd of .50 .56 .53
     assert (win["min"], win["max"], win["seeds"]) == (0.50, 0.56, 3)
-    assert group["metrics"]["degree accuracy dpo_spo chosen"]["sd"] == pytest.approx(0.04)
+    assert group["metrics"]["degree accuracy dpo_spo_s0 chosen"]["sd"] == pytest.approx(0.04)
     from spo.report import to_markdown
 
     md = to_markdown(experiments.summary_doc(rows))
-    assert "| real-base | 0 1 2 | win rate dpo_spo_vs_dpo | 0.530 | 0.030 | 0.500 | 0.560 |" in md
+    assert "| real-base | 0 1 2 | win rate dpo_spo_s0_vs_dpo_s0 | 0.530 | 0.030 | 0.500 | 0.560 |" in md
+
+
+def test_the_method_table_pools_the_seeds_of_a_grid_and_reads_older_runs_by_policy() -> None:
+    """A method of the paper's table is a variant: its win rate is judge.json's grid family (pooled over
+    the run's seeds), never one seed's cell; a run from before the grid had one comparison per policy."""
+    def stats(rate: float) -> dict:
+        return {"win_rate": rate, "ci_low": rate - 0.1, "ci_high": rate + 0.1, "n": 50}
+
+    grid_run = {"name": "loss_x_spo-hh", "params": {"data.dataset": "hh"},
+                "win_rates": {f"dpo_spo_s{s}_vs_chosen": {"a": f"dpo_spo_s{s}", "b": "chosen", **stats(0.4 + s / 10)}
+                              for s in (0, 1)},
+                "grid": {"dpo_spo_vs_chosen": {"a": "dpo_spo", "b": "chosen", **stats(0.45)},
+                         "dpo_spo_vs_dpo": {"a": "dpo_spo", "b": "dpo", **stats(0.6)}}}
+    old_run = {"name": "loss_x_spo-tldr", "params": {"data.dataset": "tldr"},
+               "win_rates": {"dpo_spo_vs_chosen": {"a": "dpo_spo", "b": "chosen", **stats(0.7)}}}
+    datasets, table = experiments.paper_table([grid_run, old_run])
+    assert datasets == ["hh", "tldr"]
+    assert table == [["dpo_spo", "45.0% [35.0, 55.0] (n=50)", "70.0% [60.0, 80.0] (n=50)"]]

@@ -141,8 +141,8 @@ def judge_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     rows = [{"id": f"h{i}", "source": "hh", "split": "test", "prompt": f"\n\nHuman: question {i}?\n\nAssistant:",
              "chosen": SHORT, "rejected": " no"} for i in range(N_ITEMS)]
     write_jsonl(tmp_path / "data/validated/test.jsonl", rows)
-    write_jsonl(tmp_path / "outputs/generations/dpo_spo.jsonl",
-                [{"id": r["id"], "prompt": r["prompt"], "response": LONG, "sample": 0, "model": "dpo_spo"}
+    write_jsonl(tmp_path / "outputs/generations/dpo_spo_s0.jsonl",
+                [{"id": r["id"], "prompt": r["prompt"], "response": LONG, "sample": 0, "model": "dpo_spo_s0"}
                  for r in rows])
     return tmp_path
 
@@ -156,7 +156,7 @@ def judge_params(root: Path, base_url: str, **retry: float) -> Path:
     jc.cache_file = str(root / "outputs/judge_cache.sqlite")
     jc.bootstrap_samples = 100
     jc.auto_comparisons = False
-    jc.comparisons = [ComparisonConfig(name="dpo_spo_vs_chosen", a="dpo_spo", b="chosen")]
+    jc.comparisons = [ComparisonConfig(name="dpo_spo_s0_vs_chosen", a="dpo_spo_s0", b="chosen")]
     jc.openai.base_url, jc.openai.model, jc.openai.api_key_env = base_url, "judge-test", KEY_ENV
     jc.openai.concurrency = 2
     # 30 s: a healthy call is never timed out by a loaded machine; the timeout test hangs replies instead
@@ -168,7 +168,7 @@ def judge_params(root: Path, base_url: str, **retry: float) -> Path:
 
 
 def winrates(root: Path) -> dict:
-    return json.loads((root / "outputs/judgments/winrates.json").read_text())["dpo_spo_vs_chosen"]
+    return json.loads((root / "outputs/judgments/winrates.json").read_text())["dpo_spo_s0_vs_chosen"]
 
 
 def run_judge(params: Path, *flags: str) -> int:
@@ -329,7 +329,7 @@ def test_judge_answering_nonsense(judge_workspace: Path, caplog: pytest.LogCaptu
         stats = winrates(judge_workspace)
         assert (stats["invalid"], stats["n"], stats["win_rate"]) == (2, N_ITEMS - 2, 1.0)
         assert "Traceback" not in caplog.text
-        lines = {r["id"]: r for r in read_jsonl(judge_workspace / "outputs/judgments/dpo_spo_vs_chosen.jsonl")}
+        lines = {r["id"]: r for r in read_jsonl(judge_workspace / "outputs/judgments/dpo_spo_s0_vs_chosen.jsonl")}
         assert lines["h0"]["outcome"] == "invalid" and "I cannot decide" in lines["h0"]["ab"]["raw"]
         assert lines["h1"]["outcome"] == "invalid"
         assert ledger.calls() == 2 * (N_ITEMS - 2) + 2 * 2 * 2  # the nonsense asked twice per order
@@ -359,8 +359,8 @@ def test_judge_that_never_gives_a_verdict_fails_fast(judge_workspace: Path, capl
     rows = read_jsonl(judge_workspace / "data/validated/test.jsonl")
     more = [{**rows[0], "id": f"h{i}", "prompt": f"\n\nHuman: question {i}?\n\nAssistant:"} for i in range(N_ITEMS, 30)]
     write_jsonl(judge_workspace / "data/validated/test.jsonl", rows + more)
-    write_jsonl(judge_workspace / "outputs/generations/dpo_spo.jsonl",
-                [{"id": r["id"], "prompt": r["prompt"], "response": LONG, "sample": 0, "model": "dpo_spo"}
+    write_jsonl(judge_workspace / "outputs/generations/dpo_spo_s0.jsonl",
+                [{"id": r["id"], "prompt": r["prompt"], "response": LONG, "sample": 0, "model": "dpo_spo_s0"}
                  for r in rows + more])
     ledger = Ledger(lambda content, attempt: ("garbage", garbage("Both responses are helpful in their own way.")))
     with JudgeServer(default=ledger) as server:
@@ -389,7 +389,7 @@ def test_judge_biased_to_the_first_position(judge_workspace: Path, caplog: pytes
         assert ((stats["win_rate"], stats["position_consistency"], stats["ties"], stats["n"])
                 == (0.5, 0.0, N_ITEMS, N_ITEMS))
         assert stats["tie_rate"] == 1.0
-        assert any(r.getMessage().startswith("dpo_spo_vs_chosen: win 50.0%") for r in caplog.records)
+        assert any(r.getMessage().startswith("dpo_spo_s0_vs_chosen: win 50.0%") for r in caplog.records)
         assert_each_paid_once(ledger)
         assert run_judge(params) == 0 and ledger.calls() == 2 * N_ITEMS
 

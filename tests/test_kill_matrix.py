@@ -60,16 +60,18 @@ from test_pipeline_reliability import _checkpoint_steps, _tail
 pytestmark = pytest.mark.slow
 
 TRAIN_STEPS = 4
-POLICY = "models/policy/dpo_spo"
-TRAIN_ARGS = ("-S", "train.loss=dpo", "-S", "train.spo.enabled=true",
-              "-S", f"train.out_dir={POLICY}", "-S", "train.metrics_file=metrics/train_dpo_spo.json")
+# the grid cell dpo_spo_s0 (variant dpo_spo, seed 0), as dvc.yaml's stage train@dpo_spo-0 runs it
+POLICY = "models/policy/dpo_spo_s0"
+METRICS = "metrics/train_dpo_spo_s0.json"
+TRAIN_ARGS = ("--variant", "dpo_spo", "--seed", "0")
+# the same recipe (DPO + SPO) on two processes, in a folder of its own outside the grid
 DDP_POLICY = "models/policy/ddp"
-DDP_ARGS = (*TRAIN_ARGS[:4], "-S", f"train.out_dir={DDP_POLICY}", "-S", "train.metrics_file=metrics/train_ddp.json")
+DDP_ARGS = ("-S", "train.loss=dpo", "-S", "train.spo.enabled=true",
+            "-S", f"train.out_dir={DDP_POLICY}", "-S", "train.metrics_file=metrics/train_ddp.json")
 # what `dvc repro judge` runs, in order, in one process (one import of torch for all of them)
-CHAIN = [["prepare"], ["validate"], ["keywords"], ["degrees"], ["base_model"], ["sft"],
-         ["train", "-S", "train.loss=dpo", "-S", "train.spo.enabled=false", "-S", "train.out_dir=models/policy/dpo",
-          "-S", "train.metrics_file=metrics/train_dpo.json"],
-         ["train", *TRAIN_ARGS], ["generate"], ["reward_model"], ["judge"]]
+CHAIN = [["prepare"], ["validate"], ["keywords"], ["degrees"], ["base_model"], ["sft"], ["reference"],
+         ["train", "--variant", "dpo", "--seed", "0"], ["train", *TRAIN_ARGS], ["generate"], ["reward_model"],
+         ["judge"]]
 TIMING_KEYS = re.compile(r"per_s|seconds|memory")  # metrics.jsonl / train_summary.json fields that measure time
 # a generous bound on a stage's rerun, which takes seconds: only a guard against a hang
 RUN_HANG_GUARD_S = 1800
@@ -215,12 +217,12 @@ WHOLE = {
                 "train.jsonl written, eval.jsonl complete in its temporary file, test.jsonl not started"),
     "sft": ("models/sft", "metrics/sft.json", r"/\.?sft[^/]*/provenance\.json$",
             "trained, weights and tokenizer saved, provenance.json not yet renamed"),
-    "generate": ("outputs/generations", "metrics/generate.json", r"/\.?generations[^/]*/dpo\.jsonl$",
-                 "sft.jsonl written, dpo.jsonl complete in its temporary file, dpo_spo not generated"),
+    "generate": ("outputs/generations", "metrics/generate.json", r"/\.?generations[^/]*/dpo_s0\.jsonl$",
+                 "sft.jsonl written, dpo_s0.jsonl complete in its temporary file, dpo_spo_s0 not generated"),
     "reward_model": ("models/reward", "metrics/reward_model.json", r"/\.?reward[^/]*/provenance\.json$",
                      "trained, weights, value head and tokenizer saved, provenance.json not yet renamed"),
-    "judge": ("outputs/judgments", "metrics/judge.json", r"/\.?judgments[^/]*/dpo_spo_vs_chosen\.jsonl$",
-              "dpo_vs_chosen judged and written, dpo_spo_vs_chosen in its temporary file, 2 comparisons left"),
+    "judge": ("outputs/judgments", "metrics/judge.json", r"/\.?judgments[^/]*/dpo_spo_s0_vs_chosen\.jsonl$",
+              "dpo_s0_vs_chosen judged and written, dpo_spo_s0_vs_chosen in its temporary file, 2 comparisons left"),
 }
 
 
@@ -302,7 +304,7 @@ def _assert_resumed(result: subprocess.CompletedProcess, policy: Path, last: int
 def test_killed_train_resumes_from_its_last_checkpoint_bit_identically(
     pipeline: Path, project: Path, tmp_path: Path, hh_slice: Path
 ) -> None:
-    policy, metrics_file = project / POLICY, project / "metrics/train_dpo_spo.json"
+    policy, metrics_file = project / POLICY, project / METRICS
     shutil.rmtree(policy)
     metrics_file.unlink()
     env, log, hold = _env(hh_slice), tmp_path / "killed.log", Hold(tmp_path / "hold", TRAIN_HELD_AT)

@@ -82,17 +82,27 @@ def test_whole_pipeline_end_to_end_on_a_slice(tmp_path: Path, hh_slice: Path) ->
     result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=_env(hh_slice), capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    for stage in (*STAGES, "base_model", "sft", "train@dpo", "train@dpo_spo", "generate", "reward_model", "judge",
-                  "report"):
+    # the grid of the default params: two variants x one seed, one matrix stage per cell
+    for stage in (*STAGES, "base_model", "sft", "reference", "train@dpo-0", "train@dpo_spo-0", "generate",
+                  "reward_model", "judge", "report"):
         assert f"Running stage '{stage}'" in result.stdout, stage
+    for cell in ("dpo_s0", "dpo_spo_s0"):
+        assert (work / f"models/policy/{cell}/model.safetensors").is_file(), cell
+        assert json.loads((work / f"metrics/train_{cell}.json").read_text())["steps"] == 2, cell
 
     judge = json.loads((work / "metrics/judge.json").read_text())
-    paired = judge.pop("paired_differences")  # DPO+SPO against its twin, on the same prompts
-    assert list(paired) == ["dpo_spo_minus_dpo_vs_chosen"] and paired["dpo_spo_minus_dpo_vs_chosen"]["n"] <= 6
-    assert set(judge) == {"dpo_vs_chosen", "dpo_spo_vs_chosen", "dpo_spo_vs_dpo", "dpo_spo_vs_sft"}
+    paired = judge.pop("paired_differences")  # DPO+SPO against its twin of the same seed, on the same prompts
+    assert list(paired) == ["dpo_spo_s0_minus_dpo_s0_vs_chosen"]
+    assert paired["dpo_spo_s0_minus_dpo_s0_vs_chosen"]["n"] <= 6
+    grid, grid_differences = judge.pop("grid"), judge.pop("grid_differences")  # the families, pooled over seeds
+    assert set(judge) == {"dpo_s0_vs_chosen", "dpo_spo_s0_vs_chosen", "dpo_spo_s0_vs_dpo_s0", "dpo_spo_s0_vs_sft"}
     assert all(c["n"] + c["invalid"] + c["not_judged"] == 6 for c in judge.values())
+    assert set(grid) == {"dpo_vs_chosen", "dpo_spo_vs_chosen", "dpo_spo_vs_dpo", "dpo_spo_vs_sft"}
+    assert all(family["seeds"] == [0] for family in grid.values())
+    assert grid["dpo_spo_vs_dpo"]["comparisons"] == ["dpo_spo_s0_vs_dpo_s0"]
+    assert list(grid_differences) == ["dpo_spo_minus_dpo_vs_chosen"]
     report = (work / "reports/report.md").read_text()
-    win = judge["dpo_spo_vs_dpo"]
+    win = judge["dpo_spo_s0_vs_dpo_s0"]
     assert (f"{100 * win['win_rate']:.1f}% [{100 * win['ci_low']:.1f}, {100 * win['ci_high']:.1f}] "
             f"(n={win['n']})") in report
     assert "data:image/png;base64," in (work / "reports/report.html").read_text()
@@ -104,11 +114,12 @@ def test_whole_pipeline_end_to_end_on_a_slice(tmp_path: Path, hh_slice: Path) ->
     rendered = json.loads(plots.stdout)
     assert not rendered.get("errors"), rendered["errors"]
     drawn = set(rendered["data"])
-    for plot in ("plots/loss_parts/dpo.csv", "plots/loss_parts/dpo_spo.csv", "plots/reward_accuracy/dpo_spo.csv",
-                 "plots/degree_accuracy/dpo_spo.csv", "plots/win_rates.csv", "metrics/degrees_removed_fraction.png"):
+    for plot in ("plots/loss_parts/dpo_s0.csv", "plots/loss_parts/dpo_spo_s0.csv",
+                 "plots/reward_accuracy/dpo_spo_s0.csv", "plots/degree_accuracy/dpo_spo_s0.csv", "plots/win_rates.csv",
+                 "plots/grid.csv", "metrics/degrees_removed_fraction.png"):
         assert any(key.endswith(plot) for key in drawn), plot
 
-    # one training param: the policies and everything downstream of them rerun, nothing upstream
+    # one training param: every cell's policy and everything downstream of them rerun, nothing upstream
     params = read_params(work)
     params["train"]["beta"] = 0.2
     write_params(work, params)
@@ -116,5 +127,5 @@ def test_whole_pipeline_end_to_end_on_a_slice(tmp_path: Path, hh_slice: Path) ->
                            text=True)
     assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
     ran = {line.split("'")[1] for line in rerun.stdout.splitlines() if line.startswith("Running stage '")}
-    assert ran == {"train@dpo", "train@dpo_spo", "generate", "judge", "report"}
-    assert json.loads((work / "metrics/train_dpo_spo.json").read_text())["steps"] == 2
+    assert ran == {"train@dpo-0", "train@dpo_spo-0", "generate", "judge", "report"}
+    assert json.loads((work / "metrics/train_dpo_spo_s0.json").read_text())["steps"] == 2

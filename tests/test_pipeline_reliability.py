@@ -1,6 +1,6 @@
 """`dvc repro` when things go wrong: a run killed during training, and two runs at once.
 
-* A run killed (SIGKILL of its whole process group) while ``train@dpo_spo`` trains leaves the
+* A run killed (SIGKILL of its whole process group) while ``train@dpo_spo-0`` trains leaves the
   policy folder's checkpoints behind (the output is ``persist: true``); the next ``dvc repro``
   resumes from the last checkpoint, not from step 0, and ends with ``max_steps`` steps.
 * A second ``dvc repro`` started while a first one runs fails at once with DVC's lock error
@@ -46,10 +46,10 @@ pytestmark = pytest.mark.slow
 
 MAX_STEPS = 8
 SAVE_STEPS = 2
-POLICY = Path("models/policy/dpo_spo")
+POLICY = Path("models/policy/dpo_spo_s0")  # the grid cell dpo_spo_s0
 # the kill point: the write that would complete the checkpoint of step 4 (step 2's is complete)
 KILLED_AT = rf"/{POLICY}/checkpoints/step-4/trainer_state\.json$"
-TRAIN = "train@dpo_spo"
+TRAIN = "train@dpo_spo-0"  # its stage of dvc.yaml's train matrix
 DATA_STAGES = ("prepare", "validate", "keywords", "degrees")
 # dvc/lock.py FAILED_TO_LOCK_MESSAGE (the repository lock) and dvc/rwlock.py (a stage's paths)
 REPO_LOCK_MESSAGE = "Unable to acquire lock. Most likely another DVC process is running"

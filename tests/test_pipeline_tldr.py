@@ -45,19 +45,22 @@ def test_the_tldr_pipeline_end_to_end_on_a_slice(tmp_path: Path, tldr_slice: Pat
     write_params(work, params)
     cfg = load_config(work / "params.yaml")
     assert cfg.data.dataset == "tldr"
+    cells = cfg.cells()  # the grid: every variant once per seed (grid.seeds: [0])
+    assert [cell.name for cell in cells] == ["dpo_s0", "dpo_spo_s0", "ipo_spo_s0", "kto_s0"]
     comparisons = {c.name: c for c in cfg.judge_comparisons()}
-    assert {f"{name}_vs_chosen" for name in cfg.variants} <= set(comparisons)
-    assert {"dpo_spo_vs_dpo", "ipo_spo_vs_sft", "kto_vs_chosen"} <= set(comparisons)
+    assert {f"{cell.name}_vs_chosen" for cell in cells} <= set(comparisons)
+    assert {"dpo_spo_s0_vs_dpo_s0", "ipo_spo_s0_vs_sft", "kto_s0_vs_chosen"} <= set(comparisons)
 
     result = subprocess.run([*DVC, "repro"], cwd=work, env=_env(tldr_slice), capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    stages = (*DATA_STAGES, "base_model", "sft", *(f"train@{name}" for name in cfg.variants),
+    stages = (*DATA_STAGES, "base_model", "sft", "reference", *(f"train@{cell.variant}-{cell.seed}" for cell in cells),
               "generate", "reward_model", "judge", "report")
     ran = re.findall(r"Running stage '([^']+)'", result.stdout)
     assert sorted(ran) == sorted(stages)
-    for name, variant in cfg.variants.items():
-        trained = json.loads((work / f"metrics/train_{name}.json").read_text())
-        assert (trained["loss"], trained["spo"]) == (variant.loss, variant.spo), name
+    for cell in cells:
+        variant = cfg.variants[cell.variant]
+        trained = json.loads((work / f"metrics/train_{cell.name}.json").read_text())
+        assert (trained["loss"], trained["spo"]) == (variant.loss, variant.spo), cell.name
 
     # the rows are TL;DR posts and summaries, read from the slice
     assert f"read {2 * ROWS_PER_SPLIT} tldr rows from {tldr_slice}" in result.stderr
@@ -71,7 +74,11 @@ def test_the_tldr_pipeline_end_to_end_on_a_slice(tmp_path: Path, tldr_slice: Pat
     # every comparison judged, as a summarisation task, with ROUGE against the reference summary
     judge = json.loads((work / "metrics/judge.json").read_text())
     paired = judge.pop("paired_differences", None)  # SPO against its twin: checked in test_pipeline.py
+    grid, grid_differences = judge.pop("grid"), judge.pop("grid_differences")  # pooled over seeds: the same
     assert set(judge) == set(comparisons)
+    assert set(grid) == {"dpo_vs_chosen", "dpo_spo_vs_chosen", "ipo_spo_vs_chosen", "kto_vs_chosen",
+                         "dpo_spo_vs_dpo", "dpo_spo_vs_sft", "ipo_spo_vs_sft"}
+    assert all(family["dataset"] == "tldr" and family["seeds"] == [0] for family in grid.values())
     for name, stats in judge.items():
         assert stats["n"] + stats["invalid"] + stats["not_judged"] == cfg.generate.max_prompts, name
         assert stats["n"] > 0, name
@@ -84,7 +91,8 @@ def test_the_tldr_pipeline_end_to_end_on_a_slice(tmp_path: Path, tldr_slice: Pat
         assert len(lines) == cfg.generate.max_prompts
         assert {line["task"] for line in lines} == {"summarization"}, name
         assert all(line["id"] in validated for line in lines)
-    assert {**judge, "paired_differences": paired} == json.loads((work / "outputs/judgments/winrates.json").read_text())
+    assert ({**judge, "paired_differences": paired, "grid": grid, "grid_differences": grid_differences}
+            == json.loads((work / "outputs/judgments/winrates.json").read_text()))
     test_ids = {row["id"] for row in read_jsonl(work / "data/validated/test.jsonl")}
     for name in cfg.generation_models():
         generated = read_jsonl(work / f"outputs/generations/{name}.jsonl")

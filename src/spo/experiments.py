@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from spo.config import load_config
+from spo.config import SpoConfig, load_config
 from spo.errors import ConfigError, InputError
 
 log = logging.getLogger("spo.exp")
@@ -40,7 +40,8 @@ class Preset(BaseModel):
                               "(e.g. the real-model settings, shared by YAML anchor across presets).")
     runs: dict[str, list[str]] = Field(description="Run name -> `dvc exp run -S` overrides.")
     targets: list[str] = Field(default_factory=list, description="Stages to reproduce (with what they depend on), "
-                               "e.g. [train@dpo_spo] when a question needs one policy's metrics only; empty: all.")
+                               "e.g. [train@dpo_spo-0] (dvc.yaml's matrix stage of the grid cell dpo_spo_s0) when a "
+                               "question needs one policy's metrics only; empty: all.")
 
     def overrides(self, run: str) -> list[str]:
         """The run's overrides: the preset's common ones, then its own (which win)."""
@@ -77,9 +78,28 @@ def spo_override(dvc_override: str) -> str:
     return dvc_override.lstrip("+")
 
 
-def check_run(params: str | Path, overrides: list[str]) -> None:
-    """Fail now, not after the data stages, on an override the config rejects."""
-    load_config(params, [spo_override(o) for o in overrides])
+_CELL = re.compile(r"^(?P<variant>.+)_s(?P<seed>-?\d+)$")
+
+
+def check_run(params: str | Path, overrides: list[str], targets: list[str] | None = None) -> SpoConfig:
+    """Fail now, not after the data stages, on an override the config rejects, or on a ``train@``
+    target that is not a stage of the run's grid (dvc.yaml's matrix: ``train@<variant>-<seed>``
+    for every variant and seed in ``grid.seeds``)."""
+    cfg = load_config(params, [spo_override(o) for o in overrides])
+    stages = {train_stage(cell.name) for cell in cfg.cells()}
+    for target in targets or []:
+        if target.startswith("train@") and target not in stages:
+            raise ConfigError(f"target {target!r} is not a train stage of this run's grid; its stages are "
+                              f"{', '.join(sorted(stages))} (train@<variant>-<seed>)")
+    return cfg
+
+
+def train_stage(cell: str) -> str:
+    """dvc.yaml's train stage of a grid cell: ``dpo_spo_s0`` -> ``train@dpo_spo-0`` (the matrix
+    names a stage by its items, the cell's folders by ``<variant>_s<seed>``). A name that is not a
+    cell's (a run from before the grid) keeps the old ``train@<policy>``."""
+    match = _CELL.match(cell)
+    return f"train@{match['variant']}-{match['seed']}" if match else f"train@{cell}"
 
 
 def dvc_command(preset: str, run: str, overrides: list[str], *, queue: bool = False, force: bool = False,
@@ -131,7 +151,7 @@ def run_preset(
                     for run, overrides in selected.items() for seed in seeds}
     for run, overrides in selected.items():
         try:
-            check_run(params, overrides)
+            check_run(params, overrides, presets[name].targets)
         except ConfigError as err:
             raise ConfigError(f"preset {name}, run {run}: {err}") from None
 
@@ -163,7 +183,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         for key, value in tree.items():
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
-    if prefix == "variants.":  # one column: the policies trained, e.g. "dpo, dpo_spo, ipo"
+    if prefix == "variants.":  # one column: the grid's variants, e.g. "dpo, dpo_spo, ipo"
         return {"variants": ", ".join(tree) if isinstance(tree, dict) else str(tree)}
     return {prefix.rstrip("."): json.dumps(tree) if isinstance(tree, (list, dict)) else tree}
 
@@ -175,13 +195,16 @@ def _row(name: str, rev: str, data: dict[str, Any] | None) -> dict[str, Any] | N
     metrics = {path: entry.get("data") for path, entry in (data.get("metrics") or {}).items() if entry.get("data")}
     judge = metrics.get("metrics/judge.json") or {}
     win_rates = {k: v for k, v in judge.items() if isinstance(v, dict) and isinstance(v.get("win_rate"), (int, float))}
+    grid = judge.get("grid") if isinstance(judge.get("grid"), dict) else {}
+    families = {k: v for k, v in grid.items() if isinstance(v, dict) and isinstance(v.get("win_rate"), (int, float))}
     training = {}
     for path, values in metrics.items():
         match = re.fullmatch(r"metrics/train_(.+)\.json", path)
         if match and isinstance(values.get("eval"), dict):
             training[match.group(1)] = values["eval"]
     audit = (metrics.get("metrics/degrees.json") or {}).get("shortcut_audit")
-    return {"name": name, "rev": rev[:7], "params": _flatten(params), "win_rates": win_rates, "training": training,
+    return {"name": name, "rev": rev[:7], "params": _flatten(params), "win_rates": win_rates, "grid": families,
+            "training": training,
             "audit": audit if isinstance(audit, dict) and isinstance(audit.get("probes"), dict) else None}
 
 
@@ -231,15 +254,18 @@ def _cell(record: dict[str, Any] | None) -> str:
 
 def paper_table(rows: list[dict[str, Any]], prefix: str = "loss_x_spo-") -> tuple[list[str], list[list[str]]]:
     """The paper's layout: policy (method) x data set, each cell the policy's win rate against the
-    data set's chosen response.  Taken from the `loss_x_spo` runs when there are any, else from
-    every row; a later experiment for the same method and data set replaces an earlier one."""
+    data set's chosen response.  A method is a variant of the grid, its win rate pooled over the
+    run's seeds (judge.json's ``grid`` family ``<variant>_vs_chosen``, not one seed's cell); a run
+    from before the grid has per-policy comparisons only, and those are its methods.  Taken from
+    the `loss_x_spo` runs when there are any, else from every row; a later experiment for the same
+    method and data set replaces an earlier one."""
     chosen = [r for r in rows if r["name"].startswith(prefix)] or rows
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     datasets: list[str] = []
     for row in chosen:
         dataset = str(row["params"].get("data.dataset", "?"))
         datasets += [dataset] if dataset not in datasets else []
-        for record in row["win_rates"].values():
+        for record in (row.get("grid") or row["win_rates"]).values():
             if record.get("b") == "chosen":
                 cells.setdefault(str(record.get("a")), {})[dataset] = record
     return datasets, [[method, *(_cell(by_set.get(d)) for d in datasets)] for method, by_set in cells.items()]
@@ -351,18 +377,21 @@ def only_what_ran(rows: list[dict[str, Any]], presets: dict[str, Preset]) -> lis
     """Drop the metrics an experiment did not produce. A preset with ``targets`` reproduces those
     stages and what they depend on, so its metrics files for other stages are the baseline's
     (e.g. the committed demo's judge.json) and would be shown as that run's. Win rates are the
-    run's own only if ``judge`` or ``report`` was a target; a policy's eval only if its train stage
-    ran (``train@<policy>``, ``train``, or a stage downstream of every policy)."""
+    run's own only if ``judge`` or ``report`` was a target; a policy's eval (``metrics/train_<cell>.json``)
+    only if its train stage ran (``train@<variant>-<seed>``, ``train``, or a stage downstream of every
+    policy)."""
     out = []
     for row in rows:
         targets = next((p.targets for name, p in presets.items() if p.targets and row["name"].startswith(f"{name}-")
                         and _run_name(row["name"][len(name) + 1:]) in p.runs), None)
         if targets:
             downstream = {"generate", "judge", "report"} & set(targets)
+            judged = bool({"judge", "report"} & set(targets))
             row = {**row,
-                   "win_rates": row["win_rates"] if {"judge", "report"} & set(targets) else {},
+                   "win_rates": row["win_rates"] if judged else {},
+                   **({"grid": row["grid"] if judged else {}} if "grid" in row else {}),
                    "training": {k: v for k, v in row["training"].items()
-                                if downstream or "train" in targets or f"train@{k}" in targets}}
+                                if downstream or "train" in targets or train_stage(k) in targets}}
         out.append(row)
     return out
 
