@@ -77,11 +77,19 @@ def test_common_overrides_come_first_in_every_run_and_a_runs_own_win(tmp_path: P
     [heads] = experiments.run_preset("real_degrees", experiments.load_presets(REPO / "experiments.yaml"),
                                      params=REPO / "params.yaml", dry_run=True, only=["without_pe"])
     assert heads["command"][-3:] == ["-S", "train.spo.positional_encoding=false", "train@dpo_spo-0"]
-    # --seeds: every run once per training seed, train.seed set last, named <preset>-<run>-s<seed>
+    # --seeds: every run once per training seed, its grid that seed alone (a cell's train.seed comes from
+    # grid.seeds: setting train.seed would train seed 0 every time), named <preset>-<run>-s<seed>
     seeded = experiments.run_preset("real", presets, params=REPO / "params.yaml", dry_run=True, only=["base"],
                                     seeds=[0, 1, 2])
     assert [r["command"][4] for r in seeded] == ["real-base-s0", "real-base-s1", "real-base-s2"]
-    assert [r["command"][-2:] for r in seeded] == [["-S", f"train.seed={s}"] for s in (0, 1, 2)]
+    assert [r["command"][-2:] for r in seeded] == [["-S", f"grid.seeds=[{s}]"] for s in (0, 1, 2)]
+    for s in (0, 1, 2):
+        cfg = experiments.check_run(REPO / "params.yaml", seeded[s]["command"][7::2])
+        assert {cfg.cell(c.variant, c.seed).train.seed for c in cfg.cells()} == {s}
+    # a preset's cell target follows the seed: train@dpo_spo-0 becomes train@dpo_spo-2
+    [heads2] = experiments.run_preset("real_degrees", experiments.load_presets(REPO / "experiments.yaml"),
+                                      params=REPO / "params.yaml", dry_run=True, only=["without_pe"], seeds=[2])
+    assert heads2["command"][-3:] == ["-S", "grid.seeds=[2]", "train@dpo_spo-2"]
     with pytest.raises(ConfigError, match="one run"):
         experiments.run_preset("real", presets, params=REPO / "params.yaml", dry_run=True, only=["base"],
                                in_workspace=True, seeds=[0, 1])

@@ -102,6 +102,13 @@ def train_stage(cell: str) -> str:
     return f"train@{match['variant']}-{match['seed']}" if match else f"train@{cell}"
 
 
+def _reseeded(target: str, seed: int) -> str:
+    """A grid cell's train stage for another seed (``train@dpo_spo-0`` -> ``train@dpo_spo-<seed>``);
+    any other target as it is."""
+    match = re.fullmatch(r"train@(?P<variant>.+)-(?P<seed>-?\d+)", target)
+    return f"train@{match['variant']}-{seed}" if match else target
+
+
 def dvc_command(preset: str, run: str, overrides: list[str], *, queue: bool = False, force: bool = False,
                 in_workspace: bool = False, targets: list[str] | None = None) -> list[str]:
     """`dvc exp run` in a temporary copy of the workspace (or queued): a series of runs never
@@ -134,9 +141,11 @@ def run_preset(
     """Run (or queue) every run of a preset in turn, each from the committed pipeline plus the
     workspace's uncommitted changes, in a temporary directory; the workspace is left as it was.
 
-    ``seeds``: every run once per seed, named ``<preset>-<run>-s<seed>`` with ``train.seed`` set:
-    the data stages are shared (DVC takes them from its cache), the training is redrawn, and
-    ``spo exp summary`` gives each run's mean and spread over its seeds."""
+    ``seeds``: every run once per seed, named ``<preset>-<run>-s<seed>``, its grid of that seed alone
+    (``grid.seeds=[seed]``: the seed of every cell's training; a ``train@<variant>-<seed>`` target
+    follows it): the data stages are shared (DVC takes them from its cache), the training is
+    redrawn, and ``spo exp summary`` gives each run's mean and spread over its seeds. (One run with
+    ``-S grid.seeds=[0,1,2]`` instead trains every seed in one grid, judged as a paired design.)"""
     if name not in presets:
         raise ConfigError(f"no preset {name!r}; presets: {', '.join(presets)}")
     runs = presets[name].runs
@@ -146,12 +155,14 @@ def run_preset(
     if unknown:
         raise ConfigError(f"preset {name!r} has no run {unknown}; runs: {', '.join(runs)}")
     selected = {run: [*presets[name].overrides(run), *(extra or [])] for run in runs if not only or run in only}
+    targets = {run: list(presets[name].targets) for run in selected}
     if seeds:
-        selected = {f"{run}-s{seed}": [*overrides, f"train.seed={seed}"]
+        targets = {f"{run}-s{seed}": [_reseeded(t, seed) for t in targets[run]] for run in selected for seed in seeds}
+        selected = {f"{run}-s{seed}": [*overrides, f"grid.seeds=[{seed}]"]
                     for run, overrides in selected.items() for seed in seeds}
     for run, overrides in selected.items():
         try:
-            check_run(params, overrides, presets[name].targets)
+            check_run(params, overrides, targets[run])
         except ConfigError as err:
             raise ConfigError(f"preset {name}, run {run}: {err}") from None
 
@@ -161,7 +172,7 @@ def run_preset(
     results: list[dict[str, Any]] = []
     for run, overrides in selected.items():
         cmd = dvc_command(name, run, overrides, queue=queue, force=force, in_workspace=in_workspace,
-                          targets=presets[name].targets)
+                          targets=targets[run])
         log.info("%s", " ".join(cmd))
         if dry_run:
             results.append({"run": run, "command": cmd, "returncode": None, "seconds": 0.0})
@@ -322,7 +333,7 @@ def summary_doc(rows: list[dict[str, Any]]) -> Any:
     groups = seed_groups(rows)
     if groups:
         doc.h(2, "Over seeds")
-        doc.p("Runs of `spo exp run --seeds` (named `<run>-s<seed>`, `train.seed` set, the same data): per "
+        doc.p("Runs of `spo exp run --seeds` (named `<run>-s<seed>`, `grid.seeds` that seed, the same data): per "
               "metric the mean over the seeds, the sample standard deviation, and the range; the per-seed "
               "values are the rows above.")
         doc.table(["Run", "Seeds", "Metric", "Mean", "SD", "Min", "Max"],
