@@ -33,8 +33,8 @@ def _winrate_rows(report: str) -> list[list[str]]:
     judge model lies (models/reward under DVC, the reward step's artifact under KFP)."""
     lines = report.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("## Win rates"))
-    rows = [line.strip("| ").split(" | ") for line in lines[start:start + 12]
-            if line.startswith("| ") and "_vs_" in line]
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    rows = [line.strip("| ").split(" | ") for line in lines[start:end] if line.startswith("| ") and "_vs_" in line]
     return [row[:-1] for row in rows]
 
 

@@ -81,8 +81,9 @@ def test_a_reference_table_that_does_not_match_the_model_stops_the_cell(workspac
     payload["table"]["train"]["chosen"][0] += 1.0  # one pair's reference log-prob off by one nat
     torch.save(payload, table_file)
     with pytest.raises(InputError, match="differ from a fresh computation"):
-        train.run(_cfg(tmp_path, "dpo_s0", f"train.reference_dir={folder}", f"train.rows_dir={workspace}/data/validated",
-                       f"train.degrees_dir={workspace}/data/degrees", f"train.sft_dir={workspace}/models/sft"))
+        train.run(_cfg(tmp_path, "dpo_s0", f"train.reference_dir={folder}",
+                       f"train.rows_dir={workspace}/data/validated", f"train.degrees_dir={workspace}/data/degrees",
+                       f"train.sft_dir={workspace}/models/sft"))
     assert not (tmp_path / "models/policy/dpo_s0/model.safetensors").exists()
     shutil.rmtree(folder)
 

@@ -206,7 +206,9 @@ def _row(name: str, rev: str, data: dict[str, Any] | None) -> dict[str, Any] | N
     metrics = {path: entry.get("data") for path, entry in (data.get("metrics") or {}).items() if entry.get("data")}
     judge = metrics.get("metrics/judge.json") or {}
     win_rates = {k: v for k, v in judge.items() if isinstance(v, dict) and isinstance(v.get("win_rate"), (int, float))}
-    grid = judge.get("grid") if isinstance(judge.get("grid"), dict) else {}
+    grid = judge.get("grid")
+    if not isinstance(grid, dict):
+        grid = {}
     families = {k: v for k, v in grid.items() if isinstance(v, dict) and isinstance(v.get("win_rate"), (int, float))}
     training = {}
     for path, values in metrics.items():
