@@ -92,7 +92,11 @@ def test_a_cells_checkout_paths_are_what_spo_train_writes() -> None:
     """``spo train --variant --seed`` (dvc.yaml's matrix) writes where the table says a cell's outputs lie."""
     from spo.config import SpoConfig
 
-    cfg = SpoConfig().cell("dpo_spo", 3)
+    from spo.config import CELL_METRICS, CELL_POLICY
+    from spo.stages import table
+
+    assert (table.CELL_POLICY, table.CELL_METRICS) == (CELL_POLICY, CELL_METRICS)  # written twice: the table
+    cfg = SpoConfig().cell("dpo_spo", 3)  # imports nothing of the project
     assert cfg.train.out_dir == checkout_path("train.policy", DEFAULTS, "dpo_spo_s3")
     assert cfg.train.metrics_file == checkout_path("train.metrics", DEFAULTS, "dpo_spo_s3")
 

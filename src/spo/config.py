@@ -20,7 +20,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spo.errors import ConfigError
-from spo.stages.table import CELL_METRICS, CELL_POLICY
 
 DATA_DIR_ENV = "SPO_DATA_DIR"
 SPLITS = ("train", "eval", "test")
@@ -625,6 +624,10 @@ def _dotted(tree: dict[str, Any], prefix: str = "") -> list[str]:
 
 def _default_variants() -> dict[str, VariantConfig]:
     return {"dpo": VariantConfig(loss="dpo", spo=False), "dpo_spo": VariantConfig(loss="dpo", spo=True)}
+
+
+CELL_POLICY = "models/policy/{cell}"  # a cell's policy folder in a checkout (dvc.yaml's train matrix outs)
+CELL_METRICS = "metrics/train_{cell}.json"  # and its DVC metrics file
 
 
 @dataclass(frozen=True)

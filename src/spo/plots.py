@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from spo.io import atomic_open
-from spo.results import grid_rows
 
 LOSS_PARTS = ("loss", "loss_align", "loss_degree_w", "loss_degree_l")
 WIN_RATE_COLUMNS = ("comparison", "a", "b", "win_rate", "ci_low", "ci_high", "n", "tie_rate")
@@ -89,15 +88,14 @@ def win_rate_plot(judge_metrics: dict[str, Any], plots_dir: Path) -> Path | None
     return path
 
 
-def grid_plot(judge_metrics: dict[str, Any], plots_dir: Path) -> Path | None:
-    """plots/grid.csv from the ``grid`` block of metrics/judge.json: the rows of the results table
-    (:func:`spo.results.grid_rows`), so ``dvc plots`` draws the numbers ``spo results`` prints; seeds
-    is how many, seed_sd is empty with one seed."""
-    grid = judge_metrics.get("grid")
+def grid_plot(families: list[tuple[str, dict[str, Any]]], plots_dir: Path) -> Path | None:
+    """plots/grid.csv from the rows of the results table (``families``: :func:`spo.results.grid_rows`
+    of metrics/judge.json's ``grid`` block), so ``dvc plots`` draws the numbers ``spo results``
+    prints; seeds is how many, seed_sd is empty with one seed."""
     rows = [[name, f.get("loss", ""), "yes" if f.get("spo") else "no", f.get("b", ""), len(f.get("seeds") or []),
              f.get("n"), f["win_rate"], f.get("ci_low"), f.get("ci_high"),
              f["seed_sd"] if _finite(f.get("seed_sd")) else "", f.get("tie_rate")]
-            for name, f in grid_rows(grid if isinstance(grid, dict) else {}) if _finite(f.get("win_rate"))]
+            for name, f in families if _finite(f.get("win_rate"))]
     if not rows:
         return None
     path = plots_dir / "grid.csv"

@@ -784,7 +784,8 @@ def write_plot_data(cfg: SpoConfig, builder: Builder) -> list[Path]:
     for name, lines in builder.policy_lines.items():
         written += policy_plots(name, lines, plots_dir)
     judged = builder.metric("judge") or {}
-    tables = [win_rate_plot(judged, plots_dir), grid_plot(judged, plots_dir)]
+    grid = judged.get("grid")
+    tables = [win_rate_plot(judged, plots_dir), grid_plot(grid_rows(grid if isinstance(grid, dict) else {}), plots_dir)]
     return written + [path for path in tables if path]
 
 

@@ -306,7 +306,7 @@ def _comparison_lines(summary: dict[str, Any]) -> list[str]:
     lines = _aligned(table)
     paired = summary.get("paired_differences") or {}
     if paired:
-        from spo.stages.judge import format_difference
+        from spo.judging.statistics import format_difference
 
         lines += ["", "SPO against its twin without SPO (same pairs in training; same prompts and judge; "
                   "difference of win rates, 95% paired bootstrap interval):", ""]

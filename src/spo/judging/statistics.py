@@ -255,3 +255,11 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str], metric=N
     metric = metric or load_rouge()
     result = metric.compute(predictions=list(predictions), references=list(references), rouge_types=list(ROUGE_TYPES))
     return {t: float(result[t]) for t in ROUGE_TYPES}
+
+
+def format_difference(name: str, diff: dict[str, Any]) -> str:
+    """``dpo_spo_minus_dpo_vs_chosen: +4.0 points [-1.2, 9.1] on 100 prompts (paired)``."""
+    if diff["difference"] is None:
+        return f"{name}: no prompt judged for both arms"
+    return (f"{name}: {100 * diff['difference']:+.1f} points [{100 * diff['ci_low']:+.1f}, "
+            f"{100 * diff['ci_high']:+.1f}] on {diff['n']} prompts (paired bootstrap)")

@@ -47,6 +47,7 @@ from spo.judging.comparisons import (
 from spo.judging.grid import GRID, GRID_DIFFERENCES, format_family, grid_results
 from spo.judging.statistics import (
     SCORE,
+    format_difference,
     format_summary,
     load_rouge,
     outcome,
@@ -288,14 +289,6 @@ def _paired_differences(cfg: SpoConfig, results: dict[str, Any], by_item: dict[s
         diff = paired_difference(by_item[name], by_item[other], cfg.judge.bootstrap_samples, cfg.seed)
         out[f"{a}_minus_{twin}_vs_{b}"] = {"a": a, "twin": twin, "b": b, "comparisons": [name, other], **diff}
     return out
-
-
-def format_difference(name: str, diff: dict[str, Any]) -> str:
-    """``dpo_spo_minus_dpo_vs_chosen: +4.0 points [-1.2, 9.1] on 100 prompts (paired)``."""
-    if diff["difference"] is None:
-        return f"{name}: no prompt judged for both arms"
-    return (f"{name}: {100 * diff['difference']:+.1f} points [{100 * diff['ci_low']:+.1f}, "
-            f"{100 * diff['ci_high']:+.1f}] on {diff['n']} prompts (paired bootstrap)")
 
 
 def _not_judged_counts(verdicts: list[Verdict | NotJudged]) -> dict[str, Any]:

@@ -90,8 +90,10 @@ def _metrics(stage: str) -> Out:
 _ROWS = "validate.validated"
 _ALL_SECTIONS = ("seed", "data", "prepare", "validate", "keywords", "degrees", "model", "base_model", "sft", "train",
                  "variants", "grid", "generate", "reward_model", "judge", "report")
-CELL_POLICY = "models/policy/{cell}"  # a cell's policy folder in a checkout (dvc.yaml's train outs)
-CELL_METRICS = "metrics/train_{cell}.json"  # and its DVC metrics file
+# a cell's outputs in a checkout: the config's spo.config.CELL_POLICY and CELL_METRICS, which `spo train
+# --variant --seed` writes to (tests/test_stage_table.py checks that they are the same)
+CELL_POLICY = "models/policy/{cell}"
+CELL_METRICS = "metrics/train_{cell}.json"
 
 TABLE: tuple[Stage, ...] = (
     Stage("prepare", ("seed", "data", "prepare"), outputs=(
