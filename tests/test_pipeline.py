@@ -129,3 +129,13 @@ def test_whole_pipeline_end_to_end_on_a_slice(tmp_path: Path, hh_slice: Path) ->
     ran = {line.split("'")[1] for line in rerun.stdout.splitlines() if line.startswith("Running stage '")}
     assert ran == {"train@dpo-0", "train@dpo_spo-0", "generate", "judge", "report"}
     assert json.loads((work / "metrics/train_dpo_spo_s0.json").read_text())["steps"] == 2
+
+    # one variant changed: of the cells, its own alone are out of date (generate and judge read every
+    # variant's settings, to name the cells and comparisons); the other variant's cell, the reference
+    # log-probs and the prefix are not (bench/bench_grid.py measures the rerun)
+    params["variants"]["dpo"]["set"] = {"beta": 0.3}
+    write_params(work, params)
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=work, env=_env(hh_slice),
+                            capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
+    assert set(json.loads(status.stdout)) == {"train@dpo-0", "generate", "judge"}
