@@ -90,13 +90,12 @@ def test_checkout_paths_are_the_configs_defaults() -> None:
 
 def test_a_cells_checkout_paths_are_what_spo_train_writes() -> None:
     """``spo train --variant --seed`` (dvc.yaml's matrix) writes where the table says a cell's outputs lie."""
-    from spo.config import SpoConfig
-
-    from spo.config import CELL_METRICS, CELL_POLICY
+    from spo.config import CELL_METRICS, CELL_POLICY, SpoConfig
     from spo.stages import table
 
-    assert (table.CELL_POLICY, table.CELL_METRICS) == (CELL_POLICY, CELL_METRICS)  # written twice: the table
-    cfg = SpoConfig().cell("dpo_spo", 3)  # imports nothing of the project
+    # written twice, as the table imports nothing of the project
+    assert (table.CELL_POLICY, table.CELL_METRICS) == (CELL_POLICY, CELL_METRICS)
+    cfg = SpoConfig().cell("dpo_spo", 3)
     assert cfg.train.out_dir == checkout_path("train.policy", DEFAULTS, "dpo_spo_s3")
     assert cfg.train.metrics_file == checkout_path("train.metrics", DEFAULTS, "dpo_spo_s3")
 
