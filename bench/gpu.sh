@@ -3,6 +3,8 @@
 # on a ~1B random-init Llama in bf16 with sdpa, full fine-tuning and LoRA, tokens/s, MFU and the
 # SPO ratios. Under 8 minutes on one H100/H200. `bench/gpu.sh --smoke` runs the same code on a CPU
 # in a reduced mode (CI does, so the script is known to work when a GPU comes).
+# Asked for only: `--profile [CONFIG]` (where a step's time goes, by category) and `--sweep` (batch
+# 8, 16, ... until out of memory); `bench/gpu.sh --profile --sweep` fits one 10-minute command.
 #
 # Where the project is installed (`make setup`, a CUDA image): `bench/gpu.sh`.
 # On a bare GPU machine with its own torch/transformers/peft/accelerate (the device tool's image),

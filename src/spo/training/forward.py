@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from spo.errors import InputError
@@ -97,14 +98,18 @@ class SPOModule(nn.Module):
 
     def forward(self, batch: PackedBatch, sides: tuple[bool, bool] = (False, False),
                 adapters: bool = True) -> dict[str, Any]:
-        mask = attention_mask_4d(batch.segment_ids, batch.context_ids, None if self.attn == "sdpa" else torch.float32)
+        # named ranges (free without a profiler) let bench/bench_gpu.py --profile attribute the step's time
+        with record_function("spo/attention_mask"):
+            mask = attention_mask_4d(batch.segment_ids, batch.context_ids,
+                                     None if self.attn == "sdpa" else torch.float32)
         context = nullcontext() if adapters or not hasattr(self.lm, "disable_adapter") else self.lm.disable_adapter()
         with context:
             hidden = self.lm.get_decoder()(input_ids=batch.input_ids, attention_mask=mask,
                                            position_ids=batch.position_ids, use_cache=False).last_hidden_state
             flat = hidden.reshape(-1, hidden.shape[-1])
-            logps, mean_logits = token_logps(flat[batch.score_index], batch.score_target,
-                                             self.lm.get_output_embeddings(), self.logits_chunk, self.softcap)
+            with record_function("spo/lm_head_logps"):
+                logps, mean_logits = token_logps(flat[batch.score_index], batch.score_target,
+                                                 self.lm.get_output_embeddings(), self.logits_chunk, self.softcap)
         zeros = torch.zeros(batch.n_scored, dtype=logps.dtype, device=logps.device)
         out: dict[str, Any] = {
             "logps": zeros.index_add(0, batch.score_seq, logps),
@@ -112,16 +117,18 @@ class SPOModule(nn.Module):
         }
         if self.heads is None:
             return out
-        for s, side in enumerate(SIDES):
-            if not sides[s]:
-                continue
-            samples = (batch.deg_side == s).nonzero(as_tuple=True)[0]
-            if samples.numel():
-                local = torch.full((batch.deg_label.numel(),), -1, dtype=torch.long, device=samples.device)
-                local[samples] = torch.arange(samples.numel(), device=samples.device)
-                tokens = (local[batch.deg_sample] >= 0).nonzero(as_tuple=True)[0]
-                out[f"degree_{side}"] = self.heads(flat[batch.deg_index[tokens]], local[batch.deg_sample[tokens]],
-                                                   batch.deg_pos[tokens], samples.numel(), side)
-            else:  # keep the head in the graph (DDP): one empty sample, zero-weighted by the loss
-                out[f"degree_{side}"] = self.heads(flat[:0], batch.deg_sample[:0], batch.deg_pos[:0], 1, side)
+        with record_function("spo/degree_heads"):
+            for s, side in enumerate(SIDES):
+                if not sides[s]:
+                    continue
+                samples = (batch.deg_side == s).nonzero(as_tuple=True)[0]
+                if samples.numel():
+                    local = torch.full((batch.deg_label.numel(),), -1, dtype=torch.long, device=samples.device)
+                    local[samples] = torch.arange(samples.numel(), device=samples.device)
+                    tokens = (local[batch.deg_sample] >= 0).nonzero(as_tuple=True)[0]
+                    out[f"degree_{side}"] = self.heads(flat[batch.deg_index[tokens]],
+                                                       local[batch.deg_sample[tokens]], batch.deg_pos[tokens],
+                                                       samples.numel(), side)
+                else:  # keep the head in the graph (DDP): one empty sample, zero-weighted by the loss
+                    out[f"degree_{side}"] = self.heads(flat[:0], batch.deg_sample[:0], batch.deg_pos[:0], 1, side)
         return out

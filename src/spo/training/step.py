@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from spo.config import TrainConfig
 from spo.training.data import SIDES, PackedBatch, PairExample
@@ -119,7 +120,8 @@ class PreferenceStep:
                        batch: PackedBatch) -> tuple[list[PackedBatch], list[float]]:
         """The micro-batch's variant passes (on the device) and its samples per side over all passes."""
         collator, device = self.data.collator, self.accelerator.device
-        passes = [p.to(device) for p in collator.variant_passes(examples, indices, step, batch.n_tokens)]
+        with record_function("spo/collate"):  # named for bench/bench_gpu.py --profile (free without a profiler)
+            passes = [p.to(device) for p in collator.variant_passes(examples, indices, step, batch.n_tokens)]
         return passes, [sum(self.sample_weight(p, s) for p in (batch, *passes)) for s in range(2)]
 
     def weights(self, batch: PackedBatch) -> Tensor | None:

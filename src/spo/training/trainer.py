@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from spo.config import TrainConfig
 from spo.errors import InputError, NonFiniteLossError
@@ -269,7 +270,8 @@ class PreferenceTrainer:
         parts_seen: dict[str, float] = {}
         for j, idx in enumerate(mine):
             examples = [self.data.train_examples[i] for i in idx]
-            batch = self.data.collator(examples, idx, step=step).to(acc.device)
+            with record_function("spo/collate"):  # named for bench/bench_gpu.py --profile (free without a profiler)
+                batch = self.data.collator(examples, idx, step=step).to(acc.device)
             totals: list[float] | None = None
             carried: dict[int, float] | None = None
             if self.data.collator.separate_variants:  # variants first, in passes no larger than the alignment pass
@@ -294,22 +296,24 @@ class PreferenceTrainer:
         flag = torch.tensor(nonfinite, device=acc.device)
         if acc.num_processes > 1:
             flag = acc.reduce(flag, reduction="sum")
-        # the prepared model's own parameters: FSDP computes the norm of its shards only for exactly those
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), oc.max_grad_norm)
-        grad_norm = float(grad_norm) if grad_norm is not None else 0.0
-        if float(flag) > 0 or not math.isfinite(grad_norm):
-            what = f"loss parts {parts_seen}" if parts_seen else f"gradient norm {grad_norm}"
-            if self.cfg.nan_policy == "raise":
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step + 1} ({what}); set train.nan_policy=skip to skip such steps"
-                )
-            log.warning("step %d: non-finite %s; step skipped (nan_policy=skip)", step + 1, what)
-            self.state.skipped_steps += 1
-            self.state.window.add("nonfinite_steps", 1)
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # named for bench/bench_gpu.py --profile (free without a profiler): clipping, the step, zero_grad
+        with record_function("spo/optimizer"):
+            # the prepared model's own parameters: FSDP computes the norm of its shards only for exactly those
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), oc.max_grad_norm)
+            grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+            if float(flag) > 0 or not math.isfinite(grad_norm):
+                what = f"loss parts {parts_seen}" if parts_seen else f"gradient norm {grad_norm}"
+                if self.cfg.nan_policy == "raise":
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step + 1} ({what}); set train.nan_policy=skip to skip such steps"
+                    )
+                log.warning("step %d: non-finite %s; step skipped (nan_policy=skip)", step + 1, what)
+                self.state.skipped_steps += 1
+                self.state.window.add("nonfinite_steps", 1)
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         return grad_norm
 
