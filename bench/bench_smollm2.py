@@ -161,24 +161,6 @@ class Run:
         return out
 
 
-def generation_on_device() -> None:
-    """The generate stage loads each model with ``load_trained`` and samples wherever it lands,
-    which is the CPU; on a GPU machine, put it on the GPU (only here, in this process)."""
-    import torch
-
-    import spo.models.loading as loading
-
-    if not torch.cuda.is_available() or getattr(loading.load_trained, "_bench_cuda", False):
-        return
-    original = loading.load_trained
-
-    def on_cuda(*a: Any, **k: Any) -> Any:
-        return original(*a, **k).to("cuda")
-
-    on_cuda._bench_cuda = True  # type: ignore[attr-defined]
-    loading.load_trained = on_cuda
-
-
 def step_figures(metrics: Path, steps: int) -> dict[str, Any]:
     """The train steps' own time (the logged windows: no eval, no checkpoint) and peak memory."""
     lines = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -229,7 +211,6 @@ def run_all(args: argparse.Namespace, gguf: str) -> dict[str, Any]:
                 **step_figures(Path(cfg.cell(variant, 0).train.out_dir) / "metrics.jsonl", steps),
             }
             run.save()
-        generation_on_device()
         gen = run.stage("generate", generate.run, cfg)
         run.results["generate"] = json.loads(Path(cfg.generate.metrics_file).read_text())
         run.results["generate"]["prompts"] = gen["prompts"]

@@ -247,3 +247,29 @@ def test_hh_stop_string_for_raw_prompts(loaded: tuple) -> None:
     plain.chat_template = None
     assert generate_stage.stop_strings_for(plain, {"hh"}) == ["\n\nHuman:"]
     assert generate_stage.stop_strings_for(plain, {"tldr"}) == []
+
+
+def test_the_stage_samples_on_the_gpu_when_there_is_one(tmp_path: Path, models: dict[str, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model loads on the CPU; a GPU task must sample on its GPU, not on the pod's CPU. The device
+    the stage picks (here a stand-in, the meta device) is where the model is when sampling starts."""
+    import torch
+
+    import spo.generation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert generate_stage.generation_device() == torch.device("cuda")
+    seen: list[torch.device] = []
+
+    def record(model, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        seen.append(next(model.parameters()).device)
+        raise RuntimeError("stop after placement")
+
+    monkeypatch.setattr(generate_stage, "generation_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(spo.generation, "generate_texts", record)
+    cfg = _stage_config(tmp_path, models)
+    cfg.generate.policies = False
+    cfg.generate.models = {"full": str(models["full"])}
+    with pytest.raises(RuntimeError, match="stop after placement"):
+        generate_stage.run(cfg)
+    assert seen == [torch.device("meta")]

@@ -169,6 +169,7 @@ def _generate(cfg: SpoConfig, name: str, path: str, rows: list[dict[str, Any]],
     # a LoRA adapter folded into its base: the same function, without the adapter's extra
     # matmuls in every layer at every generated token
     model = load_trained(path, cfg.model, merge=True)
+    model.to(generation_device())  # loaded on the CPU: a GPU task would otherwise sample on its CPU
     model.eval()
     with torch.no_grad():
         result = generate_texts(
@@ -176,6 +177,14 @@ def _generate(cfg: SpoConfig, name: str, path: str, rows: list[dict[str, Any]],
             stop_strings=stops, desc=f"generate {name}",
         )
     return result, prompts_cut, stops
+
+
+def generation_device() -> Any:
+    """Where the transformers backend samples: the GPU when there is one (as the reward model and the
+    judge place themselves), else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _lines(rows: list[dict[str, Any]], texts: list[list[str]], name: str, path: str, settings: dict[str, Any],
