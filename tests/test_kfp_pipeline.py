@@ -15,7 +15,7 @@ from conftest import REPO
 from spo.errors import InputError
 from spo.pipelines.compile import compile_pipeline
 
-GPU_STEPS = {"sft", "train", "generate", "reward-model", "judge"}
+GPU_STEPS = {"sft", "reference", "train", "generate", "reward-model", "judge"}
 
 
 def _compile(tmp_path: Path, platform: str = "local", **kw) -> tuple[dict, dict]:
@@ -50,13 +50,15 @@ def _cells(spec: dict) -> list[dict]:
 def test_graph_mirrors_dvc_yaml_and_the_knobs_are_pipeline_parameters(tmp_path: Path) -> None:
     spec, _ = _compile(tmp_path)
     assert set(_tasks(spec)) == {"configure", "prepare", "validate", "keywords", "degrees", "base-model", "sft",
-                                 "train", "generate", "reward-model", "judge", "report", "publish"}
+                                 "reference", "train", "generate", "reward-model", "judge", "report", "publish"}
     loop, _ = _loop(spec)
     tasks = {**spec["root"]["dag"]["tasks"], "grid": loop}
     after = {name: {"grid" if d == loop["taskInfo"]["name"] or d.startswith("for-loop") else d
                     for d in t.get("dependentTasks", [])} - {"configure"} for name, t in tasks.items()}
     assert after["validate"] == {"prepare"} and after["degrees"] == {"validate", "keywords"}
-    assert after["grid"] == {"validate", "degrees", "sft"}  # every cell side by side, from the one SFT model
+    assert after["reference"] == {"validate", "sft"}
+    # every cell side by side, from the one SFT model and its one reference table
+    assert after["grid"] == {"validate", "degrees", "sft", "reference"}
     assert after["generate"] == {"validate", "sft", "grid"}
     assert after["judge"] == {"validate", "generate", "reward-model"}
     assert {"judge", "grid", "validate"} <= after["report"]

@@ -67,11 +67,11 @@ def test_a_committed_component_loads_into_another_pipeline(tmp_path: Path) -> No
 
     spec = yaml.safe_load(out.read_text(encoding="utf-8"))
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks["train"]["inputs"]["artifacts"]) == {"validated", "degrees", "sft"}
+    assert set(tasks["train"]["inputs"]["artifacts"]) == {"validated", "degrees", "sft", "reference"}
     assert {
         tasks["train"]["inputs"]["artifacts"][name]["taskOutputArtifact"]["producerTask"]
-        for name in ("validated", "degrees", "sft")
-    } == {"importer", "importer-2", "importer-3"}
+        for name in ("validated", "degrees", "sft", "reference")
+    } == {"importer", "importer-2", "importer-3", "importer-4"}
     executor = spec["deploymentSpec"]["executors"][tasks["train"]["componentRef"]["name"].replace("comp-", "exec-")]
     assert executor["container"]["image"] != REFERENCE_IMAGE  # the snippet names its own image
     assert executor["container"]["resources"]["accelerator"]["resourceCount"] == "1"

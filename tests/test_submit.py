@@ -174,11 +174,11 @@ def test_a_concurrent_identical_upload_is_reused(server: KfpApiServer, token: st
 def test_overrides_and_knobs_are_the_runs_parameters(server: KfpApiServer, token: str, tmp_path: Path) -> None:
     run_id = _submit(server, tmp_path, experiment="beta-sweep",
                      overrides=["train.beta=0.5", "keywords.method=yake"],
-                     arguments=["train_steps=50", "spo=false", "spo_lambda=0.25", "model=123",
+                     arguments=["train_steps=50", "n_levels=3", "spo_lambda=0.25", "model=123",
                                 "overrides=[sft.lr=1e-5]"])
     (create,) = server.calls("POST", RUNS)
     assert create.body["runtime_config"]["parameters"] == {
-        "train_steps": 50, "spo": False, "spo_lambda": 0.25, "model": "123",
+        "train_steps": 50, "n_levels": 3, "spo_lambda": 0.25, "model": "123",
         "overrides": ["sft.lr=1e-5", "train.beta=0.5", "keywords.method=yake"]}
     (experiment,) = server.state.experiments.values()
     assert experiment["display_name"] == "beta-sweep" and create.body["experiment_id"] == experiment["experiment_id"]
@@ -188,7 +188,7 @@ def test_overrides_and_knobs_are_the_runs_parameters(server: KfpApiServer, token
 @pytest.mark.parametrize(("kw", "message"), [
     ({"arguments": ["train_step=5"]}, "unknown pipeline parameter 'train_step'"),
     ({"arguments": ["train_steps=five"]}, "'train_steps' must be an integer"),
-    ({"arguments": ["spo=maybe"]}, "'spo' must be true or false"),
+    ({"arguments": ["spo_lambda=lots"]}, "'spo_lambda' must be a number"),
     ({"arguments": ["overrides=train.beta=1"]}, "'overrides' must be a YAML list"),
     ({"arguments": ["train_steps"]}, "not of the form NAME=VALUE"),
 ])
