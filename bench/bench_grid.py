@@ -21,38 +21,15 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 from bench_demo import project_copy
+from bench_pipeline_containers import timed_dvc_repro as repro  # each stage's wall time
 
 PREFIX = ("prepare", "validate", "keywords", "degrees", "base_model", "sft", "reference", "reward_model")
-
-
-def repro(cwd: Path, env: dict[str, str]) -> dict[str, object]:
-    """``dvc repro`` with each stage's wall time."""
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    marks: list[tuple[str, float]] = []
-    output = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        output.append(line)
-        if line.startswith("Running stage '"):
-            marks.append((line.split("'")[1], time.perf_counter() - started))
-            print(f"  [{marks[-1][1]:7.1f} s] {line.strip()}", flush=True)
-    proc.wait()
-    seconds = time.perf_counter() - started
-    if proc.returncode:
-        sys.exit("dvc repro failed:\n" + "".join(output[-60:]))
-    ends = [at for _, at in marks[1:]] + [seconds]
-    stages = {name: round(end - at, 1) for (name, at), end in zip(marks, ends)}
-    return {"seconds": round(seconds, 1), "stages": stages}
 
 
 def configure(root: Path, overrides: list[str], variants: dict, seeds: list[int]) -> None:
