@@ -403,6 +403,16 @@ class TrainConfig(_Section):
         default=4096, ge=1,
         description="Response tokens per LM-head chunk: bounds float32 logits memory for large vocabularies.",
     )
+    packed_attention: Literal["mask", "flex"] = Field(
+        default="mask", description="How a packed row's segments are kept apart: mask = a dense [rows, 1, L, L] mask "
+        "(sdpa/eager); flex = PyTorch flex attention with a block mask from the same rule, which skips the blocks no "
+        "query sees (CUDA; on a CPU, which has no flex backward, the dense mask, logged).")
+    compile: bool = Field(
+        default=False, description="torch.compile each decoder layer (regional: one graph for all layers, state dict "
+        "unchanged). Pair it with pad_to_multiple_of, so packed batches come in few shapes.")
+    pad_to_multiple_of: int | None = Field(
+        default=None, ge=1, description="Round each packed batch's row length up to a multiple of this (bucketed "
+        "lengths: fewer shapes for compile, tensor-core-friendly widths); null: the longest row's length.")
     precompute_reference: bool = Field(
         default=True, description="Reference log-probs from a table computed once (the reference stage's, or this "
         "run's own, saved under out_dir) instead of a frozen reference model: every cell of the grid reads the one "

@@ -478,18 +478,24 @@ class PackedBatch:
         return torch.bincount(self.score_seq, minlength=self.n_scored)
 
 
+def may_attend(q_seg: Tensor, k_seg: Tensor, q_ctx: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """The packed batch's attention rule, on broadcastable tensors: query ``q`` (of segment
+    ``q_seg``, context ``q_ctx``) sees key ``k`` (of segment ``k_seg``) up to itself when the key
+    is in its own segment or its context (a response: its pair's prompt; a prompt: itself);
+    padding sees only itself (a query with no key would make sdpa return NaN).
+
+    One rule for both masks: the dense one of :func:`attention_mask_4d` and flex attention's
+    ``mask_mod`` (:func:`spo.training.forward.block_mask`), so the two paths cannot drift apart."""
+    allowed = (k <= q) & ((k_seg == q_seg) | (k_seg == q_ctx)) & (k_seg >= 0) & (q_seg >= 0)
+    return allowed | ((q == k) & (q_seg < 0))
+
+
 def attention_mask_4d(segment_ids: Tensor, context_ids: Tensor, float_dtype: torch.dtype | None = None) -> Tensor:
-    """[R, L, L] -> [R, 1, L, L] mask of a packed batch: a token sees, up to itself, the tokens of
-    its own segment and of its context (a response: its pair's prompt; a prompt: itself);
-    padding sees only itself (a query with no key would make sdpa return NaN). Boolean (True:
-    attend) for sdpa; with ``float_dtype``, additive (0 / dtype min) as eager attention wants."""
+    """[R, L] -> [R, 1, L, L] mask of a packed batch (:func:`may_attend`). Boolean (True: attend)
+    for sdpa; with ``float_dtype``, additive (0 / dtype min) as eager attention wants."""
     seg, ctx = segment_ids, context_ids
-    length = seg.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
-    keys = seg[:, None, :]
-    queries = seg[:, :, None]
-    allowed = causal & ((keys == queries) | (keys == ctx[:, :, None])) & (keys >= 0) & (queries >= 0)
-    allowed |= torch.eye(length, dtype=torch.bool, device=seg.device) & (queries < 0)
+    positions = torch.arange(seg.shape[1], device=seg.device)
+    allowed = may_attend(seg[:, :, None], seg[:, None, :], ctx[:, :, None], positions[:, None], positions[None, :])
     allowed = allowed[:, None]
     if float_dtype is None:
         return allowed

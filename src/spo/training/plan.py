@@ -37,6 +37,7 @@ class DataPlan:
         self.group_by_length = cfg.group_by_length
         self.max_length = cfg.max_length
         self.collator = PairCollator(pad_token_id, cfg.spo.active_mode, cfg.spo.levels_per_step, seed,
+                                     pad_to_multiple_of=cfg.pad_to_multiple_of,
                                      separate_variants=cfg.spo.variant_passes == "separate")
         self.steps_per_epoch = len(self.train_examples) // self.batch_size
         if self.steps_per_epoch == 0:

@@ -45,7 +45,7 @@ from spo.errors import InputError, NonFiniteLossError
 from spo.training.checkpoints import Checkpoints, TrainerState, config_hash
 from spo.training.data import PairExample, kl_partners, tokenize_pairs
 from spo.training.distributed import accumulation_steps, is_peft, is_sharded, setup_accelerator, warn_half_weights
-from spo.training.forward import SPOModule
+from spo.training.forward import SPOModule, compile_layers, select_attention
 from spo.training.heads import DegreeClassifier, save_classifier
 from spo.training.metrics import Accumulator, MetricsWriter, peak_memory_mb, save_confusion, save_responses
 from spo.training.optim import build_optimizer, build_scheduler
@@ -125,11 +125,15 @@ class PreferenceTrainer:
                 torch.manual_seed(seed + HEADS_SEED_OFFSET)
                 self.heads = DegreeClassifier(int(model.config.hidden_size), self.n_levels, cfg.spo)
             self.heads.to(acc.device)
+        select_attention(model, cfg.packed_attention, acc.device)
         self.module = SPOModule(model, self.heads if cfg.spo.active else None, cfg.logits_chunk).to(acc.device)
         frozen_copy = None
         if not peft and not cfg.precompute_reference:  # before prepare: FSDP replaces the parameters
             frozen_copy = SPOModule(copy.deepcopy(model).eval().requires_grad_(False), None, cfg.logits_chunk)
             frozen_copy.to(acc.device)
+        if cfg.compile:  # after the copy: a compiled layer is not deep-copied
+            for lm in (model, *([frozen_copy.lm] if frozen_copy is not None else [])):
+                log.info("train.compile: %d decoder layers compiled", compile_layers(lm))
         # before prepare: a sharded model's parameters are DTensors, which cannot be hashed as bytes
         weights = reference_fingerprint or weights_fingerprint(model)
         dtype = str(next(model.parameters()).dtype)
