@@ -13,15 +13,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_gpu_benchmark_smoke_mode_measures_every_configuration(tmp_path: Path) -> None:
+def smoke(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """``bench/gpu.sh --smoke FLAGS`` with one thread; its stdout and JSON. A smoke run takes under a
+    minute (the compiled layers' first compilation included): the 600 s bound only stops a hang."""
     out = tmp_path / "gpu.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # the smoke run takes under 30 s: the bound only stops a hang, and no figure is asserted but > 0
-    proc = subprocess.run([str(REPO / "bench" / "gpu.sh"), "--smoke", "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([str(REPO / "bench" / "gpu.sh"), "--smoke", *flags, "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_mode_measures_every_configuration(tmp_path: Path) -> None:
+    _, result = smoke(tmp_path)  # no figure is asserted but > 0
     rows = {(r["name"], r["lora"]): r for r in result["results"]}
     assert set(rows) == {(n, lora) for n in ("trl", "trl_pre", "dpo", "spo_m2", "spo_all", "spo_drop")
                          for lora in (False, True)}
@@ -86,12 +91,7 @@ def test_profiler_events_put_backward_ops_in_their_forward_range() -> None:
 
 @pytest.mark.slow
 def test_gpu_benchmark_smoke_profile_and_sweep(tmp_path: Path) -> None:
-    out = tmp_path / "gpu.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(REPO / "bench" / "gpu.sh"), "--smoke", "--profile", "--sweep", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    proc, result = smoke(tmp_path, "--profile", "--sweep")
     assert result["results"] == []  # with --profile/--sweep the comparison runs only when --configs asks
     profile = result["profile"]
     assert profile["name"] == "dpo" and profile["step_s"] > 0
@@ -112,13 +112,7 @@ def test_gpu_benchmark_smoke_check_and_ablation(tmp_path: Path) -> None:
     """--check compares each speed path's step with the default's (float32 on a CPU: all equal, flex
     falling back to the dense mask, said so); --ablation measures each option, SPO with the fastest
     kept combination and TRL, and gives the issue's targets as PASS/FAIL/n/a."""
-    out = tmp_path / "gpu.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # ~25 s with a warm inductor cache, ~40 s cold (the compiled layers): the bound only stops a hang
-    proc = subprocess.run([str(REPO / "bench" / "gpu.sh"), "--smoke", "--check", "--ablation", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    proc, result = smoke(tmp_path, "--check", "--ablation")
     assert result["results"] == []  # with --check/--ablation the comparison runs only when --configs asks
     check = result["check"]
     rows = {r["check"]: r for r in check["rows"]}
@@ -154,12 +148,7 @@ def test_gpu_benchmark_smoke_check_and_ablation(tmp_path: Path) -> None:
 def test_gpu_benchmark_smoke_llama8b(tmp_path: Path) -> None:
     """--model llama8b's code path on a tiny shape: bf16 weights, GQA, an embedding larger than the
     tokenizer, LoRA for dpo/spo_m2/trl_pre, then full fine-tuning (where it fits) with checkpointing."""
-    out = tmp_path / "gpu.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(REPO / "bench" / "gpu.sh"), "--smoke", "--model", "llama8b", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    proc, result = smoke(tmp_path, "--model", "llama8b")
     assert result["model"] == "llama8b" and result["weights_dtype"] == "bfloat16"
     shape = result["shape"]
     assert shape["num_key_value_heads"] < shape["num_attention_heads"] and shape["vocab_size"] > result["tokenizer_ids"]
